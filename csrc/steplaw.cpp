@@ -1,0 +1,24 @@
+// Op schemas of the steplaw extension, all in one place, and the (empty) Python
+// module init. Kernels register their implementations next to their code with
+// TORCH_LIBRARY_IMPL(steplaw, CPU|CUDA, m); the Python side (steplaw/ops) adds
+// fake (meta) kernels, autograd and the pure-PyTorch reference.
+//
+// The module is built against Python's limited API and holds no Python bindings:
+// importing steplaw._C only loads this shared library, which runs the static
+// registrations below (the pattern of pytorch/extension-cpp).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "steplaw kernels; use them through torch.ops.steplaw", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(steplaw, m) {
+  // ---- fused AdamW (csrc/adamw) ----
+
+  // ---- MoE token dispatch (csrc/moe) ----
+}

@@ -1,0 +1,5 @@
+import sys
+
+from steplaw.cli import main
+
+sys.exit(main())

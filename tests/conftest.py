@@ -1,0 +1,23 @@
+import os
+
+import pytest
+
+# Tests run single-threaded in torch unless they say otherwise: the 2-core CI machine
+# runs pytest's process alone, and thread oversubscription makes timings erratic.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    have_cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        have_cuda = torch.cuda.is_available()
+    if have_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
