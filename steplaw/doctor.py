@@ -20,6 +20,7 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "extension_loaded": ops.load_extension(),
         "extension_error": ops.load_error(),
+        "cuda_kernels_compiled": ops.cuda_compiled(),
         "gpu_visible": gpu,
         "gpu_name": torch.cuda.get_device_name(0) if gpu else None,
         "ops": {
@@ -41,6 +42,7 @@ def format_report(info: dict) -> str:
         f"steplaw {info['steplaw']}  python {info['python']}  torch {info['torch']}"
         f"  (CUDA build: {info['torch_cuda'] or 'no'})",
         f"extension steplaw._C: {'loaded' if info['extension_loaded'] else 'NOT loaded: ' + str(info['extension_error'])}",
+        f"CUDA kernels compiled: {'yes' if info['cuda_kernels_compiled'] else 'no'}",
         f"GPU visible: {info['gpu_name'] if info['gpu_visible'] else 'no'}",
         "",
         f"{'op':<28} {'CPU kernel':<11} {'CUDA kernel':<12} runs on reference",

@@ -4,7 +4,15 @@ Each op module registers fake (meta) kernels and autograd with torch.library and
 carries a pure-PyTorch reference, used when a compiled kernel is missing and by the
 tests as the oracle. Call the ops through the functions exported here.
 """
-from steplaw.ops._loader import OP_NAMES, has_kernel, kernel_table, load_error, load_extension, warn_fallbacks_once
+from steplaw.ops._loader import (
+    OP_NAMES,
+    cuda_compiled,
+    has_kernel,
+    kernel_table,
+    load_error,
+    load_extension,
+    warn_fallbacks_once,
+)
 
 load_extension()
 
@@ -14,4 +22,4 @@ load_extension()
 
 warn_fallbacks_once()
 
-__all__ = ["OP_NAMES", "has_kernel", "kernel_table", "load_error", "load_extension"]
+__all__ = ["OP_NAMES", "cuda_compiled", "has_kernel", "kernel_table", "load_error", "load_extension"]

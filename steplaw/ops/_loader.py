@@ -29,6 +29,13 @@ def load_extension() -> bool:
     return bool(_state["loaded"])
 
 
+def cuda_compiled() -> bool:
+    """Whether the loaded extension was built with its CUDA kernels (GPU visible or not)."""
+    if not load_extension():
+        return False
+    return bool(getattr(importlib.import_module("steplaw._C"), "WITH_CUDA", 0))
+
+
 def load_error() -> str | None:
     load_extension()
     return _state["error"]
