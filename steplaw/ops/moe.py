@@ -198,7 +198,9 @@ def moe_route(logits, top_k: int, score_func: str = "softmax", renormalize: bool
     """
     _check_route_args(logits, top_k, score_func, bias)
     if _use_kernel("moe_route", logits):
-        return torch.ops.steplaw.moe_route(logits, top_k, score_func, renormalize, bias)
+        # The op returns the float output first (autograd tooling sums outputs in order).
+        weights, expert_ids, counts = torch.ops.steplaw.moe_route(logits, top_k, score_func, renormalize, bias)
+        return expert_ids, weights, counts
     return route_reference(logits, top_k, score_func, renormalize, bias)
 
 
@@ -260,16 +262,16 @@ if _HAVE_SCHEMA:
     def _route_fake(logits, k, score_func, renormalize, bias):
         num_tokens, num_experts = logits.shape
         weights_dtype = _compute_dtype(logits.dtype)
-        return (logits.new_empty(num_tokens, k, dtype=torch.int32),
-                logits.new_empty(num_tokens, k, dtype=weights_dtype),
+        return (logits.new_empty(num_tokens, k, dtype=weights_dtype),
+                logits.new_empty(num_tokens, k, dtype=torch.int32),
                 logits.new_empty(num_experts, dtype=torch.int64))
 
     def _route_setup(ctx, inputs, output):
         logits, k, score_func, renormalize, bias = inputs
         ctx.score_func, ctx.renormalize = score_func, renormalize
-        ctx.save_for_backward(logits, output[0])
+        ctx.save_for_backward(logits, output[1])
 
-    def _route_backward(ctx, grad_ids, grad_weights, grad_counts):
+    def _route_backward(ctx, grad_weights, grad_ids, grad_counts):
         logits, expert_ids = ctx.saved_tensors
         grad_logits = _route_backward_math(logits, expert_ids, ctx.score_func, ctx.renormalize, grad_weights)
         return grad_logits, None, None, None, None

@@ -98,7 +98,7 @@ def _check_all(case, device, seed=0, score_func="softmax", renormalize=True, wit
     logits, x = _inputs(case, device, seed)
     bias = (torch.randn(E, generator=torch.Generator().manual_seed(seed + 1)) * 0.1).to(device) if with_bias else None
 
-    ids, weights, counts = torch.ops.steplaw.moe_route(logits, k, score_func, renormalize, bias)
+    weights, ids, counts = torch.ops.steplaw.moe_route(logits, k, score_func, renormalize, bias)
     r_ids, r_weights, r_counts = ops.route_reference(logits.cpu(), k, score_func, renormalize, None if bias is None else bias.cpu())
     assert torch.equal(ids.cpu(), r_ids) and torch.equal(counts.cpu(), r_counts)
     torch.testing.assert_close(weights.cpu(), r_weights, rtol=1e-5, atol=1e-6)
@@ -203,7 +203,7 @@ def test_gradcheck_float64(pad, cap, device):
     logits = (torch.randn(T, E, generator=gen, dtype=torch.float64) * 2).to(device).requires_grad_()
     for score_func in ("softmax", "sigmoid"):
         for renormalize in (True, False):
-            torch.autograd.gradcheck(lambda l: torch.ops.steplaw.moe_route(l, k, score_func, renormalize, None)[1], (logits,))
+            torch.autograd.gradcheck(lambda l: torch.ops.steplaw.moe_route(l, k, score_func, renormalize, None)[0], (logits,))
     x = torch.randn(T, H, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     ids, weights, _ = ops.moe_route(logits.detach(), k)
     torch.autograd.gradcheck(lambda x: torch.ops.steplaw.moe_permute(x, ids, E, pad, cap)[0], (x,))
