@@ -33,4 +33,12 @@ TORCH_LIBRARY(steplaw, m) {
   // ---- fused AdamW (csrc/adamw) ----
 
   // ---- MoE token dispatch (csrc/moe) ----
+  // Semantics and shapes: steplaw/ops/moe.py. R (rows of `permuted`) follows from the
+  // shapes alone: T*k, or T*k + E*(pad_multiple-1) when padded, or E*round_up(capacity,
+  // pad_multiple) with a capacity (capacity 0 = dropless).
+  m.def("moe_route(Tensor logits, int k, str score_func, bool renormalize, Tensor? bias) -> (Tensor weights, Tensor expert_ids, Tensor counts)");
+  m.def("moe_permute(Tensor x, Tensor expert_ids, int num_experts, int pad_multiple, int capacity) -> (Tensor permuted, Tensor row_map, Tensor src_index, Tensor offsets, Tensor dropped)");
+  m.def("moe_permute_backward(Tensor grad_permuted, Tensor row_map) -> Tensor");
+  m.def("moe_unpermute(Tensor y, Tensor row_map, Tensor src_index, Tensor weights) -> Tensor");
+  m.def("moe_unpermute_backward(Tensor grad_out, Tensor y, Tensor row_map, Tensor src_index, Tensor weights) -> (Tensor grad_y, Tensor grad_weights)");
 }

@@ -18,7 +18,7 @@ load_extension()
 
 # Op modules (each registers its names with the loader on import).
 # from steplaw.ops.adamw import ...
-# from steplaw.ops.moe import ...
+from steplaw.ops.moe import moe_permute, moe_route, moe_unpermute  # noqa: E402
 
 warn_fallbacks_once()
 

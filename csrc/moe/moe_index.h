@@ -1,0 +1,141 @@
+// Counting, index and per-element math of the MoE dispatch ops, shared by the C++ CPU
+// kernels (moe_cpu.cpp) and the CUDA kernels (moe_cuda.cu): one definition, so the CPU
+// tests also check the arithmetic the GPU runs.
+//
+// Layout produced by moe_permute (T tokens, k slots each, E experts):
+//   slot i = t*k + j is token t's j-th choice; expert e owns permuted rows
+//   [offsets[e], offsets[e+1]); within a group, slots keep slot order (token order);
+//   rank = position of a slot among the slots of its expert (0-based, slot order).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define STEPLAW_HD __host__ __device__ __forceinline__
+#else
+#define STEPLAW_HD inline
+#endif
+
+namespace steplaw {
+namespace moe {
+
+// Slots per counting chunk. CPU and CUDA split the T*k slots into the same chunks:
+// per-chunk histograms, a prefix sum over chunks gives each chunk's first rank per
+// expert, and a second pass hands out ranks in slot order within each chunk.
+constexpr int64_t kCountChunk = 1024;
+
+STEPLAW_HD int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// Rows of expert e's group: its count (or the capacity) rounded up to pad_multiple.
+STEPLAW_HD int64_t group_rows(int64_t count, int64_t pad_multiple, int64_t capacity) {
+  return round_up(capacity > 0 ? capacity : count, pad_multiple);
+}
+
+// Slots of an expert dropped by the capacity (capacity 0 = dropless).
+STEPLAW_HD int64_t dropped_slots(int64_t count, int64_t capacity) {
+  return (capacity > 0 && count > capacity) ? count - capacity : 0;
+}
+
+// Permuted row of a slot from its expert's group start and its rank; -1 when dropped.
+STEPLAW_HD int64_t slot_row(int64_t group_start, int64_t rank, int64_t capacity) {
+  return (capacity > 0 && rank >= capacity) ? int64_t(-1) : group_start + rank;
+}
+
+// Rows of moe_permute's output, from shapes alone (an upper bound when padded).
+inline int64_t permuted_rows(int64_t tokens, int64_t k, int64_t experts, int64_t pad_multiple, int64_t capacity) {
+  if (capacity > 0) return experts * round_up(capacity, pad_multiple);
+  return tokens * k + experts * (pad_multiple - 1);
+}
+
+// ---- routing -------------------------------------------------------------------------
+
+// Selection order: higher score first, ties to the lower expert index. NaN never ranks
+// before anything, so it cannot displace a number (and cannot break the ordering).
+template <typename S>
+STEPLAW_HD bool ranks_before(S a, int32_t ia, S b, int32_t ib) {
+  return a > b || (a == b && ia < ib);
+}
+
+// Keeps the best k of the (value, index) pairs seen so far, sorted best first;
+// `filled` counts the entries in use. Indices must arrive in increasing order.
+template <typename S>
+STEPLAW_HD void topk_insert(S* vals, int32_t* idx, int32_t& filled, int32_t k, S v, int32_t i) {
+  if (filled == k && !ranks_before(v, i, vals[k - 1], idx[k - 1])) return;
+  int32_t pos = filled < k ? filled : k - 1;
+  while (pos > 0 && ranks_before(v, i, vals[pos - 1], idx[pos - 1])) {
+    vals[pos] = vals[pos - 1];
+    idx[pos] = idx[pos - 1];
+    --pos;
+  }
+  vals[pos] = v;
+  idx[pos] = i;
+  if (filled < k) ++filled;
+}
+
+template <typename S>
+STEPLAW_HD S exp_of(S x) {
+#if defined(__CUDA_ARCH__)
+  return exp(x);  // CUDA's float / double overloads
+#else
+  return std::exp(x);
+#endif
+}
+
+template <typename S>
+STEPLAW_HD S sigmoid_score(S x) { return S(1) / (S(1) + exp_of(-x)); }
+
+// Routes one token: logits row [E] -> the k chosen expert ids (best first) and their
+// combine weights. Scores: softmax over E, or sigmoid; bias (may be null) shifts the
+// selection only. top_val/top_idx are k-element scratch buffers.
+template <typename S, typename L>
+STEPLAW_HD void route_token(const L* logits, int32_t num_experts, int32_t k, bool use_sigmoid, bool renormalize,
+                            const S* bias, S* top_val, int32_t* top_idx, int32_t* ids_out, S* weights_out) {
+  S max_logit = S(logits[0]);
+  S denom = S(1);
+  if (!use_sigmoid) {
+    for (int32_t e = 1; e < num_experts; ++e) max_logit = S(logits[e]) > max_logit ? S(logits[e]) : max_logit;
+    denom = S(0);
+    for (int32_t e = 0; e < num_experts; ++e) denom += exp_of(S(logits[e]) - max_logit);
+  }
+  int32_t filled = 0;
+  for (int32_t e = 0; e < num_experts; ++e) {
+    S score = use_sigmoid ? sigmoid_score(S(logits[e])) : exp_of(S(logits[e]) - max_logit) / denom;
+    if (bias != nullptr) score += bias[e];
+    topk_insert(top_val, top_idx, filled, k, score, e);
+  }
+  S total = S(0);
+  for (int32_t j = 0; j < k; ++j) {
+    const int32_t e = top_idx[j];
+    const S score = use_sigmoid ? sigmoid_score(S(logits[e])) : exp_of(S(logits[e]) - max_logit) / denom;
+    ids_out[j] = e;
+    weights_out[j] = score;
+    total += score;
+  }
+  if (renormalize) {
+    for (int32_t j = 0; j < k; ++j) weights_out[j] = weights_out[j] / total;
+  }
+}
+
+// ---- combine ---------------------------------------------------------------------------
+
+// acc + w * v rounded twice (never fused into an FMA), as the PyTorch reference
+// computes it, so that unpermute outputs are bitwise equal across CPU, CUDA, reference.
+STEPLAW_HD float mul_add_unfused(float w, float v, float acc) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(w, v), acc);
+#else
+  return w * v + acc;  // moe_cpu.cpp turns FMA contraction off
+#endif
+}
+
+STEPLAW_HD double mul_add_unfused(double w, double v, double acc) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(__dmul_rn(w, v), acc);
+#else
+  return w * v + acc;
+#endif
+}
+
+}  // namespace moe
+}  // namespace steplaw

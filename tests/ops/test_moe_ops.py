@@ -1,0 +1,255 @@
+"""MoE dispatch ops: the reference on hand-worked cases; each compiled kernel (CPU, and
+CUDA under the `gpu` mark) against the reference; opcheck; float64 gradcheck; errors."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from steplaw.errors import UserError
+from steplaw.ops import moe as ops
+from steplaw.ops._loader import has_kernel
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def need_kernel(device: str, name: str = "moe_permute") -> None:
+    if not has_kernel(name, device):
+        pytest.skip(f"steplaw._C has no {device} kernel of {name} (extension not built)")
+
+
+# ---------------------------------------------------------------- reference, by hand
+
+def test_permute_reference_hand_worked():
+    x = torch.arange(12.0).view(4, 3)
+    ids = torch.tensor([[1, 0], [1, 2], [0, 1], [2, 0]], dtype=torch.int32)
+    permuted, row_map, src, offsets, dropped = ops.permute_reference(x, ids, 3)
+    # expert 0 gets tokens 0, 2, 3; expert 1 tokens 0, 1, 2; expert 2 tokens 1, 3 (token order)
+    assert permuted[:, 0].tolist() == [0, 6, 9, 0, 3, 6, 3, 9]
+    assert row_map.tolist() == [[3, 0], [4, 6], [1, 5], [7, 2]]
+    assert src.tolist() == [1, 4, 7, 0, 2, 5, 3, 6]
+    assert offsets.tolist() == [0, 3, 6, 8] and int(dropped) == 0
+
+    permuted, row_map, src, offsets, dropped = ops.permute_reference(x, ids, 4, pad_multiple=2)
+    assert offsets.tolist() == [0, 4, 8, 10, 10] and permuted.shape == (8 + 4 * 1, 3)
+    assert src.tolist() == [1, 4, 7, -1, 0, 2, 5, -1, 3, 6, -1, -1]
+    assert permuted[src < 0].abs().sum() == 0
+
+    permuted, row_map, src, offsets, dropped = ops.permute_reference(x, ids, 3, capacity=1)
+    assert row_map.tolist() == [[1, 0], [-1, 2], [-1, -1], [-1, -1]]
+    assert offsets.tolist() == [0, 1, 2, 3] and int(dropped) == 5
+
+
+def test_unpermute_reference_hand_worked():
+    y = torch.tensor([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]])
+    row_map = torch.tensor([[2, 0], [1, -1]])
+    src = torch.tensor([1, 2, 0])
+    weights = torch.tensor([[0.5, 0.25], [2.0, 9.0]])
+    out = ops.unpermute_reference(y, row_map, src, weights)
+    assert out.tolist() == [[50.25, 100.5], [20.0, 40.0]]
+
+
+def test_route_reference_ties_bias_and_weights():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    ids, weights, counts = ops.route_reference(logits, 2, "softmax", renormalize=True)
+    assert ids.tolist() == [[0, 1], [1, 2]]  # ties go to the lower index
+    assert ids.dtype == torch.int32 and counts.tolist() == [1, 2, 1, 0]
+    torch.testing.assert_close(weights[0], torch.tensor([0.5, 0.5]))
+    # a bias changes which experts are chosen, not their weights
+    bias = torch.tensor([0.0, -10.0, 0.0, 10.0])
+    ids_b, weights_b, _ = ops.route_reference(logits, 2, "softmax", renormalize=False, bias=bias)
+    assert ids_b.tolist() == [[3, 0], [3, 2]]
+    probs = torch.softmax(logits, -1)
+    torch.testing.assert_close(weights_b, probs.gather(1, ids_b.long()))
+    ids_s, weights_s, _ = ops.route_reference(logits, 1, "sigmoid", renormalize=False)
+    torch.testing.assert_close(weights_s[:, 0], torch.sigmoid(torch.tensor([0.0, 3.0])))
+
+
+# ---------------------------------------------------------------- kernels vs reference
+
+# (T, H, E, k, pad_multiple, capacity, dtype)
+CASES = [
+    (0, 8, 4, 2, 1, 0, torch.float32),
+    (1, 1, 1, 1, 1, 0, torch.float32),
+    (7, 5, 3, 3, 1, 0, torch.float32),
+    (33, 16, 8, 2, 1, 0, torch.bfloat16),
+    (33, 24, 8, 2, 4, 0, torch.float16),
+    (64, 8, 16, 4, 1, 5, torch.float32),
+    (64, 8, 16, 4, 8, 3, torch.bfloat16),
+    (50, 40, 512, 8, 1, 0, torch.float32),   # many experts, most of them empty
+    (300, 64, 64, 8, 16, 0, torch.bfloat16),
+    (257, 3, 2, 2, 1, 100, torch.float64),
+    (5000, 16, 8, 2, 1, 0, torch.float32),   # several counting chunks
+]
+
+
+def _inputs(case, device, seed=0):
+    T, H, E, k, pad, cap, dtype = case
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=gen) * 3
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    return logits.to(device), x.to(device)
+
+
+def _check_all(case, device, seed=0, score_func="softmax", renormalize=True, with_bias=False):
+    T, H, E, k, pad, cap, dtype = case
+    logits, x = _inputs(case, device, seed)
+    bias = (torch.randn(E, generator=torch.Generator().manual_seed(seed + 1)) * 0.1).to(device) if with_bias else None
+
+    weights, ids, counts = torch.ops.steplaw.moe_route(logits, k, score_func, renormalize, bias)
+    r_ids, r_weights, r_counts = ops.route_reference(logits.cpu(), k, score_func, renormalize, None if bias is None else bias.cpu())
+    assert torch.equal(ids.cpu(), r_ids) and torch.equal(counts.cpu(), r_counts)
+    torch.testing.assert_close(weights.cpu(), r_weights, rtol=1e-5, atol=1e-6)
+
+    got = torch.ops.steplaw.moe_permute(x, ids, E, pad, cap)
+    want = ops.permute_reference(x.cpu(), r_ids, E, pad, cap)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.equal(g.cpu(), w), "permute outputs must be identical to the reference"
+    permuted, row_map, src, offsets, dropped = got
+
+    y = torch.randn(permuted.shape, generator=torch.Generator().manual_seed(seed + 2)).to(dtype).to(device)
+    out = torch.ops.steplaw.moe_unpermute(y, row_map, src, weights)
+    assert torch.equal(out.cpu(), ops.unpermute_reference(y.cpu(), row_map.cpu(), src.cpu(), weights.cpu()))
+
+    # backward kernels vs autograd of the reference
+    grad_out = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 3)).to(dtype)
+    y_ref = y.cpu().requires_grad_(True)
+    w_ref = weights.cpu().requires_grad_(True)
+    ops.unpermute_reference(y_ref, row_map.cpu(), src.cpu(), w_ref).backward(grad_out)
+    grad_y, grad_w = torch.ops.steplaw.moe_unpermute_backward(grad_out.to(device), y, row_map, src, weights)
+    assert torch.equal(grad_y.cpu(), y_ref.grad)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype in (torch.bfloat16, torch.float16) else {}
+    torch.testing.assert_close(grad_w.cpu(), w_ref.grad, **tol)
+
+    grad_perm = torch.randn(permuted.shape, generator=torch.Generator().manual_seed(seed + 4)).to(dtype)
+    x_ref = x.cpu().requires_grad_(True)
+    ops.permute_reference(x_ref, r_ids, E, pad, cap)[0].backward(grad_perm)
+    grad_x = torch.ops.steplaw.moe_permute_backward(grad_perm.to(device), row_map)
+    torch.testing.assert_close(grad_x.cpu(), x_ref.grad, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-H{}-E{}-k{}-pad{}-cap{}-{}".format(*c[:6], str(c[6])[6:]))
+def test_kernels_match_reference(case, device):
+    need_kernel(device)
+    _check_all(case, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score_func,renormalize,with_bias", [
+    ("softmax", False, False), ("softmax", True, True), ("sigmoid", True, True), ("sigmoid", False, False)])
+def test_route_variants_match_reference(score_func, renormalize, with_bias, device):
+    need_kernel(device)
+    _check_all((40, 8, 12, 3, 1, 0, torch.float32), device, score_func=score_func, renormalize=renormalize, with_bias=with_bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_shapes_match_reference(device):
+    need_kernel(device)
+
+    @settings(max_examples=25, deadline=None, derandomize=True)
+    @given(T=st.integers(0, 200), H=st.integers(1, 33), E=st.integers(1, 70), data=st.data())
+    def check(T, H, E, data):
+        k = data.draw(st.integers(1, min(E, 8)))
+        pad = data.draw(st.sampled_from([1, 2, 8]))
+        cap = data.draw(st.sampled_from([0, 0, 1, 7]))
+        dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+        _check_all((T, H, E, k, pad, cap, dtype), device, seed=T * 131 + H)
+
+    check()
+
+
+def test_non_contiguous_inputs():
+    need_kernel("cpu")
+    x = torch.randn(16, 12)[:, ::2]
+    ids = torch.randint(0, 4, (16, 4), dtype=torch.int32)[:, ::2]
+    got = ops.moe_permute(x, ids, 4)
+    want = ops.permute_reference(x.contiguous(), ids.contiguous(), 4)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    weights = torch.rand(16, 4)[:, ::2]
+    y = torch.randn(64, 6)[::2]
+    out = ops.moe_unpermute(y, got[1], got[2], weights)
+    assert torch.equal(out, ops.unpermute_reference(y.contiguous(), got[1], got[2], weights.contiguous()))
+
+
+# ---------------------------------------------------------------- opcheck, gradcheck
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [(9, 4, 5, 2, 1, 0, torch.float32), (9, 4, 5, 2, 4, 2, torch.float32)])
+def test_opcheck(case, device):
+    need_kernel(device)
+    T, H, E, k, pad, cap, dtype = case
+    logits, x = _inputs(case, device)
+    torch.library.opcheck(torch.ops.steplaw.moe_route, (logits.requires_grad_(), k, "softmax", True, None))
+    torch.library.opcheck(torch.ops.steplaw.moe_route, (logits, k, "sigmoid", False, torch.zeros(E, device=device)))
+    ids, weights, _ = ops.moe_route(logits.detach(), k)
+    torch.library.opcheck(torch.ops.steplaw.moe_permute, (x.requires_grad_(), ids, E, pad, cap))
+    permuted, row_map, src, _, _ = ops.moe_permute(x.detach(), ids, E, pad, cap)
+    y = torch.randn_like(permuted).requires_grad_()
+    torch.library.opcheck(torch.ops.steplaw.moe_unpermute, (y, row_map, src, weights.detach().requires_grad_()))
+    torch.library.opcheck(torch.ops.steplaw.moe_permute_backward, (permuted.detach(), row_map))
+    torch.library.opcheck(torch.ops.steplaw.moe_unpermute_backward, (torch.randn(T, H, device=device), y.detach(), row_map, src, weights.detach()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pad,cap", [(1, 0), (4, 0), (1, 2)])
+def test_gradcheck_float64(pad, cap, device):
+    need_kernel(device)
+    gen = torch.Generator().manual_seed(3)
+    T, H, E, k = 7, 3, 4, 2
+    logits = (torch.randn(T, E, generator=gen, dtype=torch.float64) * 2).to(device).requires_grad_()
+    for score_func in ("softmax", "sigmoid"):
+        for renormalize in (True, False):
+            torch.autograd.gradcheck(lambda l: torch.ops.steplaw.moe_route(l, k, score_func, renormalize, None)[0], (logits,))
+    x = torch.randn(T, H, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    ids, weights, _ = ops.moe_route(logits.detach(), k)
+    torch.autograd.gradcheck(lambda x: torch.ops.steplaw.moe_permute(x, ids, E, pad, cap)[0], (x,))
+    _, row_map, src, _, _ = ops.moe_permute(x.detach(), ids, E, pad, cap)
+    y = torch.randn(src.shape[0], H, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = weights.detach().clone().requires_grad_()
+    torch.autograd.gradcheck(lambda y, w: torch.ops.steplaw.moe_unpermute(y, row_map, src, w), (y, w))
+
+
+def test_compile_fullgraph_no_graph_break():
+    need_kernel("cpu")
+
+    def dispatch(x, logits):
+        ids, weights, _ = ops.moe_route(logits, 2)
+        permuted, row_map, src, offsets, dropped = ops.moe_permute(x, ids, 4, 8)
+        return ops.moe_unpermute(permuted * 2, row_map, src, weights)
+
+    x, logits = torch.randn(10, 6), torch.randn(10, 4)
+    compiled = torch.compile(dispatch, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, logits), dispatch(x, logits))
+
+
+# ---------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_errors_name_the_bad_value(use_kernel):
+    if use_kernel:
+        need_kernel("cpu")
+    route = torch.ops.steplaw.moe_route if use_kernel else ops.route_reference
+    permute = torch.ops.steplaw.moe_permute if use_kernel else ops.permute_reference
+    unpermute = torch.ops.steplaw.moe_unpermute if use_kernel else ops.unpermute_reference
+    bad = RuntimeError if use_kernel else UserError
+    x = torch.randn(4, 3)
+    with pytest.raises(bad, match="top_k"):
+        route(torch.randn(4, 3), 4, "softmax", True, None)
+    with pytest.raises(bad, match="score_func"):
+        route(torch.randn(4, 3), 1, "relu", True, None)
+    with pytest.raises(bad, match="expert id 7"):
+        permute(x, torch.tensor([[0], [1], [7], [2]], dtype=torch.int32), 3, 1, 0)
+    with pytest.raises(bad, match="expert id -1"):
+        permute(x, torch.tensor([[0], [-1], [2], [2]], dtype=torch.int32), 3, 1, 0)
+    with pytest.raises(bad, match="expert ids of shape"):
+        permute(x, torch.zeros(5, 1, dtype=torch.int32), 3, 1, 0)
+    with pytest.raises(bad, match="top_k"):
+        permute(x, torch.zeros(4, 4, dtype=torch.int32), 3, 1, 0)
+    with pytest.raises(bad, match="combine weights"):
+        unpermute(torch.randn(8, 3), torch.zeros(4, 2, dtype=torch.long), torch.zeros(8, dtype=torch.long), torch.rand(4, 3))
+    with pytest.raises(UserError, match="top_k"):
+        ops.moe_route(torch.randn(4, 3), 4)
