@@ -9,7 +9,7 @@ from steplaw.ops._loader import OP_NAMES, has_kernel, kernel_table, load_error, 
 load_extension()
 
 # Op modules (each registers its names with the loader on import).
-# from steplaw.ops.adamw import ...
+from steplaw.ops.adamw import fused_adamw_, reference_fused_adamw_  # noqa: E402,F401
 # from steplaw.ops.moe import ...
 
 warn_fallbacks_once()
