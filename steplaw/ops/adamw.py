@@ -53,7 +53,7 @@ def _coefficients(row: torch.Tensor, step: torch.Tensor, math_dtype: torch.dtype
     lerp_weight = (1 - beta1).to(math_dtype)
     return dict(
         lerp_weight=lerp_weight,
-        one_minus_lerp=1 - lerp_weight,
+        lerp_weight_m1=lerp_weight - 1,
         lerp_small=lerp_weight.abs() < 0.5,
         beta2=beta2.to(math_dtype),
         one_minus_beta2=(1 - beta2).to(math_dtype),
@@ -63,6 +63,14 @@ def _coefficients(row: torch.Tensor, step: torch.Tensor, math_dtype: torch.dtype
         eps=eps.to(math_dtype),
         maximize=maximize != 0,
     )
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c rounded once, as the kernels' fma, for float32 math (the product of two
+    floats is exact in float64); float64 math rounds twice (the oracle needs no more)."""
+    if c.dtype == torch.float64:
+        return a * b + c
+    return (a.double() * b.double() + c.double()).to(c.dtype)
 
 
 def reference_fused_adamw_(
@@ -86,10 +94,10 @@ def reference_fused_adamw_(
         m, v = exp_avgs[i], exp_avg_sqs[i]
         m_new = torch.where(
             c["lerp_small"],
-            m + c["lerp_weight"] * (g - m),
-            g - (g - m) * c["one_minus_lerp"],
+            _fma(c["lerp_weight"], g - m, m),
+            _fma(c["lerp_weight_m1"], g - m, g),
         )
-        v_new = v * c["beta2"] + (c["one_minus_beta2"] * g) * g
+        v_new = _fma(c["one_minus_beta2"] * g, g, v * c["beta2"])
         second = v_new
         if amsgrad:
             vmax_new = torch.maximum(max_exp_avg_sqs[i], v_new)
