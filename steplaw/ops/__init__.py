@@ -17,9 +17,20 @@ from steplaw.ops._loader import (
 load_extension()
 
 # Op modules (each registers its names with the loader on import).
-# from steplaw.ops.adamw import ...
-from steplaw.ops.moe import moe_permute, moe_route, moe_unpermute  # noqa: E402
+from steplaw.ops.adamw import fused_adamw_, reference_fused_adamw_  # noqa: E402,F401
+from steplaw.ops.moe import moe_permute, moe_route, moe_unpermute  # noqa: E402,F401
 
 warn_fallbacks_once()
 
-__all__ = ["OP_NAMES", "cuda_compiled", "has_kernel", "kernel_table", "load_error", "load_extension"]
+__all__ = [
+    "OP_NAMES",
+    "cuda_compiled",
+    "fused_adamw_",
+    "has_kernel",
+    "kernel_table",
+    "load_error",
+    "load_extension",
+    "moe_permute",
+    "moe_route",
+    "moe_unpermute",
+]

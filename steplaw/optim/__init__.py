@@ -1,0 +1,4 @@
+"""Optimizers of steplaw."""
+from steplaw.optim.adamw import FusedAdamW
+
+__all__ = ["FusedAdamW"]

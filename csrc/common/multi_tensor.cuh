@@ -1,0 +1,69 @@
+// Multi-tensor apply for CUDA: many tensors per launch, each cut into fixed-size chunks,
+// one thread block per chunk. The table of tensors and chunks travels as a kernel
+// argument (no host-to-device copy, so launches can be captured in CUDA graphs), which
+// bounds it to kMaxTensors tensors and kMaxBlocks chunks per launch.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace steplaw {
+namespace mta {
+
+constexpr int kMaxTensors = 24;
+constexpr int kMaxBlocks = 320;
+constexpr int64_t kChunk = 65536;  // elements per block
+
+// `kLists` pointer lists (e.g. param, grad, exp_avg, ...) and per-tensor extras.
+template <int kLists>
+struct TensorTable {
+  void* ptr[kLists][kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int32_t tag[kMaxTensors];        // caller's per-tensor index (e.g. a hyperparameter row)
+  const float* scalar[kMaxTensors];// caller's per-tensor scalar pointer (e.g. the step)
+  uint8_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+};
+
+// Puts tensors 0..n-1 (skipping empty ones) into tables through `fill(i, table, slot)`
+// and calls `launch(table, n_blocks)` whenever a table is full, and at the end.
+template <int kLists>
+void for_each_table(int n, const std::function<void(int, TensorTable<kLists>&, int)>& fill,
+                    const std::function<int64_t(int)>& numel_of,
+                    const std::function<void(const TensorTable<kLists>&, int)>& launch) {
+  TensorTable<kLists> table;
+  int n_tensors = 0, n_blocks = 0;
+  for (int i = 0; i < n; ++i) {
+    const int64_t numel = numel_of(i);
+    if (numel == 0) continue;
+    fill(i, table, n_tensors);  // tensor i into slot n_tensors
+    ++n_tensors;
+    const int64_t chunks = (numel + kChunk - 1) / kChunk;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      table.block_tensor[n_blocks] = uint8_t(n_tensors - 1);
+      table.block_chunk[n_blocks] = int32_t(chunk);
+      ++n_blocks;
+      const bool tensors_full = n_tensors == kMaxTensors && chunk == chunks - 1;
+      const bool blocks_full = n_blocks == kMaxBlocks;
+      if (tensors_full || blocks_full) {
+        launch(table, n_blocks);
+        n_blocks = 0;
+        if (chunk == chunks - 1) {
+          n_tensors = 0;
+        } else {
+          // The tensor continues in the next table, in slot 0.
+          for (int l = 0; l < kLists; ++l) table.ptr[l][0] = table.ptr[l][n_tensors - 1];
+          table.numel[0] = table.numel[n_tensors - 1];
+          table.tag[0] = table.tag[n_tensors - 1];
+          table.scalar[0] = table.scalar[n_tensors - 1];
+          n_tensors = 1;
+        }
+      }
+    }
+  }
+  if (n_blocks > 0) launch(table, n_blocks);
+}
+
+}  // namespace mta
+}  // namespace steplaw

@@ -1,0 +1,162 @@
+"""steplaw::fused_adamw_ — one in-place AdamW step over many parameters.
+
+The schema (csrc/steplaw.cpp, repeated in SCHEMA below for builds without _C):
+
+    fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,
+                 Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs,
+                 Tensor(e!)[] master_params, Tensor(f!)[] steps, Tensor hparams,
+                 int[] group_index, bool amsgrad, Tensor? grad_scale=None,
+                 Tensor? found_inf=None) -> ()
+
+Why this shape: parameters of every param group go in ONE call (one parallel region on
+CPU, one multi-tensor launch per dtype on CUDA); `group_index[i]` picks parameter i's
+row of the float64 table `hparams` [groups, 6] = (lr, beta1, beta2, weight_decay, eps,
+maximize), which lives on the parameters' device, so an lr tensor is copied into it on
+the device and nothing syncs with the host. `steps` (0-d float32, on the device) are
+read by the kernel and incremented by the op, as torch's fused AdamW does, and left
+alone when `found_inf` is nonzero (GradScaler skipped the step: nothing changes).
+amsgrad and master weights are whole-call switches (`max_exp_avg_sqs` / `master_params`
+empty when off) because a list entry cannot be "absent" in a schema with alias
+annotations; the optimizer issues at most one call per (amsgrad, master) combination.
+Gradients are read only: GradScaler's scale is divided out in registers (torch's fused
+kernel also writes the unscaled gradient back; this op does not).
+
+State dtype: float32 for float32/bf16/fp16 params, float64 for float64 params;
+master_params (float32) hold the parameter value the update is applied to, and the
+low-precision parameter receives its rounded copy.
+"""
+from __future__ import annotations
+
+import torch
+
+from steplaw.ops._loader import load_extension, register_op_names
+
+OP_NAME = "fused_adamw_"
+QUALNAME = f"steplaw::{OP_NAME}"
+SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
+    "Tensor(f!)[] steps, Tensor hparams, int[] group_index, bool amsgrad, "
+    "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+)
+# Columns of `hparams`, as in csrc/adamw/adamw_math.h.
+HPARAM_COLUMNS = ("lr", "beta1", "beta2", "weight_decay", "eps", "maximize")
+
+
+def _coefficients(row: torch.Tensor, step: torch.Tensor, math_dtype: torch.dtype):
+    """Per-tensor coefficients computed in float64 and rounded once to the math dtype,
+    as make_coeffs in adamw_math.h; all 0-d tensors (no host sync)."""
+    lr, beta1, beta2, weight_decay, eps, maximize = row.unbind(0)
+    step = step.to(torch.float64) + 1
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    lerp_weight = (1 - beta1).to(math_dtype)
+    return dict(
+        lerp_weight=lerp_weight,
+        lerp_weight_m1=lerp_weight - 1,
+        lerp_small=lerp_weight.abs() < 0.5,
+        beta2=beta2.to(math_dtype),
+        one_minus_beta2=(1 - beta2).to(math_dtype),
+        decay_factor=(1 - lr * weight_decay).to(math_dtype),
+        neg_step_size=(-(lr / bias_correction1)).to(math_dtype),
+        bc2_sqrt=bias_correction2.sqrt().to(math_dtype),
+        eps=eps.to(math_dtype),
+        maximize=maximize != 0,
+    )
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c rounded once, as the kernels' fma, for float32 math (the product of two
+    floats is exact in float64); float64 math rounds twice (the oracle needs no more)."""
+    if c.dtype == torch.float64:
+        return a * b + c
+    return (a.double() * b.double() + c.double()).to(c.dtype)
+
+
+def reference_fused_adamw_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, hparams,
+    group_index, amsgrad, grad_scale=None, found_inf=None,
+) -> None:
+    """Pure-PyTorch fused_adamw_: the fallback when no compiled kernel exists and the
+    tests' oracle (run it on float64 copies for a float64 oracle). Same operation order
+    and rounding points as the kernels; sync-free (found_inf selects with torch.where)."""
+    skip = None if found_inf is None else (found_inf.reshape(()) != 0)
+    for i, param in enumerate(params):
+        state_dtype = exp_avgs[i].dtype
+        target = master_params[i] if master_params else param
+        c = _coefficients(hparams[group_index[i]].to(param.device), steps[i], state_dtype)
+        p = target.to(state_dtype)
+        g = grads[i].to(state_dtype)
+        if grad_scale is not None:
+            g = g / grad_scale.to(device=param.device, dtype=state_dtype).reshape(())
+        g = torch.where(c["maximize"], -g, g)
+        p = p * c["decay_factor"]
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        m_new = torch.where(
+            c["lerp_small"],
+            _fma(c["lerp_weight"], g - m, m),
+            _fma(c["lerp_weight_m1"], g - m, g),
+        )
+        v_new = _fma(c["one_minus_beta2"] * g, g, v * c["beta2"])
+        second = v_new
+        if amsgrad:
+            vmax_new = torch.maximum(max_exp_avg_sqs[i], v_new)
+            second = vmax_new
+        denom = second.sqrt() / c["bc2_sqrt"] + c["eps"]
+        p = p + (c["neg_step_size"] * m_new) / denom
+
+        def put(dst, new):
+            dst.copy_(new if skip is None else torch.where(skip.to(dst.device), dst, new.to(dst.dtype)))
+
+        put(m, m_new)
+        put(v, v_new)
+        if amsgrad:
+            put(max_exp_avg_sqs[i], vmax_new)
+        if master_params:
+            put(master_params[i], p)
+        put(param, p.to(param.dtype))
+        increment = 1 if skip is None else (~skip).to(torch.float32).to(steps[i].device)
+        steps[i].add_(increment)
+
+
+def _op_defined() -> bool:
+    try:
+        torch.ops.steplaw.fused_adamw_.default  # noqa: B018 - probing the registry
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_FALLBACK_LIB = None
+if not (load_extension() and _op_defined()):
+    # No compiled extension: define the op here so that FusedAdamW (and torch.compile of
+    # it) work the same on the reference.
+    _FALLBACK_LIB = torch.library.Library("steplaw", "FRAGMENT")  # noqa: TOR901
+    _FALLBACK_LIB.define(OP_NAME + SCHEMA)
+
+# The reference serves every device without a compiled kernel (e.g. CUDA tensors in a
+# CPU-only build); a compiled CPU/CUDA kernel takes precedence for its device.
+torch.library.impl(QUALNAME, "CompositeExplicitAutograd")(reference_fused_adamw_)
+
+
+@torch.library.register_fake(QUALNAME)
+def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+                      steps, hparams, group_index, amsgrad, grad_scale=None, found_inf=None):
+    return None
+
+
+register_op_names(OP_NAME)
+
+
+def fused_adamw_(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
+    master_params: list[torch.Tensor], steps: list[torch.Tensor], hparams: torch.Tensor,
+    group_index: list[int], amsgrad: bool, grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One AdamW step in place (see the module docstring for the arguments)."""
+    torch.ops.steplaw.fused_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, hparams,
+        group_index, amsgrad, grad_scale, found_inf,
+    )
