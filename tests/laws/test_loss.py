@@ -1,0 +1,92 @@
+"""Loss-law fit recovers a known L(N, D) and its compute-optimal allocation."""
+import numpy as np
+import pytest
+
+from steplaw.errors import UserError
+from steplaw.laws.loss import fit_loss
+from steplaw.laws.table import read_runs
+
+TRUTHS = [
+    dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28),  # Hoffmann et al. 2022's fit
+    dict(E=2.1, A=80.0, B=2000.0, alpha=0.25, beta=0.35),
+]
+
+
+def _rows(truth, noise=0.0, seed=0, n_values=None, d_values=None, extra_runs=True):
+    rng = np.random.default_rng(seed)
+    n_values = n_values if n_values is not None else np.geomspace(3e7, 3e9, 8)
+    d_values = d_values if d_values is not None else np.geomspace(1e9, 3e11, 8)
+    rows = []
+    for n in n_values:
+        for d in d_values:
+            loss = truth["E"] + truth["A"] / n ** truth["alpha"] + truth["B"] / d ** truth["beta"]
+            loss *= 1 + noise * rng.standard_normal()
+            rows.append({"N": n, "D": d, "lr": 1e-3, "batch_tokens": 2**19, "loss": loss})
+            if extra_runs:  # a worse run in the cell: the fit must take the best per cell
+                rows.append({"N": n, "D": d, "lr": 4e-3, "batch_tokens": 2**19, "loss": loss * 1.05})
+    return rows
+
+
+@pytest.mark.parametrize("truth", TRUTHS)
+def test_recovers_known_parameters(truth):
+    fit = fit_loss(read_runs(_rows(truth, noise=2e-4)), n_boot=30, seed=0)
+    assert fit.E == pytest.approx(truth["E"], rel=0.03)
+    assert fit.alpha == pytest.approx(truth["alpha"], abs=0.03)
+    assert fit.beta == pytest.approx(truth["beta"], abs=0.03)
+    assert fit.A == pytest.approx(truth["A"], rel=0.5)  # A, B trade off with the exponents
+    assert fit.B == pytest.approx(truth["B"], rel=0.5)
+    assert fit.rms_log_residual < 1e-3
+    for key in ("E", "alpha", "beta"):
+        low, high = fit.intervals[key]
+        assert low <= getattr(fit, key) <= high
+
+
+def test_exact_data_fit_exactly():
+    truth = TRUTHS[0]
+    fit = fit_loss(read_runs(_rows(truth)), n_boot=0)
+    for key, value in truth.items():
+        assert getattr(fit, key) == pytest.approx(value, rel=1e-3)
+    assert fit.intervals == {}
+
+
+def test_compute_optimal_is_the_isoflop_minimum():
+    truth = TRUTHS[0]
+    fit = fit_loss(read_runs(_rows(truth)), n_boot=0)
+    budget = 1e22
+    n_opt, d_opt = fit.compute_optimal(budget)
+    assert 6 * n_opt * d_opt == pytest.approx(budget, rel=1e-9)
+    best = fit.predict(n_opt, d_opt)
+    for factor in (0.8, 1.25):
+        n = n_opt * factor
+        assert fit.predict(n, budget / (6 * n)) > best
+    assert fit.n_exponent == pytest.approx(truth["beta"] / (truth["alpha"] + truth["beta"]), rel=1e-3)
+    out = fit.to_dict()
+    assert {"E", "A", "B", "alpha", "beta", "intervals", "compute_optimal"} <= set(out)
+
+
+def test_flop_column_sets_flops_per_token():
+    rows = _rows(TRUTHS[0])
+    for row in rows:
+        row["compute"] = 8 * row["N"] * row["D"]  # e.g. a FLOP count that includes attention
+    fit = fit_loss(read_runs(rows), n_boot=0)
+    assert fit.flops_per_param_token == pytest.approx(8.0)
+    n_opt, d_opt = fit.compute_optimal(1e21)
+    assert 8 * n_opt * d_opt == pytest.approx(1e21, rel=1e-9)
+
+
+def test_too_few_cells_is_refused():
+    rows = _rows(TRUTHS[0], n_values=[1e8, 2e8], d_values=[1e9, 2e9])
+    with pytest.raises(UserError, match="need at least 5"):
+        fit_loss(read_runs(rows))
+
+
+def test_single_n_is_refused():
+    rows = _rows(TRUTHS[0], n_values=[1e8], d_values=np.geomspace(1e9, 1e11, 6))
+    with pytest.raises(UserError, match="share one N"):
+        fit_loss(read_runs(rows))
+
+
+def test_bad_budget_is_refused():
+    fit = fit_loss(read_runs(_rows(TRUTHS[0])), n_boot=0)
+    with pytest.raises(UserError):
+        fit.compute_optimal(-1)

@@ -1,0 +1,105 @@
+"""Published laws against values worked out by hand from the papers' formulas."""
+import math
+
+import pytest
+
+from steplaw.errors import UserError
+from steplaw.laws.published import (
+    LAWS, disagreements, kaplan_critical_batch, kaplan_loss, predict_all, resolve_law_names, step_law,
+)
+
+# Step Law (arXiv:2503.04715): lr = 1.79 N^-0.713 D^0.307, B = 0.58 D^0.571.
+# N=1e9, D=1e11: log10 lr = log10 1.79 - 0.713*9 + 0.307*11 = 0.25285 - 6.417 + 3.377 = -2.78715
+#   -> lr = 1.6325e-3;  log10 B = log10 0.58 + 0.571*11 = -0.23657 + 6.281 = 6.04443 -> B = 1.1077e6.
+# N=1e8, D=1e10: log10 lr = 0.25285 - 5.704 + 3.07 = -2.38115 -> 4.1577e-3;
+#   log10 B = -0.23657 + 5.71 = 5.47343 -> 2.9746e5.
+@pytest.mark.parametrize("n, d, lr, bs", [(1e9, 1e11, 1.6325e-3, 1.1077e6), (1e8, 1e10, 4.1577e-3, 2.9746e5)])
+def test_step_law_matches_hand_values(n, d, lr, bs):
+    got_lr, got_bs = step_law(n, d)
+    assert got_lr == pytest.approx(lr, rel=2e-4)
+    assert got_bs == pytest.approx(bs, rel=2e-4)
+
+
+def test_deepseek_matches_hand_value():
+    # DeepSeek LLM (arXiv:2401.02954): C = 6*1e9*1e11 = 6e20, log10 C = 20.77815;
+    # log10 lr = log10 0.3118 - 0.125*20.77815 = -0.50613 - 2.59727 = -3.10340 -> 7.8815e-4
+    # log10 B = log10 0.2920 + 0.3271*20.77815 = -0.53462 + 6.79653 = 6.26191 -> 1.8277e6
+    (pred,) = predict_all(1e9, 1e11, laws="deepseek")
+    assert pred.derived["compute"] == pytest.approx(6e20)
+    assert pred.lr == pytest.approx(7.8815e-4, rel=3e-4)
+    assert pred.batch_tokens == pytest.approx(1.8277e6, rel=3e-4)
+
+
+def test_deepseek_uses_given_compute():
+    (pred,) = predict_all(1e9, 1e11, compute=1e20, laws="deepseek")
+    # log10 lr = -0.50613 - 2.5 = -3.00613 -> 9.860e-4
+    assert pred.lr == pytest.approx(9.860e-4, rel=3e-4)
+    assert "compute" not in pred.derived
+
+
+def test_kaplan_matches_hand_values():
+    # Kaplan Eq. 1.5 at N=1e9, D=1e11: (8.8e4)^0.8 = e^(0.8*11.38509) = e^9.10807 = 9016.2;
+    # + 5.4e13/1e11 = 540 -> 9556.2; ^0.095 = e^(0.095*9.16498) = e^0.870673 = 2.38840
+    assert kaplan_loss(1e9, 1e11) == pytest.approx(2.3884, rel=2e-4)
+    # B_crit = 2.1e8 / 2.3884^(1/0.21) = 2.1e8 / e^(4.761905*0.870673) = 2.1e8 / e^4.14606 = 2.1e8/63.20
+    assert kaplan_critical_batch(2.3884) == pytest.approx(3.3228e6, rel=1e-3)
+    # L = 3: 3^(1/0.21) = e^(4.761905*1.098612) = e^5.231487 = 187.07 -> 1.12257e6
+    assert kaplan_critical_batch(3.0) == pytest.approx(1.12257e6, rel=2e-4)
+
+
+def test_kaplan_prefers_given_loss():
+    (pred,) = predict_all(1e9, 1e11, loss=3.0, laws="kaplan")
+    assert pred.lr is None
+    assert pred.batch_tokens == pytest.approx(1.12257e6, rel=2e-4)
+
+
+@pytest.mark.parametrize("key", list(LAWS))
+def test_registry_entries_are_complete(key):
+    info = LAWS[key].info()
+    for field in ("formula", "input_units", "output_units", "citation", "fitted_range"):
+        assert info[field], field
+    assert "arXiv:" in info["citation"]
+    for low, high in info["fitted_range"].values():
+        assert 0 < low < high
+
+
+@pytest.mark.parametrize("n, d", [(0, 1e10), (-1e9, 1e10), (1e9, 0), (1e9, -5), (math.nan, 1e10), (1e9, math.inf), ("x", 1e10)])
+def test_bad_inputs_are_refused(n, d):
+    with pytest.raises(UserError):
+        predict_all(n, d)
+
+
+def test_range_warning_only_outside_fitted_range():
+    inside = predict_all(3e8, 1e10, laws="step_law")[0]
+    outside = predict_all(7e10, 1e13, laws="step_law")[0]
+    assert inside.warnings == []
+    assert any("outside the range" in w and "N=" in w for w in outside.warnings)
+    assert any("D=" in w for w in outside.warnings)
+
+
+def test_moe_reports_total_and_active():
+    preds = predict_all(8e9, 1e11, n_active=1e9, laws="all")
+    step = [p for p in preds if p.law == "step_law"]
+    assert [p.n_used for p in step] == ["N total (non-embedding)", "N activated (non-embedding)"]
+    assert step[1].lr == pytest.approx(step_law(1e9, 1e11)[0])
+    deepseek = next(p for p in preds if p.law == "deepseek")
+    assert deepseek.derived["compute"] == pytest.approx(6 * 1e9 * 1e11)  # FLOPs follow activated params
+
+
+def test_moe_active_above_total_is_refused():
+    with pytest.raises(UserError, match="exceeds"):
+        predict_all(1e9, 1e11, n_active=2e9)
+
+
+def test_unknown_law_is_refused():
+    with pytest.raises(UserError, match="unknown law"):
+        resolve_law_names("step_law,chinchilla")
+
+
+def test_disagreement_lines():
+    preds = predict_all(1e9, 1e11)
+    lines = disagreements(preds, factor=2.0)
+    # Step Law lr 1.63e-3 vs DeepSeek 7.88e-4 (2.07x); batch 1.11e6 vs Kaplan 3.32e6 (3.0x).
+    assert len(lines) == 2
+    assert "learning rate by 2.1x" in lines[0] and "batch size by 3.0x" in lines[1]
+    assert disagreements(preds, factor=4.0) == []
