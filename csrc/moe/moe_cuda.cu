@@ -34,7 +34,7 @@ namespace moe {
 namespace {
 
 constexpr int64_t kMaxExpertsCuda = 4096;  // shared memory: E * 8 bytes in the scan
-constexpr int64_t kMaxTopKCuda = 4096;     // row indices of a token staged in shared memory
+constexpr int64_t kMaxTopKCuda = 2048;     // a token's rows and weights staged in shared memory
 constexpr int kWarp = 32;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
