@@ -45,7 +45,7 @@ template <typename scalar_t, typename score_t>
 __global__ void route_kernel(const scalar_t* __restrict__ logits, int64_t tokens, int32_t experts, int32_t k,
                              bool use_sigmoid, bool renormalize, const score_t* __restrict__ bias,
                              int32_t* __restrict__ ids, score_t* __restrict__ weights) {
-  extern __shared__ unsigned char route_smem[];
+  extern __shared__ __align__(16) unsigned char route_smem[];
   score_t* top_val = reinterpret_cast<score_t*>(route_smem) + threadIdx.x * k;
   int32_t* top_idx = reinterpret_cast<int32_t*>(reinterpret_cast<score_t*>(route_smem) + blockDim.x * k) +
                      threadIdx.x * k;
