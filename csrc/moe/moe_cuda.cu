@@ -100,12 +100,18 @@ __global__ void scan_chunks_kernel(int32_t* __restrict__ chunk_counts, int64_t c
                                    int64_t pad_multiple, int64_t capacity, int64_t* __restrict__ offsets,
                                    int64_t* __restrict__ dropped) {
   extern __shared__ int64_t total_smem[];
+  constexpr int kBatch = 16;  // loads in flight per thread: the walk over chunks is latency bound
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     int64_t running = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int32_t n = chunk_counts[c * experts + e];
-      chunk_counts[c * experts + e] = static_cast<int32_t>(running);
-      running += n;
+    for (int64_t c0 = 0; c0 < chunks; c0 += kBatch) {
+      int32_t n[kBatch];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) n[q] = c0 + q < chunks ? chunk_counts[(c0 + q) * experts + e] : 0;
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        if (c0 + q < chunks) chunk_counts[(c0 + q) * experts + e] = static_cast<int32_t>(running);
+        running += n[q];
+      }
     }
     total_smem[e] = running;
   }
