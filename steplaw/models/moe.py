@@ -117,7 +117,10 @@ class MoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         num_tokens = tokens.shape[0]
-        logits = self.router(tokens)
+        # Router in fp32 whatever the activations' dtype: bf16 logits would flip near-tied
+        # choices and blur the load-balancing losses.
+        router_dtype = torch.promote_types(tokens.dtype, torch.float32)
+        logits = F.linear(tokens.to(router_dtype), self.router.weight.to(router_dtype))
         bias = self.expert_bias if cfg.bias_update_rate > 0 else None
         expert_ids, weights, counts = moe_route(logits, cfg.top_k, cfg.score_func, cfg.renormalize, bias)
         capacity = expert_capacity(num_tokens, cfg.top_k, cfg.n_experts, cfg.capacity_factor)

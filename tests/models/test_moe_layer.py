@@ -151,3 +151,28 @@ def test_empty_batch_and_dtypes(dtype):
     y = layer(x)
     y.float().sum().backward()
     assert y.dtype == dtype and x.grad.shape == x.shape and torch.isfinite(x.grad.float()).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_layer_matches_cpu(dtype):
+    """CUDA kernels (+ torch._grouped_mm for bf16 on Hopper) against the fp32 CPU layer
+    holding the same (dtype-rounded) weights and inputs."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(n_experts=16, top_k=4, d_expert=64, n_shared_experts=1)
+    gpu_layer = MoE(128, cfg).cuda().to(dtype)
+    with torch.no_grad():
+        gpu_layer.router.weight.normal_(std=0.1)
+    cpu_layer = MoE(128, cfg)
+    cpu_layer.load_state_dict({name: t.float().cpu() for name, t in gpu_layer.state_dict().items()})
+    x = torch.randn(4, 64, 128).to(dtype)
+    y_cpu = cpu_layer(x.float())
+    x_gpu = x.cuda().requires_grad_(True)
+    y_gpu = gpu_layer(x_gpu)
+    assert y_gpu.dtype == dtype
+    assert torch.equal(gpu_layer.stats["load"].cpu(), cpu_layer.stats["load"])
+    rel_err = float((y_gpu.float().cpu() - y_cpu).norm() / y_cpu.norm())
+    assert rel_err < (2e-2 if dtype == torch.bfloat16 else 1e-5), rel_err
+    y_gpu.float().square().sum().backward()
+    assert torch.isfinite(x_gpu.grad.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in gpu_layer.experts.parameters())

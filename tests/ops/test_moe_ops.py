@@ -67,6 +67,20 @@ def test_route_reference_ties_bias_and_weights():
     torch.testing.assert_close(weights_s[:, 0], torch.sigmoid(torch.tensor([0.0, 3.0])))
 
 
+@pytest.mark.parametrize("T,k,E,pad,cap,rows", [
+    (10, 2, 4, 1, 0, 20), (10, 2, 4, 8, 0, 20 + 4 * 7), (10, 2, 4, 1, 3, 12), (10, 2, 4, 8, 3, 32), (0, 1, 3, 1, 0, 0)])
+def test_permuted_rows_known_from_shapes(T, k, E, pad, cap, rows):
+    assert ops.permuted_rows(T, k, E, pad, cap) == rows
+    x = torch.randn(T, 2)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32) if T else torch.zeros(0, k, dtype=torch.int32)
+    assert ops.moe_permute(x, ids, E, pad, cap)[0].shape == (rows, 2)
+
+
+@pytest.mark.parametrize("T,k,E,factor,capacity", [(100, 2, 8, None, 0), (100, 2, 8, 1.0, 25), (100, 2, 8, 1.25, 32), (3, 1, 8, 0.5, 1)])
+def test_expert_capacity(T, k, E, factor, capacity):
+    assert ops.expert_capacity(T, k, E, factor) == capacity
+
+
 # ---------------------------------------------------------------- kernels vs reference
 
 # (T, H, E, k, pad_multiple, capacity, dtype)
