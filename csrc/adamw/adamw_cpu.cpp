@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "adamw/adamw_common.h"
@@ -108,7 +109,8 @@ void fused_adamw_cpu(
       chunks.push_back(chunk);
     }
   }
-  const bool use_avx2 = avx2_fma_available();
+  // STEPLAW_CPU_PORTABLE=1 forces the portable path (tests check it on AVX2 machines).
+  static const bool use_avx2 = avx2_fma_available() && std::getenv("STEPLAW_CPU_PORTABLE") == nullptr;
   auto run_chunks = [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       if (use_avx2) {

@@ -160,3 +160,21 @@ def test_reference_fallback_without_extension():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_portable_cpu_path_matches_reference():
+    """The scalar path used on CPUs without AVX2/FMA (forced by STEPLAW_CPU_PORTABLE)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import test_adamw_op as t\n"
+        "for case in t.CASES: t._compare('cpu', case)\n"
+        "print('ok')\n" % os.path.dirname(os.path.abspath(__file__))
+    )
+    env = dict(os.environ, STEPLAW_CPU_PORTABLE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")

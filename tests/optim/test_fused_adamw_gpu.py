@@ -60,7 +60,7 @@ def test_grad_scaler_inf_step_is_skipped_without_sync():
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 64).cuda()
     opt = FusedAdamW(model.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
     before = None
     for step in range(STEPS):
         opt.zero_grad()
