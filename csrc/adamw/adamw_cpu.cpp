@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "adamw/adamw_common.h"
@@ -20,6 +21,9 @@ namespace {
 // Elements per parallel task: large enough to amortise the task, small enough (64 KiB of
 // fp32 per array) that the two cores split a 100-tensor model evenly.
 constexpr int64_t kChunk = 16384;
+// Below this many elements in all, one thread does the whole step: waking a thread team
+// costs more than it saves (and much more when the cores are shared).
+constexpr int64_t kSerialBelow = 1 << 18;
 
 // Portable path (no AVX2/FMA): the shared math on scalars; std::fma keeps the rounding
 // of the vector kernels, at the price of speed on CPUs without an FMA instruction.
@@ -81,6 +85,7 @@ void fused_adamw_cpu(
                                    master_params, steps, hparams, group_index, amsgrad);
   const double* hp = hparams.const_data_ptr<double>();
   std::vector<RangeRequest> chunks;
+  int64_t total = 0;
   for (size_t i = 0; i < staged.slots.size(); ++i) {
     const ParamSlot& s = staged.slots[i];
     RangeRequest base{};
@@ -92,10 +97,11 @@ void fused_adamw_cpu(
     base.max_exp_avg_sq = s.max_exp_avg_sq.defined() ? s.max_exp_avg_sq.data_ptr() : nullptr;
     base.master = s.master.defined() ? s.master.data_ptr() : nullptr;
     base.hparams_row = hp + s.group * kNumHparams;
-    base.step = double(steps[i].item<float>()) + 1.0;
+    base.step = double(*steps[i].const_data_ptr<float>()) + 1.0;
     base.has_scale = has_scale;
     base.scale = scale;
     const int64_t numel = s.param.numel();
+    total += numel;
     for (int64_t b = 0; b < numel; b += kChunk) {
       RangeRequest chunk = base;
       chunk.begin = b;
@@ -103,8 +109,9 @@ void fused_adamw_cpu(
       chunks.push_back(chunk);
     }
   }
-  const bool use_avx2 = avx2_fma_available();
-  at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  // STEPLAW_CPU_PORTABLE=1 forces the portable path (tests check it on AVX2 machines).
+  static const bool use_avx2 = avx2_fma_available() && std::getenv("STEPLAW_CPU_PORTABLE") == nullptr;
+  auto run_chunks = [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       if (use_avx2) {
         update_range_avx2(chunks[k]);
@@ -112,9 +119,16 @@ void fused_adamw_cpu(
         portable_range_any(chunks[k]);
       }
     }
-  });
+  };
+  if (total < kSerialBelow) {
+    run_chunks(0, int64_t(chunks.size()));
+  } else {
+    at::parallel_for(0, int64_t(chunks.size()), 1, run_chunks);
+  }
   staged.finish();
-  for (const auto& step : steps) step.add_(1);
+  // Plain stores: one dispatched add_ per tensor would cost more than the update of a
+  // small tensor. (The dispatcher bumps the version counters of the mutated arguments.)
+  for (const auto& step : steps) *step.data_ptr<float>() += 1.0f;
 }
 
 }  // namespace

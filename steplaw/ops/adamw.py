@@ -27,6 +27,8 @@ low-precision parameter receives its rounded copy.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from steplaw.ops._loader import load_extension, register_op_names
@@ -46,10 +48,22 @@ HPARAM_COLUMNS = ("lr", "beta1", "beta2", "weight_decay", "eps", "maximize")
 def _coefficients(row: torch.Tensor, step: torch.Tensor, math_dtype: torch.dtype):
     """Per-tensor coefficients computed in float64 and rounded once to the math dtype,
     as make_coeffs in adamw_math.h; all 0-d tensors (no host sync)."""
-    lr, beta1, beta2, weight_decay, eps, maximize = row.unbind(0)
-    step = step.to(torch.float64) + 1
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
+    if row.device.type == "cpu" and step.device.type == "cpu":
+        # On the CPU reading the values costs no sync; Python floats give C's pow, which
+        # the kernels use (torch's vectorised pow may differ in the last bit).
+        values = [float(x) for x in row.tolist()]
+        values.append(float(step) + 1)
+        row = torch.tensor(values[:6], dtype=torch.float64)
+        step = torch.tensor(values[6], dtype=torch.float64)
+        lr, beta1, beta2, weight_decay, eps, maximize = row.unbind(0)
+        beta1_pow = torch.tensor(math.pow(values[1], values[6]), dtype=torch.float64)
+        beta2_pow = torch.tensor(math.pow(values[2], values[6]), dtype=torch.float64)
+    else:
+        lr, beta1, beta2, weight_decay, eps, maximize = row.unbind(0)
+        step = step.to(torch.float64) + 1
+        beta1_pow, beta2_pow = beta1**step, beta2**step
+    bias_correction1 = 1 - beta1_pow
+    bias_correction2 = 1 - beta2_pow
     lerp_weight = (1 - beta1).to(math_dtype)
     return dict(
         lerp_weight=lerp_weight,
@@ -73,6 +87,14 @@ def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (a.double() * b.double() + c.double()).to(c.dtype)
 
 
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded sqrt, as the kernels' (torch's float32 CPU sqrt is not: it
+    differs in the last bit for ~20% of inputs); float64 sqrt rounded to float32 is."""
+    if x.dtype == torch.float64:
+        return x.sqrt()
+    return x.double().sqrt().to(x.dtype)
+
+
 def reference_fused_adamw_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, hparams,
     group_index, amsgrad, grad_scale=None, found_inf=None,
@@ -88,7 +110,7 @@ def reference_fused_adamw_(
         p = target.to(state_dtype)
         g = grads[i].to(state_dtype)
         if grad_scale is not None:
-            g = g / grad_scale.to(device=param.device, dtype=state_dtype).reshape(())
+            g = g / grad_scale.to(device=param.device, dtype=state_dtype).reshape(()).expand_as(g).contiguous()
         g = torch.where(c["maximize"], -g, g)
         p = p * c["decay_factor"]
         m, v = exp_avgs[i], exp_avg_sqs[i]
@@ -102,7 +124,10 @@ def reference_fused_adamw_(
         if amsgrad:
             vmax_new = torch.maximum(max_exp_avg_sqs[i], v_new)
             second = vmax_new
-        denom = second.sqrt() / c["bc2_sqrt"] + c["eps"]
+        # Divisors expanded to full size: torch turns division by a 0-d CPU tensor into
+        # multiplication by its reciprocal, which rounds differently from the kernels
+        # (so does an expanded, stride-0 divisor: materialise it).
+        denom = _sqrt(second) / c["bc2_sqrt"].expand_as(second).contiguous() + c["eps"]
         p = p + (c["neg_step_size"] * m_new) / denom
 
         def put(dst, new):

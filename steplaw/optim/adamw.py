@@ -142,6 +142,15 @@ class FusedAdamW(torch.optim.Optimizer):
 
     # ---- step ----
 
+    @staticmethod
+    def _check_param(param: torch.Tensor, grad: torch.Tensor) -> None:
+        if grad.is_sparse:
+            raise UserError("FusedAdamW does not support sparse gradients; use torch.optim.SparseAdam.")
+        if torch.is_complex(param) or torch.is_complex(grad):
+            raise UserError("FusedAdamW does not support complex parameters; use torch.optim.AdamW or view them as real.")
+        if not param.is_floating_point():
+            raise UserError(f"FusedAdamW expects floating-point parameters, got {param.dtype}.")
+
     def _hparams(self, device: torch.device) -> torch.Tensor:
         """The float64 [groups, 6] table of the kernel on `device`; rebuilt only when a
         float hyperparameter changed, tensor lrs copied in on the device."""
@@ -180,29 +189,36 @@ class FusedAdamW(torch.optim.Optimizer):
         # (device, amsgrad, master) -> the op's lists.
         calls: dict[tuple, dict[str, list]] = {}
         for group_index, group in enumerate(self.param_groups):
+            amsgrad = bool(group["amsgrad"])
+            wants_master = bool(group["master_weights"])
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
                     continue
-                if grad.is_sparse:
-                    raise UserError("FusedAdamW does not support sparse gradients; use torch.optim.SparseAdam.")
-                if torch.is_complex(param) or torch.is_complex(grad):
-                    raise UserError("FusedAdamW does not support complex parameters; use torch.optim.AdamW or view them as real.")
-                if not param.is_floating_point():
-                    raise UserError(f"FusedAdamW expects floating-point parameters, got {param.dtype}.")
-                state = self._init_state(group, param)
-                master = "master_param" in state
-                lists = calls.setdefault((param.device, bool(group["amsgrad"]), master), {
-                    "params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
-                    "max_exp_avg_sqs": [], "master_params": [], "steps": [], "group_index": []})
+                state = self.state[param]
+                # Full checks only when something is missing (first step, amsgrad or
+                # master weights switched on); load_state_dict fixes dtypes and devices.
+                if ("step" not in state or (amsgrad and "max_exp_avg_sq" not in state)
+                        or (wants_master and "master_param" not in state and param.dtype in _LOW_PRECISION)):
+                    self._check_param(param, grad)
+                    state = self._init_state(group, param)
+                elif grad.is_sparse or grad.dtype != param.dtype:
+                    self._check_param(param, grad)
+                master = state.get("master_param")
+                key = (param.device, amsgrad, master is not None)
+                lists = calls.get(key)
+                if lists is None:
+                    lists = calls[key] = {
+                        "params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
+                        "max_exp_avg_sqs": [], "master_params": [], "steps": [], "group_index": []}
                 lists["params"].append(param)
                 lists["grads"].append(grad if grad.dtype == param.dtype else grad.to(param.dtype))
                 lists["exp_avgs"].append(state["exp_avg"])
                 lists["exp_avg_sqs"].append(state["exp_avg_sq"])
-                if group["amsgrad"]:
+                if amsgrad:
                     lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
-                if master:
-                    lists["master_params"].append(state["master_param"])
+                if master is not None:
+                    lists["master_params"].append(master)
                 lists["steps"].append(state["step"])
                 lists["group_index"].append(group_index)
 

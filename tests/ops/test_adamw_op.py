@@ -1,0 +1,180 @@
+"""steplaw::fused_adamw_ as an op: opcheck, the reference against the kernels, edge cases."""
+import pytest
+import torch
+
+import steplaw.ops  # noqa: F401 - registers the op
+from steplaw.ops import has_kernel
+from steplaw.ops.adamw import SCHEMA, reference_fused_adamw_
+
+
+def op_args(device="cpu", dtype=torch.float32, amsgrad=False, master=False, shapes=((5, 7), (0,), (33,)),
+            grad_scale=None, found_inf=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rand(shape, dt):
+        return torch.randn(shape, generator=g).to(device=device, dtype=dt)
+
+    params = [rand(s, dtype) for s in shapes]
+    grads = [rand(s, dtype) for s in shapes]
+    exp_avgs = [rand(s, state_dtype) * 0.1 for s in shapes]
+    exp_avg_sqs = [rand(s, state_dtype).abs() * 0.01 for s in shapes]
+    max_sqs = [t * 1.5 for t in exp_avg_sqs] if amsgrad else []
+    masters = [p.float() for p in params] if master else []
+    steps = [torch.full((), float(k + 1), device=device) for k in range(len(shapes))]
+    hparams = torch.tensor([[1e-2, 0.9, 0.999, 1e-2, 1e-8, 0.0], [3e-3, 0.3, 0.99, 0.0, 1e-6, 1.0]],
+                           dtype=torch.float64, device=device)
+    group_index = [k % 2 for k in range(len(shapes))]
+    return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps, hparams, group_index, amsgrad,
+            grad_scale, found_inf)
+
+
+def clone_args(args):
+    return tuple([t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                 else (a.clone() if isinstance(a, torch.Tensor) else a) for a in args)
+
+
+def test_schema_matches_python_copy():
+    schema = str(torch.ops.steplaw.fused_adamw_.default._schema)
+    assert schema == "steplaw::fused_adamw_" + SCHEMA
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)])
+def test_opcheck(amsgrad, dtype, master):
+    args = op_args(dtype=dtype, amsgrad=amsgrad, master=master)
+    torch.library.opcheck(torch.ops.steplaw.fused_adamw_.default, args)
+
+
+def test_opcheck_with_grad_scaler_tensors():
+    args = op_args(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
+    torch.library.opcheck(torch.ops.steplaw.fused_adamw_.default, args)
+
+
+CASES = {
+    "fp32": dict(),
+    "fp32_amsgrad_scaled": dict(amsgrad=True, grad_scale=torch.tensor(8.0)),
+    "fp64": dict(dtype=torch.float64),
+    "bf16_master": dict(dtype=torch.bfloat16, master=True),
+    "fp16": dict(dtype=torch.float16),
+}
+
+
+def _compare(device, case):
+    kernel_args = op_args(device=device, **CASES[case])
+    reference_args = clone_args(kernel_args)
+    torch.ops.steplaw.fused_adamw_(*kernel_args)
+    reference_fused_adamw_(*reference_args)
+    dtype = kernel_args[0][0].dtype
+    for got_list, want_list in zip(kernel_args[:7], reference_args[:7]):
+        for got, want in zip(got_list, want_list):
+            if dtype == torch.float32 and device == "cpu":
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+            elif dtype in (torch.float32, torch.float64):
+                # float64: the reference rounds a*b+c twice where the kernel uses fma;
+                # CUDA: the kernel's pow/sqrt of the coefficients may differ in the last bit.
+                torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)
+            else:
+                torch.testing.assert_close(got.float(), want.float(), rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_kernel_matches_reference(case):
+    assert has_kernel("fused_adamw_", "cpu"), "the C++ CPU kernel was not built"
+    _compare("cpu", case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_kernel_matches_reference(case):
+    assert has_kernel("fused_adamw_", "cuda"), "the CUDA kernel was not built"
+    _compare("cuda", case)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_found_inf_changes_nothing(device):
+    args = op_args(device=device, amsgrad=True, grad_scale=torch.tensor(2.0, device=device),
+                   found_inf=torch.tensor(1.0, device=device))
+    before = clone_args(args)
+    torch.ops.steplaw.fused_adamw_(*args)
+    for got_list, want_list in zip(args[:7], before[:7]):
+        for got, want in zip(got_list, want_list):
+            assert torch.equal(got, want)
+
+
+def test_steps_advance_including_empty_params():
+    args = op_args()
+    torch.ops.steplaw.fused_adamw_(*args)
+    assert [float(s) for s in args[6]] == [2.0, 3.0, 4.0]
+
+
+def test_grads_are_not_modified():
+    args = op_args(grad_scale=torch.tensor(4.0))
+    grads = [g.clone() for g in args[1]]
+    torch.ops.steplaw.fused_adamw_(*args)
+    for got, want in zip(args[1], grads):
+        assert torch.equal(got, want)
+
+
+def test_mismatched_lists_are_rejected():
+    args = list(op_args())
+    args[2] = args[2][:-1]
+    with pytest.raises(RuntimeError, match="one length"):
+        torch.ops.steplaw.fused_adamw_(*args)
+    args = list(op_args())
+    args[8] = [0, 5, 1]
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.steplaw.fused_adamw_(*args)
+
+
+def test_reference_fallback_without_extension():
+    """Without steplaw._C the op is defined in Python on the reference, and FusedAdamW
+    still matches torch's fused AdamW."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["steplaw._C"] = None  # the extension "fails to load"
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import steplaw.ops
+        assert any("fused_adamw_" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        from steplaw.optim import FusedAdamW
+        torch.manual_seed(0)
+        a = [torch.randn(37, 5, requires_grad=True), torch.randn(0, requires_grad=True)]
+        b = [p.detach().clone().requires_grad_() for p in a]
+        oa, ob = FusedAdamW(a, lr=1e-2, amsgrad=True), torch.optim.AdamW(b, lr=1e-2, amsgrad=True, fused=True)
+        for _ in range(5):
+            for p, q in zip(a, b):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            oa.step()
+            ob.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_portable_cpu_path_matches_reference():
+    """The scalar path used on CPUs without AVX2/FMA (forced by STEPLAW_CPU_PORTABLE)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import test_adamw_op as t\n"
+        "for case in t.CASES: t._compare('cpu', case)\n"
+        "print('ok')\n" % os.path.dirname(os.path.abspath(__file__))
+    )
+    env = dict(os.environ, STEPLAW_CPU_PORTABLE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
