@@ -19,8 +19,11 @@ Laws included (formulas and constants checked against the papers' text):
 - Kaplan et al. 2020, "Scaling Laws for Neural Language Models", arXiv:2001.08361:
   critical batch size B_crit(L) = B_* / L^(1/alpha_B), B_* = 2.1e8 tokens,
   alpha_B = 0.21 (Eq. 5.3 and Fig. 10: "B_crit = 2.1e8 tokens * L^-4.8"), L the loss in
-  nats. Kaplan gives no LR law of this form, so this law has a batch size only. When
-  the user gives no loss we derive it as the paper does, from its L(N, D) (Eq. 1.5):
+  nats; and the learning rate of its Appendix D.6, Eq. D.1:
+  lr(N) = 0.003239 - 0.0001395 ln(N), N non-embedding parameters (fitted for its Adam
+  setup with a 3,000-step warmup and cosine decay to zero, batch 512 x 1024 tokens; it
+  turns negative above N ~ 1.2e10, where we give no LR). When the user gives no loss
+  we derive it as the paper does, from its L(N, D) (Eq. 1.5):
   L = [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D with N_c = 8.8e13, alpha_N = 0.076,
   D_c = 5.4e13, alpha_D = 0.095 (the constants of Eqs. 1.1-1.2, which Eq. 1.5 reduces
   to in its limits). That loss is on WebText2 with GPT-2's tokenizer: a user's own loss
@@ -49,6 +52,8 @@ DEEPSEEK_BS_COEF, DEEPSEEK_BS_EXP_C = 0.2920, 0.3271
 KAPLAN_B_STAR, KAPLAN_ALPHA_B = 2.1e8, 0.21
 KAPLAN_N_C, KAPLAN_ALPHA_N = 8.8e13, 0.076
 KAPLAN_D_C, KAPLAN_ALPHA_D = 5.4e13, 0.095
+# Kaplan et al. 2020 Appendix D.6, Eq. D.1 (natural log).
+KAPLAN_LR_INTERCEPT, KAPLAN_LR_SLOPE = 0.003239, -0.0001395
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -91,6 +96,14 @@ def kaplan_critical_batch(loss_nats: float) -> float:
     """Kaplan et al. 2020 Eq. 5.3: critical batch size in tokens at loss L (nats/token)."""
     loss = _check_positive("loss", loss_nats)
     return KAPLAN_B_STAR / loss ** (1.0 / KAPLAN_ALPHA_B)
+
+
+def kaplan_lr(n_params: float) -> float | None:
+    """Kaplan et al. 2020 Eq. D.1: learning rate for N non-embedding parameters, or None
+    where the linear-in-log fit turns non-positive (N above ~1.2e10)."""
+    n = _check_positive("n_params", n_params)
+    lr = KAPLAN_LR_INTERCEPT + KAPLAN_LR_SLOPE * math.log(n)
+    return lr if lr > 0 else None
 
 
 @dataclass(frozen=True)
@@ -223,9 +236,15 @@ def _predict_kaplan(inputs: LawInputs) -> Prediction:
         derived["loss"] = loss
         n_used = "L from Kaplan Eq. 1.5 with N_active" if inputs.n_active else "L from Kaplan Eq. 1.5 with N"
     bs = kaplan_critical_batch(loss)
-    pred = Prediction("kaplan", None, bs, n_used, derived)
-    if not inputs.loss:
-        pred.warnings += _range_warnings("kaplan", _KAPLAN_RANGE, {"N": n_for_loss, "D": inputs.tokens})
+    # The LR law's N is the dense (for MoE: activated) non-embedding count, like the loss.
+    lr = kaplan_lr(n_for_loss)
+    pred = Prediction("kaplan", lr, bs, n_used, derived)
+    if lr is None:
+        pred.warnings.append(
+            f"kaplan: the LR fit 0.003239 - 0.0001395 ln(N) is not positive at N={n_for_loss:.3g}; no LR given."
+        )
+    ranges = _KAPLAN_RANGE if not inputs.loss else {"N": _KAPLAN_RANGE["N"]}
+    pred.warnings += _range_warnings("kaplan", ranges, {"N": n_for_loss, "D": inputs.tokens})
     return pred
 
 
@@ -254,11 +273,14 @@ LAWS: dict[str, Law] = {
     ),
     "kaplan": Law(
         key="kaplan",
-        name="Kaplan et al. critical batch size",
+        name="Kaplan et al. (critical batch, LR fit)",
         citation="Kaplan et al. 2020, arXiv:2001.08361",
-        formula="B_crit = 2.1e8 / L^(1/0.21) ; L = [(8.8e13/N)^(0.076/0.095) + 5.4e13/D]^0.095 unless given",
+        formula=(
+            "lr = 0.003239 - 0.0001395 ln(N) ; B_crit = 2.1e8 / L^(1/0.21) ;"
+            " L = [(8.8e13/N)^(0.076/0.095) + 5.4e13/D]^0.095 unless given"
+        ),
         input_units="L: loss in nats per token (or N non-embedding parameters and D tokens to derive it)",
-        output_units="B: critical batch size in tokens (no learning rate)",
+        output_units="lr: learning rate (Kaplan's schedule); B: critical batch size in tokens",
         fitted_range=_KAPLAN_RANGE,
         range_note="extent of Kaplan's models (768 to 1.5e9 parameters, 22M to 23B tokens)",
         predict=_predict_kaplan,

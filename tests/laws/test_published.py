@@ -5,7 +5,7 @@ import pytest
 
 from steplaw.errors import UserError
 from steplaw.laws.published import (
-    LAWS, disagreements, kaplan_critical_batch, kaplan_loss, predict_all, resolve_law_names, step_law,
+    LAWS, disagreements, kaplan_critical_batch, kaplan_loss, kaplan_lr, predict_all, resolve_law_names, step_law,
 )
 
 # Step Law (arXiv:2503.04715): lr = 1.79 N^-0.713 D^0.307, B = 0.58 D^0.571.
@@ -49,7 +49,7 @@ def test_kaplan_matches_hand_values():
 
 def test_kaplan_prefers_given_loss():
     (pred,) = predict_all(1e9, 1e11, loss=3.0, laws="kaplan")
-    assert pred.lr is None
+    assert pred.lr == pytest.approx(kaplan_lr(1e9))  # the LR law depends on N only
     assert pred.batch_tokens == pytest.approx(1.12257e6, rel=2e-4)
 
 
@@ -103,3 +103,14 @@ def test_disagreement_lines():
     assert len(lines) == 2
     assert "learning rate by 2.1x" in lines[0] and "batch size by 3.0x" in lines[1]
     assert disagreements(preds, factor=4.0) == []
+
+
+def test_kaplan_lr_matches_hand_values():
+    # Eq. D.1: 0.003239 - 0.0001395 * ln(1e9) = 0.003239 - 0.0001395 * 20.7233 = 3.4810e-4
+    assert kaplan_lr(1e9) == pytest.approx(3.4810e-4, rel=1e-3)
+    # ln(1e6) = 13.8155 -> 0.003239 - 0.0019273 = 1.3117e-3
+    assert kaplan_lr(1e6) == pytest.approx(1.3117e-3, rel=1e-3)
+    # Above ~1.2e10 the linear-in-log fit is not positive: no LR rather than a negative one.
+    assert kaplan_lr(1e11) is None
+    (pred,) = predict_all(1e11, 1e12, laws="kaplan")
+    assert pred.lr is None and any("not positive" in w for w in pred.warnings)
