@@ -99,10 +99,11 @@ def test_unknown_law_is_refused():
 def test_disagreement_lines():
     preds = predict_all(1e9, 1e11)
     lines = disagreements(preds, factor=2.0)
-    # Step Law lr 1.63e-3 vs DeepSeek 7.88e-4 (2.07x); batch 1.11e6 vs Kaplan 3.32e6 (3.0x).
+    # Step Law lr 1.63e-3 vs Kaplan 3.48e-4 (4.69x); batch 1.11e6 vs Kaplan 3.32e6 (3.0x).
     assert len(lines) == 2
-    assert "learning rate by 2.1x" in lines[0] and "batch size by 3.0x" in lines[1]
-    assert disagreements(preds, factor=4.0) == []
+    assert "learning rate by 4.7x" in lines[0] and "batch size by 3.0x" in lines[1]
+    assert len(disagreements(preds, factor=4.0)) == 1
+    assert disagreements(preds, factor=5.0) == []
 
 
 def test_kaplan_lr_matches_hand_values():
