@@ -95,7 +95,8 @@ CASES = [
     (50, 40, 512, 8, 1, 0, torch.float32),   # many experts, most of them empty
     (300, 64, 64, 8, 16, 0, torch.bfloat16),
     (257, 3, 2, 2, 1, 100, torch.float64),
-    (5000, 16, 8, 2, 1, 0, torch.float32),   # several counting chunks
+    (20000, 4, 8, 2, 1, 0, torch.float32),   # enough counting chunks to count in parallel
+    (20000, 4, 8, 2, 4, 4000, torch.bfloat16),
 ]
 
 
