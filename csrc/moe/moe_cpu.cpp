@@ -26,6 +26,10 @@ namespace steplaw {
 namespace moe {
 namespace {
 
+// Counting is cheap (a few ns per slot): below this many chunks a parallel region costs
+// more than it saves, above all on a loaded machine.
+constexpr int64_t kSerialChunks = 32;
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits_in, int64_t k,
                                                           c10::string_view score_func, bool renormalize,
                                                           const std::optional<at::Tensor>& bias_in) {
@@ -89,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_c
   std::vector<int64_t> chunk_counts(static_cast<size_t>(chunks * experts), 0);
   std::vector<int64_t> bad_id(static_cast<size_t>(chunks), 0);
   std::vector<char> has_bad(static_cast<size_t>(chunks), 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, kSerialChunks, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       int64_t* hist = chunk_counts.data() + c * experts;
       for (int64_t i = c * kCountChunk, stop = std::min(slots, (c + 1) * kCountChunk); i < stop; ++i) {
@@ -128,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_c
   // 3. Ranks in slot order within each chunk -> rows.
   int64_t* row_ptr = row_map.data_ptr<int64_t>();
   int64_t* src_ptr = src_index.data_ptr<int64_t>();
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, kSerialChunks, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       int64_t* next_rank = chunk_counts.data() + c * experts;
       for (int64_t i = c * kCountChunk, stop = std::min(slots, (c + 1) * kCountChunk); i < stop; ++i) {
@@ -155,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_c
       }
     });
     if (pad_multiple > 1 || capacity > 0) {
-      at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           if (src_ptr[r] < 0) std::memset(out_bytes + r * row_bytes, 0, row_bytes);
         }
@@ -280,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
         }
       }
     });
-    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (src_ptr[r] < 0) std::fill(gy_ptr + r * hidden, gy_ptr + (r + 1) * hidden, scalar_t(0));
       }

@@ -112,6 +112,15 @@ class MoE(nn.Module):
         self.aux_loss = torch.zeros(())
         self.stats: dict[str, torch.Tensor] = {}
 
+    def _apply(self, fn, recurse=True):
+        # The selection bias takes steps of bias_update_rate and the load counter counts
+        # tokens: both stay fp32 when the layer is cast to bf16/fp16 (bf16 would swallow
+        # the steps and round the counts).
+        super()._apply(fn, recurse)
+        self.expert_bias = self.expert_bias.float()
+        self._load_since_update = self._load_since_update.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         shape = x.shape

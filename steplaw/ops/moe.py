@@ -10,6 +10,9 @@ Data flow of one MoE layer (T tokens, hidden size H, E experts, k experts per to
                               dropped [] int64: slots dropped by the capacity
     expert outputs [R, H] --moe_unpermute--> [T, H] = sum_j weights[t, j] * y[row_map[t, j]]
 
+(The raw op torch.ops.steplaw.moe_route returns (weights, expert_ids, counts): the float
+output first, as autograd tooling expects; the wrapper moe_route reorders.)
+
 R is known before any kernel runs (no host sync, works under torch.compile and CUDA
 graphs): T*k when dropless and unpadded; the upper bound T*k + E*(pad_multiple-1) when
 each expert's group is padded to a multiple of `pad_multiple`; E*capacity' (capacity

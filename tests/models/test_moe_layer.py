@@ -137,6 +137,15 @@ def test_bias_update_moves_toward_balance():
     torch.testing.assert_close(layer.expert_bias, torch.tensor([-0.1, 0.1, 0.1]))
     layer.update_bias()  # no load since the last update: no change
     torch.testing.assert_close(layer.expert_bias, torch.tensor([-0.1, 0.1, 0.1]))
+    # cast to bf16, the bias stays fp32: a 1e-4 step on a bias of 1 survives (bf16 would round it away)
+    half = MoE(4, dataclasses.replace(cfg, bias_update_rate=1e-4)).to(torch.bfloat16)
+    assert half.expert_bias.dtype == torch.float32 and half.router.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        half.router.weight.copy_(layer.router.weight)
+        half.expert_bias.fill_(1.0)
+    half.train()(x.to(torch.bfloat16))
+    half.update_bias()
+    assert half.expert_bias.tolist() == pytest.approx([1 - 1e-4, 1 + 1e-4, 1 + 1e-4], abs=1e-6)
     frozen = MoE(4, dataclasses.replace(cfg, bias_update_rate=0.0))
     frozen(x)
     frozen.update_bias()

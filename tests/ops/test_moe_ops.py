@@ -95,7 +95,8 @@ CASES = [
     (50, 40, 512, 8, 1, 0, torch.float32),   # many experts, most of them empty
     (300, 64, 64, 8, 16, 0, torch.bfloat16),
     (257, 3, 2, 2, 1, 100, torch.float64),
-    (5000, 16, 8, 2, 1, 0, torch.float32),   # several counting chunks
+    (20000, 4, 8, 2, 1, 0, torch.float32),   # enough counting chunks to count in parallel
+    (20000, 4, 8, 2, 4, 4000, torch.bfloat16),
 ]
 
 
@@ -238,6 +239,35 @@ def test_compile_fullgraph_no_graph_break():
     x, logits = torch.randn(10, 6), torch.randn(10, 4)
     compiled = torch.compile(dispatch, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, logits), dispatch(x, logits))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    """No host sync inside: the whole dispatch captures into a CUDA graph."""
+    need_kernel("cuda")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 32, generator=gen).cuda()
+    logits = torch.randn(64, 16, generator=gen).cuda()
+
+    def dispatch():
+        ids, weights, _ = ops.moe_route(logits, 4)
+        permuted, row_map, src, offsets, dropped = ops.moe_permute(x, ids, 16, 8, 0)
+        return ops.moe_unpermute(permuted * 3, row_map, src, weights)
+
+    expected = dispatch()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dispatch()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = dispatch()
+    x.copy_(torch.randn(64, 32, generator=gen).cuda())
+    logits.copy_(torch.randn(64, 16, generator=gen).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, dispatch()) and not torch.equal(captured, expected)
 
 
 # ---------------------------------------------------------------- errors
