@@ -388,3 +388,20 @@ def test_torch_compile_fullgraph_training_step():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert float(opt.state[next(model.parameters())]["step"]) == 5
     assert not torch.equal(model[0].weight, initial[0].weight)
+
+
+def test_large_step_takes_the_parallel_path_and_matches_torch_fused():
+    # > 2^18 elements in all: the CPU kernel splits the chunks over the thread pool.
+    g = torch.Generator().manual_seed(5)
+    ours = [torch.randn(n, generator=g).requires_grad_() for n in (200_000, 70_001, 16_384 * 3 + 5)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt, ref = FusedAdamW(ours, lr=1e-2, amsgrad=True), torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, fused=True)
+    for step in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert_matches_torch_fused(p, q)
+        assert_matches_torch_fused(opt.state[p]["max_exp_avg_sq"], ref.state[q]["max_exp_avg_sq"])
