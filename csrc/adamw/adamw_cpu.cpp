@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <vector>
 
@@ -120,10 +121,17 @@ void fused_adamw_cpu(
       }
     }
   };
-  if (total < kSerialBelow) {
-    run_chunks(0, int64_t(chunks.size()));
+  const int64_t n_chunks = int64_t(chunks.size());
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n_chunks);
+  if (total < kSerialBelow || n_threads <= 1) {
+    run_chunks(0, n_chunks);
   } else {
-    at::parallel_for(0, int64_t(chunks.size()), 1, run_chunks);
+    // Threads take chunks from a shared counter rather than a fixed half each, so a
+    // thread that the OS schedules late (cores shared with other work) costs little.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+      for (int64_t k = next.fetch_add(1); k < n_chunks; k = next.fetch_add(1)) run_chunks(k, k + 1);
+    });
   }
   staged.finish();
   // Plain stores: one dispatched add_ per tensor would cost more than the update of a

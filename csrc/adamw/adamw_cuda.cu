@@ -23,6 +23,9 @@ constexpr int kThreads = 512;
 constexpr int kIlp = 4;
 enum List { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMaster, kNumLists };
 using Table = mta::TensorTable<kNumLists>;
+// Kernel arguments are limited to 32764 bytes (CUDA >= 12.1, sm_70+); the rest holds
+// the other arguments.
+static_assert(sizeof(Table) <= 32764 - 64, "multi-tensor table too large for a kernel argument");
 
 // IEEE round-to-nearest operations that nvcc never contracts or approximates
 // (the extension is built with --use_fast_math).

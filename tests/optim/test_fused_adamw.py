@@ -365,18 +365,20 @@ def test_bad_hyperparameters_are_user_errors():
             FusedAdamW(p, **kwargs)
 
 
-def test_torch_compile_fullgraph_training_step():
-    # aot_eager keeps the test fast on 2 CPU cores; it still traces the optimizer step
-    # with dynamo (fullgraph) and functionalizes the custom mutating op. The backward
-    # runs eagerly between the compiled forward and the compiled step.
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_training_step(backend):
+    # The optimizer step is traced by dynamo with fullgraph=True and the custom mutating
+    # op functionalized (aot_eager) and lowered (inductor, ~6 s on 2 cores). The backward
+    # runs eagerly between the compiled forward and the compiled step (a .backward()
+    # inside a fullgraph region is a graph break in torch itself).
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     twin, initial = copy.deepcopy(model), copy.deepcopy(model)
     opt, opt_twin = FusedAdamW(model.parameters(), lr=1e-2), FusedAdamW(twin.parameters(), lr=1e-2)
     data = torch.randn(5, 4, 8)
-    loss_fn = torch.compile(lambda x: model(x).pow(2).mean(), backend="aot_eager", fullgraph=True)
-    step_fn = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    loss_fn = torch.compile(lambda x: model(x).pow(2).mean(), backend=backend, fullgraph=True)
+    step_fn = torch.compile(opt.step, backend=backend, fullgraph=True)
     for x in data:
         opt.zero_grad()
         loss_fn(x).backward()
@@ -388,3 +390,20 @@ def test_torch_compile_fullgraph_training_step():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert float(opt.state[next(model.parameters())]["step"]) == 5
     assert not torch.equal(model[0].weight, initial[0].weight)
+
+
+def test_large_step_takes_the_parallel_path_and_matches_torch_fused():
+    # > 2^18 elements in all: the CPU kernel splits the chunks over the thread pool.
+    g = torch.Generator().manual_seed(5)
+    ours = [torch.randn(n, generator=g).requires_grad_() for n in (200_000, 70_001, 16_384 * 3 + 5)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt, ref = FusedAdamW(ours, lr=1e-2, amsgrad=True), torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, fused=True)
+    for step in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert_matches_torch_fused(p, q)
+        assert_matches_torch_fused(opt.state[p]["max_exp_avg_sq"], ref.state[q]["max_exp_avg_sq"])
