@@ -22,10 +22,11 @@ class RunConfig:
     batch_tokens: int  # B: tokens per optimizer step (micro-batch x seq x accumulation x world)
     seq_len: int = 128
     # Largest micro-batch (in tokens) run at once; gradient accumulation makes up the rest.
-    # None: the whole batch at once.
+    # None: the whole batch at once when it fits a memory budget, else the largest dividing
+    # micro-batch that does (steplaw.train.batching.auto_micro_batch_tokens).
     micro_batch_tokens: int | None = None
     schedule: str = "cosine"  # "cosine" (warmup + cosine, the Step Law setup), "wsd", "constant"
-    warmup_tokens: int | None = None  # None: a default fraction of `tokens` (see steplaw.train.schedule)
+    warmup_tokens: int | None = None  # None: a default fraction of `tokens` (see steplaw.optim.schedule)
     min_lr_ratio: float = 0.1  # cosine/WSD end at min_lr_ratio * lr
     decay_fraction: float = 0.2  # WSD: fraction of training spent decaying
     weight_decay: float = 0.1
@@ -74,6 +75,9 @@ class RunResult:
     compute_flops: float | None = None  # C = flops_per_token * tokens
     config: dict | None = None  # RunConfig.to_dict() of the run
     run_id: str | None = None
+    # MoE only: max/mean tokens per expert in the last training batch, averaged over layers
+    # (1.0 = perfectly balanced).
+    moe_max_mean_load: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,94 @@
+"""Checkpoints and results of a run in its directory.
+
+checkpoint.pt: model and optimizer state, the step reached (which is the data position:
+a step's batch depends only on (seed, step)), the step losses so far, torch's RNG
+states, and the time spent. Written to a temporary file and renamed, so a run killed
+while saving keeps its previous checkpoint. result.json: the RunResult once finished.
+Both carry the run id; files of another run are ignored (a checkpoint) or refused (a
+result, which would otherwise be overwritten).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from steplaw.errors import UserError
+from steplaw.train.config import RunResult
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, run_id: str, model, optimizer, step: int, losses: list[float], wall_s: float, train_s: float) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CHECKPOINT
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(
+        {
+            "run_id": run_id,
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "losses": list(losses),
+            "rng": rng_state(),
+            "wall_s": wall_s,
+            "train_s": train_s,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: Path, run_id: str, device: torch.device) -> dict | None:
+    """The checkpoint of this run in run_dir, or None if there is none (or another run's)."""
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state.get("run_id") != run_id:
+        return None
+    state["rng"]["torch"] = state["rng"]["torch"].cpu()
+    return state
+
+
+def load_result(run_dir: Path, run_id: str) -> RunResult | None:
+    """The finished result of this run in run_dir, if there is one."""
+    path = run_dir / RESULT
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if data.get("run_id") != run_id:
+        raise UserError(f"run directory {str(run_dir)!r} holds the result of another run ({data.get('run_id')}): use a new directory")
+    return RunResult.from_dict(data)
+
+
+def save_result(run_dir: Path, result: RunResult) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESULT
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.exists():
+        checkpoint.unlink()  # finished: the result replaces it
+    return path
