@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CUDA 13 build of torch (on these machines' local disk) so that the CUDA
 # kernels compile in every build, GPU or not. Override: make TORCH_SPEC=torch==2.13.0
 TORCH_SPEC ?= torch==2.14.1
-TEST_DEPS := numpy scipy pytest hypothesis matplotlib ninja setuptools wheel
+TEST_DEPS := numpy scipy pytest hypothesis matplotlib tokenizers ray ninja setuptools wheel
 PYTEST_ARGS ?=
 RESULTS_DIR ?= bench/results
 # Parallel compile jobs for the extension (nvcc is memory hungry; 2 fits 24 GB).

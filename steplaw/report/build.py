@@ -1,0 +1,319 @@
+"""The sweep report: Markdown with PNG figures, and the same as one self-contained HTML.
+
+    write_report(sweep_dir, out_dir=None) -> [report.md, report.html]
+
+It reads the sweep store (steplaw.sweep.store.export_rows), fits the hyperparameter laws
+(steplaw.laws.fit.fit_hparams), draws the fit's figures (steplaw.report.plots) and lays
+out: the fitted laws beside the Step Law with their leave-one-cell-out validation, one
+line per (N, D) cell with its best run and whether that run sits on the grid's edge, the
+failed runs with their reasons, and the table of every run. A fit that cannot be made
+(too few cells, say) is explained in the report instead of stopping it. The report is
+built as a list of blocks, rendered once as Markdown and once as HTML (images embedded
+as base64), so both say the same thing.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from steplaw.errors import UserError
+
+STEP_LAW = {"lr": {"coef": 1.79, "exp_N": -0.713, "exp_D": 0.307}, "bs": {"coef": 0.58, "exp_D": 0.571}}
+MAX_RUN_ROWS = 5000  # beyond this the table of runs lives in runs.csv only
+
+
+# -- analysis ---------------------------------------------------------------------------------
+
+def cell_summaries(rows: list[dict]) -> list[dict]:
+    """Per (N, D) cell (MoE layouts apart): runs, best finished run, grid-edge flags.
+
+    A best run is on the edge when its LR (batch size) is the smallest or largest of the
+    cell's grid and the grid has more than one value: the optimum may lie outside it.
+    """
+    cells = defaultdict(list)
+    for row in rows:
+        cells[(row["N"], row["N_active"], row["n_experts"], row["top_k"], row["D"])].append(row)
+    out = []
+    for (n, n_active, n_experts, top_k, d), members in sorted(cells.items(), key=lambda kv: (kv[0][0] or 0, kv[0][4] or 0)):
+        lrs = sorted({r["lr"] for r in members})
+        batches = sorted({r["batch_tokens"] for r in members})
+        finished = [r for r in members if r["status"] == "ok" and _finite(r["loss"])]
+        best = min(finished, key=lambda r: r["loss"]) if finished else None
+        counts = defaultdict(int)
+        for r in members:
+            counts[r["status"]] += 1
+        out.append({
+            "N": n, "N_active": n_active, "D": d, "n_experts": n_experts, "top_k": top_k,
+            "runs": len(members), "counts": dict(counts), "lrs": lrs, "batch_sizes": batches,
+            "best": best,
+            "lr_edge": _edge(best["lr"], lrs) if best else None,
+            "bs_edge": _edge(best["batch_tokens"], batches) if best else None,
+        })
+    return out
+
+
+def _edge(value, grid) -> str | None:
+    if len(grid) < 2:
+        return None
+    if value == grid[0]:
+        return "low"
+    if value == grid[-1]:
+        return "high"
+    return None
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def step_law(n, d) -> tuple[float, float]:
+    try:
+        from steplaw.laws.published import step_law as published
+
+        return published(n, d)
+    except ImportError:
+        return (STEP_LAW["lr"]["coef"] * n ** STEP_LAW["lr"]["exp_N"] * d ** STEP_LAW["lr"]["exp_D"],
+                STEP_LAW["bs"]["coef"] * d ** STEP_LAW["bs"]["exp_D"])
+
+
+def fit_sweep(sweep_dir, n_boot: int, gap: float, seed: int = 0):
+    """(table, fit, None) or (table or None, None, why the fit could not be made)."""
+    try:
+        from steplaw.laws.fit import fit_hparams
+        from steplaw.laws.table import read_runs
+    except ImportError as exc:
+        return None, None, f"the law fitter is not available ({exc})"
+    try:
+        table = read_runs(sweep_dir)
+    except UserError as exc:
+        return None, None, str(exc)
+    # A sweep store holds batch sizes in tokens by construction: the reader's guess that
+    # small batches might be sequence counts does not apply.
+    table.warnings = [w for w in table.warnings if "looks like sequences" not in w]
+    try:
+        return table, fit_hparams(table, gap=gap, n_boot=n_boot, seed=seed), None
+    except UserError as exc:
+        return table, None, str(exc)
+
+
+# -- blocks and rendering -------------------------------------------------------------------------
+
+def _num(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}g}"
+
+
+def _ci(law: dict, key: str) -> str:
+    ci = (law.get("ci") or {}).get(key)
+    return f" [{_num(ci[0], 3)}, {_num(ci[1], 3)}]" if ci else ""
+
+
+def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str | None, figures: list[Path],
+                 out_dir: Path) -> list[tuple]:
+    blocks: list[tuple] = []
+    status = defaultdict(int)
+    for row in rows:
+        status[row["status"]] += 1
+    compute = sum(r["compute"] or 0 for r in rows)
+    blocks.append(("h1", "steplaw sweep report"))
+    blocks.append(("p", f"Sweep directory `{sweep_dir}`, {len(rows)} runs: "
+                        + ", ".join(f"{n} {s}" for s, n in sorted(status.items()))
+                        + f"; training compute {compute:.3g} FLOPs. "
+                        f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}."))
+    blocks.append(("p", "Units: N = non-embedding parameters (for MoE all experts counted; N_active = activated per "
+                        "token), D = training tokens, lr = peak learning rate, B = batch size in tokens, "
+                        "loss = final smoothed training loss (nats/token)."))
+
+    blocks.append(("h2", "Fitted laws beside the Step Law"))
+    if fit is None:
+        blocks.append(("p", f"No law was fitted: {fit_error}"))
+    else:
+        data = fit.to_dict()
+        lr, bs = data["lr_law"], data["bs_law"]
+        law_rows = [
+            ["η(N, D) = a·N^α·D^β", "fitted", _num(lr["coef"]) + _ci(lr, "coef"),
+             _num(lr.get("exp_N")) + _ci(lr, "exp_N"), _num(lr.get("exp_D")) + _ci(lr, "exp_D")],
+            ["", "Step Law", _num(STEP_LAW["lr"]["coef"]), _num(STEP_LAW["lr"]["exp_N"]), _num(STEP_LAW["lr"]["exp_D"])],
+            ["B(D) = c·D^γ" + ("·N^δ" if "exp_N" in bs else ""), "fitted", _num(bs["coef"]) + _ci(bs, "coef"),
+             _num(bs.get("exp_N")) + _ci(bs, "exp_N") if "exp_N" in bs else "–", _num(bs.get("exp_D")) + _ci(bs, "exp_D")],
+            ["", "Step Law", _num(STEP_LAW["bs"]["coef"]), "–", _num(STEP_LAW["bs"]["exp_D"])],
+        ]
+        blocks.append(("table", ["law", "source", "coefficient", "exponent of N", "exponent of D"], law_rows))
+        blocks.append(("p", f"N column used: `{data['n_column']}`; near-optimal gap {data['gap']:.2%}; "
+                            f"95% bootstrap intervals from {data['n_boot']} resamples (runs resampled within cells)."))
+        val = data["validation"]
+        step_val = val.get("step_law", {})
+        blocks.append(("table", ["leave-one-cell-out (median / max)", "fitted law", "Step Law"], [
+            ["LR error (factor)", _median_max(val.get("lr_factor")), _median_max(step_val.get("lr_factor"))],
+            ["batch error (factor)", _median_max(val.get("bs_factor")), _median_max(step_val.get("bs_factor"))],
+            ["relative loss gap", _median_max(val.get("relative_loss_gap"), pct=True),
+             _median_max(step_val.get("relative_loss_gap"), pct=True)],
+        ]))
+        for warning in data.get("warnings", []):
+            blocks.append(("p", f"Note: {warning}"))
+
+    cells = cell_summaries(rows)
+    blocks.append(("h2", "Cells"))
+    cell_rows = []
+    for cell in cells:
+        best = cell["best"]
+        law_lr, law_bs = step_law(cell["N_active"] or cell["N"], cell["D"]) if cell["N"] else (None, None)
+        fit_lr = fit_bs = None
+        if fit is not None and cell["N"]:
+            n_value = {"N": cell["N"], "N_active": cell["N_active"]}.get(fit.n_column, cell["N"])
+            fit_lr, fit_bs = (float(x) for x in fit.predict(n_value, cell["D"]))
+        edge = ", ".join(f"{what} {side}" for what, side in (("LR", cell["lr_edge"]), ("batch", cell["bs_edge"])) if side)
+        cell_rows.append([
+            _num(cell["N"]) + (f" ({cell['n_experts']}e top-{cell['top_k']})" if cell["n_experts"] else ""),
+            _num(cell["D"]), f"{cell['counts'].get('ok', 0)}/{cell['runs']}",
+            _num(best["loss"]) if best else "–", _num(best["lr"], 3) if best else "–",
+            _num(best["batch_tokens"]) if best else "–",
+            f"{_num(law_lr, 3)} / {_num(law_bs, 3)}", f"{_num(fit_lr, 3)} / {_num(fit_bs, 3)}", edge or "no",
+        ])
+    blocks.append(("table", ["N", "D", "ok/runs", "best loss", "best lr", "best B", "Step Law lr / B",
+                             "fitted lr / B", "optimum on grid edge"], cell_rows))
+    edges = [c for c in cells if c["lr_edge"] or c["bs_edge"]]
+    if edges:
+        blocks.append(("p", f"{len(edges)} of {len(cells)} cells have their best run on the edge of the grid: the "
+                            "true optimum may lie outside it, and the fitted law is pulled towards the edge. Widen "
+                            "the grid in that direction (`--lr-span`, `--lr-scale`, `--batch-points`, `--batch-scale`) "
+                            "and rerun the sweep; finished runs are reused."))
+    else:
+        blocks.append(("p", "Every cell has its best run inside its grid."))
+
+    if figures:
+        blocks.append(("h2", "Figures"))
+        for path in figures:
+            blocks.append(("img", path, path.stem.replace("_", " ")))
+
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        reasons = _failure_reasons(sweep_dir, [r["run_id"] for r in failed])
+        blocks.append(("h2", "Failed runs"))
+        blocks.append(("table", ["run_id", "N", "D", "lr", "B", "reason"],
+                       [[r["run_id"], _num(r["N"]), _num(r["D"]), _num(r["lr"], 3), _num(r["batch_tokens"]),
+                         reasons.get(r["run_id"], "")] for r in failed]))
+
+    blocks.append(("h2", "Runs"))
+    columns = ["run_id", "status", "N", "D", "lr", "batch_tokens", "loss", "val_loss", "compute"]
+    shown = rows[:MAX_RUN_ROWS]
+    blocks.append(("table", columns, [[_num(r[c], 5) if c != "run_id" and c != "status" else r[c] for c in columns]
+                                      for r in shown]))
+    note = f"All {len(rows)} runs with every column: runs.csv beside this report."
+    if len(rows) > len(shown):
+        note = f"First {len(shown)} of {len(rows)} runs shown; " + note
+    blocks.append(("p", note))
+    return blocks
+
+
+def _median_max(summary: dict | None, pct: bool = False) -> str:
+    if not summary or summary.get("median") is None:
+        return "–"
+    if pct:
+        return f"{summary['median']:.2%} / {summary['max']:.2%}"
+    return f"{summary['median']:.2f}× / {summary['max']:.2f}×"
+
+
+def _failure_reasons(sweep_dir: Path, run_ids: list[str]) -> dict:
+    from steplaw.sweep.store import ResultStore
+
+    with ResultStore(sweep_dir, readonly=True) as store:
+        return {r["run_id"]: (r["reason"] or "") for r in store.rows(run_ids)}
+
+
+def render_markdown(blocks: list[tuple], out_dir: Path) -> str:
+    parts = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h1":
+            parts.append(f"# {block[1]}")
+        elif kind == "h2":
+            parts.append(f"## {block[1]}")
+        elif kind == "p":
+            parts.append(block[1])
+        elif kind == "table":
+            headers, body = block[1], block[2]
+            lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+            lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in body]
+            parts.append("\n".join(lines))
+        elif kind == "img":
+            path, caption = block[1], block[2]
+            parts.append(f"![{caption}]({Path(path).relative_to(out_dir).as_posix()})")
+    return "\n\n".join(parts) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:90%}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f3f3f3}"""
+
+
+def render_html(blocks: list[tuple]) -> str:
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>steplaw sweep report</title>",
+             f"<style>{_CSS}</style></head><body>"]
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            parts.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{_inline_code(html.escape(block[1]))}</p>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in block[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(Path(block[1]).read_bytes()).decode()
+            parts.append(f"<figure><img alt=\"{html.escape(block[2])}\" src=\"data:image/png;base64,{data}\">"
+                         f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _inline_code(text: str) -> str:
+    pieces = text.split("`")
+    return "".join(p if i % 2 == 0 else f"<code>{p}</code>" for i, p in enumerate(pieces))
+
+
+def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.0025, html_report: bool = True,
+                 plots: bool = True) -> list[Path]:
+    """Write report.md (+ figures/*.png), report.html, runs.csv and fit.json into
+    `out_dir` (default SWEEP_DIR/report); returns the report paths."""
+    from steplaw.sweep.store import export_rows, rows_to_csv
+
+    sweep_dir = Path(sweep_dir)
+    rows = export_rows(sweep_dir)
+    if not rows:
+        raise UserError(f"sweep {str(sweep_dir)!r} holds no runs: expected a directory written by `steplaw sweep`")
+    out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "runs.csv").write_text(rows_to_csv(rows))
+    table, fit, fit_error = fit_sweep(sweep_dir, n_boot=n_boot, gap=gap)
+    figures: list[Path] = []
+    plots_note = None
+    if fit is not None:
+        (out_dir / "fit.json").write_text(json.dumps(fit.to_dict(), indent=1, default=float) + "\n")
+        if plots:
+            try:
+                from steplaw.report.plots import plot_fit
+
+                figures = [Path(p) for p in plot_fit(table, fit, out_dir / "figures")]
+            except (ImportError, UserError) as exc:
+                plots_note = f"No figures: {exc}"
+    blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir)
+    if plots_note:
+        blocks.insert(3, ("p", plots_note))
+    md_path = out_dir / "report.md"
+    md_path.write_text(render_markdown(blocks, out_dir))
+    paths = [md_path]
+    if html_report:
+        html_path = out_dir / "report.html"
+        html_path.write_text(render_html(blocks))
+        paths.append(html_path)
+    return paths

@@ -1,0 +1,158 @@
+"""The sweep driver: the one process that hands runs to an executor and writes the store.
+
+    run_sweep(runs, sweep_dir, make_executor) -> SweepSummary
+
+Order of events for a run, each one SQLite transaction: registered `pending` ->
+`running` when handed to a worker -> `ok` / `diverged` / `failed` when its result comes
+back. A driver killed at any point leaves at worst some rows `running`; the next driver
+(same command) puts them back to pending and runs them, and skips every finished run. A
+run is never recorded twice: the row is keyed by run id and a result overwrites only
+that row's attempt.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steplaw.sweep.progress import ProgressLine, format_duration
+from steplaw.sweep.store import DriverLock, ResultStore
+from steplaw.train.config import RunConfig
+
+
+@dataclass
+class SweepSummary:
+    sweep_dir: Path
+    total: int  # runs in this sweep
+    counts: dict = field(default_factory=dict)  # status -> runs, over the whole sweep
+    ran: int = 0  # attempts made by this invocation
+    reused: int = 0  # runs found finished in the store
+    wall_s: float = 0.0
+
+    def line(self) -> str:
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
+        return (f"sweep {self.sweep_dir}: {self.total} runs ({parts}); ran {self.ran}, reused {self.reused}, "
+                f"{format_duration(self.wall_s)}")
+
+
+def _counts(config: RunConfig) -> dict | None:
+    try:
+        from steplaw.sweep.spec import count_params
+
+        return count_params(config.model)
+    except ImportError:
+        return None
+
+
+def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, max_attempts: int = 2,
+              spec: dict | None = None, progress: ProgressLine | bool = True, retry_failed: bool = False) -> SweepSummary:
+    """Run every config not yet finished in the store of `sweep_dir`.
+
+    `make_executor()` builds the executor (called only when there is something to run).
+    Failed runs are tried at most `max_attempts` times over all invocations
+    (`retry_failed` grants them `max_attempts` more); diverged runs are results.
+    """
+    sweep_dir = Path(sweep_dir)
+    started = time.time()
+    run_ids = [config.run_id() for config in runs]
+    configs = {run_id: config for run_id, config in zip(run_ids, runs)}
+    if len(configs) != len(runs):
+        raise ValueError("run_sweep got duplicate configs")
+    with DriverLock(sweep_dir), ResultStore(sweep_dir) as store:
+        store.recover_interrupted()
+        counts = {run_id: _counts(config) for run_id, config in configs.items()}
+        store.add_runs([{**config.to_dict(), "run_id": run_id} for run_id, config in configs.items()],
+                       [counts[run_id] for run_id in configs])
+        if spec is not None:
+            store.set_meta("spec", spec)
+            (sweep_dir / "spec.json").write_text(json.dumps(spec, indent=1) + "\n")
+        if retry_failed:
+            store.reset_failed()
+        todo = store.todo(run_ids, max_attempts)
+        # Largest runs first: the pool's last minutes are not spent waiting on one big run.
+        todo.sort(key=lambda r: -_cost(configs[r], counts[r]))
+        summary = SweepSummary(sweep_dir, len(run_ids))
+        summary.reused = sum(store.status_counts(run_ids).get(s, 0) for s in ("ok", "diverged")) + sum(
+            1 for row in store.rows(run_ids) if row["status"] == "failed" and row["attempts"] >= max_attempts)
+        line = progress if isinstance(progress, ProgressLine) else ProgressLine(len(run_ids), enabled=bool(progress))
+        if todo:
+            _drive(store, configs, counts, todo, make_executor(), max_attempts, line, summary, sweep_dir, started)
+        summary.counts = store.status_counts(run_ids)
+        summary.wall_s = time.time() - started
+        line.finish(summary.line())
+        return summary
+
+
+def _cost(config: RunConfig, counts: dict | None) -> float:
+    params = (counts or {}).get("active") or (config.model.d_model**2 * 12 * config.model.n_layers)
+    return float(params) * config.tokens
+
+
+def _drive(store, configs, counts, todo, executor, max_attempts, line, summary, sweep_dir, started):
+    queue = list(todo)
+    failed_seen = 0
+    attempts = {row["run_id"]: row["attempts"] for row in store.rows(todo)}
+    remaining_cost = {run_id: _cost(configs[run_id], counts[run_id]) for run_id in todo}
+    total_cost = sum(remaining_cost.values())
+    done_cost = 0.0
+    finished = summary.reused
+    latest = ""
+    try:
+        while queue or executor.running():
+            while queue and executor.idle() > 0:
+                run_id = queue.pop(0)
+                store.mark_running(run_id)
+                run_dir = str(sweep_dir / "runs" / run_id)
+                executor.submit(run_id, configs[run_id].to_dict(), run_dir)
+            completions, updates = executor.poll(0.25)
+            for completion in completions:
+                result = {**completion.result, "run_id": completion.run_id}
+                store.record_result(completion.run_id, result, completion.host, completion.versions)
+                summary.ran += 1
+                status = result.get("status")
+                if status == "failed":
+                    failed_seen += 1
+                    attempts[completion.run_id] = attempts.get(completion.run_id, 0) + 1
+                    if attempts[completion.run_id] < max_attempts:
+                        queue.append(completion.run_id)
+                        continue
+                finished += 1
+                done_cost += remaining_cost.pop(completion.run_id, 0.0)
+            for update in updates:
+                latest = describe_progress(update.run_id, update.info)
+            eta = _eta(time.time() - started, finished - summary.reused, len(queue) + len(executor.running()),
+                       done_cost, total_cost)
+            line.update(finished, len(executor.running()), failed_seen, eta, latest)
+        executor.close()
+    except BaseException:
+        # Ctrl-C or a driver bug: stop the workers, leave unfinished runs pending.
+        interrupted = list(executor.running())
+        executor.close(force=True)
+        for run_id in interrupted:
+            store.mark_pending(run_id)
+        raise
+
+
+def _eta(elapsed: float, finished: int, remaining: int, done_cost: float, total_cost: float) -> float | None:
+    """Seconds left: the mean of two estimates. By cost (params x tokens) alone it comes
+    out low, as small-batch runs pay a per-step overhead that cost misses; by run count
+    alone it comes out high, as the largest runs go first."""
+    if finished <= 0 or done_cost <= 0:
+        return None
+    by_cost = elapsed * (total_cost - done_cost) / done_cost
+    by_count = elapsed * remaining / finished
+    return (by_cost + by_count) / 2
+
+
+def describe_progress(run_id: str, info: dict) -> str:
+    """'run 1a2b3c4d 45% loss 2.345' from a training run's progress dict."""
+    parts = [f"run {run_id[:8]}"]
+    tokens, total = info.get("tokens"), info.get("total_tokens")
+    if isinstance(tokens, (int, float)) and isinstance(total, (int, float)) and total > 0:
+        parts.append(f"{100 * tokens / total:.0f}%")
+    if isinstance(info.get("loss"), (int, float)):
+        parts.append(f"loss {info['loss']:.3f}")
+    if len(parts) == 1:
+        parts += [f"{k}={v}" for k, v in list(info.items())[:3]]
+    return " ".join(parts)

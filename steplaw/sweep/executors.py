@@ -1,0 +1,428 @@
+"""Where runs execute: a local pool of worker processes, or Ray tasks on a cluster.
+
+Both take the run function as a parameter (`run_fn(config: RunConfig, run_dir=...,
+[progress=...]) -> RunResult | dict`, importable by name so that it pickles), so the
+driver and the tests can swap it. Both report every submitted run exactly once, as a
+`Completion` holding a RunResult dict: a run that raises is `failed` with the error, a
+worker that dies (out of memory, killed) is `failed` with how it died.
+
+Local pool: long-lived `spawn`ed processes (no fork of a process that may hold CUDA or
+OpenMP state), one run at a time each, talking to the driver over a pipe. A dead worker
+is noticed through its process sentinel and replaced. Workers die with the driver
+(PR_SET_PDEATHSIG on Linux), so a killed driver leaves no orphans training on.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import multiprocessing as mp
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for
+
+from steplaw.errors import UserError
+
+PROGRESS_INTERVAL_S = 0.5
+
+
+@dataclass
+class Completion:
+    run_id: str
+    result: dict  # RunResult.to_dict(): status ok / diverged / failed, reason, losses, curve, ...
+    host: str | None = None
+    versions: dict | None = None
+
+
+@dataclass
+class Progress:
+    run_id: str
+    info: dict  # whatever the run function reports (e.g. step, tokens, loss)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    try:
+        from steplaw import __version__
+
+        out["steplaw"] = __version__
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        out["torch"] = sys.modules["torch"].__version__
+    return out
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def execute(run_fn, config: dict, run_dir: str | None, progress=None) -> dict:
+    """Run one config through `run_fn`; always returns a RunResult dict."""
+    from steplaw.train.config import RunConfig
+
+    started = time.time()
+    try:
+        run_config = RunConfig.from_dict(config)
+        if run_dir is not None:
+            try:
+                os.makedirs(run_dir, exist_ok=True)
+                _drop_failed_result(run_dir)
+            except OSError:
+                run_dir = None  # e.g. a Ray node without the driver's file system
+        kwargs = {"run_dir": run_dir}
+        if progress is not None and "progress" in _parameters(run_fn):
+            kwargs["progress"] = progress
+        result = run_fn(run_config, **kwargs)
+        result = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    except MemoryError:
+        result = {"status": "failed", "reason": "out of memory (MemoryError in the run)"}
+    except Exception as exc:  # a crashing run is a result of the sweep, not of the driver
+        tail = traceback.format_exc().strip().splitlines()[-6:]
+        result = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "traceback": "\n".join(tail)}
+    if result.get("wall_s") is None:
+        result["wall_s"] = time.time() - started
+    return result
+
+
+def _drop_failed_result(run_dir: str):
+    """steplaw.train.run returns the result a run directory already holds; a failed one
+    must not answer the retry of that run."""
+    import json
+
+    path = os.path.join(run_dir, "result.json")
+    try:
+        with open(path) as f:
+            status = json.load(f).get("status")
+    except (OSError, ValueError, AttributeError):
+        return
+    if status == "failed":
+        os.unlink(path)
+
+
+def _parameters(fn) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "worker process vanished"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (the out-of-memory killer, or killed by hand)" if -exitcode == signal.SIGKILL else ""
+        return f"worker process was killed by {name}{hint}"
+    return f"worker process exited with code {exitcode} while running"
+
+
+# -- local pool ------------------------------------------------------------------------------
+
+def _die_with_parent():
+    """Ask Linux to SIGKILL this process when its parent (the driver) dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(conn, run_fn, threads: int, parent_pid: int):
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the driver died before we could ask
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    import torch
+
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    host = socket.gethostname()
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        run_id, config, run_dir = message
+        last = [0.0]
+
+        def progress(info, run_id=run_id):
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_INTERVAL_S:
+                last[0] = now
+                with contextlib.suppress(Exception):
+                    conn.send(("progress", run_id, dict(info)))
+
+        result = execute(run_fn, config, run_dir, progress)
+        try:
+            conn.send(("done", run_id, result, host, versions()))
+        except (BrokenPipeError, OSError):
+            return
+
+
+@dataclass
+class _Slot:
+    index: int
+    env: dict
+    process: mp.process.BaseProcess | None = None
+    conn: object | None = None
+    run_id: str | None = None
+    started: float = 0.0
+
+
+@dataclass
+class LocalExecutor:
+    """`workers` processes on this machine, one run each at a time.
+
+    Defaults: with GPUs, `workers_per_gpu` workers per GPU (each sees only its GPU through
+    CUDA_VISIBLE_DEVICES); without, as many single-threaded workers as there are cores
+    (`threads_per_worker` threads each: workers x threads never exceeds the cores).
+    """
+
+    run_fn: object
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    workers_per_gpu: int = 1
+    gpus: int | None = None  # None: torch.cuda.device_count()
+    slots: list = field(default_factory=list, init=False)
+
+    def __post_init__(self):
+        gpus = self.gpus
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cores = cpu_count()
+        if gpus:
+            default_workers = gpus * max(1, self.workers_per_gpu)
+        else:
+            default_workers = max(1, cores // max(1, self.threads_per_worker or 1))
+        workers = self.workers or default_workers
+        if workers < 1:
+            raise UserError(f"workers={workers}: expected at least 1 worker process")
+        threads = self.threads_per_worker or max(1, cores // workers)
+        self.threads = threads
+        self.context = mp.get_context("spawn")
+        for i in range(workers):
+            env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = _visible_gpu(i % gpus)
+            self.slots.append(_Slot(index=i, env=env))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    def idle(self) -> int:
+        return sum(slot.run_id is None for slot in self.slots)
+
+    def running(self) -> dict[str, float]:
+        return {s.run_id: s.started for s in self.slots if s.run_id is not None}
+
+    def _start(self, slot: _Slot):
+        parent_conn, child_conn = self.context.Pipe()
+        with _environment(slot.env):
+            process = self.context.Process(
+                target=_worker_main, args=(child_conn, self.run_fn, self.threads, os.getpid()),
+                # not a daemon: a run may start processes of its own (torch.compile's
+                # compile workers); PR_SET_PDEATHSIG ends workers whose driver died
+                name=f"steplaw-worker-{slot.index}",
+            )
+            process.start()
+        child_conn.close()
+        slot.process, slot.conn, slot.run_id = process, parent_conn, None
+
+    def submit(self, run_id: str, config: dict, run_dir: str | None):
+        slot = next((s for s in self.slots if s.run_id is None), None)
+        if slot is None:
+            raise RuntimeError("submit() with no idle worker")
+        if slot.process is None or not slot.process.is_alive():
+            self._start(slot)
+        try:
+            slot.conn.send((run_id, config, run_dir))
+        except (BrokenPipeError, OSError):
+            self._start(slot)
+            slot.conn.send((run_id, config, run_dir))
+        slot.run_id, slot.started = run_id, time.time()
+
+    def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
+        busy = [s for s in self.slots if s.run_id is not None]
+        if not busy:
+            time.sleep(min(timeout, 0.05))
+            return [], []
+        waitables = {}
+        for slot in busy:
+            waitables[slot.conn] = slot
+            waitables[slot.process.sentinel] = slot
+        ready = wait_for(list(waitables), timeout)
+        done, progress = [], []
+        for slot in {id(waitables[r]): waitables[r] for r in ready}.values():
+            died = False
+            while True:  # drain the pipe before believing a sentinel
+                try:
+                    if not slot.conn.poll():
+                        break
+                    message = slot.conn.recv()
+                except (EOFError, OSError):
+                    died = True
+                    break
+                if message[0] == "progress":
+                    progress.append(Progress(message[1], message[2]))
+                elif message[0] == "done":
+                    _, run_id, result, host, vers = message
+                    done.append(Completion(run_id, result, host, vers))
+                    slot.run_id = None
+                    break
+            if slot.run_id is not None and (died or not slot.process.is_alive()):
+                slot.process.join(timeout=5)
+                reason = describe_exit(slot.process.exitcode)
+                done.append(Completion(slot.run_id, {"status": "failed", "reason": reason, "wall_s": time.time() - slot.started},
+                                       socket.gethostname(), versions()))
+                slot.run_id, slot.process = None, None
+                slot.conn.close()
+        return done, progress
+
+    def close(self, force: bool = False):
+        for slot in self.slots:
+            if slot.process is None:
+                continue
+            if force or slot.run_id is not None:
+                slot.process.kill()
+            else:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    slot.conn.send(None)
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.join(timeout=10)
+                if slot.process.is_alive():
+                    slot.process.kill()
+                    slot.process.join()
+                slot.conn.close()
+                slot.process = None
+
+
+def _visible_gpu(index: int) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [v for v in visible.split(",") if v.strip()]
+        return ids[index % len(ids)]
+    return str(index)
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+    """Set variables for a child about to be spawned (the driver is single-threaded)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# -- Ray -------------------------------------------------------------------------------------
+
+def _ray_task(run_fn, config: dict, run_dir: str | None, threads: int):
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return execute(run_fn, config, run_dir), socket.gethostname(), versions()
+
+
+class RayExecutor:
+    """Runs as Ray tasks, each asking for `cpus_per_run` CPUs and `gpus_per_run` GPUs
+    (fractions allowed: 0.25 packs four small runs on a GPU). `address`: a running
+    cluster ("auto", "ray://host:10001"); None starts a local Ray instance. Ray's own task
+    retries are off: the driver retries failed runs itself, against the store. The run
+    function travels by reference: steplaw (and its module) must be installed on every
+    node; the store stays with the driver, so nodes need no shared file system."""
+
+    def __init__(self, run_fn, address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
+                 max_in_flight: int | None = None, num_cpus: int | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--executor ray needs the ray package: pip install 'steplaw[ray]'") from None
+        self.ray = ray
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            kwargs = {"address": address, "include_dashboard": False, "log_to_driver": False,
+                      "configure_logging": False}
+            if address is None:
+                kwargs["num_cpus"] = num_cpus or cpu_count()
+            try:
+                ray.init(**kwargs)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"cannot start or reach Ray at address {address!r}: {first}") from None
+        resources = ray.cluster_resources()
+        by_cpu = resources.get("CPU", 1) / cpus_per_run if cpus_per_run else float("inf")
+        by_gpu = resources.get("GPU", 0) / gpus_per_run if gpus_per_run else float("inf")
+        if gpus_per_run and not resources.get("GPU"):
+            raise UserError(f"gpus_per_run={gpus_per_run} but the Ray cluster has no GPU: expected 0 GPUs per run here")
+        self._capacity = max_in_flight or max(1, int(min(by_cpu, by_gpu)))
+        self.task = ray.remote(_ray_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+        self.run_fn_ref = ray.put(run_fn)
+        self.threads = max(1, int(cpus_per_run))
+        self.refs: dict = {}  # ObjectRef -> (run_id, started)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def idle(self) -> int:
+        return self._capacity - len(self.refs)
+
+    def running(self) -> dict[str, float]:
+        return {run_id: started for run_id, started in self.refs.values()}
+
+    def submit(self, run_id: str, config: dict, run_dir: str | None):
+        ref = self.task.remote(self.run_fn_ref, config, run_dir, self.threads)
+        self.refs[ref] = (run_id, time.time())
+
+    def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
+        if not self.refs:
+            time.sleep(min(timeout, 0.05))
+            return [], []
+        ready, _ = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=timeout)
+        done = []
+        for ref in ready:
+            run_id, started = self.refs.pop(ref)
+            try:
+                result, host, vers = self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:  # worker crashed, OOM-killed, node lost
+                result = {"status": "failed", "reason": f"ray: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
+                          "wall_s": time.time() - started}
+                host, vers = None, None
+            done.append(Completion(run_id, result, host, vers))
+        return done, []
+
+    def close(self, force: bool = False):
+        for ref in list(self.refs):
+            with contextlib.suppress(Exception):
+                self.ray.cancel(ref, force=True)
+        self.refs.clear()
+        if self.started_ray:
+            self.ray.shutdown()

@@ -1,0 +1,289 @@
+"""What a sweep runs: model sizes x token budgets x (peak LR x batch size) per cell.
+
+A `SweepSpec` expands into `RunConfig`s. Each (N, D) *cell* gets its own grid:
+
+- Learning rates: `lr_points` values, log-spaced from centre/`lr_span` to
+  centre*`lr_span` (default 5 points over x/÷ 4: a 16x range, ratio 2 between points).
+- Batch sizes in tokens: `batch_points` powers of two around the centre rounded to a power
+  of two (default 5 points, ratio 2: x/÷ 4), shifted up whole when the smallest would be
+  below one sequence and down when the largest would leave fewer than `min_steps`
+  optimizer steps.
+
+The centre is the Step Law prediction for the cell (eta = 1.79 N^-0.713 D^0.307,
+B = 0.58 D^0.571 tokens; N = non-embedding parameters, activated ones for MoE), scaled by
+`lr_center_scale` / `batch_center_scale`, unless `lrs` / `batch_sizes` give explicit
+values. The paper reports optima within about 2x of the law on its own models, so x/÷ 4
+brackets them there; tiny models on a tiny corpus can sit further away, which the report
+flags as optima on the grid edge.
+
+Run ids are `RunConfig.run_id()`: a hash of the full config, so a changed setting is a
+new run and an unchanged one is found again in the store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steplaw.errors import UserError
+from steplaw.models.config import ModelConfig, MoEConfig
+from steplaw.train.config import RunConfig
+
+# Published Step Law constants, used only when steplaw.laws is not importable (it is the
+# same formula: Li et al., "Predictable Scale: Part I", 2025, eq. for eta(N, D) and B(D)).
+_STEP_LAW_LR = (1.79, -0.713, 0.307)
+_STEP_LAW_BS = (0.58, 0.571)
+
+_RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "tokens", "lr", "batch_tokens"}
+
+
+def step_law(n_params: float, tokens: float) -> tuple[float, float]:
+    """Step Law (peak LR, batch size in tokens) for N non-embedding parameters, D tokens."""
+    try:
+        from steplaw.laws.published import step_law as published
+    except ImportError:
+        published = None
+    if published is not None:
+        lr, batch_tokens = published(n_params, tokens)
+        return float(lr), float(batch_tokens)
+    coef, exp_n, exp_d = _STEP_LAW_LR
+    bs_coef, bs_exp = _STEP_LAW_BS
+    return coef * n_params**exp_n * tokens**exp_d, bs_coef * tokens**bs_exp
+
+
+def count_params(model: ModelConfig) -> dict:
+    """{'non_embedding', 'active', 'total'} parameter counts of a model config."""
+    from steplaw.models.accounting import param_counts
+
+    counts = param_counts(model)
+    return {"non_embedding": counts.non_embedding, "active": counts.active, "total": counts.total}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model size: a parameter target (non-embedding) or an explicit shape."""
+
+    params: float | None = None  # target non-embedding parameter count (shape from the recipe)
+    shape: dict | None = None  # explicit ModelConfig fields (overrides the recipe)
+    moe: dict | None = None  # MoEConfig fields; None: dense
+
+    def build(self, vocab_size: int, seq_len: int) -> ModelConfig:
+        moe = MoEConfig(**self.moe) if self.moe is not None else None
+        if self.shape is not None:
+            fields = dict(self.shape)
+            fields.setdefault("vocab_size", vocab_size)
+            fields.setdefault("max_seq_len", max(seq_len, 128))
+            return ModelConfig(**fields, moe=moe)
+        from steplaw.models.recipe import model_for_params
+
+        model = model_for_params(int(self.params), vocab_size=vocab_size, moe=moe)
+        if model.max_seq_len < seq_len:
+            model = dataclasses.replace(model, max_seq_len=seq_len)
+        return model
+
+    def label(self) -> str:
+        if self.shape is not None:
+            text = "d{d_model}L{n_layers}".format(**{"d_model": "?", "n_layers": "?", **self.shape})
+        else:
+            text = f"{_short(self.params)}"
+        if self.moe is not None:
+            text += f"-moe{self.moe.get('n_experts', 8)}k{self.moe.get('top_k', 2)}"
+        return text
+
+
+def _short(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:g}"
+
+
+@dataclass
+class Cell:
+    """One (model, D) cell of a sweep and its LR x batch grid."""
+
+    model: ModelConfig
+    label: str
+    n_params: int  # non-embedding (activated, for MoE) parameters: the N of the laws
+    tokens: int
+    lrs: list[float]
+    batch_sizes: list[int]  # tokens
+    lr_center: float
+    batch_center: float
+
+    def configs(self, fixed: dict) -> list[RunConfig]:
+        return [
+            RunConfig(model=self.model, tokens=self.tokens, lr=lr, batch_tokens=bs, **fixed)
+            for bs in self.batch_sizes
+            for lr in self.lrs
+        ]
+
+
+@dataclass
+class SweepSpec:
+    models: list[ModelSpec]
+    tokens: list[int]  # D values
+    lr_points: int = 5
+    lr_span: float = 4.0  # grid covers centre/span .. centre*span
+    lr_center_scale: float = 1.0  # centre = scale * Step Law LR
+    lrs: list[float] | None = None  # explicit LRs: same for every cell
+    batch_points: int = 5
+    batch_center_scale: float = 1.0  # centre = scale * Step Law batch size
+    batch_sizes: list[int] | None = None  # explicit batch sizes (tokens)
+    min_steps: int = 16  # no batch size with fewer optimizer steps than this
+    vocab_size: int = 256
+    fixed: dict = field(default_factory=dict)  # other RunConfig fields (seq_len, schedule, seed, ...)
+
+    def __post_init__(self):
+        if not self.models:
+            raise UserError("the sweep has no models: expected at least one model size")
+        if not self.tokens:
+            raise UserError("the sweep has no token budgets: expected at least one D")
+        for tokens in self.tokens:
+            if not (isinstance(tokens, (int, float)) and tokens >= 1):
+                raise UserError(f"token budget {tokens!r}: expected a positive number of tokens")
+        self.tokens = [int(t) for t in self.tokens]
+        if self.lrs is None and (self.lr_points < 1 or not self.lr_span >= 1):
+            raise UserError(f"lr_points={self.lr_points}, lr_span={self.lr_span}: expected lr_points >= 1 and lr_span >= 1")
+        if self.batch_sizes is None and self.batch_points < 1:
+            raise UserError(f"batch_points={self.batch_points}: expected at least 1")
+        for lr in self.lrs or []:
+            if not lr > 0:
+                raise UserError(f"learning rate {lr!r}: expected a positive number")
+        for bs in self.batch_sizes or []:
+            if not (isinstance(bs, int) and bs > 0):
+                raise UserError(f"batch size {bs!r}: expected a positive integer number of tokens")
+        unknown = set(self.fixed) - _RUN_FIELDS
+        if unknown:
+            raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of {sorted(_RUN_FIELDS)}")
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default))
+
+    def cells(self) -> list[Cell]:
+        cells = []
+        for model_spec in self.models:
+            model = model_spec.build(self.vocab_size, self.seq_len)
+            counts = count_params(model)
+            n_law = counts["active"] if model.moe is not None else counts["non_embedding"]
+            for tokens in self.tokens:
+                lr_law, bs_law = step_law(n_law, tokens)
+                lr_center = lr_law * self.lr_center_scale
+                bs_center = bs_law * self.batch_center_scale
+                cells.append(Cell(
+                    model=model,
+                    label=f"N={model_spec.label()} D={_short(tokens)}",
+                    n_params=n_law,
+                    tokens=tokens,
+                    lrs=list(self.lrs) if self.lrs else lr_grid(lr_center, self.lr_span, self.lr_points),
+                    batch_sizes=list(self.batch_sizes) if self.batch_sizes else batch_grid(
+                        bs_center, self.batch_points, self.seq_len, tokens, self.min_steps),
+                    lr_center=lr_center,
+                    batch_center=bs_center,
+                ))
+        return cells
+
+    def expand(self) -> list[RunConfig]:
+        """Every run of the sweep, cell by cell (ids unique: duplicates are dropped)."""
+        seen, runs = set(), []
+        for cell in self.cells():
+            for config in cell.configs(self.fixed):
+                run_id = config.run_id()
+                if run_id not in seen:
+                    seen.add(run_id)
+                    runs.append(config)
+        return runs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SweepSpec":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UserError(f"sweep spec key {sorted(unknown)[0]!r} is unknown: expected one of {sorted(known)}")
+        models = data.pop("models", None)
+        if not isinstance(models, list):
+            raise UserError(f"sweep spec 'models' is {models!r}: expected a list of model entries")
+        return cls(models=[_model_spec(m) for m in models], **data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SweepSpec":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"sweep spec {str(path)!r} does not exist: expected a TOML or YAML file")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UserError(f"{path} is YAML but pyyaml is not installed: pip install pyyaml, or write the spec as TOML") from None
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import tomllib
+
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise UserError(f"{path} is not valid TOML: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} holds {type(data).__name__}: expected a table of sweep settings")
+        return cls.from_dict(data.get("sweep", data))
+
+
+def _model_spec(entry) -> ModelSpec:
+    if isinstance(entry, (int, float)):
+        return ModelSpec(params=float(entry))
+    if isinstance(entry, ModelSpec):
+        return entry
+    if not isinstance(entry, dict):
+        raise UserError(f"model entry {entry!r}: expected a parameter count or a table")
+    entry = dict(entry)
+    params = entry.pop("params", None)
+    moe = entry.pop("moe", None)
+    shape = entry.pop("shape", None) or ({k: entry.pop(k) for k in list(entry)} if entry else None)
+    if (params is None) == (shape is None):
+        raise UserError(f"model entry {entry or params!r}: expected either 'params' (a target count) or shape fields (d_model, n_layers, ...)")
+    if params is not None and not (isinstance(params, (int, float)) and params > 0):
+        raise UserError(f"model params={params!r}: expected a positive parameter count")
+    if shape is not None:
+        unknown = set(shape) - {f.name for f in dataclasses.fields(ModelConfig)}
+        if unknown:
+            raise UserError(f"model field {sorted(unknown)[0]!r} is not a ModelConfig field")
+    return ModelSpec(params=float(params) if params is not None else None, shape=shape, moe=moe)
+
+
+def lr_grid(center: float, span: float, points: int) -> list[float]:
+    """`points` LRs log-spaced over [center/span, center*span] (just the centre for 1 point)."""
+    if points == 1:
+        return [_round_sig(center)]
+    lo, hi = math.log(center / span), math.log(center * span)
+    return [_round_sig(math.exp(lo + (hi - lo) * i / (points - 1))) for i in range(points)]
+
+
+def batch_grid(center: float, points: int, seq_len: int, tokens: int, min_steps: int) -> list[int]:
+    """`points` powers of two (tokens) around `center`, within [seq_len, tokens/min_steps].
+
+    The window keeps its width and moves as a whole, so every cell has the same grid
+    shape; a budget too small for the window keeps what fits.
+    """
+    low_exp = math.ceil(math.log2(seq_len))
+    high_exp = math.floor(math.log2(max(tokens / max(min_steps, 1), 1)))
+    if high_exp < low_exp:
+        raise UserError(f"token budget D={tokens} is too small for seq_len={seq_len} and min_steps={min_steps}: expected D >= seq_len * min_steps")
+    first = round(math.log2(center)) - (points - 1) // 2
+    first = min(max(first, low_exp), max(high_exp - points + 1, low_exp))
+    last = min(first + points - 1, high_exp)
+    return [2**e for e in range(first, last + 1)]
+
+
+def _round_sig(value: float, digits: int = 4) -> float:
+    """Round to a few significant digits so ids do not depend on float noise."""
+    return float(f"{value:.{digits}g}")

@@ -1,0 +1,46 @@
+"""Stand-in run functions for the sweep tests: fast, with scripted behaviour.
+
+They follow the real contract, run_fn(RunConfig, run_dir=...) -> RunResult, and pick a
+behaviour from the config's seed:
+  seed 0: a result whose loss is a bowl over (log lr, log batch), minimum at lr=0.01, B=1024
+  seed 1: raise an exception (a crashing run)
+  seed 2: SIGKILL its own worker on the first attempt, succeed on the second
+  seed 3: SIGKILL its own worker every time
+  seed 4: diverge
+Every run appends "run_id generation" to SWEEP_FAKE_LOG when it finishes, so tests can
+see which runs were executed by which driver. SWEEP_FAKE_SLEEP (seconds) slows runs down.
+"""
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+from steplaw.train.config import RunResult
+
+
+def bowl_loss(lr: float, batch_tokens: int) -> float:
+    return 2.0 + 0.1 * math.log(lr / 0.01) ** 2 + 0.05 * math.log(batch_tokens / 1024) ** 2
+
+
+def fake_run(config, run_dir=None):
+    time.sleep(float(os.environ.get("SWEEP_FAKE_SLEEP", "0")))
+    if config.seed == 1:
+        raise RuntimeError("scripted crash")
+    if config.seed in (2, 3):
+        marker = Path(run_dir) / "attempted"
+        if config.seed == 3 or not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+    run_id = config.run_id()
+    log = os.environ.get("SWEEP_FAKE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{run_id} {os.environ.get('SWEEP_FAKE_GENERATION', '0')}\n")
+    if config.seed == 4:
+        return RunResult(status="diverged", reason="loss is nan", final_train_loss=float("nan"),
+                         curve=[(0, 5.5), (config.batch_tokens, float("nan"))], run_id=run_id)
+    loss = bowl_loss(config.lr, config.batch_tokens)
+    return RunResult(status="ok", final_train_loss=loss, final_val_loss=loss + 0.01,
+                     curve=[(0, 5.5), (config.tokens, loss)], tokens=config.tokens, steps=config.tokens // config.batch_tokens,
+                     wall_s=0.01, run_id=run_id, config=config.to_dict())
