@@ -6,20 +6,22 @@ can be fitted) at about 1-2 s of one core each. So its models are tiny (27K, 56K
 non-embedding parameters, 2 layers, byte-level vocabulary) and its budgets 32K..128K
 tokens of the embedded corpus, 64-token sequences.
 
-Models this small, trained this briefly, prefer smaller learning rates than the Step
-Law predicts for them (the law was fitted on far larger models and budgets): a scan of the
-56K model on 64K tokens put the best LR near 0.004, about 1/5 of the law's 0.022. So the
-demo centres its LR grid at `DEMO_LR_SCALE` x the Step Law and spans x/÷ 4 around it
-(4 points, a factor 2.5 apart). The batch grid is the law's, 3 powers of two (x/÷ 2):
-these models keep improving with more steps, so expect optima at the small-batch edge;
-the report flags such cells.
+Every cell gets the same absolute grid (`DEMO_LRS` x `DEMO_BATCH_SIZES`) rather than one
+centred on the Step Law's prediction for that cell. A per-cell centred grid this coarse
+puts each cell's optimum at the same grid index, and the fitted exponents then merely
+echo the law that placed the grid; a shared grid lets the data alone move the optimum.
+The LRs bracket what these models prefer (a scan of the 56K model on 64K tokens put the
+best LR near 0.004, about 1/5 of the Step Law's 0.022: the law was fitted on far larger
+models). These models keep improving with more steps, so expect batch optima at or near
+the small-batch edge; the report flags such cells.
 """
 from __future__ import annotations
 
 from steplaw.errors import UserError
 from steplaw.sweep.spec import ModelSpec, SweepSpec
 
-DEMO_LR_SCALE = 0.25
+DEMO_LRS = [0.0015, 0.003, 0.006, 0.012]
+DEMO_BATCH_SIZES = [128, 256, 512]  # tokens: 2, 4 and 8 sequences of 64
 
 
 def demo_spec(scale: str = "full") -> SweepSpec:
@@ -42,15 +44,16 @@ def demo_spec(scale: str = "full") -> SweepSpec:
         return SweepSpec(
             models=[ModelSpec(shape=s) for s in shapes],
             tokens=[32768, 65536, 131072],
-            lr_points=4, lr_span=4.0, lr_center_scale=DEMO_LR_SCALE,
-            batch_points=3, min_steps=32,
+            lrs=DEMO_LRS,
+            batch_sizes=DEMO_BATCH_SIZES,
+            min_steps=32,
             fixed=fixed,
         )
     if scale == "small":
         return SweepSpec(
             models=[ModelSpec(shape=s) for s in shapes],
             tokens=[4096, 8192, 16384],
-            lr_points=2, lr_span=2.0, lr_center_scale=DEMO_LR_SCALE,
+            lrs=DEMO_LRS[1:3],
             batch_sizes=[128, 256], min_steps=16,
             fixed={**fixed, "eval_tokens": 1024},
         )
