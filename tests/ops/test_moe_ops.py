@@ -239,13 +239,33 @@ def test_cuda_misaligned_and_strided_views(dtype, H, offset):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [
     (64, 8, 2048, 4, 1, 0, torch.float32),        # more experts than the scan's 1024 threads
-    (5000, 7, 1500, 8, 2, 3, torch.bfloat16),     # many experts and chunks, padded, capacity
-    (300000, 2, 16, 4, 1, 0, torch.float32),      # > 1024 counting chunks of 1024: wider chunks
+    (1000, 7, 1500, 8, 2, 3, torch.bfloat16),     # many experts, 8 counting chunks, padded, capacity
     (0, 5, 4, 2, 8, 0, torch.bfloat16),           # no tokens: only padding rows
 ])
 def test_cuda_large_shapes_match_reference(case):
     need_kernel("cuda")
     _check_all(case, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad,cap", [(1, 0), (8, 80000)])
+def test_cuda_permute_with_more_than_1024_counting_chunks(pad, cap):
+    """Over 1024 * 1024 slots the CUDA counting chunks grow past kCountChunk; the order
+    must still be the reference's. Ids drawn directly: no near-ties in routing to flake."""
+    need_kernel("cuda")
+    gen = torch.Generator().manual_seed(7)
+    T, H, E, k = 300000, 3, 16, 4
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(64)]).repeat(T // 64 + 1, 1)[:T]
+    ids = ids[torch.randperm(T, generator=gen)].to(torch.int32)
+    x = torch.randn(T, H, generator=gen)
+    got = torch.ops.steplaw.moe_permute(x.cuda(), ids.cuda(), E, pad, cap)
+    want = ops.permute_reference(x, ids, E, pad, cap)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+    weights = torch.rand(T, k, generator=gen)
+    y = torch.randn(got[0].shape, generator=gen)
+    out = torch.ops.steplaw.moe_unpermute(y.cuda(), got[1], got[2], weights.cuda())
+    assert torch.equal(out.cpu(), ops.unpermute_reference(y, want[1], want[2], weights))
 
 
 @pytest.mark.gpu
