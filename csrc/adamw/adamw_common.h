@@ -68,9 +68,14 @@ inline StagedLists stage_lists(
                   "fused_adamw_ supports real floating-point params, got ", p.scalar_type());
     STEPLAW_CHECK(grads[i].layout() == at::kStrided,
                   "fused_adamw_ does not support sparse gradients");
-    STEPLAW_CHECK(grads[i].scalar_type() == p.scalar_type() && grads[i].sizes().equals(p.sizes()),
-                  "grad ", i, " must match its param in dtype and shape");
+    STEPLAW_CHECK(grads[i].scalar_type() == p.scalar_type() && grads[i].sizes().equals(p.sizes()) &&
+                      grads[i].device() == p.device(),
+                  "grad ", i, " must match its param in dtype, shape and device");
     const bool has_master = !master_params.empty();
+    // Master weights make the state float32, which the float64 kernels (math type double)
+    // would read as double: only float32/bf16/fp16 params take them.
+    STEPLAW_CHECK(!has_master || p.scalar_type() != at::kDouble,
+                  "param ", i, " is float64: master_params are for float32, bfloat16 and float16 params");
     const auto state_type = has_master ? at::kFloat : (p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
     const at::Tensor* state[3] = {&exp_avgs[i], &exp_avg_sqs[i],
                                   amsgrad ? &max_exp_avg_sqs[i] : nullptr};
@@ -83,8 +88,8 @@ inline StagedLists stage_lists(
     }
     if (has_master) {
       STEPLAW_CHECK(master_params[i].scalar_type() == at::kFloat &&
-                        master_params[i].sizes().equals(p.sizes()),
-                    "master param ", i, " must be float32 with the param's shape");
+                        master_params[i].sizes().equals(p.sizes()) && master_params[i].device() == p.device(),
+                    "master param ", i, " must be float32 with the param's shape and device");
     }
     STEPLAW_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
                       steps[i].device() == p.device(),

@@ -245,7 +245,7 @@ void launch_scatter(const at::Tensor& x, at::Tensor& out, const at::Tensor& row_
 template <typename scalar_t, int VEC>
 __global__ void combine_kernel(const scalar_t* __restrict__ y, const int64_t* __restrict__ row_map,
                                const at::opmath_type<scalar_t>* __restrict__ weights, scalar_t* __restrict__ out,
-                               int32_t k, int64_t hidden) {
+                               int32_t k, int64_t hidden, int64_t y_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   extern __shared__ int64_t combine_smem[];
@@ -253,7 +253,12 @@ __global__ void combine_kernel(const scalar_t* __restrict__ y, const int64_t* __
   acc_t* w = reinterpret_cast<acc_t*>(combine_smem + k);
   const int64_t t = blockIdx.x;
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
-    rows[j] = row_map[t * k + j];
+    int64_t row = row_map[t * k + j];
+    // The CPU kernel raises on a row past y's end; here it trips an assert and is skipped
+    // rather than read out of bounds.
+    CUDA_KERNEL_ASSERT(row < y_rows && "row map holds a row past the permuted tensor");
+    if (row >= y_rows) row = -1;
+    rows[j] = row;
     w[j] = weights ? weights[t * k + j] : acc_t(1);
   }
   __syncthreads();
@@ -296,7 +301,7 @@ __global__ void unpermute_backward_kernel(const scalar_t* __restrict__ grad_out,
                                           const int64_t* __restrict__ row_map,
                                           const at::opmath_type<scalar_t>* __restrict__ weights,
                                           scalar_t* __restrict__ grad_y, at::opmath_type<scalar_t>* __restrict__ grad_w,
-                                          int32_t k, int64_t hidden) {
+                                          int32_t k, int64_t hidden, int64_t y_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   __shared__ acc_t scratch[256 / kWarp];
@@ -305,7 +310,7 @@ __global__ void unpermute_backward_kernel(const scalar_t* __restrict__ grad_out,
   const P* g = reinterpret_cast<const P*>(grad_out + t * hidden);
   for (int j = 0; j < k; ++j) {
     const int64_t row = row_map[t * k + j];  // the same for the whole block: uniform branch
-    if (row < 0) {
+    if (row < 0 || row >= y_rows) {  // as the CPU kernel: no slot, or a row past y's end
       if (threadIdx.x == 0) grad_w[t * k + j] = acc_t(0);
       continue;
     }
@@ -444,6 +449,7 @@ at::Tensor combine_cuda(const at::Tensor& y_in, const at::Tensor& row_map_in, co
   const at::Tensor row_map = row_map_in.contiguous();
   const int64_t tokens = row_map.size(0), k = row_map.size(1), hidden = y.size(1);
   TORCH_CHECK(k <= kMaxTopKCuda, "top_k=", k, ": the CUDA kernels take at most ", kMaxTopKCuda);
+  TORCH_CHECK(tokens < INT32_MAX, "row map of ", tokens, " tokens: the CUDA kernels take fewer than 2^31");  // grid.x
   at::Tensor out = at::empty({tokens, hidden}, y.options());
   if (tokens == 0 || hidden == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -459,7 +465,7 @@ at::Tensor combine_cuda(const at::Tensor& y_in, const at::Tensor& row_map_in, co
       constexpr int V = decltype(vec_tag)::value;
       combine_kernel<scalar_t, V><<<tokens, threads, smem, stream>>>(
           y.data_ptr<scalar_t>(), row_map.data_ptr<int64_t>(), w_ptr, out.data_ptr<scalar_t>(),
-          static_cast<int32_t>(k), hidden);
+          static_cast<int32_t>(k), hidden, y.size(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec >= 8) launch(std::integral_constant<int, 8>());
@@ -480,6 +486,9 @@ at::Tensor permute_backward_cuda(const at::Tensor& grad_permuted, const at::Tens
   TORCH_CHECK(grad_permuted.dim() == 2 && row_map.dim() == 2 && row_map.scalar_type() == at::kLong,
               "grad of shape ", grad_permuted.sizes(), " and row map ", row_map.sizes(),
               ": expected [rows, hidden] and an int64 [tokens, top_k]");
+  // A row map left on the host would be read through a host pointer by the kernel.
+  TORCH_CHECK(row_map.device() == grad_permuted.device(), "row map on ", row_map.device(), ": expected it on ",
+              grad_permuted.device(), " like the grad");
   return combine_cuda(grad_permuted, row_map, at::Tensor());
 }
 
@@ -494,6 +503,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
   const at::Tensor grad_out = grad_out_in.contiguous(), y = y_in.contiguous();
   const at::Tensor row_map = row_map_in.contiguous(), src_index = src_in.contiguous();
   const int64_t tokens = row_map.size(0), k = row_map.size(1), hidden = y.size(1);
+  TORCH_CHECK(tokens < INT32_MAX, "row map of ", tokens, " tokens: the CUDA kernels take fewer than 2^31");  // grid.x
   at::Tensor grad_y = at::empty_like(y);
   at::Tensor grad_w;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -509,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
         unpermute_backward_kernel<scalar_t, V><<<tokens, threads, 0, stream>>>(
             grad_out.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), row_map.data_ptr<int64_t>(),
             weights.data_ptr<acc_t>(), grad_y.data_ptr<scalar_t>(), grad_w.data_ptr<acc_t>(),
-            static_cast<int32_t>(k), hidden);
+            static_cast<int32_t>(k), hidden, y.size(0));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (vec >= 8) launch(std::integral_constant<int, 8>());

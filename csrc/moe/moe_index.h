@@ -73,17 +73,32 @@ STEPLAW_HD void topk_insert(S* vals, int32_t* idx, int32_t& filled, int32_t k, S
   if (filled < k) ++filled;
 }
 
+// The extension's device code is built with --use_fast_math, which turns float exp into
+// __expf (error growing with |x|) and float division into an approximation. Routing
+// compares scores, so near-ties would pick other experts on the GPU than on the CPU:
+// exp in double rounded once to float (the CPU's correctly rounded expf, but for
+// double-rounding cases of probability ~1e-9) and IEEE division, on both devices.
 template <typename S>
 STEPLAW_HD S exp_of(S x) {
 #if defined(__CUDA_ARCH__)
-  return exp(x);  // CUDA's float / double overloads
+  return static_cast<S>(exp(static_cast<double>(x)));
 #else
   return std::exp(x);
 #endif
 }
 
+STEPLAW_HD float div_of(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+STEPLAW_HD double div_of(double a, double b) { return a / b; }
+
 template <typename S>
-STEPLAW_HD S sigmoid_score(S x) { return S(1) / (S(1) + exp_of(-x)); }
+STEPLAW_HD S sigmoid_score(S x) { return div_of(S(1), S(1) + exp_of(-x)); }
 
 // Routes one token: logits row [E] -> the k chosen expert ids (best first) and their
 // combine weights. Scores: softmax over E, or sigmoid; bias (may be null) shifts the
@@ -100,20 +115,20 @@ STEPLAW_HD void route_token(const L* logits, int32_t num_experts, int32_t k, boo
   }
   int32_t filled = 0;
   for (int32_t e = 0; e < num_experts; ++e) {
-    S score = use_sigmoid ? sigmoid_score(S(logits[e])) : exp_of(S(logits[e]) - max_logit) / denom;
+    S score = use_sigmoid ? sigmoid_score(S(logits[e])) : div_of(exp_of(S(logits[e]) - max_logit), denom);
     if (bias != nullptr) score += bias[e];
     topk_insert(top_val, top_idx, filled, k, score, e);
   }
   S total = S(0);
   for (int32_t j = 0; j < k; ++j) {
     const int32_t e = top_idx[j];
-    const S score = use_sigmoid ? sigmoid_score(S(logits[e])) : exp_of(S(logits[e]) - max_logit) / denom;
+    const S score = use_sigmoid ? sigmoid_score(S(logits[e])) : div_of(exp_of(S(logits[e]) - max_logit), denom);
     ids_out[j] = e;
     weights_out[j] = score;
     total += score;
   }
   if (renormalize) {
-    for (int32_t j = 0; j < k; ++j) weights_out[j] = weights_out[j] / total;
+    for (int32_t j = 0; j < k; ++j) weights_out[j] = div_of(weights_out[j], total);
   }
 }
 

@@ -25,6 +25,9 @@ def op_args(device="cpu", dtype=torch.float32, amsgrad=False, master=False, shap
     hparams = torch.tensor([[1e-2, 0.9, 0.999, 1e-2, 1e-8, 0.0], [3e-3, 0.3, 0.99, 0.0, 1e-6, 1.0]],
                            dtype=torch.float64, device=device)
     group_index = [k % 2 for k in range(len(shapes))]
+    # The CUDA kernel reads grad_scale / found_inf on the device (as torch's fused AdamW).
+    grad_scale = None if grad_scale is None else grad_scale.to(device)
+    found_inf = None if found_inf is None else found_inf.to(device)
     return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps, hparams, group_index, amsgrad,
             grad_scale, found_inf)
 
@@ -65,6 +68,10 @@ def _compare(device, case):
     reference_args = clone_args(kernel_args)
     torch.ops.steplaw.fused_adamw_(*kernel_args)
     reference_fused_adamw_(*reference_args)
+    _assert_matches(device, kernel_args, reference_args)
+
+
+def _assert_matches(device, kernel_args, reference_args):
     dtype = kernel_args[0][0].dtype
     for got_list, want_list in zip(kernel_args[:7], reference_args[:7]):
         for got, want in zip(got_list, want_list):
@@ -89,6 +96,77 @@ def test_cpu_kernel_matches_reference(case):
 def test_cuda_kernel_matches_reference(case):
     assert has_kernel("fused_adamw_", "cuda"), "the CUDA kernel was not built"
     _compare("cuda", case)
+
+
+def _misaligned(t, offset=1):
+    """The same values in a view whose data pointer is `offset` elements past an allocation."""
+    base = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = base[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+# CUDA table limits (csrc/common/multi_tensor.cuh): 110 tensors, 1280 chunks of 65536.
+_CHUNK = 65536
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,shapes,misalign", [
+    # more tensors than one table holds, several of them multi-chunk with ragged tails
+    ("many_tensors", [(k * 37 + 1,) for k in range(100)] + [(3 * _CHUNK + 5,), (0,), (2 * _CHUNK,)] * 6
+     + [(7, 9)] * 5, False),
+    # a tensor larger than one table's 1280 chunks continues in the next table
+    ("table_overflow", [(5,), (1281 * _CHUNK + 3,), (11,)], False),
+    # data pointers not 16-byte aligned: the scalar path of every chunk
+    ("misaligned", [(_CHUNK + 9,), (33,), (4, 4)], True),
+])
+@pytest.mark.parametrize("dtype,master,amsgrad", [(torch.float32, False, True), (torch.bfloat16, True, False),
+                                                  (torch.float16, False, True)])
+def test_cuda_table_limits_and_alignment(name, shapes, misalign, dtype, master, amsgrad):
+    if name == "table_overflow" and dtype != torch.float32:
+        pytest.skip("one dtype is enough for the 84M-element case")
+    kernel_args = op_args(device="cuda", dtype=dtype, master=master, amsgrad=amsgrad, shapes=shapes,
+                          grad_scale=torch.tensor(4.0))
+    if misalign:
+        kernel_args = tuple([_misaligned(t, 1 + i % 3) for i, t in enumerate(a)]
+                            if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) and a[0].dim() > 0
+                            else a for a in kernel_args)
+    reference_args = clone_args(kernel_args)
+    torch.ops.steplaw.fused_adamw_(*kernel_args)
+    reference_fused_adamw_(*reference_args)
+    _assert_matches("cuda", kernel_args, reference_args)
+
+
+@pytest.mark.gpu
+def test_cuda_strided_params_are_staged_and_written_back():
+    args = op_args(device="cuda", shapes=((6, 10), (9, 4)), amsgrad=True)
+    strided = [torch.zeros(6, 20, device="cuda")[:, ::2], torch.zeros(4, 9, device="cuda").t()]
+    for view, value in zip(strided, args[0]):
+        view.copy_(value)
+    kernel_args = (strided,) + args[1:]
+    reference_args = clone_args(kernel_args)
+    torch.ops.steplaw.fused_adamw_(*kernel_args)
+    reference_fused_adamw_(*reference_args)
+    _assert_matches("cuda", kernel_args, reference_args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", [1, 5])
+def test_cuda_rejects_host_grads_and_masters(which):
+    args = list(op_args(device="cuda", dtype=torch.bfloat16, master=True))
+    args[which] = [t.cpu() for t in args[which]]
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ops.steplaw.fused_adamw_(*args)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_float64_params_with_master_weights_are_rejected(device):
+    args = list(op_args(device=device, dtype=torch.float64))
+    args[2] = [t.float() for t in args[2]]  # master weights make the state float32
+    args[3] = [t.float() for t in args[3]]
+    args[5] = [p.float() for p in args[0]]
+    with pytest.raises(RuntimeError, match="float64"):
+        torch.ops.steplaw.fused_adamw_(*args)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

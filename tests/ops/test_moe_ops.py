@@ -190,6 +190,108 @@ def test_non_contiguous_inputs():
     assert torch.equal(out, ops.unpermute_reference(y.contiguous(), got[1], got[2], weights.contiguous()))
 
 
+def _offset_view(t, offset):
+    """The same values in a view whose data pointer is `offset` elements into an allocation
+    (row starts not 16-byte aligned: the kernels must fall back to narrower accesses)."""
+    base = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = base[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("H,offset", [(7, 1), (8, 1), (8, 4), (16, 2), (3, 0)])
+def test_cuda_misaligned_and_strided_views(dtype, H, offset):
+    need_kernel("cuda")
+    T, E, k, pad, cap = 37, 6, 2, 4, 0
+    gen = torch.Generator().manual_seed(H * 10 + offset)
+    logits = torch.randn(T, E, generator=gen)
+    x_cpu = torch.randn(T, H, generator=gen).to(dtype)
+    ids, weights, _ = ops.route_reference(logits, k)
+    want = ops.permute_reference(x_cpu, ids, E, pad, cap)
+    got = torch.ops.steplaw.moe_permute(_offset_view(x_cpu.cuda(), offset), ids.cuda(), E, pad, cap)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+    # a strided (non-contiguous) input: every second column of a wider tensor
+    wide = torch.randn(T, 2 * H, generator=gen).to(dtype)
+    got = torch.ops.steplaw.moe_permute(wide.cuda()[:, ::2], ids.cuda(), E, pad, cap)
+    assert torch.equal(got[0].cpu(), ops.permute_reference(wide[:, ::2].contiguous(), ids, E, pad, cap)[0])
+
+    _, row_map, src, _, _ = want
+    y = torch.randn(src.shape[0], H, generator=gen).to(dtype)
+    out = torch.ops.steplaw.moe_unpermute(_offset_view(y.cuda(), offset), row_map.cuda(), src.cuda(), weights.cuda())
+    assert torch.equal(out.cpu(), ops.unpermute_reference(y, row_map, src, weights))
+
+    grad_out = torch.randn(T, H, generator=gen).to(dtype)
+    grad_y, grad_w = torch.ops.steplaw.moe_unpermute_backward(
+        _offset_view(grad_out.cuda(), offset), _offset_view(y.cuda(), offset), row_map.cuda(), src.cuda(), weights.cuda())
+    cpu_grad_y, cpu_grad_w = torch.ops.steplaw.moe_unpermute_backward(grad_out, y, row_map, src, weights)
+    assert torch.equal(grad_y.cpu(), cpu_grad_y)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype in (torch.bfloat16, torch.float16) else {}
+    torch.testing.assert_close(grad_w.cpu(), cpu_grad_w, **tol)
+
+    grad_perm = torch.randn(src.shape[0], H, generator=gen).to(dtype)
+    grad_x = torch.ops.steplaw.moe_permute_backward(_offset_view(grad_perm.cuda(), offset), row_map.cuda())
+    assert torch.equal(grad_x.cpu(), torch.ops.steplaw.moe_permute_backward(grad_perm, row_map))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    (64, 8, 2048, 4, 1, 0, torch.float32),        # more experts than the scan's 1024 threads
+    (1000, 7, 1500, 8, 2, 3, torch.bfloat16),     # many experts, 8 counting chunks, padded, capacity
+    (0, 5, 4, 2, 8, 0, torch.bfloat16),           # no tokens: only padding rows
+])
+def test_cuda_large_shapes_match_reference(case):
+    need_kernel("cuda")
+    _check_all(case, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad,cap", [(1, 0), (8, 80000)])
+def test_cuda_permute_with_more_than_1024_counting_chunks(pad, cap):
+    """Over 1024 * 1024 slots the CUDA counting chunks grow past kCountChunk; the order
+    must still be the reference's. Ids drawn directly: no near-ties in routing to flake."""
+    need_kernel("cuda")
+    gen = torch.Generator().manual_seed(7)
+    T, H, E, k = 300000, 3, 16, 4
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(64)]).repeat(T // 64 + 1, 1)[:T]
+    ids = ids[torch.randperm(T, generator=gen)].to(torch.int32)
+    x = torch.randn(T, H, generator=gen)
+    got = torch.ops.steplaw.moe_permute(x.cuda(), ids.cuda(), E, pad, cap)
+    want = ops.permute_reference(x, ids, E, pad, cap)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+    weights = torch.rand(T, k, generator=gen)
+    y = torch.randn(got[0].shape, generator=gen)
+    out = torch.ops.steplaw.moe_unpermute(y.cuda(), got[1], got[2], weights.cuda())
+    assert torch.equal(out.cpu(), ops.unpermute_reference(y, want[1], want[2], weights))
+
+
+@pytest.mark.gpu
+def test_cuda_unpermute_backward_skips_rows_past_the_end_like_cpu():
+    need_kernel("cuda")
+    gen = torch.Generator().manual_seed(11)
+    T, H, E, k = 9, 8, 4, 2
+    ids, weights, _ = ops.route_reference(torch.randn(T, E, generator=gen), k)
+    _, row_map, src, _, _ = ops.permute_reference(torch.randn(T, H, generator=gen), ids, E)
+    row_map = row_map.clone()
+    row_map[3, 1] = src.shape[0]  # one past the last row
+    y, grad_out = torch.randn(src.shape[0], H, generator=gen), torch.randn(T, H, generator=gen)
+    _, cpu_grad_w = torch.ops.steplaw.moe_unpermute_backward(grad_out, y, row_map, src, weights)
+    _, grad_w = torch.ops.steplaw.moe_unpermute_backward(grad_out.cuda(), y.cuda(), row_map.cuda(), src.cuda(),
+                                                         weights.cuda())
+    assert float(cpu_grad_w[3, 1]) == 0.0
+    torch.testing.assert_close(grad_w.cpu(), cpu_grad_w)
+
+
+@pytest.mark.gpu
+def test_cuda_permute_backward_rejects_a_host_row_map():
+    need_kernel("cuda")
+    with pytest.raises(RuntimeError, match="row map on cpu"):
+        torch.ops.steplaw.moe_permute_backward(torch.randn(6, 4, device="cuda"), torch.zeros(3, 2, dtype=torch.long))
+
+
 # ---------------------------------------------------------------- opcheck, gradcheck
 
 @pytest.mark.parametrize("device", DEVICES)
