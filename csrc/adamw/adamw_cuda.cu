@@ -27,8 +27,8 @@ using Table = mta::TensorTable<kNumLists>;
 // the other arguments.
 static_assert(sizeof(Table) <= 32764 - 64, "multi-tensor table too large for a kernel argument");
 
-// IEEE round-to-nearest operations that nvcc never contracts or approximates
-// (the extension is built with --use_fast_math).
+// IEEE round-to-nearest operations that nvcc never contracts or approximates, even
+// under --use_fast_math (setup.py does not pass it; a user's NVCC_FLAGS might).
 struct CudaOps {
   static __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
   static __device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }

@@ -13,8 +13,8 @@
 // torch 2.14) rounds once; with them fp32 results equal torch's bit for bit.
 // Every operation goes through an `Ops` policy (add/sub/mul/div/fma/sqrt/max) so that the
 // CPU can run it on SIMD lanes and CUDA can use the round-to-nearest intrinsics, which
-// neither contract into other FMAs nor follow --use_fast_math approximations: every
-// device then rounds at the same points.
+// never contract into other FMAs nor follow fast-math approximations, should anyone
+// build with --use_fast_math: every device then rounds at the same points.
 #pragma once
 
 #include <cmath>

@@ -73,8 +73,8 @@ STEPLAW_HD void topk_insert(S* vals, int32_t* idx, int32_t& filled, int32_t k, S
   if (filled < k) ++filled;
 }
 
-// The extension's device code is built with --use_fast_math, which turns float exp into
-// __expf (error growing with |x|) and float division into an approximation. Routing
+// Device float exp and division differ from the CPU's (and under --use_fast_math become
+// __expf, with error growing with |x|, and an approximate division). Routing
 // compares scores, so near-ties would pick other experts on the GPU than on the CPU:
 // exp in double rounded once to float (the CPU's correctly rounded expf, but for
 // double-rounding cases of probability ~1e-9) and IEEE division, on both devices.
