@@ -284,7 +284,17 @@ def read_runs(
     if not valid.any():
         raise UserError(f"{name} has no finished run with a finite loss ({len(rows)} rows; dropped: {dropped}).")
 
-    if bs_unit == "tokens" and np.nanmax(bs) <= _SEQUENCES_SUSPECT_MAX:
+    # A table that carries its sequence length settles the unit: token batches are whole
+    # multiples of it. Only a table without one gets the small-numbers heuristic.
+    seq_lens = _column(rows, "seq_len", name, "sequence length", required=False) if bs_unit == "tokens" else None
+    tokens_evident = False
+    if seq_lens is not None:
+        seq_arr = np.asarray(seq_lens, dtype=float)
+        usable = np.isfinite(seq_arr) & (seq_arr > 0) & np.isfinite(bs)
+        tokens_evident = bool(usable.any()) and bool(np.all(bs[usable] >= seq_arr[usable])) and bool(
+            np.all(np.mod(bs[usable], seq_arr[usable]) == 0)
+        )
+    if bs_unit == "tokens" and not tokens_evident and np.nanmax(bs) <= _SEQUENCES_SUSPECT_MAX:
         warnings.append(
             f"batch sizes are at most {np.nanmax(bs):.0f}, which looks like sequences, not tokens; "
             "if so pass --bs-unit sequences --seq-len L."

@@ -92,9 +92,6 @@ def fit_sweep(sweep_dir, n_boot: int, gap: float, seed: int = 0):
         table = read_runs(sweep_dir)
     except UserError as exc:
         return None, None, str(exc)
-    # A sweep store holds batch sizes in tokens by construction: the reader's guess that
-    # small batches might be sequence counts does not apply.
-    table.warnings = [w for w in table.warnings if "looks like sequences" not in w]
     try:
         return table, fit_hparams(table, gap=gap, n_boot=n_boot, seed=seed), None
     except UserError as exc:

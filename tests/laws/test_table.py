@@ -66,6 +66,20 @@ def test_batch_that_looks_like_sequences_warns():
     assert any("looks like sequences" in w for w in table.warnings)
 
 
+@pytest.mark.parametrize(
+    "seq_len, warns",
+    [
+        (64, False),  # 256 tokens = 4 whole sequences of 64: plainly tokens (a tiny sweep)
+        (2048, True),  # a "batch" of 256 shorter than one sequence: really sequences
+        (96, True),  # not a whole number of sequences
+    ],
+)
+def test_seq_len_column_settles_the_batch_unit(seq_len, warns):
+    rows = [dict(r, batch_tokens=256, seq_len=seq_len) for r in ROWS]
+    table = read_runs(rows)
+    assert any("looks like sequences" in w for w in table.warnings) == warns
+
+
 def test_missing_column_names_it_and_lists_present():
     rows = [{k: v for k, v in r.items() if k != "lr"} for r in ROWS]
     with pytest.raises(UserError, match=r"no column 'lr'.*columns present: D, N, batch_tokens"):
