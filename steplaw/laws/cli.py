@@ -8,31 +8,7 @@ import sys
 from pathlib import Path
 
 from steplaw.errors import UserError
-
-_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-
-
-def parse_count(text, option: str = "value") -> float | None:
-    """'1e9', '7B', '1.5T', '300M', '10k' -> float (None stays None); else a UserError.
-
-    Parsed in the commands rather than by argparse so that a bad number is one line
-    naming the option, like every other user mistake.
-    """
-    if text is None:
-        return None
-    raw = str(text).strip()
-    scale = 1.0
-    if raw and raw[-1].lower() in _SUFFIXES:
-        scale = _SUFFIXES[raw[-1].lower()]
-        raw = raw[:-1]
-    try:
-        value = float(raw) * scale
-    except ValueError:
-        raise UserError(f"{option} {text!r} is not a number; expected e.g. 1e9, 7B or 300M.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"{option} {text!r} must be a positive finite number.")
-    return value
-
+from steplaw.units import parse_count
 
 def _positive_int(text: str) -> int:
     try:

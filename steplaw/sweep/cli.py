@@ -15,24 +15,14 @@ import sys
 from pathlib import Path
 
 from steplaw.errors import UserError
+from steplaw.units import parse_count
 
-_SUFFIXES = {"K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12}
-
-
-def parse_count(text: str) -> float:
-    """'3M' -> 3e6, '2.5e5' -> 250000.0, '20K' -> 20000.0."""
-    value = str(text).strip()
-    scale = 1.0
-    if value and value[-1].upper() in _SUFFIXES:
-        scale = _SUFFIXES[value[-1].upper()]
-        value = value[:-1]
+def _count_arg(text: str) -> float:
+    """argparse type for counts like 3M or 2.5e5 (see steplaw.units.parse_count)."""
     try:
-        number = float(value) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (expected e.g. 3M, 2.5e5, 20K)") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive count")
-    return number
+        return parse_count(text, "count")
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _setting(text: str) -> tuple[str, object]:
@@ -52,8 +42,8 @@ def add_commands(subparsers) -> None:
     sweep.add_argument("spec", nargs="?", help="sweep spec file (TOML, YAML or JSON); flags override it")
     sweep.add_argument("--out", "-o", required=True, help="sweep directory (holds runs.sqlite)")
     grid = sweep.add_argument_group("grid (flags override the spec file)")
-    grid.add_argument("--params", nargs="+", type=parse_count, help="target non-embedding parameter counts, e.g. 1M 3M")
-    grid.add_argument("--tokens", nargs="+", type=parse_count, help="token budgets D, e.g. 2e7 1e8")
+    grid.add_argument("--params", nargs="+", type=_count_arg, help="target non-embedding parameter counts, e.g. 1M 3M")
+    grid.add_argument("--tokens", nargs="+", type=_count_arg, help="token budgets D, e.g. 2e7 1e8")
     grid.add_argument("--moe-experts", type=int, help="make every model MoE with this many experts")
     grid.add_argument("--moe-topk", type=int, default=2, help="experts per token (with --moe-experts)")
     grid.add_argument("--lr-points", type=int, help="LRs per cell (default 5)")
@@ -62,7 +52,7 @@ def add_commands(subparsers) -> None:
     grid.add_argument("--lrs", nargs="+", type=float, help="explicit peak LRs for every cell")
     grid.add_argument("--batch-points", type=int, help="batch sizes per cell, powers of two (default 5)")
     grid.add_argument("--batch-scale", type=float, help="batch centre = scale x Step Law batch size (default 1)")
-    grid.add_argument("--batch-sizes", nargs="+", type=lambda s: int(parse_count(s)), help="explicit batch sizes in tokens")
+    grid.add_argument("--batch-sizes", nargs="+", type=lambda s: int(_count_arg(s)), help="explicit batch sizes in tokens")
     grid.add_argument("--min-steps", type=int, help="drop batch sizes leaving fewer optimizer steps (default 16)")
     grid.add_argument("--seq-len", type=int, help="sequence length (tokens)")
     grid.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",

@@ -12,24 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 
+from steplaw import units
 from steplaw.errors import UserError
-
-_SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
-_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGbBtT]?)\s*$")
-
 
 def parse_count(text: str, what: str = "count") -> int:
     """'2M' -> 2_000_000, '1e9' -> 10**9, '32768' -> 32768, '1.5k' -> 1500."""
-    match = _NUMBER.match(str(text))
-    if not match:
-        raise UserError(f"{what}={text!r}: expected a number with an optional k/M/G/B/T suffix (e.g. 2M, 1e9, 32768)")
-    value = float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
-    if not math.isfinite(value) or value < 1 or abs(value - round(value)) > 1e-6 * value:
-        raise UserError(f"{what}={text!r}: expected a positive whole number")
-    return int(round(value))
+    return units.parse_count(text, what, integer=True)
 
 
 def parse_float(text: str, what: str) -> float:

@@ -43,7 +43,7 @@ def test_predict_json_moe(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["predict", "--params", "0", "--tokens", "1e11"], "--params '0' must be a positive"),
-    (["predict", "--params", "1e9", "--tokens", "nan"], "--tokens 'nan' must be a positive"),
+    (["predict", "--params", "1e9", "--tokens", "nan"], "--tokens 'nan' is not a number"),
     (["predict", "--params", "big", "--tokens", "1e11"], "is not a number"),
     (["predict", "--params", "1e9", "--tokens", "1e11", "--law", "foo"], "unknown law 'foo'"),
     (["fit", "/nonexistent/runs.csv"], "no such file"),

@@ -45,7 +45,7 @@ def test_train_moe_json(capsys):
     [
         (["--batch-tokens", "1000"], "batch_tokens=1000 is not a multiple of seq_len=128"),
         (["--lr", "fast"], "--lr='fast'"),
-        (["--tokens", "lots"], "--tokens='lots'"),
+        (["--tokens", "lots"], "--tokens 'lots' is not a number"),
         (["--moe-experts", "2", "--moe-topk", "3"], "top-k"),
         (["--params-active"], "--params-active"),
     ],
