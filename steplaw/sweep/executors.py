@@ -351,6 +351,21 @@ def _ray_task(run_fn, config: dict, run_dir: str | None, threads: int):
     return execute(run_fn, config, run_dir), socket.gethostname(), versions()
 
 
+def _check_ray_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast on an unreachable cluster: ray.init retries a dead `host:port` for
+    minutes before it gives up. 'auto', None and ray:// addresses are left to Ray."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"Ray address {address!r}: expected HOST:PORT, 'auto' or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot reach Ray at {address!r} ({exc.strerror or exc}); is `ray start --head` running there?") from None
+
+
 class RayExecutor:
     """Runs as Ray tasks, each asking for `cpus_per_run` CPUs and `gpus_per_run` GPUs
     (fractions allowed: 0.25 packs four small runs on a GPU). `address`: a running
@@ -368,6 +383,7 @@ class RayExecutor:
         self.ray = ray
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
+            _check_ray_reachable(address)
             kwargs = {"address": address, "include_dashboard": False, "log_to_driver": False,
                       "configure_logging": False}
             if address is None:
