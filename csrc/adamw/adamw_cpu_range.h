@@ -1,6 +1,6 @@
 // The CPU kernel's unit of work, a range of one parameter, as a plain struct so that it
 // crosses between translation units compiled for different instruction sets (the
-// AVX2 one must not include torch headers: their inline functions would be emitted
+// AVX2 and AVX-512 ones must not include torch headers: their inline functions would be emitted
 // with AVX2 instructions and could be picked by the linker for every caller).
 #pragma once
 
@@ -30,6 +30,9 @@ struct RangeRequest {
 bool avx2_fma_available();
 // The AVX2+FMA kernel; call only when avx2_fma_available().
 void update_range_avx2(const RangeRequest& request);
+// Whether this CPU runs the AVX-512 kernel, and that kernel (same results, 16 lanes).
+bool avx512_available();
+void update_range_avx512(const RangeRequest& request);
 
 }  // namespace adamw
 }  // namespace steplaw

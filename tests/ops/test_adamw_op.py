@@ -240,8 +240,10 @@ def test_reference_fallback_without_extension():
     assert result.stdout.strip().endswith("ok")
 
 
-def test_portable_cpu_path_matches_reference():
-    """The scalar path used on CPUs without AVX2/FMA (forced by STEPLAW_CPU_PORTABLE)."""
+@pytest.mark.parametrize("env", [{"STEPLAW_CPU_PORTABLE": "1"}, {"STEPLAW_CPU_ISA": "portable"}, {"STEPLAW_CPU_ISA": "avx2"}])
+def test_narrower_cpu_paths_match_reference(env):
+    """The scalar path (CPUs without AVX2/FMA) and the AVX2 path (CPUs without AVX-512),
+    forced on this machine, against the reference: every CPU path rounds alike."""
     import os
     import subprocess
     import sys
@@ -252,7 +254,46 @@ def test_portable_cpu_path_matches_reference():
         "for case in t.CASES: t._compare('cpu', case)\n"
         "print('ok')\n" % os.path.dirname(os.path.abspath(__file__))
     )
-    env = dict(os.environ, STEPLAW_CPU_PORTABLE="1")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, **env))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_every_cpu_path_gives_the_same_bits():
+    """AVX-512, AVX2 and scalar kernels (whichever this CPU has) on ragged sizes, with
+    amsgrad and a grad scale: identical parameters and state, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, steplaw.ops\n"
+        "from steplaw.ops.adamw import fused_adamw_\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "sizes = [1, 7, 15, 16, 17, 33, 1000, 70001]\n"
+        "ps = [torch.randn(n, generator=g) for n in sizes]\n"
+        "gs = [torch.randn(n, generator=g) * 100 for n in sizes]\n"
+        "ms = [torch.randn(n, generator=g) for n in sizes]\n"
+        "vs = [torch.rand(n, generator=g) for n in sizes]\n"
+        "vmax = [v.clone() for v in vs]\n"
+        "steps = [torch.tensor(4.0) for _ in sizes]\n"
+        "hp = torch.tensor([[1e-3, 0.9, 0.95, 0.1, 1e-8, 0.0]], dtype=torch.float64)\n"
+        "fused_adamw_(ps, gs, ms, vs, vmax, [], steps, hp, [0] * len(sizes), True, grad_scale=torch.tensor(64.0))\n"
+        "torch.save([ps, ms, vs, vmax], __import__('sys').argv[1])\n"
+    )
+    out = {}
+    for isa in ("", "avx2", "portable"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"steplaw_isa_{os.getpid()}_{isa or 'best'}.pt")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STEPLAW_CPU")}
+        if isa:
+            env["STEPLAW_CPU_ISA"] = isa
+        result = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                                timeout=120, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        out[isa or "best"] = torch.load(path)
+        os.remove(path)
+    for name in ("avx2", "portable"):
+        for a_list, b_list in zip(out["best"], out[name]):
+            for a, b in zip(a_list, b_list):
+                assert torch.equal(a, b), name

@@ -395,7 +395,8 @@ def test_torch_compile_fullgraph_training_step(backend):
 def test_large_step_takes_the_parallel_path_and_matches_torch_fused():
     # > 2^18 elements in all: the CPU kernel splits the chunks over the thread pool.
     g = torch.Generator().manual_seed(5)
-    ours = [torch.randn(n, generator=g).requires_grad_() for n in (200_000, 70_001, 16_384 * 3 + 5)]
+    # 600_001 elements span three kernel tasks of 2^18, the others one each.
+    ours = [torch.randn(n, generator=g).requires_grad_() for n in (600_001, 70_001, 16_384 * 3 + 5)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     opt, ref = FusedAdamW(ours, lr=1e-2, amsgrad=True), torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, fused=True)
     for step in range(3):
