@@ -22,10 +22,7 @@ namespace steplaw {
 namespace adamw {
 namespace {
 
-using steplaw_avx2::steplaw::adamw::Coeffs;
-using steplaw_avx2::steplaw::adamw::ScalarOps;
-using steplaw_avx2::steplaw::adamw::make_coeffs;
-using steplaw_avx2::steplaw::adamw::update;
+namespace math = steplaw_avx2::steplaw::adamw;  // this TU's copy of adamw_math.h
 
 // 8 float lanes; each operation one instruction, rounding as its scalar counterpart.
 struct Lane8 {

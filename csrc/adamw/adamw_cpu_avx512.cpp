@@ -23,10 +23,7 @@ namespace steplaw {
 namespace adamw {
 namespace {
 
-using steplaw_avx512::steplaw::adamw::Coeffs;
-using steplaw_avx512::steplaw::adamw::ScalarOps;
-using steplaw_avx512::steplaw::adamw::make_coeffs;
-using steplaw_avx512::steplaw::adamw::update;
+namespace math = steplaw_avx512::steplaw::adamw;  // this TU's copy of adamw_math.h
 
 // 16 float lanes; each operation one instruction, rounding as its scalar counterpart.
 struct Lane16 {
