@@ -281,7 +281,7 @@ def add_commands(subparsers) -> None:
     predict.add_argument("--params", required=True, metavar="N",
                          help="non-embedding parameters (for MoE: total non-embedding), e.g. 1e9 or 7B")
     predict.add_argument("--tokens", required=True, metavar="D", help="training tokens, e.g. 1e11")
-    predict.add_argument("--law", default="all", help="'all' or a comma-separated list of: step_law, deepseek, kaplan")
+    predict.add_argument("--law", default="all", help="'all' or a comma-separated list of: step_law, deepseek, kaplan, porian")
     predict.add_argument("--moe-active", default=None, metavar="N_ACTIVE",
                          help="MoE: activated non-embedding parameters per token")
     predict.add_argument("--seq-len", type=_positive_int, default=2048, metavar="L",

@@ -29,8 +29,17 @@ Laws included (formulas and constants checked against the papers' text):
   to in its limits). That loss is on WebText2 with GPT-2's tokenizer: a user's own loss
   (`loss=`) is better when their data differ.
 
+- Porian et al. 2024, "Resolving Discrepancies in Compute-Optimal Scaling of Language
+  Models", arXiv:2406.19146: eta = 3.7 N^-0.36 and B = 0.7576 N^0.703 tokens (the paper
+  states B as 0.00037 N^0.703 sequences of 2048 tokens), fitted on models of 5M to 901M
+  parameters with AdamW (beta2 tuned at small batches). The constants are as Li et al.
+  2025 tabulate them in their comparison of laws; Porian's N counts the output head but
+  not the input embedding, one d_model x vocab more than our non-embedding N, which we
+  pass unchanged (the law depends on N alone; no D).
+
 Left out because their constants could not be checked against the paper text here:
-Porian et al. 2024, Bjorck et al. 2024, Power Lines (Bergsma et al. 2025).
+Bjorck et al. 2024 (the stored secondary sources disagree on its coefficient), Power
+Lines (Bergsma et al. 2025), MiniCPM.
 """
 from __future__ import annotations
 
@@ -52,6 +61,9 @@ DEEPSEEK_BS_COEF, DEEPSEEK_BS_EXP_C = 0.2920, 0.3271
 KAPLAN_B_STAR, KAPLAN_ALPHA_B = 2.1e8, 0.21
 KAPLAN_N_C, KAPLAN_ALPHA_N = 8.8e13, 0.076
 KAPLAN_D_C, KAPLAN_ALPHA_D = 5.4e13, 0.095
+# Porian et al. 2024 (arXiv:2406.19146), as tabulated by Li et al. 2025.
+PORIAN_LR_COEF, PORIAN_LR_EXP_N = 3.7, -0.36
+PORIAN_BS_COEF, PORIAN_BS_EXP_N = 0.7576, 0.703
 # Kaplan et al. 2020 Appendix D.6, Eq. D.1 (natural log).
 KAPLAN_LR_INTERCEPT, KAPLAN_LR_SLOPE = 0.003239, -0.0001395
 
@@ -104,6 +116,12 @@ def kaplan_lr(n_params: float) -> float | None:
     n = _check_positive("n_params", n_params)
     lr = KAPLAN_LR_INTERCEPT + KAPLAN_LR_SLOPE * math.log(n)
     return lr if lr > 0 else None
+
+
+def porian_law(n_params: float) -> tuple[float, float]:
+    """(lr, batch size in tokens) from Porian et al. 2024 for N parameters (see above)."""
+    n = _check_positive("n_params", n_params)
+    return PORIAN_LR_COEF * n**PORIAN_LR_EXP_N, PORIAN_BS_COEF * n**PORIAN_BS_EXP_N
 
 
 @dataclass(frozen=True)
@@ -196,6 +214,7 @@ def _range_warnings(law_key: str, ranges: dict[str, tuple[float, float]], values
 _STEP_RANGE = {"N": (6e7, 1.1e9), "D": (2e9, 1.1e11)}
 _DEEPSEEK_RANGE = {"C": (1e17, 3e20)}
 _KAPLAN_RANGE = {"N": (7.68e2, 1.5e9), "D": (2.2e7, 2.3e10)}
+_PORIAN_RANGE = {"N": (5e6, 9.01e8)}  # the paper's model sizes
 
 
 def _predict_step(inputs: LawInputs) -> Prediction:
@@ -248,6 +267,16 @@ def _predict_kaplan(inputs: LawInputs) -> Prediction:
     return pred
 
 
+def _predict_porian(inputs: LawInputs) -> Prediction:
+    # A dense-model law of N alone; for MoE we evaluate it with the activated count, the
+    # parameters a token's compute passes through.
+    n = inputs.n_active if inputs.n_active else inputs.n_params
+    lr, bs = porian_law(n)
+    pred = Prediction("porian", lr, bs, "N_active (non-embedding)" if inputs.n_active else "N (non-embedding)")
+    pred.warnings += _range_warnings("porian", _PORIAN_RANGE, {"N": n})
+    return pred
+
+
 LAWS: dict[str, Law] = {
     "step_law": Law(
         key="step_law",
@@ -284,6 +313,17 @@ LAWS: dict[str, Law] = {
         fitted_range=_KAPLAN_RANGE,
         range_note="extent of Kaplan's models (768 to 1.5e9 parameters, 22M to 23B tokens)",
         predict=_predict_kaplan,
+    ),
+    "porian": Law(
+        key="porian",
+        name="Porian et al. (compute-optimal scaling, tuned AdamW)",
+        citation="Porian et al. 2024, arXiv:2406.19146 (constants as tabulated in arXiv:2503.04715)",
+        formula="lr = 3.7 * N^-0.36 ; B = 0.7576 * N^0.703 (= 0.00037 * N^0.703 sequences of 2048)",
+        input_units="N: parameters (Porian counts the output head, not the input embedding); no D",
+        output_units="lr: peak learning rate; B: tokens per batch",
+        fitted_range=_PORIAN_RANGE,
+        range_note="the paper's model sizes, 5M to 901M parameters",
+        predict=_predict_porian,
     ),
 }
 

@@ -38,7 +38,7 @@ def test_predict_json_moe(capsys):
     used = [p["n_used"] for p in out["predictions"] if p["law"] == "step_law"]
     assert used == ["N total (non-embedding)", "N activated (non-embedding)"]
     assert out["predictions"][0]["batch_seqs"] == pytest.approx(out["predictions"][0]["batch_tokens"] / 2048)
-    assert set(out["laws"]) == {"step_law", "deepseek", "kaplan"}
+    assert set(out["laws"]) == {"step_law", "deepseek", "kaplan", "porian"}
 
 
 @pytest.mark.parametrize("argv, message", [

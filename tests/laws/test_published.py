@@ -5,7 +5,7 @@ import pytest
 
 from steplaw.errors import UserError
 from steplaw.laws.published import (
-    LAWS, disagreements, kaplan_critical_batch, kaplan_loss, kaplan_lr, predict_all, resolve_law_names, step_law,
+    LAWS, disagreements, kaplan_critical_batch, kaplan_loss, kaplan_lr, porian_law, predict_all, resolve_law_names, step_law,
 )
 
 # Step Law (arXiv:2503.04715): lr = 1.79 N^-0.713 D^0.307, B = 0.58 D^0.571.
@@ -99,11 +99,11 @@ def test_unknown_law_is_refused():
 def test_disagreement_lines():
     preds = predict_all(1e9, 1e11)
     lines = disagreements(preds, factor=2.0)
-    # Step Law lr 1.63e-3 vs Kaplan 3.48e-4 (4.69x); batch 1.11e6 vs Kaplan 3.32e6 (3.0x).
+    # Porian lr 2.129e-3 vs Kaplan 3.481e-4 (6.12x); batch Step Law 1.11e6 vs Kaplan 3.32e6 (3.0x).
     assert len(lines) == 2
-    assert "learning rate by 4.7x" in lines[0] and "batch size by 3.0x" in lines[1]
+    assert "learning rate by 6.1x" in lines[0] and "batch size by 3.0x" in lines[1]
     assert len(disagreements(preds, factor=4.0)) == 1
-    assert disagreements(preds, factor=5.0) == []
+    assert disagreements(preds, factor=7.0) == []
 
 
 def test_kaplan_lr_matches_hand_values():
@@ -115,3 +115,30 @@ def test_kaplan_lr_matches_hand_values():
     assert kaplan_lr(1e11) is None
     (pred,) = predict_all(1e11, 1e12, laws="kaplan")
     assert pred.lr is None and any("not positive" in w for w in pred.warnings)
+
+
+@pytest.mark.parametrize(
+    "n, lr, bs",
+    [
+        # log10 lr = log10 3.7 - 0.36*9 = 0.568202 - 3.24 = -2.671798 -> 2.1291e-3
+        # log10 B = log10 0.7576 + 0.703*9 = -0.120560 + 6.327 = 6.206440 -> 1.60857e6
+        (1e9, 2.1291e-3, 1.60857e6),
+        # log10 lr = 0.568202 - 2.88 = -2.311798 -> 4.8775e-3; log10 B = -0.120560 + 5.624 -> 3.18742e5
+        (1e8, 4.8775e-3, 3.18742e5),
+    ],
+)
+def test_porian_matches_hand_values(n, lr, bs):
+    got_lr, got_bs = porian_law(n)
+    assert got_lr == pytest.approx(lr, rel=2e-4)
+    assert got_bs == pytest.approx(bs, rel=2e-4)
+    # The paper's own unit: 0.00037 N^0.703 sequences of 2048 tokens (= 0.75776 N^0.703 tokens).
+    assert got_bs / 2048 == pytest.approx(0.00037 * n**0.703, rel=1e-3)
+
+
+def test_porian_uses_active_params_for_moe_and_warns_outside_its_models():
+    (dense,) = predict_all(2e8, 1e10, laws="porian")
+    assert dense.warnings == []
+    (moe,) = predict_all(1e10, 1e11, n_active=2e8, laws="porian")
+    assert moe.lr == pytest.approx(dense.lr) and "active" in moe.n_used
+    (big,) = predict_all(7e9, 1e11, laws="porian")
+    assert any("outside the range" in w for w in big.warnings)
