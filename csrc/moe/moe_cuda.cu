@@ -341,6 +341,15 @@ int vector_width(int64_t hidden, std::initializer_list<const void*> ptrs) {
   return std::max<int>(1, bytes / static_cast<int>(sizeof(scalar_t)));
 }
 
+// Calls launch(std::integral_constant<int, V>) with V the widest of 8/4/2/1 within `vec`.
+template <typename Launch>
+void with_vector_width(int vec, Launch&& launch) {
+  if (vec >= 8) launch(std::integral_constant<int, 8>());
+  else if (vec >= 4) launch(std::integral_constant<int, 4>());
+  else if (vec >= 2) launch(std::integral_constant<int, 2>());
+  else launch(std::integral_constant<int, 1>());
+}
+
 // ---- ops ------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& logits_in, int64_t k,
@@ -468,10 +477,7 @@ at::Tensor combine_cuda(const at::Tensor& y_in, const at::Tensor& row_map_in, co
           static_cast<int32_t>(k), hidden, y.size(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (vec >= 8) launch(std::integral_constant<int, 8>());
-    else if (vec >= 4) launch(std::integral_constant<int, 4>());
-    else if (vec >= 2) launch(std::integral_constant<int, 2>());
-    else launch(std::integral_constant<int, 1>());
+    with_vector_width(vec, launch);
   });
   return out;
 }
@@ -522,10 +528,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
             static_cast<int32_t>(k), hidden, y.size(0));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (vec >= 8) launch(std::integral_constant<int, 8>());
-      else if (vec >= 4) launch(std::integral_constant<int, 4>());
-      else if (vec >= 2) launch(std::integral_constant<int, 2>());
-      else launch(std::integral_constant<int, 1>());
+      with_vector_width(vec, launch);
     } else if (tokens > 0) {
       grad_w.zero_();
     }
