@@ -133,7 +133,7 @@ def _wls_batched(X: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray:
     return coefs
 
 
-def _edge(value: float, grid: np.ndarray) -> str | None:
+def grid_edge(value: float, grid: np.ndarray) -> str | None:
     if grid.size < 2 or np.isclose(grid.min(), grid.max()):
         return "single"
     if np.isclose(value, grid.min(), rtol=1e-9):
@@ -143,7 +143,7 @@ def _edge(value: float, grid: np.ndarray) -> str | None:
     return None
 
 
-def _quadratic_optimum(log_lr: np.ndarray, log_bs: np.ndarray, loss: np.ndarray, window: float) -> dict | None:
+def quadratic_optimum(log_lr: np.ndarray, log_bs: np.ndarray, loss: np.ndarray, window: float) -> dict | None:
     """Minimum and curvature of loss ~ quadratic in (log lr, log B) over runs near the best."""
     keep = loss <= loss.min() * (1 + window)
     x, y, z = log_lr[keep], log_bs[keep], loss[keep]
@@ -248,14 +248,14 @@ def fit_hparams(
         lr_grid = np.unique(table.lr[rows])
         bs_grid = np.unique(table.batch_tokens[rows])
         best_row = valid_rows[0]
-        quad = _quadratic_optimum(np.log(table.lr[valid_rows]), np.log(table.batch_tokens[valid_rows]), loss, quad_window)
+        quad = quadratic_optimum(np.log(table.lr[valid_rows]), np.log(table.batch_tokens[valid_rows]), loss, quad_window)
         cells.append(CellOptimum(
             N=float(cell_n), D=float(cell_d), n_runs=int(rows.size), n_valid=int(valid_rows.size),
             best_loss=float(best), best_lr=float(table.lr[best_row]), best_bs=float(table.batch_tokens[best_row]),
             opt_lr=float(np.exp(np.mean(np.log(table.lr[near])))),
             opt_bs=float(np.exp(np.mean(np.log(table.batch_tokens[near])))),
             n_near=int(near.size),
-            lr_edge=_edge(table.lr[best_row], lr_grid), bs_edge=_edge(table.batch_tokens[best_row], bs_grid),
+            lr_edge=grid_edge(table.lr[best_row], lr_grid), bs_edge=grid_edge(table.batch_tokens[best_row], bs_grid),
             quadratic=quad,
         ))
         run_rows.append(valid_rows)
