@@ -3,19 +3,29 @@
     steplaw sweep SPEC.toml --out DIR                # a spec file (TOML, YAML, JSON)
     steplaw sweep --params 1M 3M --tokens 1e8 --out DIR   # or flags (they override a file)
     steplaw sweep --out DIR                          # resume DIR with its stored spec
-    steplaw runs DIR [--csv | --json] [-o FILE]      # the runs table
+    steplaw sweep ... --out DIR --new-spec           # a changed spec on DIR (history kept)
+    steplaw runs DIR [--csv | --json] [-o FILE]      # the runs table (steplaw.runtable)
+    steplaw runs DIR --specs                         # the specs DIR was swept with
     steplaw demo [--out DIR]                         # tiny CPU sweep, fit, report
+
+Every setting is checked before any run starts (also with --dry-run); a mistake is one
+line on stderr and exit 2. A sweep whose runs failed prints the distinct reasons and
+exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from steplaw.errors import UserError
+from steplaw.fileio import write_atomic
 from steplaw.units import parse_count
+
 
 def _count_arg(text: str) -> float:
     """argparse type for counts like 3M or 2.5e5 (see steplaw.units.parse_count)."""
@@ -45,7 +55,7 @@ def add_commands(subparsers) -> None:
     grid.add_argument("--params", nargs="+", type=_count_arg, help="target non-embedding parameter counts, e.g. 1M 3M")
     grid.add_argument("--tokens", nargs="+", type=_count_arg, help="token budgets D, e.g. 2e7 1e8")
     grid.add_argument("--moe-experts", type=int, help="make every model MoE with this many experts")
-    grid.add_argument("--moe-topk", type=int, default=2, help="experts per token (with --moe-experts)")
+    grid.add_argument("--moe-topk", type=int, help="experts per token (with --moe-experts; default 2)")
     grid.add_argument("--lr-points", type=int, help="LRs per cell (default 5)")
     grid.add_argument("--lr-span", type=float, help="LR grid covers centre/span..centre*span (default 4)")
     grid.add_argument("--lr-scale", type=float, help="LR centre = scale x Step Law LR (default 1)")
@@ -58,7 +68,10 @@ def add_commands(subparsers) -> None:
     grid.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                       help="a fixed RunConfig setting for every run (repeatable), e.g. --set schedule=wsd --set seed=1")
     _add_execution_flags(sweep)
-    sweep.add_argument("--dry-run", action="store_true", help="print the cells and grids, run nothing")
+    sweep.add_argument("--dry-run", action="store_true", help="check every run, print the cells and grids, run nothing")
+    sweep.add_argument("--new-spec", action="store_true",
+                       help="allow a spec that differs from the one --out was swept with: its runs join the old "
+                            "ones, each row keeps its spec_id, and the history stays in the store")
     sweep.set_defaults(func=cmd_sweep)
 
     runs = subparsers.add_parser("runs", help="list or export the runs of a sweep directory")
@@ -66,6 +79,7 @@ def add_commands(subparsers) -> None:
     fmt = runs.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV with the runs-table columns (what `steplaw fit` reads)")
     fmt.add_argument("--json", action="store_true", help="JSON list of rows with the runs-table columns")
+    fmt.add_argument("--specs", action="store_true", help="the specs the directory was swept with (spec_id: JSON)")
     runs.add_argument("--output", "-o", help="write to this file instead of stdout")
     runs.set_defaults(func=cmd_runs)
 
@@ -73,6 +87,7 @@ def add_commands(subparsers) -> None:
     demo.add_argument("--out", "-o", default="steplaw-demo", help="sweep directory (default ./steplaw-demo)")
     demo.add_argument("--scale", choices=["full", "small"], default="full", help="full: 72 runs; small: 8 runs")
     demo.add_argument("--no-report", action="store_true", help="only run the sweep")
+    demo.add_argument("--new-spec", action="store_true", help="allow a different demo scale on an existing --out")
     _add_execution_flags(demo, ray=False)
     demo.set_defaults(func=cmd_demo)
 
@@ -112,14 +127,14 @@ def load_run_fn(name: str):
 def spec_from_args(args):
     from steplaw.sweep.spec import ModelSpec, SweepSpec
 
-    spec_path = Path(args.out) / "spec.json"
+    _check_grid_flags(args)
     if args.spec:
         data = SweepSpec.from_file(args.spec).to_dict()
-    elif args.params is None and args.tokens is None and spec_path.is_file():
-        data = json.loads(spec_path.read_text())  # resume with the stored spec
+    elif args.params is None and args.tokens is None:
+        data = stored_spec(args.out) or {}  # resume with the stored spec
     else:
         data = {}
-    moe = {"n_experts": args.moe_experts, "top_k": args.moe_topk} if args.moe_experts else None
+    moe = {"n_experts": args.moe_experts, "top_k": args.moe_topk or 2} if args.moe_experts else None
     if args.params is not None:
         data["models"] = [{"params": p, "moe": moe} for p in args.params]
     elif moe is not None and data.get("models"):
@@ -141,6 +156,57 @@ def spec_from_args(args):
         raise UserError("no sweep to run: expected a spec file, or --params and --tokens, or an --out directory holding spec.json")
     data["models"] = [m if isinstance(m, ModelSpec) else _clean_model(m) for m in data["models"]]
     return SweepSpec.from_dict(data)
+
+
+def _check_grid_flags(args):
+    """The grid flags' own mistakes, named by flag (the spec checks what they build)."""
+    positive_floats = {"--lr-scale": args.lr_scale, "--batch-scale": args.batch_scale, "--lr-span": args.lr_span}
+    for flag, value in positive_floats.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} {value}: expected a finite number above 0")
+    if args.lr_span is not None and args.lr_span < 1:
+        raise UserError(f"--lr-span {args.lr_span}: expected at least 1 (the grid spans centre/span..centre*span)")
+    positive_ints = {"--seq-len": args.seq_len, "--lr-points": args.lr_points, "--batch-points": args.batch_points,
+                     "--min-steps": args.min_steps}
+    for flag, value in positive_ints.items():
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: expected a whole number of at least 1")
+    for lr in args.lrs or []:
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"--lrs {lr}: expected finite learning rates above 0")
+    if args.moe_experts is not None and args.moe_experts < 1:
+        raise UserError(f"--moe-experts {args.moe_experts}: expected at least 1 expert (leave it out for dense models)")
+    if args.moe_topk is not None:
+        if args.moe_experts is None:
+            raise UserError(f"--moe-topk {args.moe_topk} needs --moe-experts: expected both, or neither for dense models")
+        if not 1 <= args.moe_topk <= args.moe_experts:
+            raise UserError(f"--moe-topk {args.moe_topk}: expected 1 to --moe-experts {args.moe_experts} experts per token")
+
+
+def stored_spec(out) -> dict | None:
+    """The spec a sweep directory was last swept with: from its store, else spec.json."""
+    from steplaw.sweep.store import DB_NAME, SPEC_NAME, ResultStore
+
+    out = Path(out)
+    if (out / DB_NAME).is_file():
+        try:
+            with ResultStore(out, readonly=True) as store:
+                spec = store.meta("spec")
+            if spec is not None:
+                return spec
+        except UserError:
+            pass  # a damaged store: spec.json may still hold the spec, and the driver rebuilds the store
+    path = out / SPEC_NAME
+    if not path.is_file():
+        return None
+    try:
+        spec = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{str(path)!r} is damaged ({exc}) and the store holds no spec: expected a spec file or "
+                        f"--params and --tokens to say what to sweep") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{str(path)!r} holds {type(spec).__name__}: expected the sweep spec as a JSON table")
+    return spec
 
 
 def _clean_model(entry):
@@ -165,58 +231,119 @@ def make_executor_factory(args, run_fn):
 
 
 def _check_execution_args(args):
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: expected at least 1")
-    if args.max_attempts < 1:
-        raise UserError(f"--max-attempts {args.max_attempts}: expected at least 1")
+    checks = [("--workers", getattr(args, "workers", None), 1), ("--threads-per-worker", getattr(args, "threads_per_worker", None), 1),
+              ("--workers-per-gpu", getattr(args, "workers_per_gpu", None), 1), ("--max-attempts", args.max_attempts, 1)]
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value}: expected at least {least}")
+    for flag in ("cpus_per_run", "gpus_per_run"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{flag.replace('_', '-')} {value}: expected a finite number >= 0")
 
 
-def run_spec(spec, args) -> "object":
+def _check_out(out: str):
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out!r} is a file: expected a sweep directory (new or existing)")
+
+
+def run_spec(spec, args):
+    """Check every run of `spec`, then run the sweep into args.out; returns its summary."""
+    from steplaw.progress import ProgressLine
     from steplaw.sweep.driver import run_sweep
-    from steplaw.sweep.progress import ProgressLine
+    from steplaw.sweep.spec import validate_runs
 
+    _check_out(args.out)
     _check_execution_args(args)
     run_fn = load_run_fn(args.run_fn)
     runs = spec.expand()
+    validate_runs(runs, local=getattr(args, "executor", "local") != "ray")
     line = ProgressLine(len(runs), enabled=not args.quiet)
     return run_sweep(runs, args.out, make_executor_factory(args, run_fn), max_attempts=args.max_attempts,
-                     spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed)
+                     spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed, new_spec=args.new_spec)
+
+
+def report_failures(summary, out) -> int:
+    """Print why runs failed (distinct reasons, with counts); the exit code of the sweep:
+    0 when every run finished, 1 when runs failed or are left pending."""
+    from steplaw.sweep.store import ResultStore
+
+    failed = summary.counts.get("failed", 0)
+    if failed:
+        with ResultStore(out, readonly=True) as store:
+            reasons = store.failure_reasons()
+        print(f"steplaw sweep: {failed} run(s) failed; reasons (runs: reason):", file=sys.stderr)
+        for reason, count in reasons.items():
+            first = reason.strip().splitlines()[0] if reason.strip() else "no reason recorded"
+            print(f"  {count}: {first[:300]}", file=sys.stderr)
+        print(f"  (`steplaw runs {out}` lists them; rerun with --retry-failed to try them again)", file=sys.stderr)
+    unfinished = summary.counts.get("pending", 0) + summary.counts.get("running", 0)
+    return 1 if failed or unfinished else 0
 
 
 def cmd_sweep(args) -> int:
+    from steplaw.sweep.spec import validate_runs
+
+    _check_out(args.out)
     spec = spec_from_args(args)
     if args.dry_run:
         cells = spec.cells()
+        runs = spec.expand()
+        validate_runs(runs, local=args.executor != "ray")
         for cell in cells:
             print(f"{cell.label}: N={cell.n_params:,} D={cell.tokens:,}  lr {', '.join(f'{x:.3g}' for x in cell.lrs)}"
                   f"  batch {', '.join(str(b) for b in cell.batch_sizes)} tokens")
-        print(f"{len(spec.expand())} runs in {len(cells)} cells")
+        print(f"{len(runs)} runs in {len(cells)} cells (all checked)")
         return 0
     summary = run_spec(spec, args)
-    return 0 if not summary.counts.get("pending") and not summary.counts.get("running") else 1
+    return report_failures(summary, args.out)
 
 
 def cmd_runs(args) -> int:
-    from steplaw.sweep.store import EXPORT_COLUMNS, export_rows, rows_to_csv, rows_to_json
+    from steplaw.sweep.store import EXPORT_COLUMNS, ResultStore, rows_to_csv, rows_to_json
 
-    if not Path(args.sweep_dir).is_dir():
-        raise UserError(f"sweep directory {args.sweep_dir!r} does not exist")
-    rows = export_rows(args.sweep_dir)
-    if args.csv:
-        text = rows_to_csv(rows)
-    elif args.json:
-        text = rows_to_json(rows) + "\n"
-    else:
-        text = _text_table(rows, EXPORT_COLUMNS)
+    path = Path(args.sweep_dir)
+    if not path.is_dir():
+        raise UserError(f"sweep directory {args.sweep_dir!r} does not exist or is not a directory")
     if args.output:
-        Path(args.output).write_text(text)
+        _check_output_file(args.output)
+    with ResultStore(path, readonly=True) as store:
+        if args.specs:
+            current = store.meta("spec_id")
+            text = "".join(f"{spec_id}{' (current)' if spec_id == current else ''}: {json.dumps(spec, sort_keys=True)}\n"
+                           for spec_id, spec in store.specs())
+        else:
+            rows = store.export()
+            if args.csv:
+                text = rows_to_csv(rows)
+            elif args.json:
+                text = rows_to_json(rows) + "\n"
+            else:
+                text = _text_table(rows, EXPORT_COLUMNS)
+    if args.output:
+        try:
+            write_atomic(args.output, text)
+        except OSError as exc:
+            raise UserError(f"cannot write {args.output!r} ({exc.strerror or exc}): expected a writable file path") from None
     else:
         sys.stdout.write(text)
     return 0
 
 
+def _check_output_file(output: str):
+    path = Path(output)
+    if path.is_dir():
+        raise UserError(f"-o {output!r} is a directory: expected a file path to write the table to")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"-o {output!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"-o {output!r} is not writable: expected a file path this user can write")
+
+
 def _text_table(rows, columns) -> str:
-    shown = ["run_id", "status", "N", "D", "lr", "batch_tokens", "loss", "val_loss"]
+    shown = ["run_id", "status", "spec_id", "N", "D", "lr", "batch_tokens", "loss", "val_loss"]
     cells = [[_fmt(row.get(c)) for c in shown] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(shown)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(shown, widths))]

@@ -11,12 +11,14 @@ that row's attempt.
 """
 from __future__ import annotations
 
-import json
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steplaw.sweep.progress import ProgressLine, format_duration
+from steplaw.progress import ProgressLine, format_duration
+from steplaw.sweep.spec import count_params
 from steplaw.sweep.store import DriverLock, ResultStore
 from steplaw.train.config import RunConfig
 
@@ -36,22 +38,16 @@ class SweepSummary:
                 f"{format_duration(self.wall_s)}")
 
 
-def _counts(config: RunConfig) -> dict | None:
-    try:
-        from steplaw.sweep.spec import count_params
-
-        return count_params(config.model)
-    except ImportError:
-        return None
-
-
 def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, max_attempts: int = 2,
-              spec: dict | None = None, progress: ProgressLine | bool = True, retry_failed: bool = False) -> SweepSummary:
+              spec: dict | None = None, progress: ProgressLine | bool = True, retry_failed: bool = False,
+              new_spec: bool = False) -> SweepSummary:
     """Run every config not yet finished in the store of `sweep_dir`.
 
     `make_executor()` builds the executor (called only when there is something to run).
     Failed runs are tried at most `max_attempts` times over all invocations
     (`retry_failed` grants them `max_attempts` more); diverged runs are results.
+    `spec` (a dict) is recorded as the directory's spec (ResultStore.record_spec): one that
+    differs from the stored spec is refused unless `new_spec`.
     """
     sweep_dir = Path(sweep_dir)
     started = time.time()
@@ -60,21 +56,20 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
     if len(configs) != len(runs):
         raise ValueError("run_sweep got duplicate configs")
     with DriverLock(sweep_dir), ResultStore(sweep_dir) as store:
+        for notice in store.notices:
+            print(f"steplaw sweep: warning: {notice}", file=sys.stderr)
+        spec_id = store.record_spec(spec, allow_change=new_spec) if spec is not None else None
         store.recover_interrupted()
-        counts = {run_id: _counts(config) for run_id, config in configs.items()}
+        counts = {run_id: count_params(config.model) for run_id, config in configs.items()}
         store.add_runs([{**config.to_dict(), "run_id": run_id} for run_id, config in configs.items()],
-                       [counts[run_id] for run_id in configs])
-        if spec is not None:
-            store.set_meta("spec", spec)
-            (sweep_dir / "spec.json").write_text(json.dumps(spec, indent=1) + "\n")
+                       [counts[run_id] for run_id in configs], spec_id=spec_id)
         if retry_failed:
             store.reset_failed()
         todo = store.todo(run_ids, max_attempts)
         # Largest runs first: the pool's last minutes are not spent waiting on one big run.
         todo.sort(key=lambda r: -_cost(configs[r], counts[r]))
         summary = SweepSummary(sweep_dir, len(run_ids))
-        summary.reused = sum(store.status_counts(run_ids).get(s, 0) for s in ("ok", "diverged")) + sum(
-            1 for row in store.rows(run_ids) if row["status"] == "failed" and row["attempts"] >= max_attempts)
+        summary.reused = len(run_ids) - len(todo)  # finished, or failed with no attempts left
         line = progress if isinstance(progress, ProgressLine) else ProgressLine(len(run_ids), enabled=bool(progress))
         if todo:
             _drive(store, configs, counts, todo, make_executor(), max_attempts, line, summary, sweep_dir, started)
@@ -90,9 +85,9 @@ def _cost(config: RunConfig, counts: dict | None) -> float:
 
 
 def _drive(store, configs, counts, todo, executor, max_attempts, line, summary, sweep_dir, started):
-    queue = list(todo)
+    queue = deque(todo)
     failed_seen = 0
-    attempts = {row["run_id"]: row["attempts"] for row in store.rows(todo)}
+    attempts = store.attempts(todo)
     remaining_cost = {run_id: _cost(configs[run_id], counts[run_id]) for run_id in todo}
     total_cost = sum(remaining_cost.values())
     done_cost = 0.0
@@ -100,25 +95,20 @@ def _drive(store, configs, counts, todo, executor, max_attempts, line, summary, 
     latest = ""
     try:
         while queue or executor.running():
-            while queue and executor.idle() > 0:
-                run_id = queue.pop(0)
-                store.mark_running(run_id)
-                run_dir = str(sweep_dir / "runs" / run_id)
-                executor.submit(run_id, configs[run_id].to_dict(), run_dir)
+            handing = []
+            while queue and executor.idle() > len(handing):
+                handing.append(queue.popleft())
+            if handing:
+                store.mark_running(*handing)  # one transaction for the batch
+                for run_id in handing:
+                    executor.submit(run_id, configs[run_id], str(sweep_dir / "runs" / run_id))
             completions, updates = executor.poll(0.25)
-            for completion in completions:
-                result = {**completion.result, "run_id": completion.run_id}
-                store.record_result(completion.run_id, result, completion.host, completion.versions)
-                summary.ran += 1
-                status = result.get("status")
-                if status == "failed":
-                    failed_seen += 1
-                    attempts[completion.run_id] = attempts.get(completion.run_id, 0) + 1
-                    if attempts[completion.run_id] < max_attempts:
-                        queue.append(completion.run_id)
-                        continue
-                finished += 1
-                done_cost += remaining_cost.pop(completion.run_id, 0.0)
+            newly_finished, newly_failed, cost = _record_completions(store, completions, attempts, max_attempts, queue,
+                                                                      remaining_cost)
+            summary.ran += len(completions)
+            finished += newly_finished
+            failed_seen += newly_failed
+            done_cost += cost
             for update in updates:
                 latest = describe_progress(update.run_id, update.info)
             eta = _eta(time.time() - started, finished - summary.reused, len(queue) + len(executor.running()),
@@ -129,9 +119,25 @@ def _drive(store, configs, counts, todo, executor, max_attempts, line, summary, 
         # Ctrl-C or a driver bug: stop the workers, leave unfinished runs pending.
         interrupted = list(executor.running())
         executor.close(force=True)
-        for run_id in interrupted:
-            store.mark_pending(run_id)
+        store.mark_pending(*interrupted)
         raise
+
+
+def _record_completions(store, completions, attempts, max_attempts, queue, remaining_cost) -> tuple[int, int, float]:
+    """Store finished attempts (one transaction) and requeue failed runs with attempts
+    left. Returns (runs finished for good, failed attempts, cost of the finished runs)."""
+    store.record_results([(c.run_id, c.result, c.host, c.versions, c.traceback) for c in completions])
+    finished, failed, cost = 0, 0, 0.0
+    for completion in completions:
+        if completion.result.status == "failed":
+            failed += 1
+            attempts[completion.run_id] = attempts.get(completion.run_id, 0) + 1
+            if attempts[completion.run_id] < max_attempts:
+                queue.append(completion.run_id)
+                continue
+        finished += 1
+        cost += remaining_cost.pop(completion.run_id, 0.0)
+    return finished, failed, cost
 
 
 def _eta(elapsed: float, finished: int, remaining: int, done_cost: float, total_cost: float) -> float | None:

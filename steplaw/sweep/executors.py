@@ -1,20 +1,29 @@
-"""Where runs execute: a local pool of worker processes, or Ray tasks on a cluster.
+"""Where runs execute: a local pool of worker processes, Ray tasks on a cluster, or inline.
 
-Both take the run function as a parameter (`run_fn(config: RunConfig, run_dir=...,
-[progress=...]) -> RunResult | dict`, importable by name so that it pickles), so the
-driver and the tests can swap it. Both report every submitted run exactly once, as a
-`Completion` holding a RunResult dict: a run that raises is `failed` with the error, a
+All take the run function as a parameter (`run_fn(config: RunConfig, run_dir=...,
+[progress=...]) -> RunResult`, importable by name so that it pickles), so the driver and
+the tests can swap it. All report every submitted run exactly once, as a `Completion`
+holding a `RunResult`: a run that raises is `failed` with the error as its reason, a
 worker that dies (out of memory, killed) is `failed` with how it died.
+
+The interface the driver uses: `capacity`, `idle()`, `running()`, `submit(run_id,
+config: RunConfig, run_dir)`, `poll(timeout) -> (completions, progress updates)` and
+`close(force=False)`.
 
 Local pool: long-lived `spawn`ed processes (no fork of a process that may hold CUDA or
 OpenMP state), one run at a time each, talking to the driver over a pipe. A dead worker
 is noticed through its process sentinel and replaced. Workers die with the driver
 (PR_SET_PDEATHSIG on Linux), so a killed driver leaves no orphans training on.
+
+Every finished result (ok or diverged) is also kept in its run directory as result.json
+(written atomically), so a lost store can be rebuilt from the run directories.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -22,21 +31,28 @@ import signal
 import socket
 import sys
 import time
-import traceback
+import traceback as tb
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 
+from steplaw import __version__
 from steplaw.errors import UserError
+from steplaw.fileio import write_atomic
+from steplaw.train.config import RunConfig, RunResult
 
 PROGRESS_INTERVAL_S = 0.5
+RESULT_NAME = "result.json"
+_RESULT_FIELDS = {f.name for f in dataclasses.fields(RunResult)}
 
 
 @dataclass
 class Completion:
     run_id: str
-    result: dict  # RunResult.to_dict(): status ok / diverged / failed, reason, losses, curve, ...
+    result: RunResult  # status ok / diverged / failed (with its reason), losses, curve, ...
     host: str | None = None
     versions: dict | None = None
+    traceback: str | None = None  # last lines of the traceback of a run that raised
 
 
 @dataclass
@@ -46,13 +62,7 @@ class Progress:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    try:
-        from steplaw import __version__
-
-        out["steplaw"] = __version__
-    except ImportError:
-        pass
+    out = {"python": platform.python_version(), "steplaw": __version__}
     if "torch" in sys.modules:
         out["torch"] = sys.modules["torch"].__version__
     return out
@@ -65,13 +75,33 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def execute(run_fn, config: dict, run_dir: str | None, progress=None) -> dict:
-    """Run one config through `run_fn`; always returns a RunResult dict."""
-    from steplaw.train.config import RunConfig
+def failed(reason: str, wall_s: float | None = None) -> RunResult:
+    """The RunResult of an attempt that did not finish."""
+    return RunResult(status="failed", reason=reason, wall_s=wall_s)
 
+
+def as_result(value) -> RunResult:
+    """A run function's return value as a RunResult: a RunResult as is, a dict of
+    RunResult fields (others are dropped), anything else a failure saying what it was."""
+    if isinstance(value, RunResult):
+        return value
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        data = {k: v for k, v in value.items() if k in _RESULT_FIELDS}
+        data["curve"] = [tuple(p) for p in data.get("curve") or []]
+        if data.get("status") not in ("ok", "diverged", "failed"):
+            data["reason"] = f"run function returned status {data.get('status')!r}: expected ok, diverged or failed"
+            data["status"] = "failed"
+        return RunResult(**data)
+    return failed(f"run function returned {type(value).__name__}: expected a RunResult")
+
+
+def execute(run_fn, config: RunConfig, run_dir: str | None, progress=None) -> tuple[RunResult, str | None]:
+    """Run one config through `run_fn`: (its RunResult, the traceback tail if it raised)."""
     started = time.time()
+    trace = None
     try:
-        run_config = RunConfig.from_dict(config)
         if run_dir is not None:
             try:
                 os.makedirs(run_dir, exist_ok=True)
@@ -81,24 +111,35 @@ def execute(run_fn, config: dict, run_dir: str | None, progress=None) -> dict:
         kwargs = {"run_dir": run_dir}
         if progress is not None and "progress" in _parameters(run_fn):
             kwargs["progress"] = progress
-        result = run_fn(run_config, **kwargs)
-        result = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+        result = as_result(run_fn(config, **kwargs))
     except MemoryError:
-        result = {"status": "failed", "reason": "out of memory (MemoryError in the run)"}
+        result = failed("out of memory (MemoryError in the run)")
     except Exception as exc:  # a crashing run is a result of the sweep, not of the driver
-        tail = traceback.format_exc().strip().splitlines()[-6:]
-        result = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "traceback": "\n".join(tail)}
-    if result.get("wall_s") is None:
-        result["wall_s"] = time.time() - started
-    return result
+        trace = "\n".join(tb.format_exc().strip().splitlines()[-6:])
+        result = failed(f"{type(exc).__name__}: {exc}")
+    if result.wall_s is None:
+        result.wall_s = time.time() - started
+    if run_dir is not None and result.status in ("ok", "diverged"):
+        _keep_result(run_dir, result, config)
+    return result, trace
+
+
+def _keep_result(run_dir: str, result: RunResult, config: RunConfig):
+    """result.json in the run directory, unless the run function wrote it (train.run does)."""
+    path = os.path.join(run_dir, RESULT_NAME)
+    if os.path.exists(path):
+        return
+    data = result.to_dict()
+    data["run_id"] = data.get("run_id") or config.run_id()
+    data["config"] = data.get("config") or config.to_dict()
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        write_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _drop_failed_result(run_dir: str):
     """steplaw.train.run returns the result a run directory already holds; a failed one
     must not answer the retry of that run."""
-    import json
-
-    path = os.path.join(run_dir, "result.json")
+    path = os.path.join(run_dir, RESULT_NAME)
     try:
         with open(path) as f:
             status = json.load(f).get("status")
@@ -171,9 +212,9 @@ def _worker_main(conn, run_fn, threads: int, parent_pid: int):
                 with contextlib.suppress(Exception):
                     conn.send(("progress", run_id, dict(info)))
 
-        result = execute(run_fn, config, run_dir, progress)
+        result, trace = execute(run_fn, config, run_dir, progress)
         try:
-            conn.send(("done", run_id, result, host, versions()))
+            conn.send(("done", run_id, result, host, versions(), trace))
         except (BrokenPipeError, OSError):
             return
 
@@ -250,7 +291,7 @@ class LocalExecutor:
         child_conn.close()
         slot.process, slot.conn, slot.run_id = process, parent_conn, None
 
-    def submit(self, run_id: str, config: dict, run_dir: str | None):
+    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
         slot = next((s for s in self.slots if s.run_id is None), None)
         if slot is None:
             raise RuntimeError("submit() with no idle worker")
@@ -287,14 +328,14 @@ class LocalExecutor:
                 if message[0] == "progress":
                     progress.append(Progress(message[1], message[2]))
                 elif message[0] == "done":
-                    _, run_id, result, host, vers = message
-                    done.append(Completion(run_id, result, host, vers))
+                    _, run_id, result, host, vers, trace = message
+                    done.append(Completion(run_id, result, host, vers, trace))
                     slot.run_id = None
                     break
             if slot.run_id is not None and (died or not slot.process.is_alive()):
                 slot.process.join(timeout=5)
                 reason = describe_exit(slot.process.exitcode)
-                done.append(Completion(slot.run_id, {"status": "failed", "reason": reason, "wall_s": time.time() - slot.started},
+                done.append(Completion(slot.run_id, failed(reason, time.time() - slot.started),
                                        socket.gethostname(), versions()))
                 slot.run_id, slot.process = None, None
                 slot.conn.close()
@@ -344,11 +385,12 @@ def _environment(env: dict):
 
 # -- Ray -------------------------------------------------------------------------------------
 
-def _ray_task(run_fn, config: dict, run_dir: str | None, threads: int):
+def _ray_task(run_fn, config: RunConfig, run_dir: str | None, threads: int):
     import torch
 
     torch.set_num_threads(max(1, threads))
-    return execute(run_fn, config, run_dir), socket.gethostname(), versions()
+    result, trace = execute(run_fn, config, run_dir)
+    return result, socket.gethostname(), versions(), trace
 
 
 def _check_ray_reachable(address: str | None, timeout_s: float = 5.0) -> None:
@@ -414,7 +456,7 @@ class RayExecutor:
     def running(self) -> dict[str, float]:
         return {run_id: started for run_id, started in self.refs.values()}
 
-    def submit(self, run_id: str, config: dict, run_dir: str | None):
+    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
         ref = self.task.remote(self.run_fn_ref, config, run_dir, self.threads)
         self.refs[ref] = (run_id, time.time())
 
@@ -427,12 +469,12 @@ class RayExecutor:
         for ref in ready:
             run_id, started = self.refs.pop(ref)
             try:
-                result, host, vers = self.ray.get(ref)
+                result, host, vers, trace = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:  # worker crashed, OOM-killed, node lost
-                result = {"status": "failed", "reason": f"ray: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
-                          "wall_s": time.time() - started}
-                host, vers = None, None
-            done.append(Completion(run_id, result, host, vers))
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                result = failed(f"ray: {type(exc).__name__}: {first}", time.time() - started)
+                host, vers, trace = None, None, None
+            done.append(Completion(run_id, result, host, vers, trace))
         return done, []
 
     def close(self, force: bool = False):
@@ -442,3 +484,45 @@ class RayExecutor:
         self.refs.clear()
         if self.started_ray:
             self.ray.shutdown()
+
+
+# -- inline ----------------------------------------------------------------------------------
+
+class InlineExecutor:
+    """Runs each run in the driver's own process, one after another, when polled: for run
+    functions that answer at once (a replay of a recorded table, tests, benchmarks of the
+    driver and store). `capacity` runs are handed out at a time so that the driver batches
+    its store writes; `run_dirs=False` skips run directories and result.json files."""
+
+    def __init__(self, run_fn, capacity: int = 64, run_dirs: bool = True):
+        if capacity < 1:
+            raise UserError(f"capacity={capacity}: expected at least 1 run at a time")
+        self.run_fn = run_fn
+        self._capacity = capacity
+        self.run_dirs = run_dirs
+        self.queue: deque = deque()  # (run_id, config, run_dir, submitted at)
+        self.host = socket.gethostname()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def idle(self) -> int:
+        return self._capacity - len(self.queue)
+
+    def running(self) -> dict[str, float]:
+        return {run_id: started for run_id, _, _, started in self.queue}
+
+    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
+        self.queue.append((run_id, config, run_dir if self.run_dirs else None, time.time()))
+
+    def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
+        done = []
+        while self.queue:
+            run_id, config, run_dir, _ = self.queue.popleft()
+            result, trace = execute(self.run_fn, config, run_dir)
+            done.append(Completion(run_id, result, self.host, None, trace))
+        return done, []
+
+    def close(self, force: bool = False):
+        self.queue.clear()

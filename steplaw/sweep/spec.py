@@ -18,39 +18,32 @@ flags as optima on the grid edge.
 
 Run ids are `RunConfig.run_id()`: a hash of the full config, so a changed setting is a
 new run and an unchanged one is found again in the store.
+
+Checks: a spec (file, dict or flags) with a wrong type, an unknown key or an impossible
+value is a UserError naming it; `validate_runs` checks every run config of a sweep before
+any run starts (what can be checked without training: types, schedule, batch arithmetic,
+the device), so a sweep never starts runs that can only fail.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from steplaw.errors import UserError
+from steplaw.laws.published import step_law
 from steplaw.models.config import ModelConfig, MoEConfig
 from steplaw.train.config import RunConfig
 
-# Published Step Law constants, used only when steplaw.laws is not importable (it is the
-# same formula: Li et al., "Predictable Scale: Part I", 2025, eq. for eta(N, D) and B(D)).
-_STEP_LAW_LR = (1.79, -0.713, 0.307)
-_STEP_LAW_BS = (0.58, 0.571)
+__all__ = ["ModelSpec", "SweepSpec", "Cell", "step_law", "count_params", "lr_grid", "batch_grid", "validate_runs"]
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "tokens", "lr", "batch_tokens"}
-
-
-def step_law(n_params: float, tokens: float) -> tuple[float, float]:
-    """Step Law (peak LR, batch size in tokens) for N non-embedding parameters, D tokens."""
-    try:
-        from steplaw.laws.published import step_law as published
-    except ImportError:
-        published = None
-    if published is not None:
-        lr, batch_tokens = published(n_params, tokens)
-        return float(lr), float(batch_tokens)
-    coef, exp_n, exp_d = _STEP_LAW_LR
-    bs_coef, bs_exp = _STEP_LAW_BS
-    return coef * n_params**exp_n * tokens**exp_d, bs_coef * tokens**bs_exp
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
+_MOE_FIELDS = {f.name for f in dataclasses.fields(MoEConfig)}
+MAX_SEED = 2**63  # seeds are stored as SQLite integers and hashed as 64-bit counters
 
 
 def count_params(model: ModelConfig) -> dict:
@@ -70,12 +63,18 @@ class ModelSpec:
     moe: dict | None = None  # MoEConfig fields; None: dense
 
     def build(self, vocab_size: int, seq_len: int) -> ModelConfig:
-        moe = MoEConfig(**self.moe) if self.moe is not None else None
+        try:
+            moe = MoEConfig(**self.moe) if self.moe is not None else None
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"model {self.label()} has a bad MoE setting ({exc})") from None
         if self.shape is not None:
             fields = dict(self.shape)
             fields.setdefault("vocab_size", vocab_size)
             fields.setdefault("max_seq_len", max(seq_len, 128))
-            return ModelConfig(**fields, moe=moe)
+            try:
+                return ModelConfig(**fields, moe=moe)
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"model {self.label()} has a bad shape ({exc})") from None
         from steplaw.models.recipe import model_for_params
 
         model = model_for_params(int(self.params), vocab_size=vocab_size, moe=moe)
@@ -137,27 +136,48 @@ class SweepSpec:
     fixed: dict = field(default_factory=dict)  # other RunConfig fields (seq_len, schedule, seed, ...)
 
     def __post_init__(self):
+        _check_types(self, "sweep spec", skip=("models", "tokens", "fixed", "lrs", "batch_sizes"))
+        for name in ("lr_span", "lr_center_scale", "batch_center_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"{name}={value!r}: expected a finite number above 0")
+        if self.vocab_size < 1:
+            raise UserError(f"vocab_size={self.vocab_size}: expected a positive vocabulary size")
+        if self.min_steps < 1:
+            raise UserError(f"min_steps={self.min_steps}: expected at least 1 optimizer step")
+        if not isinstance(self.fixed, dict):
+            raise UserError(f"fixed={self.fixed!r}: expected a table of RunConfig settings")
+        for name in ("tokens", "lrs", "batch_sizes"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise UserError(f"{name}={value!r}: expected a list")
+        if not isinstance(self.models, (list, tuple)):
+            raise UserError(f"models={self.models!r}: expected a list of model entries")
         if not self.models:
             raise UserError("the sweep has no models: expected at least one model size")
         if not self.tokens:
             raise UserError("the sweep has no token budgets: expected at least one D")
         for tokens in self.tokens:
-            if not (isinstance(tokens, (int, float)) and tokens >= 1):
-                raise UserError(f"token budget {tokens!r}: expected a positive number of tokens")
+            if isinstance(tokens, bool) or not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and tokens >= 1):
+                raise UserError(f"token budget {tokens!r}: expected a finite positive number of tokens")
         self.tokens = [int(t) for t in self.tokens]
         if self.lrs is None and (self.lr_points < 1 or not self.lr_span >= 1):
             raise UserError(f"lr_points={self.lr_points}, lr_span={self.lr_span}: expected lr_points >= 1 and lr_span >= 1")
         if self.batch_sizes is None and self.batch_points < 1:
             raise UserError(f"batch_points={self.batch_points}: expected at least 1")
         for lr in self.lrs or []:
-            if not lr > 0:
-                raise UserError(f"learning rate {lr!r}: expected a positive number")
+            if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+                raise UserError(f"learning rate {lr!r}: expected a finite positive number")
         for bs in self.batch_sizes or []:
-            if not (isinstance(bs, int) and bs > 0):
+            if isinstance(bs, bool) or not (isinstance(bs, int) and bs > 0):
                 raise UserError(f"batch size {bs!r}: expected a positive integer number of tokens")
         unknown = set(self.fixed) - _RUN_FIELDS
         if unknown:
             raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of {sorted(_RUN_FIELDS)}")
+        _check_dict_types(RunConfig, self.fixed, "run")
+        seq_len = self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default)
+        if isinstance(seq_len, bool) or not (isinstance(seq_len, int) and seq_len >= 1):
+            raise UserError(f"seq_len={seq_len!r}: expected a positive whole number of tokens")
 
     @property
     def seq_len(self) -> int:
@@ -202,6 +222,8 @@ class SweepSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SweepSpec":
+        if not isinstance(data, dict):
+            raise UserError(f"sweep spec is {type(data).__name__}: expected a table of sweep settings")
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -216,30 +238,46 @@ class SweepSpec:
     def from_file(cls, path: str | Path) -> "SweepSpec":
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"sweep spec {str(path)!r} does not exist: expected a TOML or YAML file")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise UserError(f"{path} is YAML but pyyaml is not installed: pip install pyyaml, or write the spec as TOML") from None
-            data = yaml.safe_load(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import tomllib
-
-            try:
-                data = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as exc:
-                raise UserError(f"{path} is not valid TOML: {exc}") from None
+            raise UserError(f"sweep spec {str(path)!r} does not exist or is not a file: expected a TOML, YAML or JSON file")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"sweep spec {str(path)!r} is not UTF-8 text (byte {exc.start}): expected a TOML, YAML or JSON file") from None
+        except OSError as exc:
+            raise UserError(f"cannot read sweep spec {str(path)!r} ({exc.strerror or exc})") from None
+        data = _parse_spec_text(path, text)
         if not isinstance(data, dict):
             raise UserError(f"{path} holds {type(data).__name__}: expected a table of sweep settings")
         return cls.from_dict(data.get("sweep", data))
 
 
+def _parse_spec_text(path: Path, text: str):
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"{path} is YAML but pyyaml is not installed: pip install pyyaml, or write the spec as TOML") from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML ({exc})") from None
+
+
 def _model_spec(entry) -> ModelSpec:
-    if isinstance(entry, (int, float)):
+    if isinstance(entry, (int, float)) and not isinstance(entry, bool):
+        if not (math.isfinite(entry) and entry > 0):
+            raise UserError(f"model params={entry!r}: expected a finite positive parameter count")
         return ModelSpec(params=float(entry))
     if isinstance(entry, ModelSpec):
         return entry
@@ -251,12 +289,22 @@ def _model_spec(entry) -> ModelSpec:
     shape = entry.pop("shape", None) or ({k: entry.pop(k) for k in list(entry)} if entry else None)
     if (params is None) == (shape is None):
         raise UserError(f"model entry {entry or params!r}: expected either 'params' (a target count) or shape fields (d_model, n_layers, ...)")
-    if params is not None and not (isinstance(params, (int, float)) and params > 0):
-        raise UserError(f"model params={params!r}: expected a positive parameter count")
+    if params is not None and (isinstance(params, bool) or not (isinstance(params, (int, float)) and math.isfinite(params) and params > 0)):
+        raise UserError(f"model params={params!r}: expected a finite positive parameter count")
     if shape is not None:
-        unknown = set(shape) - {f.name for f in dataclasses.fields(ModelConfig)}
+        if not isinstance(shape, dict):
+            raise UserError(f"model shape={shape!r}: expected a table of ModelConfig fields")
+        unknown = set(shape) - _MODEL_FIELDS
         if unknown:
-            raise UserError(f"model field {sorted(unknown)[0]!r} is not a ModelConfig field")
+            raise UserError(f"model field {sorted(unknown)[0]!r} is not a ModelConfig field: expected one of {sorted(_MODEL_FIELDS)}")
+        _check_dict_types(ModelConfig, shape, "model")
+    if moe is not None:
+        if not isinstance(moe, dict):
+            raise UserError(f"model moe={moe!r}: expected a table of MoE settings (n_experts, top_k, ...)")
+        unknown = set(moe) - _MOE_FIELDS
+        if unknown:
+            raise UserError(f"MoE setting {sorted(unknown)[0]!r} is unknown: expected one of {sorted(_MOE_FIELDS)}")
+        _check_dict_types(MoEConfig, moe, "moe")
     return ModelSpec(params=float(params) if params is not None else None, shape=shape, moe=moe)
 
 
@@ -287,3 +335,104 @@ def batch_grid(center: float, points: int, seq_len: int, tokens: int, min_steps:
 def _round_sig(value: float, digits: int = 4) -> float:
     """Round to a few significant digits so ids do not depend on float noise."""
     return float(f"{value:.{digits}g}")
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+_PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "dict": dict}
+
+
+def _type_problem(value, annotation: str) -> str | None:
+    """Why `value` does not fit a field annotated `annotation` ('int', 'float | None',
+    ...), or None when it fits (or the annotation is not a plain type)."""
+    names = [name.strip() for name in str(annotation).split("|")]
+    if any(name not in _PLAIN_TYPES for name in names):
+        return None
+    for name in names:
+        kind = _PLAIN_TYPES[name]
+        if kind in (int, float) and isinstance(value, bool):
+            continue
+        if kind is float and isinstance(value, (int, float)):
+            return None if math.isfinite(value) else "expected a finite number"
+        if isinstance(value, kind):
+            return None
+    words = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false", "None": "null",
+             "dict": "a table"}
+    wanted = " or ".join(words[n] for n in names)
+    return f"expected {wanted}"
+
+
+def _check_dict_types(cls, data: dict, what: str):
+    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        problem = _type_problem(value, annotations.get(key, ""))
+        if problem:
+            raise UserError(f"{what} setting {key}={value!r}: {problem}")
+
+
+def _check_types(obj, what: str, skip=()):
+    _check_dict_types(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in skip}, what)
+
+
+def validate_runs(configs: list[RunConfig], local: bool = True) -> None:
+    """Check every run config before any run starts (UserError naming the first problem).
+
+    What can be checked without training: field types, the schedule, the optimizer
+    settings, the batch arithmetic (whole sequences, micro-batches, at least one step),
+    seq_len against the model, and with `local` (runs on this machine) the device and the
+    data directory. Configs that differ only in LR and batch size share the slow checks.
+    """
+    from steplaw.optim.schedule import check_schedule
+    from steplaw.train.batching import plan_batches
+
+    seen: set = set()
+    for config in configs:
+        _check_types(config, "run", skip=("model",))
+        if not config.lr > 0:
+            raise UserError(f"lr={config.lr!r}: expected a finite learning rate above 0")
+        plan_batches(config.tokens, config.batch_tokens, config.seq_len, config.micro_batch_tokens)
+        key = tuple(getattr(config, f) for f in _RUN_FIELDS) + (config.model, config.tokens)
+        if key in seen:
+            continue
+        seen.add(key)
+        check_schedule(config.schedule, config.min_lr_ratio, config.decay_fraction)
+        _check_settings(config)
+        if local:
+            _check_local(config)
+
+
+def _check_settings(config: RunConfig):
+    if not 0 <= config.seed < MAX_SEED:
+        raise UserError(f"seed={config.seed}: expected a whole number in [0, 2^63)")
+    if config.seq_len > config.model.max_seq_len:
+        raise UserError(f"seq_len={config.seq_len} exceeds the model's max_seq_len={config.model.max_seq_len}")
+    checks = [
+        (config.weight_decay >= 0, "weight_decay", "a number >= 0"),
+        (0 <= config.beta1 < 1, "beta1", "a number in [0, 1)"),
+        (0 <= config.beta2 < 1, "beta2", "a number in [0, 1)"),
+        (config.eps > 0, "eps", "a number above 0"),
+        (config.grad_clip is None or config.grad_clip > 0, "grad_clip", "a number above 0, or null for no clipping"),
+        (config.eval_tokens >= 0, "eval_tokens", "a number of tokens >= 0"),
+        (config.warmup_tokens is None or config.warmup_tokens >= 0, "warmup_tokens", "a number of tokens >= 0"),
+        (config.optimizer in ("steplaw", "torch"), "optimizer", "'steplaw' or 'torch'"),
+        (config.precision in ("auto", "fp32", "bf16"), "precision", "'auto', 'fp32' or 'bf16'"),
+    ]
+    for ok, name, expected in checks:
+        if not ok:
+            raise UserError(f"{name}={getattr(config, name)!r}: expected {expected}")
+
+
+def _check_local(config: RunConfig):
+    device = config.device
+    if device not in ("auto", "cpu"):
+        index = device.partition(":")[2]
+        if not (device == "cuda" or (device.startswith("cuda:") and index.isdigit())):
+            raise UserError(f"device={device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        import torch
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available <= (int(index) if index else 0):
+            raise UserError(f"device={device!r}: this machine has {available} CUDA device(s): expected 'cpu' or 'auto' here "
+                            f"(or --executor ray with GPU nodes)")
+    if config.data is not None and not os.path.isdir(config.data):
+        raise UserError(f"data={config.data!r} is not a directory: expected a token directory from `steplaw data prepare`")

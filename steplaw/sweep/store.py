@@ -1,42 +1,55 @@
 """The sweep result store: one SQLite database (WAL) in the sweep directory.
 
-One row per run, keyed by the run id (a hash of its full config). Only the sweep driver
-writes; readers (`steplaw runs`, `steplaw fit`, the report) may read while it runs.
+One row per run, keyed by the run id (a hash of its full config), with the run-table
+columns of steplaw.runtable under the same names (N, D, lr, batch_tokens, loss, ...) plus
+the store's own bookkeeping (attempts, curve, host, times). Only the sweep driver writes;
+readers (`steplaw runs`, `steplaw fit`, the report) may read while it runs.
 
 Crash safety comes from SQLite: every state change is one transaction, committed with
-synchronous=FULL, so a `kill -9` of the driver leaves either the old row or the new one.
+synchronous=FULL, so a `kill -9` of the driver leaves either the old rows or the new ones.
 A driver that starts on a store whose rows say `running` knows their runs were
 interrupted (no driver is alive: the sweep lock is held for the driver's lifetime) and
 runs them again; finished rows (ok / diverged, or failed with no retries left) are
 never run twice.
 
+Specs: every spec a directory was swept with is kept (table `specs`, keyed by a hash of
+the spec); each run row names the spec that first asked for it (`spec_id`). A changed
+spec is refused unless the caller asks for it (`record_spec(..., allow_change=True)`).
+
+A store file that is empty or not a readable SQLite database is never silently replaced:
+readers refuse it with one sentence; the driver moves it aside, rebuilds the store from the
+results kept in the run directories (runs/<run_id>/result.json) and says so (`notices`).
+
 Statuses: pending (not yet run), running, ok, diverged (a result: the loss blew up),
 failed (the run crashed or its worker died; `reason` says why; retried up to a limit).
+Schema 1 stores (before the run-table names) are read as they are and migrated in place
+when a driver opens them.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
+import hashlib
 import io
 import json
-import math
 import os
 import sqlite3
 import time
 from pathlib import Path
 
+from steplaw import runtable
 from steplaw.errors import UserError
+from steplaw.fileio import write_atomic
+from steplaw.runtable import finite_or_none
 
 DB_NAME = "runs.sqlite"
 LOCK_NAME = "driver.lock"
-SCHEMA_VERSION = 1
-FINISHED = ("ok", "diverged")
-
-# The runs-table columns shared with steplaw.laws (see the law reader), in order.
-EXPORT_COLUMNS = [
-    "run_id", "status", "N", "N_active", "N_total", "D", "lr", "batch_tokens", "seq_len",
-    "loss", "val_loss", "compute", "n_experts", "top_k",
-]
+SPEC_NAME = "spec.json"
+SCHEMA_VERSION = 2
+FINISHED = runtable.FINISHED
+EXPORT_COLUMNS = runtable.NAMES  # the run-table columns, in order
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -45,21 +58,26 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL,              -- pending / running / ok / diverged / failed
     attempts INTEGER NOT NULL DEFAULT 0,  -- failed attempts so far
     reason TEXT,                       -- why, when not ok
-    n_params INTEGER,                  -- non-embedding parameters (total for MoE)
-    n_active INTEGER,                  -- activated non-embedding parameters per token
-    n_total INTEGER,                   -- all parameters incl. embeddings
-    tokens INTEGER NOT NULL,           -- D, as configured
+    spec_id TEXT,                      -- the spec that first asked for this run (table specs)
+    N INTEGER,                         -- run-table columns: see steplaw.runtable
+    N_active INTEGER,
+    N_total INTEGER,
+    D INTEGER NOT NULL,
     lr REAL NOT NULL,
     batch_tokens INTEGER NOT NULL,
-    final_train_loss REAL,
-    final_val_loss REAL,
-    compute_flops REAL,
-    tokens_trained INTEGER,
+    seq_len INTEGER,
+    loss REAL,
+    val_loss REAL,
+    compute REAL,
+    n_experts INTEGER,
+    top_k INTEGER,
+    tokens_trained INTEGER,            -- tokens actually trained on
     steps INTEGER,
     tokens_per_s REAL,
     wall_s REAL,
     curve TEXT,                        -- JSON [[tokens, loss], ...]
     result TEXT,                       -- the full RunResult JSON (curve left out)
+    traceback TEXT,                    -- last lines of a crashed run's traceback
     host TEXT,
     versions TEXT,                     -- JSON {python, torch, steplaw}
     created_at REAL NOT NULL,
@@ -67,33 +85,176 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+CREATE TABLE IF NOT EXISTS specs (spec_id TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
+
+_STATUS_SQL = "CASE WHEN status IN ('ok', 'diverged', 'failed') THEN status ELSE 'pending' END AS status"
+# The run-table columns as a SELECT list, per schema version (schema 1 had other names).
+_EXPORT_SQL = {
+    2: ("run_id", _STATUS_SQL, "spec_id", "N", "COALESCE(N_active, N) AS N_active", "N_total", "D", "lr",
+        "batch_tokens", "seq_len", "loss", "val_loss", "compute", "n_experts", "top_k", "reason"),
+    1: ("run_id", _STATUS_SQL, "NULL AS spec_id", "n_params AS N", "COALESCE(n_active, n_params) AS N_active",
+        "n_total AS N_total", "tokens AS D", "lr", "batch_tokens", "json_extract(config, '$.seq_len') AS seq_len",
+        "final_train_loss AS loss", "final_val_loss AS val_loss", "compute_flops AS compute",
+        "json_extract(config, '$.model.moe.n_experts') AS n_experts",
+        "json_extract(config, '$.model.moe.top_k') AS top_k", "reason"),
+}
+_V1_RENAMES = {"n_params": "N", "n_active": "N_active", "n_total": "N_total", "tokens": "D",
+               "final_train_loss": "loss", "final_val_loss": "val_loss", "compute_flops": "compute"}
+_V1_ADDED = {"spec_id": "TEXT", "seq_len": "INTEGER", "n_experts": "INTEGER", "top_k": "INTEGER", "traceback": "TEXT"}
+_CHUNK = 500  # ids per `IN (...)` query (SQLite caps bound parameters)
 
 
 def db_path(sweep_dir: str | Path) -> Path:
     return Path(sweep_dir) / DB_NAME
 
 
+def spec_id_of(spec: dict) -> str:
+    """A spec's id: a hash of its canonical JSON (12 hex digits)."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _readable(path: Path):
+    """SQLite errors of a damaged file as one sentence naming the file."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"{str(path)!r} is damaged ({exc}): expected a sweep store; rerun `steplaw sweep` on its "
+                        f"directory to rebuild it from the run directories") from None
+
+
+def _damage(path: Path, thorough: bool = True) -> str | None:
+    """Why the file at `path` is not a usable store, or None when it looks fine. Without
+    `thorough` only the size and header are checked (readers meet the rest as errors)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty (0 bytes)"
+    with open(path, "rb") as handle:
+        if handle.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+            return "not an SQLite database"
+    if not thorough:
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+            conn.execute("SELECT count(*) FROM runs").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return f"unreadable ({exc})"
+    return None if verdict == "ok" else f"damaged ({verdict})"
+
+
 class ResultStore:
-    """The SQLite store of one sweep directory."""
+    """The SQLite store of one sweep directory (see the module doc)."""
 
     def __init__(self, sweep_dir: str | Path, readonly: bool = False):
         self.sweep_dir = Path(sweep_dir)
-        path = db_path(self.sweep_dir)
-        if readonly:
-            if not path.is_file():
-                raise UserError(f"{str(self.sweep_dir)!r} holds no sweep store ({DB_NAME}): expected a directory written by `steplaw sweep`")
-            self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        else:
-            self.sweep_dir.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.executescript(_SCHEMA)
-            self._set_meta_default("schema_version", json.dumps(SCHEMA_VERSION))
-        self.conn.row_factory = sqlite3.Row
+        self.path = db_path(self.sweep_dir)
         self.readonly = readonly
+        self.notices: list[str] = []  # what the driver must tell the user (a store rebuilt, ...)
+        if readonly:
+            self._open_readonly()
+        else:
+            self._open_for_driver()
+        self.conn.row_factory = sqlite3.Row
+
+    def _open_readonly(self):
+        if self.sweep_dir.exists() and not self.sweep_dir.is_dir():
+            raise UserError(f"{str(self.sweep_dir)!r} is a file: expected a sweep directory written by `steplaw sweep`")
+        if not self.path.is_file():
+            raise UserError(f"{str(self.sweep_dir)!r} holds no sweep store ({DB_NAME}): expected a directory written by `steplaw sweep`")
+        damage = _damage(self.path, thorough=False)
+        if damage:
+            raise UserError(f"{str(self.path)!r} is {damage}, not a sweep store: rerun `steplaw sweep` on "
+                            f"{str(self.sweep_dir)!r} to rebuild it from its run directories")
+        self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        with _readable(self.path):
+            self.version = self._version()
+        if self.version not in _EXPORT_SQL:
+            raise UserError(f"{str(self.path)!r} has store schema {self.version}: expected at most {SCHEMA_VERSION} (written by a newer steplaw?)")
+
+    def _open_for_driver(self):
+        if self.sweep_dir.exists() and not self.sweep_dir.is_dir():
+            raise UserError(f"--out {str(self.sweep_dir)!r} is a file: expected a sweep directory (new or existing)")
+        try:
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create sweep directory {str(self.sweep_dir)!r} ({exc.strerror or exc}): expected a writable place") from None
+        if not os.access(self.sweep_dir, os.W_OK):
+            raise UserError(f"sweep directory {str(self.sweep_dir)!r} is not writable: expected a directory this user can write")
+        existed = self.path.exists()
+        damage = _damage(self.path) if existed else None
+        if damage:
+            moved = self._move_aside()
+            self.notices.append(f"{str(self.path)!r} was {damage}; moved it to {moved.name} and started a new store")
+        self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        version = self._version() if existed and not damage else SCHEMA_VERSION
+        if version == 1:
+            self._migrate_v1()
+        elif version != SCHEMA_VERSION:
+            raise UserError(f"{str(self.path)!r} has store schema {version}: expected at most {SCHEMA_VERSION} (written by a newer steplaw?)")
+        self.conn.executescript(_SCHEMA)
+        self.set_meta("schema_version", SCHEMA_VERSION)
+        self.version = SCHEMA_VERSION
+        if not existed or damage:
+            self._rebuild_from_run_dirs(bool(damage))
+
+    def _version(self) -> int:
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" not in tables:
+            return SCHEMA_VERSION
+        row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(json.loads(row[0])) if row else SCHEMA_VERSION
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.path.with_name(f"{DB_NAME}.broken-{stamp}")
+        os.replace(self.path, target)
+        for suffix in ("-wal", "-shm"):
+            side = self.path.with_name(DB_NAME + suffix)
+            if side.exists():
+                os.replace(side, target.with_name(target.name + suffix))
+        return target
+
+    def _migrate_v1(self):
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for old, new in _V1_RENAMES.items():
+                self.conn.execute(f"ALTER TABLE runs RENAME COLUMN {old} TO {new}")
+            for name, kind in _V1_ADDED.items():
+                self.conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            self.conn.execute("UPDATE runs SET seq_len=json_extract(config, '$.seq_len'),"
+                              " n_experts=json_extract(config, '$.model.moe.n_experts'),"
+                              " top_k=json_extract(config, '$.model.moe.top_k')")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS specs (spec_id TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL)")
+            spec = self.conn.execute("SELECT value FROM meta WHERE key='spec'").fetchone()
+            if spec and spec[0]:
+                data = json.loads(spec[0])
+                spec_id = spec_id_of(data)
+                self.conn.execute("INSERT OR IGNORE INTO specs VALUES (?, ?, ?)", (spec_id, json.dumps(data), time.time()))
+                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('spec_id', ?)", (json.dumps(spec_id),))
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),))
+
+    def _rebuild_from_run_dirs(self, replaced: bool):
+        """A new store beside existing run directories: take back their finished results."""
+        runs_dir = self.sweep_dir / "runs"
+        if not runs_dir.is_dir():
+            if replaced:
+                self.notices.append("no run directories to recover results from: every run will train again")
+            return
+        results = _finished_results(runs_dir)
+        self.add_runs([{**config, "run_id": run_id} for run_id, config, _ in results])
+        self.record_results([(run_id, result, None, None, None) for run_id, _, result in results])
+        if results or replaced:
+            self.notices.append(f"rebuilt the store of {str(self.sweep_dir)!r} from {len(results)} finished run "
+                                f"director{'y' if len(results) == 1 else 'ies'} (runs/*/result.json); those runs are not trained again")
 
     def close(self):
         self.conn.close()
@@ -106,37 +267,55 @@ class ResultStore:
 
     # -- writes (driver only) ----------------------------------------------------------
 
-    def _set_meta_default(self, key: str, value: str):
-        self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
-
     def set_meta(self, key: str, value):
         self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
-    def add_runs(self, configs: list[dict], counts: list[dict | None] | None = None) -> int:
-        """Register runs as pending; runs already in the store are left as they are.
+    def record_spec(self, spec: dict, allow_change: bool = False) -> str:
+        """Make `spec` the directory's current spec and return its id. A spec that differs
+        from the current one is refused (UserError) unless `allow_change`; every spec is
+        kept. spec.json beside the store is the current spec, written atomically."""
+        spec_id = spec_id_of(spec)
+        current = self.meta("spec_id")
+        if current is not None and current != spec_id and not allow_change:
+            old = self.spec(current) or {}
+            raise UserError(f"{str(self.sweep_dir)!r} was swept with a different spec ({_spec_difference(old, spec)}): "
+                            f"expected the same settings, another --out directory, or --new-spec to add the changed "
+                            f"spec's runs beside the old ones")
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("INSERT OR IGNORE INTO specs(spec_id, spec, created_at) VALUES (?, ?, ?)",
+                              (spec_id, json.dumps(spec, sort_keys=True, default=str), time.time()))
+            self.set_meta("spec_id", spec_id)
+            self.set_meta("spec", spec)
+        write_atomic(self.sweep_dir / SPEC_NAME, json.dumps(spec, indent=1, default=str) + "\n")
+        return spec_id
 
-        `configs` are RunConfig dicts with their `run_id` under "run_id"; `counts`
-        optional parameter counts per run. Returns how many were new.
-        """
+    def add_runs(self, configs: list[dict], counts: list[dict | None] | None = None, spec_id: str | None = None) -> int:
+        """Register runs as pending; runs already in the store are left as they are (rows
+        from before spec ids get `spec_id`). `configs` are RunConfig dicts with their
+        `run_id` under "run_id"; `counts` optional parameter counts per run
+        ({"non_embedding", "active", "total"}). Returns how many were new."""
         now = time.time()
         rows = []
         for i, entry in enumerate(configs):
             config = dict(entry)
             run_id = config.pop("run_id")
-            count = (counts[i] if counts else None) or {}
-            rows.append((
-                run_id, json.dumps(config, sort_keys=True), count.get("non_embedding"), count.get("active"),
-                count.get("total"), int(config["tokens"]), float(config["lr"]), int(config["batch_tokens"]), now,
-            ))
+            f = runtable.config_fields(config, counts[i] if counts else None)
+            rows.append((run_id, json.dumps(config, sort_keys=True), spec_id, f["N"], f["N_active"], f["N_total"],
+                         f["D"], f["lr"], f["batch_tokens"], f["seq_len"], f["n_experts"], f["top_k"], now))
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             before = self.conn.total_changes
             self.conn.executemany(
-                "INSERT OR IGNORE INTO runs(run_id, config, status, n_params, n_active, n_total, tokens, lr,"
-                " batch_tokens, created_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO runs(run_id, config, status, spec_id, N, N_active, N_total, D, lr, batch_tokens,"
+                " seq_len, n_experts, top_k, created_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            return self.conn.total_changes - before
+            added = self.conn.total_changes - before
+            if spec_id is not None and added < len(rows):
+                self.conn.executemany("UPDATE runs SET spec_id=? WHERE run_id=? AND spec_id IS NULL",
+                                      [(spec_id, row[0]) for row in rows])
+            return added
 
     def recover_interrupted(self) -> int:
         """Rows left `running` by a driver that died: back to pending. Returns how many."""
@@ -145,40 +324,57 @@ class ResultStore:
             cursor = self.conn.execute("UPDATE runs SET status='pending', started_at=NULL WHERE status='running'")
             return cursor.rowcount
 
-    def mark_running(self, run_id: str):
+    def mark_running(self, *run_ids: str):
+        """These runs were handed to workers (one transaction for all of them)."""
+        now = time.time()
         with self.conn:
-            self.conn.execute("UPDATE runs SET status='running', started_at=? WHERE run_id=?", (time.time(), run_id))
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("UPDATE runs SET status='running', started_at=? WHERE run_id=?",
+                                  [(now, run_id) for run_id in run_ids])
 
-    def mark_pending(self, run_id: str):
+    def mark_pending(self, *run_ids: str):
         with self.conn:
-            self.conn.execute("UPDATE runs SET status='pending', started_at=NULL WHERE run_id=?", (run_id,))
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("UPDATE runs SET status='pending', started_at=NULL WHERE run_id=?",
+                                  [(run_id,) for run_id in run_ids])
 
-    def record_result(self, run_id: str, result: dict, host: str | None = None, versions: dict | None = None):
-        """Store a finished attempt (a RunResult dict). `failed` increments `attempts`."""
-        status = result.get("status")
-        if status not in ("ok", "diverged", "failed"):
-            status, result = "failed", {**result, "reason": f"run returned status {status!r}"}
-        curve = result.get("curve") or []
-        summary = {k: v for k, v in result.items() if k != "curve"}
+    def record_result(self, run_id: str, result, host: str | None = None, versions: dict | None = None,
+                      traceback: str | None = None):
+        """Store a finished attempt (a RunResult or its dict). `failed` increments `attempts`."""
+        self.record_results([(run_id, result, host, versions, traceback)])
+
+    def record_results(self, attempts: list[tuple]):
+        """Store finished attempts, (run_id, RunResult or dict, host, versions, traceback)
+        each, in one transaction."""
+        rows = [self._result_row(*attempt) for attempt in attempts]
+        if not rows:
+            return
         with self.conn:
-            self.conn.execute(
-                """UPDATE runs SET status=?, attempts=attempts+?, reason=?, final_train_loss=?, final_val_loss=?,
-                   compute_flops=?, tokens_trained=?, steps=?, tokens_per_s=?, wall_s=?, curve=?, result=?,
-                   host=?, versions=?, finished_at=?,
-                   n_params=COALESCE(?, n_params), n_active=COALESCE(?, n_active), n_total=COALESCE(?, n_total)
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                """UPDATE runs SET status=?, attempts=attempts+?, reason=?, loss=?, val_loss=?, compute=?,
+                   tokens_trained=?, steps=?, tokens_per_s=?, wall_s=?, curve=?, result=?, traceback=?, host=?,
+                   versions=?, finished_at=?,
+                   N=COALESCE(?, N), N_active=COALESCE(?, N_active), N_total=COALESCE(?, N_total)
                    WHERE run_id=?""",
-                (
-                    status, 1 if status == "failed" else 0, result.get("reason"),
-                    _finite(result.get("final_train_loss")), _finite(result.get("final_val_loss")),
-                    result.get("compute_flops"), result.get("tokens"), result.get("steps"),
-                    result.get("tokens_per_s"), result.get("wall_s"),
-                    json.dumps([[int(t), _finite(loss)] for t, loss in curve]),
-                    json.dumps(_sanitize(summary), default=str, allow_nan=False),
-                    host, json.dumps(versions) if versions else None, time.time(),
-                    result.get("params_non_embedding"), result.get("params_active"), result.get("params_total"),
-                    run_id,
-                ),
+                rows,
             )
+
+    @staticmethod
+    def _result_row(run_id, result, host, versions, traceback) -> tuple:
+        data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+        f = runtable.result_fields(data)
+        summary = {k: v for k, v in data.items() if k != "curve"}
+        curve = data.get("curve") or []
+        return (
+            f["status"], 1 if f["status"] == "failed" else 0, f["reason"], f["loss"], f["val_loss"], f["compute"],
+            data.get("tokens"), data.get("steps"), finite_or_none(data.get("tokens_per_s")),
+            finite_or_none(data.get("wall_s")),
+            json.dumps([[int(t), finite_or_none(loss)] for t, loss in curve]),
+            json.dumps(_sanitize(summary), default=str, allow_nan=False), traceback,
+            host, json.dumps(versions) if versions else None, time.time(),
+            f["N"], f["N_active"], f["N_total"], run_id,
+        )
 
     def reset_failed(self) -> int:
         with self.conn:
@@ -187,41 +383,125 @@ class ResultStore:
     # -- reads --------------------------------------------------------------------------
 
     def meta(self, key: str, default=None):
-        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        with _readable(self.path):
+            row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row and row[0] is not None else default
 
+    def spec(self, spec_id: str) -> dict | None:
+        if self.version < 2:
+            return self.meta("spec")
+        with _readable(self.path):
+            row = self.conn.execute("SELECT spec FROM specs WHERE spec_id=?", (spec_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def specs(self) -> list[tuple[str, dict]]:
+        """Every spec this directory was swept with, oldest first, as (spec_id, spec)."""
+        if self.version < 2:
+            spec = self.meta("spec")
+            return [(spec_id_of(spec), spec)] if spec else []
+        with _readable(self.path):
+            rows = self.conn.execute("SELECT spec_id, spec FROM specs ORDER BY created_at").fetchall()
+        return [(r[0], json.loads(r[1])) for r in rows]
+
+    def _select(self, columns: str, run_ids: list[str] | None, order: str = "created_at, run_id") -> list:
+        with _readable(self.path):
+            if run_ids is None:
+                return self.conn.execute(f"SELECT {columns} FROM runs ORDER BY {order}").fetchall()
+            out = []
+            ids = list(run_ids)
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start:start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                out += self.conn.execute(f"SELECT {columns} FROM runs WHERE run_id IN ({marks})", chunk).fetchall()
+            return out
+
     def rows(self, run_ids: list[str] | None = None) -> list[sqlite3.Row]:
-        rows = self.conn.execute("SELECT * FROM runs ORDER BY created_at, run_id").fetchall()
-        if run_ids is not None:
-            wanted = set(run_ids)
-            rows = [r for r in rows if r["run_id"] in wanted]
-        return rows
+        """Full store rows (every column), all of them or those of `run_ids`."""
+        return self._select("*", run_ids)
 
     def status_counts(self, run_ids: list[str] | None = None) -> dict[str, int]:
+        if run_ids is None:
+            with _readable(self.path):
+                return dict(self.conn.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
         counts: dict[str, int] = {}
-        for row in self.rows(run_ids):
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        for _, status in self._select("run_id, status", run_ids):
+            counts[status] = counts.get(status, 0) + 1
         return counts
 
+    def attempts(self, run_ids: list[str]) -> dict[str, int]:
+        """Failed attempts so far, per run."""
+        return dict(tuple(r) for r in self._select("run_id, attempts", run_ids))
+
     def todo(self, run_ids: list[str], max_attempts: int) -> list[str]:
-        """Runs of `run_ids` still to run: pending, or failed with attempts left."""
+        """Runs of `run_ids` still to run, in the given order: pending (or interrupted), or
+        failed with attempts left."""
+        state = {r[0]: (r[1], r[2]) for r in self._select("run_id, status, attempts", run_ids)}
         todo = []
-        by_id = {r["run_id"]: r for r in self.rows(run_ids)}
         for run_id in run_ids:
-            row = by_id.get(run_id)
-            if row is None:
-                continue
-            if row["status"] in ("pending", "running") or (row["status"] == "failed" and row["attempts"] < max_attempts):
+            status, attempts = state.get(run_id, (None, 0))
+            if status in ("pending", "running") or (status == "failed" and attempts < max_attempts):
                 todo.append(run_id)
         return todo
 
+    def failure_reasons(self, run_ids: list[str] | None = None) -> dict[str, int]:
+        """Distinct reasons of failed runs with how many runs gave each, most common first."""
+        counts: dict[str, int] = {}
+        for _, status, reason in self._select("run_id, status, reason", run_ids):
+            if status == "failed":
+                key = reason or "no reason recorded"
+                counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+    def export(self) -> list[dict]:
+        """Every run as a run-table row (see `export_rows`)."""
+        with _readable(self.path):
+            cursor = self.conn.execute(f"SELECT {', '.join(_EXPORT_SQL[self.version])} FROM runs ORDER BY run_id")
+            cursor.row_factory = None
+            return [dict(zip(EXPORT_COLUMNS, row)) for row in cursor.fetchall()]
+
     def config(self, run_id: str) -> dict:
-        row = self.conn.execute("SELECT config FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        with _readable(self.path):
+            row = self.conn.execute("SELECT config FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return json.loads(row[0])
 
     def curve(self, run_id: str) -> list[tuple[int, float | None]]:
-        row = self.conn.execute("SELECT curve FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        with _readable(self.path):
+            row = self.conn.execute("SELECT curve FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return [tuple(p) for p in json.loads(row[0] or "[]")] if row else []
+
+
+def _finished_results(runs_dir: Path) -> list[tuple[str, dict, dict]]:
+    """(run_id, config, result) of every run directory holding a finished result.json
+    that names its own run (ok or diverged; failed attempts are not kept)."""
+    found = []
+    for entry in sorted(os.scandir(runs_dir), key=lambda e: e.name):
+        try:
+            with open(os.path.join(entry.path, "result.json"), encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if (isinstance(data, dict) and data.get("run_id") == entry.name and isinstance(data.get("config"), dict)
+                and data.get("status") in FINISHED):
+            found.append((entry.name, data["config"], data))
+    return found
+
+
+def _spec_difference(old: dict, new: dict) -> str:
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not changed:
+        return "same settings, different form"
+    key = changed[0]
+    if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+        inner = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
+        if inner:
+            k = inner[0]
+            return f"{key}.{k} was {old[key].get(k)!r}, now {new[key].get(k)!r}"
+    return f"{key} was {_short(old.get(key))}, now {_short(new.get(key))}"
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class DriverLock:
@@ -233,13 +513,19 @@ class DriverLock:
         self.file = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
+        directory = self.path.parent
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"--out {str(directory)!r} is a file: expected a sweep directory (new or existing)")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as exc:
+            raise UserError(f"cannot write in sweep directory {str(directory)!r} ({exc.strerror or exc}): expected a writable place") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
-            raise UserError(f"another `steplaw sweep` is running on {str(self.path.parent)!r}: expected one driver per sweep directory (wait for it or stop it)") from None
+            raise UserError(f"another `steplaw sweep` is running on {str(directory)!r}: expected one driver per sweep directory (wait for it or stop it)") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"{os.getpid()}\n")
@@ -251,16 +537,9 @@ class DriverLock:
         self.file.close()
 
 
-def _finite(value):
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _sanitize(data):
-    if isinstance(data, float) and not math.isfinite(data):
-        return None
+    if isinstance(data, float):
+        return finite_or_none(data)
     if isinstance(data, dict):
         return {k: _sanitize(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
@@ -271,47 +550,20 @@ def _sanitize(data):
 # -- export: the runs table ---------------------------------------------------------------
 
 def export_rows(sweep_dir: str | Path) -> list[dict]:
-    """Every run in a sweep store as a runs-table row (columns `EXPORT_COLUMNS`).
-
-    N = non-embedding parameters (the total non-embedding count for MoE), N_active =
-    activated non-embedding parameters per token (= N for dense), N_total = all
-    parameters, D = configured training tokens, lr = peak LR, batch_tokens in tokens,
-    loss = final smoothed training loss, val_loss = validation loss, compute = FLOPs.
-    Runs that have not finished are `pending` (also those interrupted while running);
-    missing or non-finite numbers are None. Rows are in run-id order.
-    """
+    """Every run in a sweep store as a run-table row (columns `EXPORT_COLUMNS`, defined
+    with their units in steplaw.runtable), in run-id order. Runs that have not finished
+    are `pending` (also those interrupted while running); missing or non-finite numbers
+    are None."""
     with ResultStore(sweep_dir, readonly=True) as store:
-        rows = store.rows()
-    out = []
-    for row in sorted(rows, key=lambda r: r["run_id"]):
-        config = json.loads(row["config"])
-        moe = (config.get("model") or {}).get("moe")
-        status = row["status"] if row["status"] in ("ok", "diverged", "failed") else "pending"
-        out.append({
-            "run_id": row["run_id"],
-            "status": status,
-            "N": row["n_params"],
-            "N_active": row["n_active"] if row["n_active"] is not None else row["n_params"],
-            "N_total": row["n_total"],
-            "D": row["tokens"],
-            "lr": row["lr"],
-            "batch_tokens": row["batch_tokens"],
-            "seq_len": config.get("seq_len"),
-            "loss": row["final_train_loss"],
-            "val_loss": row["final_val_loss"],
-            "compute": row["compute_flops"],
-            "n_experts": moe.get("n_experts") if moe else None,
-            "top_k": moe.get("top_k") if moe else None,
-        })
-    return out
+        return store.export()
 
 
 def rows_to_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(EXPORT_COLUMNS)
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else _csv_value(row[k])) for k in EXPORT_COLUMNS})
+        writer.writerow(["" if row.get(k) is None else _csv_value(row[k]) for k in EXPORT_COLUMNS])
     return buffer.getvalue()
 
 

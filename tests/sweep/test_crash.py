@@ -29,7 +29,7 @@ def store_rows(out):
     try:
         db = sqlite3.connect(f"file:{out / 'runs.sqlite'}?mode=ro", uri=True, timeout=10)
         try:
-            return {r[0]: r[1:] for r in db.execute("SELECT run_id, status, attempts, finished_at, final_train_loss FROM runs")}
+            return {r[0]: r[1:] for r in db.execute("SELECT run_id, status, attempts, finished_at, loss FROM runs")}
         finally:
             db.close()
     except sqlite3.OperationalError:

@@ -55,7 +55,7 @@ def test_failures_retries_and_divergence(tmp_path, monkeypatch):
     assert by_seed[3]["status"] == "failed" and by_seed[3]["attempts"] == 2
     assert "killed by SIGKILL" in by_seed[3]["reason"]
     assert by_seed[4]["status"] == "diverged" and by_seed[4]["attempts"] == 0  # a result, not retried
-    assert by_seed[4]["final_train_loss"] is None  # NaN is stored as missing
+    assert by_seed[4]["loss"] is None  # NaN is stored as missing
     assert summary.ran == 2 + 2 + 2 + 1
     # out of attempts: the next invocation leaves them; --retry-failed tries again
     assert run_sweep(runs, tmp_path, pool(), max_attempts=2, progress=False).ran == 0
@@ -76,7 +76,7 @@ def test_interrupted_rows_are_pending_and_rerun(tmp_path):
     run_sweep(runs, tmp_path, pool(1), progress=False)
     db = sqlite3.connect(tmp_path / "runs.sqlite")
     with db:  # as if a driver had died mid-run
-        db.execute("UPDATE runs SET status='running', final_train_loss=NULL WHERE run_id=?", (runs[0].run_id(),))
+        db.execute("UPDATE runs SET status='running', loss=NULL WHERE run_id=?", (runs[0].run_id(),))
     db.close()
     assert {r["status"] for r in export_rows(tmp_path)} == {"pending", "ok"}
     summary = run_sweep(runs, tmp_path, pool(1), progress=False)
@@ -109,7 +109,7 @@ def test_retry_is_not_answered_by_a_stale_failed_result(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "result.json").write_text(_json.dumps({"status": "failed", "reason": "earlier crash", "run_id": config.run_id()}))
-    first = execute(run, config.to_dict(), str(run_dir))
-    assert first["status"] == "ok" and first["final_train_loss"] > 0
-    again = execute(run, config.to_dict(), str(run_dir))
+    first, _ = execute(run, config, str(run_dir))
+    assert first.status == "ok" and first.final_train_loss > 0
+    again, _ = execute(run, config, str(run_dir))
     assert again == first  # the finished result is reused, not retrained

@@ -3,7 +3,7 @@ import io
 import pytest
 
 from steplaw.sweep.driver import describe_progress
-from steplaw.sweep.progress import ProgressLine, format_duration
+from steplaw.progress import ProgressLine, format_duration
 
 
 @pytest.mark.parametrize("seconds, text", [(None, "?"), (float("inf"), "?"), (5.4, "5s"), (75, "1m15s"), (7260, "2h01m")])

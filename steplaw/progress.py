@@ -1,8 +1,13 @@
-"""The sweep's one live progress line on stderr.
+"""One live status line on stderr, for any long job (a sweep, a training run).
 
-On a terminal the line is redrawn in place (at most ~4 times a second): runs done / total,
-running, failed, ETA, and the latest progress of a running run. Not on a terminal (a log
-file, CI), a plain line is written at most every `log_interval_s` seconds and at the end.
+On a terminal the line is redrawn in place (at most ~4 times a second). Not on a terminal
+(a log file, CI), a plain line is written at most every `log_interval_s` seconds and at
+the end, so logs stay readable. Plain Python: no torch, no steplaw imports.
+
+    line = ProgressLine(total=72)
+    line.update(done, running, failed, eta_s, detail)   # the sweep's line
+    line.show("12.5M / 50M tokens, loss 3.21")           # any other text
+    line.finish("sweep done")
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import time
 
 
 def format_duration(seconds: float | None) -> str:
+    """'42s', '3m05s', '2h01m'; '?' for unknown (None, NaN, infinite)."""
     if seconds is None or seconds != seconds or seconds == float("inf"):
         return "?"
     seconds = int(round(seconds))
@@ -22,7 +28,7 @@ def format_duration(seconds: float | None) -> str:
 
 
 class ProgressLine:
-    def __init__(self, total: int, stream=None, live: bool | None = None, enabled: bool = True,
+    def __init__(self, total: int | None = None, stream=None, live: bool | None = None, enabled: bool = True,
                  log_interval_s: float = 15.0):
         self.total = total
         self.stream = stream or sys.stderr
@@ -33,10 +39,16 @@ class ProgressLine:
         self.width = 0
 
     def text(self, done: int, running: int, failed: int, eta_s: float | None, detail: str = "") -> str:
+        """The sweep's line: runs done / total, running, failed, ETA and a detail."""
         text = f"sweep: {done}/{self.total} done, {running} running, {failed} failed, ETA {format_duration(eta_s)}"
         return f"{text} | {detail}" if detail else text
 
     def update(self, done: int, running: int, failed: int, eta_s: float | None, detail: str = "", force: bool = False):
+        if self.enabled:
+            self.show(self.text(done, running, failed, eta_s, detail), force)
+
+    def show(self, text: str, force: bool = False):
+        """Draw `text` as the line (throttled unless `force`)."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -44,7 +56,6 @@ class ProgressLine:
         if not force and self.last_draw is not None and now - self.last_draw < interval:
             return
         self.last_draw = now
-        text = self.text(done, running, failed, eta_s, detail)
         if self.live:
             pad = max(0, self.width - len(text))
             self.stream.write("\r" + text + " " * pad)

@@ -1,0 +1,121 @@
+"""The run table: one row per training run, under one set of names from spec to report.
+
+A run is described three times on its way: its `RunConfig` (what to train), its
+`RunResult` (what came out) and its parameter counts (from the model shape). This module
+is the one place that turns those into a row of the run table, so the sweep store,
+`steplaw runs`, `steplaw fit`, the loss-law fit and the report all see the same columns
+under the same names and units (`COLUMNS`). It is plain data: no torch, no training code,
+so the law fitters can use it without importing a trainer.
+
+    row = to_row(run_id, config_dict, result_dict, counts, spec_id)
+
+`config_dict` is `RunConfig.to_dict()`, `result_dict` is `RunResult.to_dict()` (or None
+for a run not yet finished), `counts` is {"non_embedding", "active", "total"} from the
+model accounting. Numbers that are missing or not finite are None.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    unit: str
+    description: str
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("run_id", "", "the run's id: a hash of its full RunConfig"),
+    Column("status", "", "ok, diverged (the loss blew up: a result), failed (see reason) or pending"),
+    Column("spec_id", "", "the sweep spec the run came from (a hash; `steplaw runs` and the store keep the history)"),
+    Column("N", "parameters", "non-embedding parameters (for MoE the total non-embedding count)"),
+    Column("N_active", "parameters", "activated non-embedding parameters per token (= N for dense models)"),
+    Column("N_total", "parameters", "all parameters, embeddings included"),
+    Column("D", "tokens", "training tokens, as configured"),
+    Column("lr", "", "peak learning rate of the schedule"),
+    Column("batch_tokens", "tokens", "batch size per optimizer step"),
+    Column("seq_len", "tokens", "sequence length"),
+    Column("loss", "nats/token", "final smoothed (EMA) training loss"),
+    Column("val_loss", "nats/token", "validation loss at the end of the run"),
+    Column("compute", "FLOPs", "training compute, C = FLOPs per token x tokens trained"),
+    Column("n_experts", "", "routed experts per MoE layer (empty for dense models)"),
+    Column("top_k", "", "experts per token (empty for dense models)"),
+    Column("reason", "", "why the run is not ok (failed or diverged); empty otherwise"),
+)
+NAMES: list[str] = [column.name for column in COLUMNS]
+BY_NAME: dict[str, Column] = {column.name: column for column in COLUMNS}
+
+STATUSES = ("ok", "diverged", "failed", "pending")
+FINISHED = ("ok", "diverged")  # results: never run again
+
+
+def finite_or_none(value):
+    """A finite float, or None for missing, NaN and infinite values."""
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _int_or_none(value):
+    return None if value is None else int(value)
+
+
+def config_fields(config: dict, counts: dict | None = None) -> dict:
+    """The run-table columns known before a run: from a RunConfig dict and the model's
+    parameter counts ({"non_embedding", "active", "total"}, optional)."""
+    moe = (config.get("model") or {}).get("moe")
+    counts = counts or {}
+    return {
+        "N": _int_or_none(counts.get("non_embedding")),
+        "N_active": _int_or_none(counts.get("active")),
+        "N_total": _int_or_none(counts.get("total")),
+        "D": int(config["tokens"]),
+        "lr": float(config["lr"]),
+        "batch_tokens": int(config["batch_tokens"]),
+        "seq_len": _int_or_none(config.get("seq_len")),
+        "n_experts": _int_or_none(moe.get("n_experts")) if moe else None,
+        "top_k": _int_or_none(moe.get("top_k")) if moe else None,
+    }
+
+
+def result_fields(result: dict) -> dict:
+    """The run-table columns a finished attempt fills in, from a RunResult dict. Parameter
+    counts the run measured are None when it did not report them (keep the config's)."""
+    status = result.get("status")
+    return {
+        "status": status if status in ("ok", "diverged", "failed") else "failed",
+        "reason": result.get("reason") if status in ("ok", "diverged", "failed") else f"run returned status {status!r}",
+        "loss": finite_or_none(result.get("final_train_loss")),
+        "val_loss": finite_or_none(result.get("final_val_loss")),
+        "compute": finite_or_none(result.get("compute_flops")),
+        "N": _int_or_none(result.get("params_non_embedding")),
+        "N_active": _int_or_none(result.get("params_active")),
+        "N_total": _int_or_none(result.get("params_total")),
+    }
+
+
+def to_row(run_id: str, config: dict, result: dict | None = None, counts: dict | None = None,
+           spec_id: str | None = None) -> dict:
+    """One run-table row (keys `NAMES`, in order) from a run's config, result and counts."""
+    row = dict.fromkeys(NAMES)
+    row.update(run_id=run_id, status="pending", spec_id=spec_id)
+    row.update(config_fields(config, counts))
+    if result is not None:
+        for key, value in result_fields(result).items():
+            if value is not None or key not in ("N", "N_active", "N_total"):
+                row[key] = value
+    if row["N_active"] is None:
+        row["N_active"] = row["N"]
+    return row
+
+
+def describe() -> str:
+    """The columns as a short text table (for `steplaw runs --columns` and the docs)."""
+    width = max(len(c.name) for c in COLUMNS)
+    return "\n".join(f"{c.name.ljust(width)}  {(c.unit or '-').ljust(10)}  {c.description}" for c in COLUMNS) + "\n"
