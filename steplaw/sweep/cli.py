@@ -286,6 +286,8 @@ def cmd_sweep(args) -> int:
     from steplaw.sweep.spec import validate_runs
 
     _check_out(args.out)
+    _check_execution_args(args)
+    load_run_fn(args.run_fn)
     spec = spec_from_args(args)
     if args.dry_run:
         cells = spec.cells()
