@@ -60,9 +60,7 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
             print(f"steplaw sweep: warning: {notice}", file=sys.stderr)
         spec_id = store.record_spec(spec, allow_change=new_spec) if spec is not None else None
         store.recover_interrupted()
-        counts = {run_id: count_params(config.model) for run_id, config in configs.items()}
-        store.add_runs([{**config.to_dict(), "run_id": run_id} for run_id, config in configs.items()],
-                       [counts[run_id] for run_id in configs], spec_id=spec_id)
+        counts = _register(store, configs, spec_id)
         if retry_failed:
             store.reset_failed()
         todo = store.todo(run_ids, max_attempts)
@@ -77,6 +75,20 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
         summary.wall_s = time.time() - started
         line.finish(summary.line())
         return summary
+
+
+def _register(store, configs: dict, spec_id: str | None) -> dict:
+    """Add the runs the store does not hold yet (each with its parameter counts and spec
+    id); returns the counts of every run. Counted once per model shape, serialized only
+    for new runs: a rerun of a large finished sweep stays cheap."""
+    by_model: dict = {}
+    counts = {run_id: by_model.get(c.model) or by_model.setdefault(c.model, count_params(c.model))
+              for run_id, c in configs.items()}
+    new = store.missing(list(configs))
+    store.add_runs([{**configs[r].to_dict(), "run_id": r} for r in new], [counts[r] for r in new], spec_id=spec_id)
+    if spec_id is not None:
+        store.adopt(list(configs), spec_id)
+    return counts
 
 
 def _cost(config: RunConfig, counts: dict | None) -> float:

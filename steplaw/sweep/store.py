@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -291,10 +292,11 @@ class ResultStore:
         return spec_id
 
     def add_runs(self, configs: list[dict], counts: list[dict | None] | None = None, spec_id: str | None = None) -> int:
-        """Register runs as pending; runs already in the store are left as they are (rows
-        from before spec ids get `spec_id`). `configs` are RunConfig dicts with their
+        """Register runs as pending; runs already in the store are left as they are
+        (`adopt` labels old rows with a spec id). `configs` are RunConfig dicts with their
         `run_id` under "run_id"; `counts` optional parameter counts per run
-        ({"non_embedding", "active", "total"}). Returns how many were new."""
+        ({"non_embedding", "active", "total"}); `spec_id` the spec asking for them.
+        Returns how many were new."""
         now = time.time()
         rows = []
         for i, entry in enumerate(configs):
@@ -311,11 +313,18 @@ class ResultStore:
                 " seq_len, n_experts, top_k, created_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            added = self.conn.total_changes - before
-            if spec_id is not None and added < len(rows):
-                self.conn.executemany("UPDATE runs SET spec_id=? WHERE run_id=? AND spec_id IS NULL",
-                                      [(spec_id, row[0]) for row in rows])
-            return added
+            return self.conn.total_changes - before
+
+    def adopt(self, run_ids: list[str], spec_id: str) -> int:
+        """Give runs stored without a spec id (a rebuilt or pre-spec-id store) this spec's id."""
+        if self.conn.execute("SELECT 1 FROM runs WHERE spec_id IS NULL LIMIT 1").fetchone() is None:
+            return 0
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            before = self.conn.total_changes
+            self.conn.executemany("UPDATE runs SET spec_id=? WHERE run_id=? AND spec_id IS NULL",
+                                  [(spec_id, run_id) for run_id in run_ids])
+            return self.conn.total_changes - before
 
     def recover_interrupted(self) -> int:
         """Rows left `running` by a driver that died: back to pending. Returns how many."""
@@ -362,7 +371,7 @@ class ResultStore:
 
     @staticmethod
     def _result_row(run_id, result, host, versions, traceback) -> tuple:
-        data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+        data = dict(vars(result)) if dataclasses.is_dataclass(result) else dict(result)  # shallow: no deep copy
         f = runtable.result_fields(data)
         summary = {k: v for k, v in data.items() if k != "curve"}
         curve = data.get("curve") or []
@@ -427,6 +436,11 @@ class ResultStore:
         for _, status in self._select("run_id, status", run_ids):
             counts[status] = counts.get(status, 0) + 1
         return counts
+
+    def missing(self, run_ids: list[str]) -> list[str]:
+        """The ids of `run_ids` the store does not hold, in the given order."""
+        held = {r[0] for r in self._select("run_id", run_ids)}
+        return [run_id for run_id in run_ids if run_id not in held]
 
     def attempts(self, run_ids: list[str]) -> dict[str, int]:
         """Failed attempts so far, per run."""
