@@ -44,3 +44,20 @@ def fake_run(config, run_dir=None):
     return RunResult(status="ok", final_train_loss=loss, final_val_loss=loss + 0.01,
                      curve=[(0, 5.5), (config.tokens, loss)], tokens=config.tokens, steps=config.tokens // config.batch_tokens,
                      wall_s=0.01, run_id=run_id, config=config.to_dict())
+
+
+def node_run(config, run_dir=None):
+    """For the multi-node Ray test: logs 'start|end run_id node_id' to SWEEP_FAKE_NODE_LOG
+    around a sleep of SWEEP_FAKE_SLEEP seconds, then returns the bowl result."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    run_id = config.run_id()
+    log = os.environ["SWEEP_FAKE_NODE_LOG"]
+    with open(log, "a") as f:
+        f.write(f"start {run_id} {node}\n")
+    time.sleep(float(os.environ.get("SWEEP_FAKE_SLEEP", "0")))
+    with open(log, "a") as f:
+        f.write(f"end {run_id} {node}\n")
+    loss = bowl_loss(config.lr, config.batch_tokens)
+    return RunResult(status="ok", final_train_loss=loss, curve=[(0, 5.5), (config.tokens, loss)], run_id=run_id)
