@@ -11,10 +11,14 @@ so the law fitters can use it without importing a trainer.
 
 `config_dict` is `RunConfig.to_dict()`, `result_dict` is `RunResult.to_dict()` (or None
 for a run not yet finished), `counts` is {"non_embedding", "active", "total"} from the
-model accounting. Numbers that are missing or not finite are None.
+model accounting. Numbers that are missing or not finite are None. `rows_to_csv` and
+`rows_to_json` write rows with exactly these columns (what `steplaw runs` prints).
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 from dataclasses import dataclass
 
@@ -119,3 +123,18 @@ def describe() -> str:
     """The columns as a short text table (for `steplaw runs --columns` and the docs)."""
     width = max(len(c.name) for c in COLUMNS)
     return "\n".join(f"{c.name.ljust(width)}  {(c.unit or '-').ljust(10)}  {c.description}" for c in COLUMNS) + "\n"
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    """Rows as CSV with the run-table columns (floats written to round-trip exactly)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(NAMES)
+    for row in rows:
+        writer.writerow(["" if row.get(k) is None else (repr(row[k]) if isinstance(row[k], float) else row[k])
+                         for k in NAMES])
+    return buffer.getvalue()
+
+
+def rows_to_json(rows: list[dict]) -> str:
+    return json.dumps([{k: row.get(k) for k in NAMES} for row in rows], indent=1)

@@ -6,6 +6,7 @@
     steplaw sweep ... --out DIR --new-spec           # a changed spec on DIR (history kept)
     steplaw runs DIR [--csv | --json] [-o FILE]      # the runs table (steplaw.runtable)
     steplaw runs DIR --specs                         # the specs DIR was swept with
+    steplaw runs --columns                           # what each run-table column means
     steplaw demo [--out DIR]                         # tiny CPU sweep, fit, report
 
 Every setting is checked before any run starts (also with --dry-run); a mistake is one
@@ -75,11 +76,12 @@ def add_commands(subparsers) -> None:
     sweep.set_defaults(func=cmd_sweep)
 
     runs = subparsers.add_parser("runs", help="list or export the runs of a sweep directory")
-    runs.add_argument("sweep_dir", help="sweep directory")
+    runs.add_argument("sweep_dir", nargs="?", help="sweep directory")
     fmt = runs.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV with the runs-table columns (what `steplaw fit` reads)")
     fmt.add_argument("--json", action="store_true", help="JSON list of rows with the runs-table columns")
     fmt.add_argument("--specs", action="store_true", help="the specs the directory was swept with (spec_id: JSON)")
+    fmt.add_argument("--columns", action="store_true", help="what each column of the runs table means, with its unit")
     runs.add_argument("--output", "-o", help="write to this file instead of stdout")
     runs.set_defaults(func=cmd_runs)
 
@@ -303,8 +305,14 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_runs(args) -> int:
+    from steplaw import runtable
     from steplaw.sweep.store import EXPORT_COLUMNS, ResultStore, rows_to_csv, rows_to_json
 
+    if args.columns:
+        sys.stdout.write(runtable.describe())
+        return 0
+    if args.sweep_dir is None:
+        raise UserError("no sweep directory given: expected `steplaw runs DIR` (or `steplaw runs --columns`)")
     path = Path(args.sweep_dir)
     if not path.is_dir():
         raise UserError(f"sweep directory {args.sweep_dir!r} does not exist or is not a directory")

@@ -23,16 +23,13 @@ results kept in the run directories (runs/<run_id>/result.json) and says so (`no
 Statuses: pending (not yet run), running, ok, diverged (a result: the loss blew up),
 failed (the run crashed or its worker died; `reason` says why; retried up to a limit).
 Schema 1 stores (before the run-table names) are read as they are and migrated in place
-when a driver opens them.
+when a driver opens them (steplaw.sweep.storefile: damage checks, migration, rebuild).
 """
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import fcntl
 import hashlib
-import io
 import json
 import os
 import sqlite3
@@ -42,7 +39,9 @@ from pathlib import Path
 from steplaw import runtable
 from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
-from steplaw.runtable import finite_or_none
+from steplaw.runtable import finite_or_none, rows_to_csv, rows_to_json
+from steplaw.sweep import storefile
+from steplaw.sweep.storefile import finished_results, migrate_v1, move_aside, readable
 
 DB_NAME = "runs.sqlite"
 LOCK_NAME = "driver.lock"
@@ -50,7 +49,6 @@ SPEC_NAME = "spec.json"
 SCHEMA_VERSION = 2
 FINISHED = runtable.FINISHED
 EXPORT_COLUMNS = runtable.NAMES  # the run-table columns, in order
-_SQLITE_HEADER = b"SQLite format 3\x00"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -101,9 +99,6 @@ _EXPORT_SQL = {
         "json_extract(config, '$.model.moe.n_experts') AS n_experts",
         "json_extract(config, '$.model.moe.top_k') AS top_k", "reason"),
 }
-_V1_RENAMES = {"n_params": "N", "n_active": "N_active", "n_total": "N_total", "tokens": "D",
-               "final_train_loss": "loss", "final_val_loss": "val_loss", "compute_flops": "compute"}
-_V1_ADDED = {"spec_id": "TEXT", "seq_len": "INTEGER", "n_experts": "INTEGER", "top_k": "INTEGER", "traceback": "TEXT"}
 _CHUNK = 500  # ids per `IN (...)` query (SQLite caps bound parameters)
 
 
@@ -115,39 +110,6 @@ def spec_id_of(spec: dict) -> str:
     """A spec's id: a hash of its canonical JSON (12 hex digits)."""
     canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
-
-@contextlib.contextmanager
-def _readable(path: Path):
-    """SQLite errors of a damaged file as one sentence naming the file."""
-    try:
-        yield
-    except sqlite3.DatabaseError as exc:
-        raise UserError(f"{str(path)!r} is damaged ({exc}): expected a sweep store; rerun `steplaw sweep` on its "
-                        f"directory to rebuild it from the run directories") from None
-
-
-def _damage(path: Path, thorough: bool = True) -> str | None:
-    """Why the file at `path` is not a usable store, or None when it looks fine. Without
-    `thorough` only the size and header are checked (readers meet the rest as errors)."""
-    size = path.stat().st_size
-    if size == 0:
-        return "empty (0 bytes)"
-    with open(path, "rb") as handle:
-        if handle.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
-            return "not an SQLite database"
-    if not thorough:
-        return None
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        try:
-            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
-            conn.execute("SELECT count(*) FROM runs").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        return f"unreadable ({exc})"
-    return None if verdict == "ok" else f"damaged ({verdict})"
 
 
 class ResultStore:
@@ -169,12 +131,12 @@ class ResultStore:
             raise UserError(f"{str(self.sweep_dir)!r} is a file: expected a sweep directory written by `steplaw sweep`")
         if not self.path.is_file():
             raise UserError(f"{str(self.sweep_dir)!r} holds no sweep store ({DB_NAME}): expected a directory written by `steplaw sweep`")
-        damage = _damage(self.path, thorough=False)
+        damage = storefile.damage(self.path, thorough=False)
         if damage:
             raise UserError(f"{str(self.path)!r} is {damage}, not a sweep store: rerun `steplaw sweep` on "
                             f"{str(self.sweep_dir)!r} to rebuild it from its run directories")
         self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
-        with _readable(self.path):
+        with readable(self.path):
             self.version = self._version()
         if self.version not in _EXPORT_SQL:
             raise UserError(f"{str(self.path)!r} has store schema {self.version}: expected at most {SCHEMA_VERSION} (written by a newer steplaw?)")
@@ -189,16 +151,16 @@ class ResultStore:
         if not os.access(self.sweep_dir, os.W_OK):
             raise UserError(f"sweep directory {str(self.sweep_dir)!r} is not writable: expected a directory this user can write")
         existed = self.path.exists()
-        damage = _damage(self.path) if existed else None
+        damage = storefile.damage(self.path) if existed else None
         if damage:
-            moved = self._move_aside()
+            moved = move_aside(self.path)
             self.notices.append(f"{str(self.path)!r} was {damage}; moved it to {moved.name} and started a new store")
         self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         version = self._version() if existed and not damage else SCHEMA_VERSION
         if version == 1:
-            self._migrate_v1()
+            migrate_v1(self.conn, spec_id_of, SCHEMA_VERSION)
         elif version != SCHEMA_VERSION:
             raise UserError(f"{str(self.path)!r} has store schema {version}: expected at most {SCHEMA_VERSION} (written by a newer steplaw?)")
         self.conn.executescript(_SCHEMA)
@@ -214,35 +176,6 @@ class ResultStore:
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         return int(json.loads(row[0])) if row else SCHEMA_VERSION
 
-    def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        target = self.path.with_name(f"{DB_NAME}.broken-{stamp}")
-        os.replace(self.path, target)
-        for suffix in ("-wal", "-shm"):
-            side = self.path.with_name(DB_NAME + suffix)
-            if side.exists():
-                os.replace(side, target.with_name(target.name + suffix))
-        return target
-
-    def _migrate_v1(self):
-        with self.conn:
-            self.conn.execute("BEGIN IMMEDIATE")
-            for old, new in _V1_RENAMES.items():
-                self.conn.execute(f"ALTER TABLE runs RENAME COLUMN {old} TO {new}")
-            for name, kind in _V1_ADDED.items():
-                self.conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
-            self.conn.execute("UPDATE runs SET seq_len=json_extract(config, '$.seq_len'),"
-                              " n_experts=json_extract(config, '$.model.moe.n_experts'),"
-                              " top_k=json_extract(config, '$.model.moe.top_k')")
-            self.conn.execute("CREATE TABLE IF NOT EXISTS specs (spec_id TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL)")
-            spec = self.conn.execute("SELECT value FROM meta WHERE key='spec'").fetchone()
-            if spec and spec[0]:
-                data = json.loads(spec[0])
-                spec_id = spec_id_of(data)
-                self.conn.execute("INSERT OR IGNORE INTO specs VALUES (?, ?, ?)", (spec_id, json.dumps(data), time.time()))
-                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('spec_id', ?)", (json.dumps(spec_id),))
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),))
-
     def _rebuild_from_run_dirs(self, replaced: bool):
         """A new store beside existing run directories: take back their finished results."""
         runs_dir = self.sweep_dir / "runs"
@@ -250,7 +183,7 @@ class ResultStore:
             if replaced:
                 self.notices.append("no run directories to recover results from: every run will train again")
             return
-        results = _finished_results(runs_dir)
+        results = finished_results(runs_dir)
         self.add_runs([{**config, "run_id": run_id} for run_id, config, _ in results])
         self.record_results([(run_id, result, None, None, None) for run_id, _, result in results])
         if results or replaced:
@@ -392,14 +325,14 @@ class ResultStore:
     # -- reads --------------------------------------------------------------------------
 
     def meta(self, key: str, default=None):
-        with _readable(self.path):
+        with readable(self.path):
             row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row and row[0] is not None else default
 
     def spec(self, spec_id: str) -> dict | None:
         if self.version < 2:
             return self.meta("spec")
-        with _readable(self.path):
+        with readable(self.path):
             row = self.conn.execute("SELECT spec FROM specs WHERE spec_id=?", (spec_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
@@ -408,12 +341,12 @@ class ResultStore:
         if self.version < 2:
             spec = self.meta("spec")
             return [(spec_id_of(spec), spec)] if spec else []
-        with _readable(self.path):
+        with readable(self.path):
             rows = self.conn.execute("SELECT spec_id, spec FROM specs ORDER BY created_at").fetchall()
         return [(r[0], json.loads(r[1])) for r in rows]
 
     def _select(self, columns: str, run_ids: list[str] | None, order: str = "created_at, run_id") -> list:
-        with _readable(self.path):
+        with readable(self.path):
             if run_ids is None:
                 return self.conn.execute(f"SELECT {columns} FROM runs ORDER BY {order}").fetchall()
             out = []
@@ -430,7 +363,7 @@ class ResultStore:
 
     def status_counts(self, run_ids: list[str] | None = None) -> dict[str, int]:
         if run_ids is None:
-            with _readable(self.path):
+            with readable(self.path):
                 return dict(self.conn.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
         counts: dict[str, int] = {}
         for _, status in self._select("run_id, status", run_ids):
@@ -468,36 +401,20 @@ class ResultStore:
 
     def export(self) -> list[dict]:
         """Every run as a run-table row (see `export_rows`)."""
-        with _readable(self.path):
+        with readable(self.path):
             cursor = self.conn.execute(f"SELECT {', '.join(_EXPORT_SQL[self.version])} FROM runs ORDER BY run_id")
             cursor.row_factory = None
             return [dict(zip(EXPORT_COLUMNS, row)) for row in cursor.fetchall()]
 
     def config(self, run_id: str) -> dict:
-        with _readable(self.path):
+        with readable(self.path):
             row = self.conn.execute("SELECT config FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return json.loads(row[0])
 
     def curve(self, run_id: str) -> list[tuple[int, float | None]]:
-        with _readable(self.path):
+        with readable(self.path):
             row = self.conn.execute("SELECT curve FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return [tuple(p) for p in json.loads(row[0] or "[]")] if row else []
-
-
-def _finished_results(runs_dir: Path) -> list[tuple[str, dict, dict]]:
-    """(run_id, config, result) of every run directory holding a finished result.json
-    that names its own run (ok or diverged; failed attempts are not kept)."""
-    found = []
-    for entry in sorted(os.scandir(runs_dir), key=lambda e: e.name):
-        try:
-            with open(os.path.join(entry.path, "result.json"), encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (OSError, ValueError):
-            continue
-        if (isinstance(data, dict) and data.get("run_id") == entry.name and isinstance(data.get("config"), dict)
-                and data.get("status") in FINISHED):
-            found.append((entry.name, data["config"], data))
-    return found
 
 
 def _spec_difference(old: dict, new: dict) -> str:
@@ -561,7 +478,7 @@ def _sanitize(data):
     return data
 
 
-# -- export: the runs table ---------------------------------------------------------------
+# -- export: the runs table (rows_to_csv / rows_to_json come from steplaw.runtable) -------------
 
 def export_rows(sweep_dir: str | Path) -> list[dict]:
     """Every run in a sweep store as a run-table row (columns `EXPORT_COLUMNS`, defined
@@ -572,19 +489,4 @@ def export_rows(sweep_dir: str | Path) -> list[dict]:
         return store.export()
 
 
-def rows_to_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(EXPORT_COLUMNS)
-    for row in rows:
-        writer.writerow(["" if row.get(k) is None else _csv_value(row[k]) for k in EXPORT_COLUMNS])
-    return buffer.getvalue()
-
-
-def _csv_value(value):
-    # repr round-trips floats exactly, so CSV and JSON exports fit to the same numbers
-    return repr(value) if isinstance(value, float) else value
-
-
-def rows_to_json(rows: list[dict]) -> str:
-    return json.dumps(rows, indent=1)
+__all__ = ["ResultStore", "DriverLock", "export_rows", "rows_to_csv", "rows_to_json", "EXPORT_COLUMNS", "db_path"]

@@ -184,3 +184,11 @@ def test_v1_store_is_read_as_is_and_migrated_by_the_driver(tmp_path, monkeypatch
     assert after[runs[1].run_id()]["loss"] == 3.5
     with ResultStore(tmp_path, readonly=True) as store:
         assert store.version == 2 and store.specs()[0][1] == {"old": True}
+        spec_id = store.meta("spec_id")
+    assert {r["spec_id"] for r in after.values()} == {spec_id}  # the old rows joined the stored spec
+
+
+def test_runs_columns_describes_every_column(capsys):
+    assert main(["runs", "--columns"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == EXPORT_COLUMNS
