@@ -103,21 +103,31 @@ def test_failed_runs_exit_non_zero_with_their_reasons(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_empty_store_is_rebuilt_from_run_directories_and_said(tmp_path, capsys, monkeypatch):
+DAMAGE = {
+    "empty (0 bytes)": lambda data: b"",
+    "not an SQLite database": lambda data: b"garbage " * 1000,
+    "truncated": lambda data: data[: len(data) // 2],
+}
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_damaged_store_is_rebuilt_from_run_directories_and_said(how, tmp_path, capsys, monkeypatch):
     log = tmp_path / "log"
     monkeypatch.setenv("SWEEP_FAKE_LOG", str(log))
-    runs = configs()
+    runs = configs(lrs=[0.001 * k for k in range(1, 41)])  # enough rows for a store of several pages
     run_sweep(runs, tmp_path / "s", inline(), progress=False)
-    assert len(log.read_text().splitlines()) == 6
-    (tmp_path / "s" / "runs.sqlite").write_bytes(b"")
+    assert len(log.read_text().splitlines()) == 80
+    path = tmp_path / "s" / "runs.sqlite"
+    path.write_bytes(DAMAGE[how](path.read_bytes()))
     for side in ("runs.sqlite-wal", "runs.sqlite-shm"):
         (tmp_path / "s" / side).unlink(missing_ok=True)
     capsys.readouterr()
     summary = run_sweep(runs, tmp_path / "s", inline(), progress=False)
     err = capsys.readouterr().err
-    assert "empty (0 bytes)" in err and "rebuilt the store" in err and "from 6 finished run directories" in err
-    assert summary.ran == 0 and summary.counts == {"ok": 6}
-    assert len(log.read_text().splitlines()) == 6  # nothing trained again
+    assert (how if how != "truncated" else "was ") in err
+    assert "rebuilt the store" in err and "from 80 finished run directories" in err
+    assert summary.ran == 0 and summary.counts == {"ok": 80}
+    assert len(log.read_text().splitlines()) == 80  # nothing trained again
     assert list((tmp_path / "s").glob("runs.sqlite.broken-*"))
     assert [r["loss"] for r in export_rows(tmp_path / "s")] == [
         pytest.approx(sweep_fakes.bowl_loss(c.lr, c.batch_tokens)) for c in sorted(runs, key=lambda c: c.run_id())]
