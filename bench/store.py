@@ -51,14 +51,16 @@ def grid(total: int) -> list[RunConfig]:
     per_cell = 20 * 25
     cells = max(9, round(total / per_cell))
     n_tokens = max(3, round(math.sqrt(cells / 6)))
-    n_models = max(3, round(cells / n_tokens))
+    n_models = max(3, math.ceil(cells / n_tokens))
     models = [ModelConfig(d_model=32 * (i + 1), n_layers=2, n_heads=4, d_ff=128 * (i + 1), max_seq_len=SEQ_LEN)
               for i in range(n_models)]
     budgets = [2 ** (24 + j) for j in range(n_tokens)]
     lrs = [round(1e-4 * 2 ** (k / 2), 8) for k in range(20)]
-    batches = [SEQ_LEN * max(1, round(2 ** (k / 2))) for k in range(25)]
-    return [RunConfig(model=m, tokens=d, lr=lr, batch_tokens=b, seq_len=SEQ_LEN)
-            for m in models for d in budgets for lr in lrs for b in sorted(set(batches))]
+    seqs = [1]
+    for k in range(1, 25):  # 25 distinct batch sizes, about x1.4 apart
+        seqs.append(max(seqs[-1] + 1, round(1.4**k)))
+    return [RunConfig(model=m, tokens=d, lr=lr, batch_tokens=SEQ_LEN * s, seq_len=SEQ_LEN)
+            for m in models for d in budgets for lr in lrs for s in seqs]
 
 
 _N_CACHE: dict = {}
