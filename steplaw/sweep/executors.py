@@ -84,17 +84,17 @@ def as_result(value) -> RunResult:
     """A run function's return value as a RunResult: a RunResult as is, a dict of
     RunResult fields (others are dropped), anything else a failure saying what it was."""
     if isinstance(value, RunResult):
-        return value
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, dict):
+        result = value
+    elif isinstance(value, dict):
         data = {k: v for k, v in value.items() if k in _RESULT_FIELDS}
         data["curve"] = [tuple(p) for p in data.get("curve") or []]
-        if data.get("status") not in ("ok", "diverged", "failed"):
-            data["reason"] = f"run function returned status {data.get('status')!r}: expected ok, diverged or failed"
-            data["status"] = "failed"
-        return RunResult(**data)
-    return failed(f"run function returned {type(value).__name__}: expected a RunResult")
+        result = RunResult(**data)
+    else:
+        return failed(f"run function returned {type(value).__name__}: expected a RunResult")
+    if result.status not in ("ok", "diverged", "failed"):  # e.g. "pending" from a preempted run
+        return dataclasses.replace(result, status="failed",
+                                   reason=f"run function returned status {result.status!r}: expected ok, diverged or failed")
+    return result
 
 
 def execute(run_fn, config: RunConfig, run_dir: str | None, progress=None) -> tuple[RunResult, str | None]:

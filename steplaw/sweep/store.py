@@ -129,7 +129,7 @@ class ResultStore:
     def _open_readonly(self):
         if self.sweep_dir.exists() and not self.sweep_dir.is_dir():
             raise UserError(f"{str(self.sweep_dir)!r} is a file: expected a sweep directory written by `steplaw sweep`")
-        if not self.path.is_file():
+        if not self.path.exists():
             raise UserError(f"{str(self.sweep_dir)!r} holds no sweep store ({DB_NAME}): expected a directory written by `steplaw sweep`")
         damage = storefile.damage(self.path, thorough=False)
         if damage:

@@ -43,11 +43,17 @@ def readable(path: Path):
 def damage(path: Path, thorough: bool = True) -> str | None:
     """Why the file at `path` is not a usable store, or None when it looks fine. Without
     `thorough` only the size and header are checked (readers meet the rest as errors)."""
+    if not path.is_file():
+        return "not a file"
     if path.stat().st_size == 0:
         return "empty (0 bytes)"
-    with open(path, "rb") as handle:
-        if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            return "not an SQLite database"
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if header != SQLITE_HEADER:
+        return "not an SQLite database"
     if not thorough:
         return None
     try:

@@ -193,6 +193,11 @@ def test_damaged_store_is_refused_by_readers(how, command, tmp_path, capsys):
     assert "runs.sqlite" in line
 
 
+def test_store_that_is_a_directory(tmp_path, capsys):
+    (tmp_path / "s" / "runs.sqlite").mkdir(parents=True)
+    assert "not a file" in assert_one_line_error(main(["runs", str(tmp_path / "s")]), capsys)
+
+
 @pytest.mark.parametrize("argv", [["runs", "{out}"], ["runs", "{out}/nosuch"], ["runs", "{out}/file"],
                                   ["runs", "{out}/s", "-o", "{out}"], ["runs", "{out}/s", "-o", "{out}/nodir/x.csv"]])
 def test_bad_runs_arguments(argv, tmp_path, capsys):

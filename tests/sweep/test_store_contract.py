@@ -69,6 +69,8 @@ def test_executor_returns_run_results(tmp_path):
     assert "Traceback" not in done[0].result.reason and "scripted crash" in done[0].traceback
     assert done[1].result.status == "ok"
     assert as_result({"status": "weird"}).status == "failed" and as_result(3).status == "failed"
+    assert as_result(RunResult(status="pending")).status == "failed"
+    assert as_result({"status": "ok", "final_train_loss": 2.0, "extra": 1}) == RunResult(status="ok", final_train_loss=2.0)
 
 
 def test_changed_spec_is_refused_unless_asked(tmp_path, capsys):
