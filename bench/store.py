@@ -130,6 +130,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.runs, args.repeats = 2_000, 1
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         sweep_dir = Path(args.keep) if args.keep else Path(tmp) / "sweep"
         runs = grid(args.runs)
@@ -150,7 +151,8 @@ def main():
                           target_s=60.0))
         cases.append(case(f"steplaw report --no-plots, {n} runs",
                           time_command(["report", d, "--out", report_out, "--no-plots"], args.repeats)))
-    report("store", "cpu", cases, runs=n, cpus=os.cpu_count(),
+    # the machine's load average before and after: numbers taken under load are not final
+    report("store", "cpu", cases, runs=n, cpus=os.cpu_count(), loadavg_1min=[load_before[0], os.getloadavg()[0]],
            note="wall time of subprocesses as a user runs them, Python start and imports included")
 
 
