@@ -116,6 +116,7 @@ class HparamFit:
     refused: list[dict] = field(default_factory=list)
     sparsity: dict | None = None
     fitted_range: dict = field(default_factory=dict)
+    law_cells: dict = field(default_factory=dict)  # law -> per-cell scores (not in to_dict: large)
 
     def to_dict(self) -> dict:
         return {
@@ -376,7 +377,7 @@ def _fit_warnings(table, cells, skipped, refused, laws: dict[str, PowerLaw], cel
     return warnings
 
 
-def _validation(cells, cell_runs, fold_lr, fold_bs, score_laws: bool, n_column: str) -> tuple[dict, list[dict], str]:
+def _validation(cells, cell_runs, fold_lr, fold_bs, score_laws: bool):
     """Leave-one-cell-out validation of the fit and the published laws' scores on the same cells."""
     scored = score_cells(cell_runs, fold_lr, fold_bs, published=score_laws)
     fit_cells, step_cells = scored.per_law["fit_loco"], scored.per_law.get("step_law", [])
@@ -402,7 +403,7 @@ def _validation(cells, cell_runs, fold_lr, fold_bs, score_laws: bool, n_column: 
         validation["step_law"] = {"lr_factor": summary_of(step_cells, "lr_factor"),
                                   "bs_factor": summary_of(step_cells, "bs_factor"),
                                   "relative_loss_gap": summary_of(step_cells, "gap")}
-    return validation, scored.ranking, scored.definition
+    return validation, scored
 
 
 def fit_hparams(
@@ -446,7 +447,7 @@ def fit_hparams(
 
     cell_runs = [CellRuns.of(cell, table.lr[rows], table.batch_tokens[rows], table.loss[rows])
                  for cell, rows in zip(cells, run_rows)]
-    validation, law_scores, scoring = _validation(cells, cell_runs, fold_lr, fold_bs, score_laws, n_column)
+    validation, scored = _validation(cells, cell_runs, fold_lr, fold_bs, score_laws)
     counts = {
         "runs": len(table),
         "valid": table.n_valid,
@@ -461,6 +462,6 @@ def fit_hparams(
         lr_law=lr_law, bs_law=bs_law, cells=cells, validation=validation, counts=counts, n_column=n_column,
         gap=float(gap), n_boot=int(n_boot), seed=int(seed), skipped_cells=skipped,
         warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs),
-        law_scores=law_scores, scoring=scoring, refused=refused,
+        law_scores=scored.ranking, scoring=scored.definition, law_cells=scored.per_law, refused=refused,
         sparsity=_sparsity_verdict(laws, refused) if sparsity else None, fitted_range=fitted_range,
     )
