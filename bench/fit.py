@@ -12,7 +12,7 @@ Cases:
   loop it replaced), both started from the same point estimate. Target: under 1 s on 2 cores.
 - fit_loss end to end (point fit from the start grid + that bootstrap).
 
-`--quick` uses 100 (loss: 50) resamples and fewer repeats. One JSON object on stdout.
+`--quick` uses 100 (loss: 20) resamples and fewer repeats. One JSON object on stdout.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def main() -> None:
     })
 
     loss_table = chinchilla_table()
-    loss_boot = 50 if args.quick else 1000
+    loss_boot = 20 if args.quick else 1000
     log(f"loss-law bootstrap, {loss_boot} resamples of {len(loss_table)} rows ...")
     batched, loop = loss_bootstrap_contenders(loss_table, loss_boot)
     median = time_interleaved({"steplaw": batched, "loop_scipy_bfgs": loop}, warmup=0, repeats=2 if args.quick else 3)
