@@ -23,8 +23,11 @@ import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from steplaw.errors import UserError
 from steplaw.laws.fit import fit_hparams, grid_edge
+from steplaw.laws.identify import distinct_values
 from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
 from steplaw.laws.saved import write_json
 from steplaw.laws.table import read_runs
@@ -76,9 +79,18 @@ def fit_sweep(rows: list[dict], source: str, n_boot: int, gap: float, seed: int 
     except UserError as exc:
         return None, None, str(exc)
     try:
-        return table, fit_hparams(table, gap=gap, n_boot=n_boot, seed=seed), None
+        return table, fit_hparams(table, gap=gap, n_boot=n_boot, seed=seed, sparsity=_mixes_sparsity(table)), None
     except UserError as exc:
         return table, None, str(exc)
+
+
+def _mixes_sparsity(table) -> bool:
+    """Whether the sweep holds more than one MoE sparsity N_active / N (dense counts as 1):
+    then the laws get a sparsity term and the report says whether the data support it."""
+    if table.N_active is None:
+        return False
+    shares = np.where(np.isfinite(table.N_active), table.N_active / table.N, 1.0)[table.valid]
+    return distinct_values(shares).size >= 2
 
 
 def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict]:
@@ -176,6 +188,10 @@ def _fit_blocks(fit, fit_error: str | None) -> list[tuple]:
                         f"95% bootstrap intervals from {data['n_boot']} resamples (runs resampled within cells)."))
     for refused in data["refused_exponents"]:
         blocks.append(("p", f"Not fitted: {refused['reason']}"))
+    if data.get("sparsity"):
+        for key, verdict in data["sparsity"]["laws"].items():
+            exponent = "" if verdict["exponent"] is None else f" exponent {verdict['exponent']:+.3f};"
+            blocks.append(("p", f"MoE sparsity S = N_active / N in the {key} law:{exponent} {verdict['verdict']}."))
     shown = {r["reason"] for r in data["refused_exponents"]}
     for warning in data.get("warnings", []):
         if warning not in shown:

@@ -152,3 +152,15 @@ def test_report_out_is_checked_before_any_work(tmp_path, capsys):
     assert "is an existing file; expected a directory" in capsys.readouterr().err
     assert main(["report", str(sweep), "--out", "/proc/steplaw_report"]) == 2
     assert "cannot be" in capsys.readouterr().err
+
+
+def test_report_of_dense_and_moe_runs_asks_about_sparsity(tmp_path):
+    from steplaw.models.config import MoEConfig
+
+    moe = [ModelConfig(d_model=d, n_layers=2, n_heads=2, d_ff=2 * d, max_seq_len=64, moe=MoEConfig(n_experts=4, top_k=1))
+           for d in (32, 64, 128)]
+    sweep = fill(tmp_path / "sweep", shapes=SHAPES + moe, lrs=LRS[1:4], batches=BATCHES[1:4])
+    text = write_report(sweep, n_boot=50, plots=False, html_report=False)[0].read_text()
+    assert "MoE sparsity S = N_active / N in the learning-rate law" in text
+    fit = json.loads((sweep / "report" / "fit.json").read_text(), parse_constant=_no_nan)
+    assert fit["sparsity"]["laws"]["learning-rate"]["verdict"]
