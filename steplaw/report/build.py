@@ -207,7 +207,8 @@ def _cell_blocks(cells: list[dict], fit) -> list[tuple]:
         fit_lr = fit_bs = None
         if fit is not None and cell["N"]:
             n_value = {"N": cell["N"], "N_active": cell["N_active"]}.get(fit.n_column, cell["N"])
-            fit_lr, fit_bs = (float(x) for x in fit.predict(n_value, cell["D"]))
+            share = cell["N_active"] / cell["N"] if cell["N_active"] else None  # the sparsity term's S
+            fit_lr, fit_bs = (float(x) for x in fit.predict(n_value, cell["D"], share))
         edge = ", ".join(f"{what} {side}" for what, side in (("LR", cell["lr_edge"]), ("batch", cell["bs_edge"])) if side)
         cell_rows.append([
             _num(cell["N"]) + (f" ({cell['n_experts']}e top-{cell['top_k']})" if cell["n_experts"] else ""),
