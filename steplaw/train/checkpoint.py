@@ -3,7 +3,7 @@
 checkpoint.pt: model and optimizer state, the step reached (which is the data position:
 a step's batch depends only on (seed, step)), the step losses so far, torch's RNG
 states, and the time spent. Written to a temporary file and renamed, so a run killed
-while saving keeps its previous checkpoint. result.json: the RunResult once finished.
+while saving keeps its previous checkpoint (fsync before the rename: a power loss too). result.json: the RunResult once finished.
 Both carry the run id; files of another run are ignored (a checkpoint) or refused (a
 result, which would otherwise be overwritten).
 """
@@ -52,8 +52,16 @@ def save_checkpoint(run_dir: Path, run_id: str, model, optimizer, step: int, los
         },
         tmp,
     )
+    _sync(tmp)
     os.replace(tmp, path)
     return path
+
+
+def _sync(path: Path) -> None:
+    """Flush a written file to disk before it is renamed into place, so that a crash
+    leaves either the old file or the whole new one."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
 
 
 def load_checkpoint(run_dir: Path, run_id: str, device: torch.device) -> dict | None:
@@ -87,6 +95,7 @@ def save_result(run_dir: Path, result: RunResult) -> Path:
     path = run_dir / RESULT
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    _sync(tmp)
     os.replace(tmp, path)
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():
