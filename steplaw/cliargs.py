@@ -35,11 +35,15 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 from steplaw.errors import UserError
 from steplaw.units import parse_count
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?[kKmMgGbBtT]?$|^-(inf|nan)$", re.IGNORECASE)
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,6 +57,10 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.set_defaults(command_prog=self.prog)
+        # argparse takes "-1e-3" or "-2M" for an option (it knows only -5 and -0.5 as
+        # numbers) and says "expected one argument"; let them reach the types, which
+        # name what is wrong with them.
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -148,9 +156,9 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     """The Path of an output file that can be written, else a UserError naming `what`
     (e.g. "--out"): not a directory, and in a writable directory or one that can be
     made. An existing file is allowed (it will be replaced). Creates nothing."""
-    path = Path(path)
-    if str(path) == "":
+    if not os.fspath(path):
         raise UserError(f"{what} is empty: expected a file name")
+    path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} {str(path)!r} is a directory: expected a file name")
     if path.exists():
@@ -167,9 +175,9 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
 def check_output_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
     """The Path of an output directory that exists and is writable, or can be made,
     else a UserError naming `what`. Creates nothing."""
-    path = Path(path)
-    if str(path) == "":
+    if not os.fspath(path):
         raise UserError(f"{what} is empty: expected a directory name")
+    path = Path(path)
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{what} {str(path)!r} is a file: expected a directory")

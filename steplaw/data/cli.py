@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from steplaw import cliargs
 
 
 def add_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="prepare token files for training")
-    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    data.set_defaults(func=lambda args: (data.print_help(sys.stderr), 2)[1])  # no subcommand
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     prepare = data_sub.add_parser(
         "prepare",
         help="tokenize text files into train/val token files",
