@@ -17,7 +17,9 @@ class UserError(ValueError):
     """A user mistake, with a message fit to print as is."""
 
 
-def whole_number_problem(name: str, value, low: int | None = None, high: int | None = None, *, high_text: str | None = None) -> str | None:
+def whole_number_problem(
+    name: str, value, low: int | None = None, high: int | None = None, *, high_text: str | None = None
+) -> str | None:
     """None if `value` is an int (not a bool) in [low, high), else the sentence saying so."""
     if low is not None and high is not None:
         expected = f"a whole number in [{low}, {high_text or high})"
@@ -33,7 +35,9 @@ def whole_number_problem(name: str, value, low: int | None = None, high: int | N
     return None
 
 
-def number_problem(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> str | None:
+def number_problem(
+    name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> str | None:
     """None if `value` is a finite int or float in the range, else the sentence saying so.
 
     The range is [low, high]; low_open / high_open exclude that end."""

@@ -140,6 +140,8 @@ CLI_CASES = [
     ("predict-seq-zero", PREDICT + ["--seq-len", "0"], "--seq-len"),
     ("predict-active-gt-total", PREDICT + ["--moe-active", "2e9"], "n_active"),
     ("predict-compute-neg", PREDICT + ["--compute", "-1"], "--compute"),
+    pytest.param("predict-empty-law", PREDICT + ["--law", ""], "--law", marks=pytest.mark.xfail(
+        strict=True, reason="issue 12 item 6: an empty table with exit 0 (steplaw/laws/cli.py; remove this mark once fixed)")),
     # ---- top level
     ("unknown-command", ["fly"], "invalid choice"),
 ]
@@ -210,7 +212,18 @@ def assert_one_line_error(err: str, match: str) -> None:
     assert match in lines[0], f"{match!r} not in {lines[0]!r}"
 
 
-@pytest.mark.parametrize("argv,match", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def _cases(cases):
+    """pytest params (id first in each case; a pytest.param keeps its marks)."""
+    out = []
+    for case in cases:
+        if hasattr(case, "values"):
+            out.append(pytest.param(*case.values[1:], id=case.values[0], marks=case.marks))
+        else:
+            out.append(pytest.param(*case[1:], id=case[0]))
+    return out
+
+
+@pytest.mark.parametrize("argv,match", _cases(CLI_CASES))
 def test_cli_bad_input(argv, match, paths, no_training, capsys):
     code = main([arg.format(**paths) for arg in argv])
     out, err = capsys.readouterr()
@@ -220,7 +233,7 @@ def test_cli_bad_input(argv, match, paths, no_training, capsys):
 
 
 def test_case_ids_are_unique():
-    ids = [c[0] for c in CLI_CASES]
+    ids = [p.id for p in _cases(CLI_CASES)]
     assert len(ids) == len(set(ids))
 
 
@@ -236,7 +249,8 @@ def _unwritable_dir(tmp_path):
     return None
 
 
-@pytest.mark.parametrize("argv", [train("--out", "{place}/run"), ["data", "prepare", "{text}", "-o", "{place}/tok"]], ids=["train", "prepare"])
+@pytest.mark.parametrize("argv", [train("--out", "{place}/run"), ["data", "prepare", "{text}", "-o", "{place}/tok"]],
+                         ids=["train", "prepare"])
 def test_unwritable_output_place(argv, paths, no_training, capsys, tmp_path):
     place = _unwritable_dir(tmp_path)
     if place is None:
@@ -279,7 +293,8 @@ DDP_CASES = [
     ("missing-key", lambda d: [_write(d / "c.json", json.dumps({"model": _config_dict()["model"]}))], "missing setting(s)"),
     ("negative-lr", lambda d: [_write(d / "c.json", json.dumps(_config_dict(lr=-1)))], "lr=-1"),
     ("seed-string", lambda d: [_write(d / "c.json", json.dumps(_config_dict(seed="abc")))], "seed='abc'"),
-    ("bad-model", lambda d: [_write(d / "c.json", json.dumps(_config_dict(model={**_config_dict()["model"], "vocab_size": 0})))], "vocab_size=0"),
+    ("bad-model", lambda d: [_write(d / "c.json", json.dumps(_config_dict(model={**_config_dict()["model"], "vocab_size": 0})))],
+     "vocab_size=0"),
     ("result-is-dir", lambda d: [_write(d / "c.json", json.dumps(_config_dict())), str(d)], "is a directory"),
     ("no-args", lambda d: [], "required"),
 ]
@@ -293,7 +308,7 @@ def _write(path, content) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("make_argv,match", [c[1:] for c in DDP_CASES], ids=[c[0] for c in DDP_CASES])
+@pytest.mark.parametrize("make_argv,match", _cases(DDP_CASES))
 def test_ddp_bad_input(make_argv, match, tmp_path, no_training, capsys):
     from steplaw.train import ddp
 
@@ -405,7 +420,7 @@ API_CASES = [
 ]
 
 
-@pytest.mark.parametrize("make,match", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+@pytest.mark.parametrize("make,match", _cases(API_CASES))
 def test_api_bad_input(make, match):
     with pytest.raises(UserError) as info:
         make()

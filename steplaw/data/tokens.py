@@ -33,7 +33,9 @@ def write_token_file(path: str | Path, ids: np.ndarray, vocab_size: int, tokeniz
     path = Path(path).with_suffix(".bin")
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise UserError(f"token ids in [{ids.min()}, {ids.max()}] do not fit the vocabulary of {vocab_size}: expected ids in [0, {vocab_size})")
+        raise UserError(
+            f"token ids in [{ids.min()}, {ids.max()}] do not fit the vocabulary of {vocab_size}: expected ids in [0, {vocab_size})"
+        )
     dtype = dtype_for_vocab(vocab_size)
     meta = {"dtype": dtype, "vocab_size": int(vocab_size), "tokens": int(ids.size), "tokenizer": tokenizer}
     _write_atomic(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
@@ -111,7 +113,9 @@ def load_token_data(data: str | Path | None = None) -> TokenData:
         return TokenData(np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8), 256, "embedded:kjv")
     directory = Path(data)
     if directory.is_file():
-        raise UserError(f"data {str(data)!r} is a file: expected the directory `steplaw data prepare` made (holding train.bin and val.bin)")
+        raise UserError(
+            f"data {str(data)!r} is a file: expected the directory `steplaw data prepare` made (holding train.bin and val.bin)"
+        )
     if not directory.is_dir():
         raise UserError(f"data directory {str(data)!r} does not exist: expected a directory made by `steplaw data prepare`")
     train, train_meta = read_token_file(directory / "train.bin")

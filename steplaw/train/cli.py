@@ -36,8 +36,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--micro-batch-tokens", default=None, type=cliargs.count,
                    help="largest micro-batch in tokens; gradient accumulation does the rest")
     p.add_argument("--moe-experts", type=cliargs.positive_int, default=None, help="routed experts per MoE layer (MoE model when given)")
-    p.add_argument("--moe-topk", type=cliargs.positive_int, default=None, help=f"experts per token (with --moe-experts; default {DEFAULT_TOP_K})")
-    p.add_argument("--moe-shared", type=cliargs.nonnegative_int, default=None, help="shared experts per MoE layer (with --moe-experts; default 0)")
+    p.add_argument("--moe-topk", type=cliargs.positive_int, default=None,
+                   help=f"experts per token (with --moe-experts; default {DEFAULT_TOP_K})")
+    p.add_argument("--moe-shared", type=cliargs.nonnegative_int, default=None,
+                   help="shared experts per MoE layer (with --moe-experts; default 0)")
     p.add_argument("--params-active", action="store_true", help="MoE: --params is the activated count, not the total")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "wsd", "constant"])
     p.add_argument("--warmup-tokens", default=None, type=cliargs.count, help="warmup length in tokens (default 5%% of the steps)")
