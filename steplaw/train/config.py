@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -77,7 +78,7 @@ class RunConfig:
 
     def validate(self, *, on_this_machine: bool = False) -> None:
         """Raise one UserError naming every mistake in this config (sentences joined by
-        '; '), cheaply: no training, no data read, no torch import. `run()` calls it
+        '; '), cheaply: no training, no data read. `run()` calls it
         before anything else, and a sweep calls it for every run before any starts.
 
         The device is checked for its form ('auto', 'cpu', 'cuda', 'cuda:N') and `data`
@@ -96,50 +97,48 @@ class RunConfig:
 
 
 def _run_problems(c: RunConfig) -> list[str]:
-    """The rules of validate(), each field on its own, then the ones between fields."""
+    """The rules of validate(): each field on its own, then the rules between fields
+    (checked only for fields valid on their own, so one mistake gives one sentence)."""
     from steplaw.optim.schedule import SCHEDULES
 
-    found = [] if isinstance(c.model, ModelConfig) else [f"model={c.model!r}: expected a ModelConfig"]
-    if not found:
-        found += c.model.problems()
-    found += [
-        whole_number_problem("tokens", c.tokens, 1),
-        number_problem("lr", c.lr, 0.0, low_open=True),
-        whole_number_problem("batch_tokens", c.batch_tokens, 1),
-        whole_number_problem("seq_len", c.seq_len, 1),
-        c.micro_batch_tokens is not None and whole_number_problem("micro_batch_tokens", c.micro_batch_tokens, 1),
-        c.warmup_tokens is not None and whole_number_problem("warmup_tokens", c.warmup_tokens, 0),
-        number_problem("min_lr_ratio", c.min_lr_ratio, 0.0, 1.0),
-        number_problem("decay_fraction", c.decay_fraction, 0.0, 1.0, low_open=True),
-        number_problem("weight_decay", c.weight_decay, 0.0),
-        number_problem("beta1", c.beta1, 0.0, 1.0, high_open=True),
-        number_problem("beta2", c.beta2, 0.0, 1.0, high_open=True),
-        number_problem("eps", c.eps, 0.0, low_open=True),
-        c.grad_clip is not None and number_problem("grad_clip", c.grad_clip, 0.0, low_open=True),
-        whole_number_problem("seed", c.seed, 0, 2**63, high_text="2^63"),
-        whole_number_problem("eval_tokens", c.eval_tokens, 0),
-    ]
-    bad = {p.split("=", 1)[0] for p in found if p}
+    model = c.model.problems() if isinstance(c.model, ModelConfig) else [f"model={c.model!r}: expected a ModelConfig"]
+    fields = {
+        "tokens": whole_number_problem("tokens", c.tokens, 1),
+        "lr": number_problem("lr", c.lr, 0.0, low_open=True),
+        "batch_tokens": whole_number_problem("batch_tokens", c.batch_tokens, 1),
+        "seq_len": whole_number_problem("seq_len", c.seq_len, 1),
+        "micro_batch_tokens": c.micro_batch_tokens is not None and whole_number_problem("micro_batch_tokens", c.micro_batch_tokens, 1),
+        "warmup_tokens": c.warmup_tokens is not None and whole_number_problem("warmup_tokens", c.warmup_tokens, 0),
+        "min_lr_ratio": number_problem("min_lr_ratio", c.min_lr_ratio, 0.0, 1.0),
+        "decay_fraction": number_problem("decay_fraction", c.decay_fraction, 0.0, 1.0, low_open=True),
+        "weight_decay": number_problem("weight_decay", c.weight_decay, 0.0),
+        "beta1": number_problem("beta1", c.beta1, 0.0, 1.0, high_open=True),
+        "beta2": number_problem("beta2", c.beta2, 0.0, 1.0, high_open=True),
+        "eps": number_problem("eps", c.eps, 0.0, low_open=True),
+        "grad_clip": c.grad_clip is not None and number_problem("grad_clip", c.grad_clip, 0.0, low_open=True),
+        "seed": whole_number_problem("seed", c.seed, 0, 2**63, high_text="2^63"),
+        "eval_tokens": whole_number_problem("eval_tokens", c.eval_tokens, 0),
+    }
     if c.schedule not in SCHEDULES:
-        found.append(f"schedule={c.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        fields["schedule"] = f"schedule={c.schedule!r}: expected one of {', '.join(SCHEDULES)}"
     if not (isinstance(c.device, str) and _DEVICE.match(c.device)):
-        found.append(f"device={c.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        fields["device"] = f"device={c.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
     if c.precision not in PRECISIONS:
-        found.append(f"precision={c.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        fields["precision"] = f"precision={c.precision!r}: expected one of {', '.join(PRECISIONS)}"
     if c.optimizer not in OPTIMIZERS:
-        found.append(f"optimizer={c.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        fields["optimizer"] = f"optimizer={c.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
     if not isinstance(c.compile, bool):
-        found.append(f"compile={c.compile!r}: expected true or false")
+        fields["compile"] = f"compile={c.compile!r}: expected true or false"
     if c.data is not None and not (isinstance(c.data, str) and c.data):
-        found.append(f"data={c.data!r}: expected the path of a token directory, or none for the embedded corpus")
-    found += _batch_problems(c, bad)
-    return [p for p in found if p]
+        fields["data"] = f"data={c.data!r}: expected the path of a token directory, or none for the embedded corpus"
+    bad = {name for name, problem in fields.items() if problem} | ({"model"} if model else set())
+    return model + [p for p in fields.values() if p] + _batch_problems(c, bad)
 
 
 def _batch_problems(c: RunConfig, bad: set[str]) -> list[str]:
     """Rules between tokens, batch, sequence and micro-batch (for fields valid alone)."""
     found = []
-    if not bad & {"seq_len", "max_seq_len", "model"} and c.seq_len > c.model.max_seq_len:
+    if not bad & {"seq_len", "model"} and c.seq_len > c.model.max_seq_len:
         found.append(f"seq_len={c.seq_len} exceeds the model's max_seq_len={c.model.max_seq_len}")
     if bad & {"seq_len", "batch_tokens"}:
         return found
@@ -162,8 +161,6 @@ def _batch_problems(c: RunConfig, bad: set[str]) -> list[str]:
 
 def _machine_problems(c: RunConfig) -> list[str]:
     """What this machine must provide: the GPU a cuda device names, the data directory."""
-    import os
-
     found = []
     if c.device.startswith("cuda"):
         import torch
