@@ -296,6 +296,8 @@ DDP_CASES = [
     ("bad-model", lambda d: [_write(d / "c.json", json.dumps(_config_dict(model={**_config_dict()["model"], "vocab_size": 0})))],
      "vocab_size=0"),
     ("result-is-dir", lambda d: [_write(d / "c.json", json.dumps(_config_dict())), str(d)], "is a directory"),
+    ("run-dir-is-file", lambda d: [_write(d / "c.json", json.dumps(_config_dict())), "--run-dir", _write(d / "f", "x")],
+     "--run-dir"),
     ("no-args", lambda d: [], "required"),
 ]
 
