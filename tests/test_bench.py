@@ -6,6 +6,7 @@ logic runs without a device: it still writes valid JSON with every step accounte
 and its op smoke run compares the C++ kernels with the references on CPU, so that an
 API change breaks here, in CI, rather than in a rare GPU window.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,10 +16,18 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
 
-import gpu_check  # noqa: E402
-import ops_smoke  # noqa: E402
+
+def _load(script: str):
+    """A bench script as a module, without putting bench/ (train.py, sweep.py, ...) on sys.path."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load("gpu_check")
+ops_smoke = _load("ops_smoke")
 
 
 @pytest.mark.slow
