@@ -42,6 +42,8 @@ SMOKE_RESERVE_S = 90
 # get the rest, split evenly, and run --quick when a share is under QUICK_BELOW_S.
 TESTS_SHARE = 0.55
 QUICK_BELOW_S = 150
+# A step is not started with less than this left of the budget.
+MIN_STEP_S = 10
 # What a CUDA build of the extension takes on a 16-core GPU machine, roughly; used only to
 # show in a plan (--dry-run) what the later steps would get.
 TYPICAL_BUILD_S = 150
@@ -55,18 +57,42 @@ def _tail(text: str, n: int = 3000) -> str:
     return text[-n:] if isinstance(text, str) else ""
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (read from /proc). They stay in our
+    session, so that whoever stops this script at its limit stops them too."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run(cmd: list[str], env: dict, timeout: float) -> dict:
-    """Run a command in its own process group; on timeout the whole group is killed (a
-    build's compiler jobs, pytest's workers), and what it printed so far is kept."""
+    """Run a command; on timeout it is killed with everything it started (a build's
+    compiler jobs, the op smoke run's child processes), and what it printed is kept."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=max(1.0, timeout))
         timed_out = False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    except subprocess.TimeoutExpired as exc:
+        _kill_tree(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a process that left the tree still holds the pipes
+            out, err = exc.stdout, exc.stderr
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x for x in (out, err))
         timed_out = True
     return {"rc": 124 if timed_out else proc.returncode, "timed_out": timed_out,
             "seconds": round(time.monotonic() - t0, 1), "stdout": out or "", "stderr": err or "",
@@ -229,19 +255,21 @@ def main(argv: list[str] | None = None) -> int:
 
     cap = torch.cuda.get_device_capability()
     env.setdefault("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}")
-    if not args.skip_build:
-        check.start("build")
-        check.record("build", step_build(check, env))
-    for name, step in (("ops_smoke", step_smoke), ("doctor", step_doctor)):
+    scripts = _present_benchmarks()
+    steps = [("ops_smoke", step_smoke), ("doctor", step_doctor),
+             ("gpu_tests", lambda c, e: step_gpu_tests(c, e, len(scripts)))]
+    for name, step in ([] if args.skip_build else [("build", step_build)]) + steps:
+        if check.remaining() < MIN_STEP_S:
+            check.record(name, {"status": "skipped", "reason": "time budget spent"})
+            continue
         check.start(name)
         check.record(name, step(check, env))
-    scripts = _present_benchmarks()
-    check.start("gpu_tests")
-    check.record("gpu_tests", step_gpu_tests(check, env, len(scripts)))
     benches: dict = {"status": "running", "scripts": {}}
     for i, (script, _, quick) in enumerate(benchmark_plan(check.remaining(), scripts)):
         check.start(f"bench/{script}")
-        benches["scripts"][script] = step_benchmark(check, env, script, quick, len(scripts) - i)
+        benches["scripts"][script] = (step_benchmark(check, env, script, quick, len(scripts) - i)
+                                      if check.remaining() >= MIN_STEP_S
+                                      else {"status": "skipped", "reason": "time budget spent"})
         done = [b["status"] for b in benches["scripts"].values()]
         benches["summary"] = ", ".join(f"{s}: {b['status']}" for s, b in benches["scripts"].items())
         benches["status"] = "running" if len(done) < len(scripts) else "passed" if set(done) == {"passed"} else "failed"

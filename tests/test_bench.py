@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,12 +80,21 @@ def test_gpu_check_plan_splits_what_is_left():
     assert gpu_check.tests_timeout(100.0, 3) < 100.0 and gpu_check.tests_timeout(100.0, 0) == 100.0
 
 
-def test_gpu_check_run_kills_a_step_at_its_limit_and_keeps_its_output():
-    code = "import time; print('started', flush=True); time.sleep(60)"
-    result = gpu_check.run([sys.executable, "-c", code], dict(os.environ), timeout=3)
+def test_gpu_check_run_kills_a_step_and_what_it_started_at_its_limit():
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    result = gpu_check.run([sys.executable, "-c", code], dict(os.environ), timeout=8)
     assert result["timed_out"] and result["rc"] == 124
-    assert result["seconds"] < 30
-    assert "started" in result["stdout"]
+    assert result["seconds"] < 60
+    stat = Path(f"/proc/{int(result['stdout'].split()[0])}/stat")
+    for _ in range(100):  # gone, or a zombie waiting for whoever adopted it to reap it
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the step's own child process outlived the step's time limit")
 
 
 def test_ops_smoke_compare_tells_a_difference():
