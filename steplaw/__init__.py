@@ -30,14 +30,15 @@ tests/test_imports.py reads it and checks every import of every module against i
     cli       everything
 
     neutral:  errors units runtable progress fileio
-    cli:      cli doctor __main__ cliargs */cli
+    cli:      cli doctor __main__ cliargs */cli train.ddp
 
 A layer is a subpackage (steplaw.<layer>.*). The neutral modules (steplaw.<name>, plain
 data and helpers: errors, units, the run-table columns, progress lines, atomic file
 writes) import nothing but each other, and any module may import them, as it may this
 package's `__version__`. The cli layer is steplaw.cli, steplaw.doctor, steplaw.__main__,
-steplaw.cliargs (argument parsing shared by the commands, so only commands use it) and
-every steplaw.<package>.cli module.
+steplaw.cliargs (argument parsing shared by the commands, so only commands use it),
+every steplaw.<package>.cli module, and the other command entry points named in the row
+(steplaw.train.ddp, which torchrun starts).
 """
 
 __version__ = "0.1.0"

@@ -136,7 +136,7 @@ def layer_of(name: str, rules: Rules) -> str | None:
         return "ops"
     if parts[1] in rules.neutral and len(parts) == 2:
         return "neutral"
-    if (parts[1] in rules.cli and len(parts) == 2) or (len(parts) == 3 and parts[2] == "cli" and "*/cli" in rules.cli):
+    if ".".join(parts[1:]) in rules.cli or (len(parts) == 3 and parts[2] == "cli" and "*/cli" in rules.cli):
         return "cli"
     return parts[1] if parts[1] in rules.may_import else None
 
@@ -249,7 +249,7 @@ _TABLE = '''"""Toy.
     cli       everything
 
     neutral:  errors
-    cli:      cli */cli
+    cli:      cli */cli high.entry
 """
 '''
 
@@ -268,6 +268,7 @@ def test_checker_finds_an_upward_import_inside_a_function(tmp_path):
         "low/a.py": "from toy.errors import E\ndef f():\n    from toy.high import b\n",
         "high/b.py": "from toy.low import a\n",
         "high/cli.py": "from toy.high import b\n",
+        "high/entry.py": "import toy.cli\n",
         "cli.py": "import toy.high.cli\n",
     })
     found = layer_violations(scan(package), parse_rules(package))
