@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     check.doc["seconds"] = round(time.monotonic() - started, 1)
     check.save()
     print(check.path)
-    steps = check.doc["steps"]
-    ok = all(steps.get(s, {"status": "passed"})["status"] == "passed" for s in ("build", "ops_smoke", "gpu_tests"))
+    recorded = check.doc["steps"]
+    ok = all(recorded.get(s, {"status": "passed"})["status"] == "passed" for s in ("build", "ops_smoke", "gpu_tests"))
     return 0 if ok else 1
 
 
