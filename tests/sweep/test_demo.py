@@ -18,6 +18,7 @@ def test_demo_full_preset_shape():
     assert len(spec.expand()) >= 72
 
 
+@pytest.mark.slow
 def test_small_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--scale", "small", "--out", str(out), "--quiet"]) == 0, failures(out)
