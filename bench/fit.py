@@ -23,13 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from bench.harness import log, report, time_interleaved  # noqa: E402
-from steplaw.laws.fit import fit_hparams, quadratic_optimum  # noqa: E402
-from steplaw.laws.loss import _cell_best_losses, _fit_batch, _fit_once, fit_loss  # noqa: E402
-from steplaw.laws.synthetic import synthetic_runs  # noqa: E402
-from steplaw.laws.table import read_runs  # noqa: E402
+from bench.harness import log, report, time_interleaved
+from steplaw.laws.fit import fit_hparams, quadratic_optimum
+from steplaw.laws.loss import _cell_best_losses, _fit_batch, _fit_once, fit_loss
+from steplaw.laws.synthetic import synthetic_runs
+from steplaw.laws.table import read_runs
 
 
 def _lstsq(rows, table, target) -> np.ndarray:

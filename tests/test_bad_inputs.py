@@ -140,8 +140,7 @@ CLI_CASES = [
     ("predict-seq-zero", PREDICT + ["--seq-len", "0"], "--seq-len"),
     ("predict-active-gt-total", PREDICT + ["--moe-active", "2e9"], "n_active"),
     ("predict-compute-neg", PREDICT + ["--compute", "-1"], "--compute"),
-    pytest.param("predict-empty-law", PREDICT + ["--law", ""], "--law", marks=pytest.mark.xfail(
-        strict=True, reason="issue 12 item 6: an empty table with exit 0 (steplaw/laws/cli.py; remove this mark once fixed)")),
+    ("predict-empty-law", PREDICT + ["--law", ""], "--law"),
     # ---- top level
     ("unknown-command", ["fly"], "invalid choice"),
 ]

@@ -13,30 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from steplaw import cliargs
 from steplaw.errors import UserError
 from steplaw.laws.stats import finite_or_none
 from steplaw.sweep.store import export_rows
 from steplaw.units import parse_count
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be zero or positive")
-    return value
 
 
 def _json(obj) -> str:
@@ -44,52 +25,39 @@ def _json(obj) -> str:
     return json.dumps(finite_or_none(obj), indent=2, allow_nan=False)
 
 
-def _warn(lines) -> None:
-    seen = set()
-    for line in lines:
-        if line not in seen:
-            seen.add(line)
-            print(f"warning: {line}", file=sys.stderr)
+def _warn(args, lines) -> None:
+    """Each distinct warning once, on stderr."""
+    for line in dict.fromkeys(lines):
+        cliargs.warn(line, getattr(args, "command_prog", "steplaw"))
 
 
 # ---------------------------------------------------------------------- output paths
-def _probe_writable(directory: Path, option: str, target: Path) -> None:
+def _probe_writable(path: Path, what: str) -> None:
+    """Create and remove a temporary file in the nearest existing directory of `path`:
+    permission bits cannot tell a read-only mount (or what root may not write)."""
+    base = path.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
     try:
-        with tempfile.TemporaryFile(dir=directory):
+        with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as exc:
-        raise UserError(f"{option} {str(target)!r} cannot be written: {str(directory)!r} is not writable "
+        raise UserError(f"{what} {str(path)!r} cannot be written: {str(base)!r} is not writable "
                         f"({exc.strerror or exc}).") from None
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
+def check_out_dir(path, what: str = "--out") -> Path:
+    """`path` as a directory we can create or write into (steplaw.cliargs rules plus a
+    real write), else a one-line UserError; creates nothing that stays."""
+    path = cliargs.check_output_dir(path, what)
+    _probe_writable(path, what)
     return path
 
 
-def check_out_dir(path, option: str = "--out") -> Path:
-    """`path` as a directory we can create or write into, else a one-line UserError."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{option} {str(path)!r} is an existing file; expected a directory.")
-    base = _nearest_existing(path)
-    if not base.is_dir():
-        raise UserError(f"{option} {str(path)!r} cannot be created: {str(base)!r} is a file, not a directory.")
-    _probe_writable(base, option, path)
-    return path
-
-
-def check_out_file(path, option: str = "--save") -> Path:
-    """`path` as a file we can write (its directory must exist), else a one-line UserError."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{option} {str(path)!r} is a directory; expected a file name.")
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        raise UserError(f"{option} {str(path)!r} cannot be written: directory {str(parent)!r} does not exist.")
-    _probe_writable(parent, option, path)
+def check_out_file(path, what: str = "--save") -> Path:
+    """`path` as a file we can write, else a one-line UserError; creates nothing that stays."""
+    path = cliargs.check_output_file(path, what)
+    _probe_writable(path.parent, what)
     return path
 
 
@@ -126,7 +94,7 @@ def add_table_args(parser: argparse.ArgumentParser, with_compute: bool = False, 
     group.add_argument("--bs-unit", choices=["tokens", "sequences"], default=None,
                        help=hparams_only("unit of the batch-size column; required when its name (e.g. bs, "
                                          "batch_size) does not say it (batch_tokens: tokens; batch_seqs: sequences)"))
-    group.add_argument("--seq-len", type=_positive_int, default=None, metavar="L",
+    group.add_argument("--seq-len", type=cliargs.positive_int, default=None, metavar="L",
                        help=hparams_only("tokens per sequence, for a batch in sequences (else a seq_len column)"))
     parser.set_defaults(table_needs=needs)
 
@@ -169,7 +137,7 @@ def _predict_from_file(args) -> int:
         print(f"fitted law {args.law} (N = {law.n_column}): peak LR {lr:.3g}, batch {bs:.4g} tokens = "
               f"{bs / args.seq_len:.1f} sequences of {args.seq_len}")
         print(f"  {out['lr_law']}   {out['bs_law']}")
-    _warn(warnings)
+    _warn(args, warnings)
     return 0
 
 
@@ -202,7 +170,7 @@ def cmd_predict(args) -> int:
         head += f" ({args.moe_active:.4g} activated)"
     print("\n".join(prediction_lines(predictions, LAWS, args.seq_len,
                                      f"{head}, D = {args.tokens:.4g} tokens, sequence length {args.seq_len}")))
-    _warn([w for p in predictions for w in p.warnings] + notes)
+    _warn(args, [w for p in predictions for w in p.warnings] + notes)
     return 0
 
 
@@ -275,7 +243,7 @@ def cmd_fit(args) -> int:
             print("\n".join(fit_lines(fits[column])))
         if written:
             print("wrote " + ", ".join(str(path) for path in written))
-    _warn(w for fit in fits.values() for w in fit.warnings)
+    _warn(args, [w for fit in fits.values() for w in fit.warnings])
     return 0
 
 
@@ -309,7 +277,7 @@ def cmd_fit_loss(args) -> int:
         print("\n".join(loss_fit_lines(fit, result)))
         if save is not None:
             print(f"wrote {save}")
-    _warn(fit.warnings)
+    _warn(args, fit.warnings)
     return 0
 
 
@@ -321,7 +289,7 @@ def cmd_plan(args) -> int:
                      tokens=parse_count(args.tokens, "--tokens"), loss_law=args.loss_law, hparam_law=args.hparam_law,
                      seq_len=args.seq_len)
     print(_json(plan) if args.json else "\n".join(plan_lines(plan)))
-    _warn(plan["warnings"])
+    _warn(args, plan["warnings"])
     return 0
 
 
@@ -340,7 +308,7 @@ def _add_predict(subparsers) -> None:
                               "from `steplaw fit --save`")
     predict.add_argument("--moe-active", default=None, metavar="N_ACTIVE",
                          help="MoE: activated non-embedding parameters per token (a fitted sparsity law uses it)")
-    predict.add_argument("--seq-len", type=_positive_int, default=2048, metavar="L",
+    predict.add_argument("--seq-len", type=cliargs.positive_int, default=2048, metavar="L",
                          help="tokens per sequence for the batch in sequences (default 2048)")
     predict.add_argument("--compute", default=None, metavar="FLOPS",
                          help="training FLOPs for DeepSeek's law (default 6*N*D)")
@@ -357,9 +325,10 @@ def _add_fit(subparsers) -> None:
                     "intervals, leave-one-cell-out validation and every published law scored on the same cells.",
     )
     add_table_args(fit)
-    fit.add_argument("--gap", type=float, default=0.0025, help="relative loss gap of the near-optimal set (default 0.0025)")
-    fit.add_argument("--n-boot", type=_nonneg_int, default=1000, help="bootstrap resamples (default 1000)")
-    fit.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    fit.add_argument("--gap", type=cliargs.nonnegative_float, default=0.0025,
+                     help="relative loss gap of the near-optimal set (default 0.0025)")
+    fit.add_argument("--n-boot", type=cliargs.nonnegative_int, default=1000, help="bootstrap resamples (default 1000)")
+    fit.add_argument("--seed", type=cliargs.nonnegative_int, default=0, help="bootstrap seed (default 0)")
     fit.add_argument("--n-column", choices=["auto", "N", "N_active", "N_total", "both"], default="auto",
                      help="which parameter count is N (auto: N, plus N_active for MoE tables)")
     fit.add_argument("--fit-bs-N", action="store_true", help="also fit an exponent of N in the batch-size law")
@@ -379,8 +348,8 @@ def _add_fit(subparsers) -> None:
                     "Needs only N, D (or compute) and the loss.",
     )
     add_table_args(fit_loss_parser, with_compute=True, needs="loss")
-    fit_loss_parser.add_argument("--n-boot", type=_nonneg_int, default=200, help="bootstrap resamples (default 200)")
-    fit_loss_parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    fit_loss_parser.add_argument("--n-boot", type=cliargs.nonnegative_int, default=200, help="bootstrap resamples (default 200)")
+    fit_loss_parser.add_argument("--seed", type=cliargs.nonnegative_int, default=0, help="bootstrap seed (default 0)")
     fit_loss_parser.add_argument("--n-column", choices=["N", "N_active", "N_total"], default="N",
                                  help="which parameter count is N (default N)")
     fit_loss_parser.add_argument("--budget", default=None, metavar="FLOPS",
@@ -404,7 +373,7 @@ def _add_plan(subparsers) -> None:
                       help="besiroglu (default), hoffmann, or a file from `steplaw fit-loss --save`")
     plan.add_argument("--hparam-law", default="step_law", metavar="LAW|FILE",
                       help="step_law (default), deepseek, kaplan, porian, or a file from `steplaw fit --save`")
-    plan.add_argument("--seq-len", type=_positive_int, default=2048, metavar="L",
+    plan.add_argument("--seq-len", type=cliargs.positive_int, default=2048, metavar="L",
                       help="tokens per sequence for the batch in sequences (default 2048)")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)

@@ -66,7 +66,7 @@ class PowerLaw:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PowerLaw":
+    def from_dict(cls, data: dict) -> PowerLaw:
         exps = {key[4:]: float(value) for key, value in data.items() if key.startswith("exp_")}
         ci = {key: tuple(value) for key, value in (data.get("ci") or {}).items()}
         return cls(coef=float(data["coef"]), exps=exps, ci=ci)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from steplaw.errors import UserError
 from steplaw.laws.published import LAWS, LawInputs
-from steplaw.laws.published_loss import LOSS_LAWS, loss_law as published_loss_law
+from steplaw.laws.published_loss import LOSS_LAWS
+from steplaw.laws.published_loss import loss_law as published_loss_law
 from steplaw.laws.saved import SavedHparamLaw, SavedLossLaw, read_law
 
 DEFAULT_LOSS_LAW = "besiroglu"

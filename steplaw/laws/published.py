@@ -47,8 +47,8 @@ Lines (Bergsma et al. 2025), MiniCPM.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from steplaw.errors import UserError
 

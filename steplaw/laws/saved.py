@@ -28,8 +28,9 @@ VERSION = 1
 
 
 def write_json(path, obj) -> Path:
-    """Write strict JSON (NaN -> null) atomically."""
+    """Write strict JSON (NaN -> null) atomically, making missing parent directories."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(finite_or_none(obj), indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

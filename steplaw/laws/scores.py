@@ -55,7 +55,7 @@ class CellRuns:
     quadratic: dict | None
 
     @classmethod
-    def of(cls, cell, lr, bs, loss) -> "CellRuns":
+    def of(cls, cell, lr, bs, loss) -> CellRuns:
         return cls(N=cell.N, D=cell.D, params=dict(cell.params), lr=np.asarray(lr, float), bs=np.asarray(bs, float),
                    loss=np.asarray(loss, float), opt_lr=cell.opt_lr, opt_bs=cell.opt_bs, quadratic=cell.quadratic)
 

@@ -37,15 +37,15 @@ def score_lines(law_scores: list[dict], definition: str) -> list[str]:
         return []
     rows = [("rank", "law", "LR factor (med/max)", "batch factor (med/max)", "gap nearest run % (mean/max)",
              "gap bowl % (mean/max)", "cells")]
-    for item in law_scores:
-        def pair(a, b, scale=1.0, spec=".3f"):
-            if item[a] is None:
-                return "-"
-            return f"{item[a] * scale:{spec}} / {item[b] * scale:{spec}}"
+    def pair(item, a, b, scale=1.0, spec=".3f"):
+        if item[a] is None:
+            return "-"
+        return f"{item[a] * scale:{spec}} / {item[b] * scale:{spec}}"
 
-        rows.append((str(item["rank"]), item["law"], pair("lr_factor", "lr_factor_max"),
-                     pair("bs_factor", "bs_factor_max"), pair("gap_mean", "gap_max", 100),
-                     pair("bowl_gap_mean", "bowl_gap_max", 100),
+    for item in law_scores:
+        rows.append((str(item["rank"]), item["law"], pair(item, "lr_factor", "lr_factor_max"),
+                     pair(item, "bs_factor", "bs_factor_max"), pair(item, "gap_mean", "gap_max", 100),
+                     pair(item, "bowl_gap_mean", "bowl_gap_max", 100),
                      f"{item['cells_scored']}" + (f" ({item['cells_extrapolated']} extrapolated)"
                                                   if item.get("cells_extrapolated") else "")))
     return ["  every law scored on these cells, ranked (the fitted law leave-one-cell-out):"] + \

@@ -134,7 +134,7 @@ def _overview_blocks(sweep_dir: Path, rows: list[dict], planner: str) -> list[tu
         ("p", f"Sweep directory `{sweep_dir}`, {len(rows)} runs: "
               + ", ".join(f"{n} {s}" for s, n in sorted(status.items()))
               + f"; training compute {compute:.3g} FLOPs; runs proposed by the `{planner}` planner. "
-              f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}."),
+              f"Generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}."),
         ("p", "Units: N = non-embedding parameters (for MoE all experts counted; N_active = activated per "
               "token), D = training tokens, lr = peak learning rate, B = batch size in tokens, "
               "loss = final smoothed training loss (nats/token)."),

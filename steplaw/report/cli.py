@@ -1,22 +1,12 @@
 """`steplaw report SWEEP_DIR`: Markdown + HTML report of a sweep (see steplaw.report.build)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from steplaw import cliargs
 from steplaw.errors import UserError
 from steplaw.laws.cli import check_out_dir
 from steplaw.report.build import write_report
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be zero or positive")
-    return value
 
 
 def add_commands(subparsers) -> None:
@@ -25,8 +15,10 @@ def add_commands(subparsers) -> None:
                                                "figures), a self-contained report.html, runs.csv and fit.json.")
     report.add_argument("sweep_dir", help="sweep directory (written by `steplaw sweep` or `steplaw demo`)")
     report.add_argument("--out", "-o", help="report directory (default SWEEP_DIR/report)")
-    report.add_argument("--n-boot", type=_nonneg_int, default=1000, help="bootstrap resamples of the fit (default 1000)")
-    report.add_argument("--gap", type=float, default=0.0025, help="relative loss gap of near-optimal runs (default 0.0025)")
+    report.add_argument("--n-boot", type=cliargs.nonnegative_int, default=1000,
+                        help="bootstrap resamples of the fit (default 1000)")
+    report.add_argument("--gap", type=cliargs.nonnegative_float, default=0.0025,
+                        help="relative loss gap of near-optimal runs (default 0.0025)")
     report.add_argument("--no-html", action="store_true", help="Markdown only")
     report.add_argument("--no-plots", action="store_true", help="no figures (no matplotlib needed)")
     report.set_defaults(func=cmd_report)
@@ -35,6 +27,8 @@ def add_commands(subparsers) -> None:
 def cmd_report(args) -> int:
     if not Path(args.sweep_dir).is_dir():
         raise UserError(f"sweep directory {args.sweep_dir!r} does not exist")
+    if not args.gap < 1:  # a bad gap would otherwise only show as "no law was fitted" in the report
+        raise UserError(f"--gap {args.gap!r} must be a relative loss gap in [0, 1).")
     check_out_dir(args.out if args.out else Path(args.sweep_dir) / "report", "--out")
     for path in write_report(args.sweep_dir, args.out, n_boot=args.n_boot, gap=args.gap,
                              html_report=not args.no_html, plots=not args.no_plots):

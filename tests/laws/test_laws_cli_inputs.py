@@ -75,13 +75,18 @@ def test_bom_and_latin1(capsys, tmp_path, runs_csv):
 def test_output_paths_are_checked_before_any_work(capsys, tmp_path, runs_csv):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    one_line_error(capsys, ["fit", str(runs_csv), "--out", str(a_file)], "is an existing file; expected a directory")
+    one_line_error(capsys, ["fit", str(runs_csv), "--out", str(a_file)], "is a file: expected a directory")
     one_line_error(capsys, ["fit", str(runs_csv), "--out", str(a_file / "sub")], "is a file, not a directory")
-    one_line_error(capsys, ["fit", str(runs_csv), "--json", "--save", str(tmp_path)], "is a directory; expected a file")
-    one_line_error(capsys, ["fit-loss", str(runs_csv), "--save", str(tmp_path / "no" / "l.json")], "does not exist")
-    one_line_error(capsys, ["fit", str(runs_csv), "--out", "/proc/steplaw_fit"], "cannot be")
+    one_line_error(capsys, ["fit", str(runs_csv), "--json", "--save", str(tmp_path)], "is a directory: expected a file")
+    one_line_error(capsys, ["fit-loss", str(runs_csv), "--save", str(a_file / "l.json")], "is a file, not a directory")
+    one_line_error(capsys, ["fit", str(runs_csv), "--out", "/proc/steplaw_fit"], "cannot be written")
+    one_line_error(capsys, ["fit", str(runs_csv), "--seed", "-1"], "--seed")
+    one_line_error(capsys, ["fit", str(runs_csv), "--gap", "nan"], "--gap")
     # nothing was fitted or written on the way
     assert not (runs_csv.parent / "runs_fit").exists()
+    # a --save in a directory that does not exist yet is made
+    assert main(["fit-loss", str(runs_csv), "--n-boot", "0", "--save", str(tmp_path / "new" / "l.json")]) == 0
+    assert (tmp_path / "new" / "l.json").is_file()
 
 
 def test_damaged_sweep_store_is_one_line(capsys, tmp_path):

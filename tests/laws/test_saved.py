@@ -8,8 +8,8 @@ import pytest
 from steplaw.errors import UserError
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.saved import SavedHparamLaw, hparam_law_record, read_law, write_json
-from steplaw.laws.synthetic import synthetic_runs
 from steplaw.laws.stats import finite_or_none, percentile_interval
+from steplaw.laws.synthetic import synthetic_runs
 
 
 def test_write_json_is_strict(tmp_path):

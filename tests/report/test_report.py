@@ -37,8 +37,8 @@ def fill(sweep_dir, tokens=(2**16, 2**18, 2**20), shapes=SHAPES, lrs=LRS, batche
             n = counts[i]["non_embedding"]
             lr_opt, bs_opt = optimum(n, entry["tokens"])
             loss = 2 + 0.2 * math.log(entry["lr"] / lr_opt) ** 2 + 0.1 * math.log(entry["batch_tokens"] / bs_opt) ** 2
-            result = {"status": "ok", "final_train_loss": loss, "final_val_loss": loss, "curve": [(0, 5.0), (entry["tokens"], loss)],
-                      "compute_flops": 6.0 * n * entry["tokens"]}
+            result = {"status": "ok", "final_train_loss": loss, "final_val_loss": loss,
+                      "curve": [(0, 5.0), (entry["tokens"], loss)], "compute_flops": 6.0 * n * entry["tokens"]}
             if fail_one and i == 0:
                 result = {"status": "failed", "reason": "worker process was killed by SIGKILL"}
             store.record_result(entry["run_id"], result, host="test", versions={"python": "3"})
@@ -149,9 +149,12 @@ def test_report_out_is_checked_before_any_work(tmp_path, capsys):
     sweep = fill(tmp_path / "sweep", tokens=(2**16,), shapes=SHAPES[:1])
     (tmp_path / "a_file").write_text("x")
     assert main(["report", str(sweep), "--out", str(tmp_path / "a_file")]) == 2
-    assert "is an existing file; expected a directory" in capsys.readouterr().err
+    assert "is a file: expected a directory" in capsys.readouterr().err
     assert main(["report", str(sweep), "--out", "/proc/steplaw_report"]) == 2
-    assert "cannot be" in capsys.readouterr().err
+    assert "cannot be written" in capsys.readouterr().err
+    assert main(["report", str(sweep), "--gap", "1.5"]) == 2
+    assert "--gap" in capsys.readouterr().err
+    assert not (sweep / "report").exists()
 
 
 def test_report_of_dense_and_moe_runs_asks_about_sparsity(tmp_path):
