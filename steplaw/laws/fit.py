@@ -18,9 +18,10 @@ otherwise the law is fitted without that variable and the refusal is in `warning
 
 Confidence intervals come from a bootstrap that resamples runs within each cell (so
 the best loss and the near-optimal set are recomputed per resample); it is vectorized:
-one resample is a vector of run weights, and all weighted least-squares problems are
-solved at once. Validation is leave-one-cell-out (one more weight vector per cell),
-scored with every published law beside it (steplaw.laws.scores).
+one resample is a vector of run weights, and the weighted least-squares problems are
+solved in blocks of 128 resamples at once (memory ~ 128 x runs, whatever n_boot).
+Validation is leave-one-cell-out (one more weight vector per cell), scored with every
+published law beside it (steplaw.laws.scores).
 
 As an alternative optimum per cell we fit a quadratic to loss over (log lr, log B)
 near the best runs (the paper reports a convex landscape) and report its minimum and
@@ -289,37 +290,61 @@ def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str) -> tu
     return kept, refused
 
 
-def _bootstrap_weights(table: RunTable, run_rows: list[np.ndarray], gap: float, n_boot: int, seed: int) -> np.ndarray:
-    """Run weights: row 0 the near-optimal set, then n_boot resamples, then one fold per cell."""
+_BLOCK = 128  # weight rows solved at a time: memory stays ~ _BLOCK x runs, not n_boot x runs
+
+
+def _weight_blocks(table: RunTable, run_rows: list[np.ndarray], gap: float, n_boot: int, seed: int):
+    """Run weights, in blocks of rows: first the near-optimal set (one row), then n_boot
+    resamples, then one leave-one-cell-out fold per cell."""
     w_point = np.concatenate([(table.loss[r] <= table.loss[r[0]] * (1 + gap)).astype(float) for r in run_rows])
-    total = w_point.size
+    yield w_point[None, :]
     rng = np.random.default_rng(seed)
-    w_boot = np.zeros((n_boot, total))
-    offset = 0
-    for rows in run_rows:
-        k = rows.size
-        loss = table.loss[rows]  # sorted ascending
-        # Resample k runs with replacement per bootstrap row; counts via one bincount
-        # (an order of magnitude faster than Generator.multinomial here).
-        draws = rng.integers(0, k, size=(n_boot, k)) + (np.arange(n_boot) * k)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=n_boot * k).reshape(n_boot, k).astype(float)
-        first = np.argmax(counts > 0, axis=1)  # lowest-loss run present in each resample
-        threshold = loss[first] * (1 + gap)
-        w_boot[:, offset:offset + k] = counts * (loss[None, :] <= threshold[:, None])
-        offset += k
+    for start in range(0, n_boot, _BLOCK):
+        size = min(_BLOCK, n_boot - start)
+        block = np.zeros((size, w_point.size))
+        offset = 0
+        for rows in run_rows:
+            k = rows.size
+            loss = table.loss[rows]  # sorted ascending
+            # Resample k runs with replacement per bootstrap row; counts via one bincount
+            # (an order of magnitude faster than Generator.multinomial here).
+            draws = rng.integers(0, k, size=(size, k)) + (np.arange(size) * k)[:, None]
+            counts = np.bincount(draws.ravel(), minlength=size * k).reshape(size, k).astype(float)
+            first = np.argmax(counts > 0, axis=1)  # lowest-loss run present in each resample
+            block[:, offset:offset + k] = counts * (loss[None, :] <= (loss[first] * (1 + gap))[:, None])
+            offset += k
+        yield block
     # Leave-one-cell-out: fold c zeroes the weights of cell c.
     cell_of_run = np.concatenate([np.full(r.size, i) for i, r in enumerate(run_rows)])
-    w_loco = np.repeat(w_point[None, :], len(run_rows), axis=0)
-    w_loco[cell_of_run[None, :] == np.arange(len(run_rows))[:, None]] = 0.0
-    return np.vstack([w_point[None, :], w_boot, w_loco])
+    for start in range(0, len(run_rows), _BLOCK):
+        folds = np.arange(start, min(start + _BLOCK, len(run_rows)))
+        block = np.repeat(w_point[None, :], folds.size, axis=0)
+        block[cell_of_run[None, :] == folds[:, None]] = 0.0
+        yield block
 
 
-def _fit_power_law(names: list[str], run_logs: dict, y: np.ndarray, weights: np.ndarray, cell_logs: dict,
-                   n_boot: int) -> tuple[PowerLaw, np.ndarray]:
+def _centred_design(names: list[str], run_logs: dict, size: int) -> tuple[np.ndarray, list[float]]:
+    """Design matrix [1, log x_k - mean_k] (centering keeps the normal equations well conditioned)."""
+    means = [float(run_logs[name].mean()) for name in names]
+    return np.column_stack([np.ones(size)] + [run_logs[name] - m for name, m in zip(names, means)]), means
+
+
+def _solve_blocks(problems: dict[str, tuple[np.ndarray, np.ndarray]], blocks) -> tuple[dict[str, np.ndarray], float]:
+    """Weighted least squares of every (X, y) problem for every weight row, block by block;
+    also the number of near-optimal runs (the weight of the first row)."""
+    coefs: dict[str, list[np.ndarray]] = {key: [] for key in problems}
+    near = None
+    for block in blocks:
+        if near is None:
+            near = float(block[0].sum())
+        for key, (X, y) in problems.items():
+            coefs[key].append(_wls_batched(X, y, block))
+    return {key: np.vstack(parts) for key, parts in coefs.items()}, near
+
+
+def _law_from_coefs(names: list[str], means: list[float], coefs: np.ndarray, cell_logs: dict,
+                    n_boot: int) -> tuple[PowerLaw, np.ndarray]:
     """The law over `names` (point fit and bootstrap intervals) and its leave-one-cell-out predictions."""
-    means = [float(run_logs[name].mean()) for name in names]  # centering keeps the normal equations well conditioned
-    X = np.column_stack([np.ones_like(y)] + [run_logs[name] - m for name, m in zip(names, means)])
-    coefs = _wls_batched(X, y, weights)
     # Undo the centering: log y = b0 + sum b_k (log x_k - m_k).
     intercepts = coefs[:, 0] - sum(coefs[:, j + 1] * means[j] for j in range(len(names)))
     if np.isnan(intercepts[0]):
@@ -439,10 +464,14 @@ def fit_hparams(
 
     rows_all = np.concatenate(run_rows)
     run_logs = {"N": np.log(n_values[rows_all]), "D": np.log(table.D[rows_all]), "S": np.log(s_values[rows_all])}
-    weights = _bootstrap_weights(table, run_rows, gap, n_boot, seed)
-    lr_law, fold_lr = _fit_power_law(lr_names, run_logs, np.log(table.lr[rows_all]), weights, cell_logs, n_boot)
-    bs_law, fold_bs = _fit_power_law(bs_names, run_logs, np.log(table.batch_tokens[rows_all]), weights, cell_logs,
-                                     n_boot)
+    x_lr, lr_means = _centred_design(lr_names, run_logs, rows_all.size)
+    x_bs, bs_means = _centred_design(bs_names, run_logs, rows_all.size)
+    coefs, near_optimal = _solve_blocks(
+        {"lr": (x_lr, np.log(table.lr[rows_all])), "bs": (x_bs, np.log(table.batch_tokens[rows_all]))},
+        _weight_blocks(table, run_rows, gap, n_boot, seed),
+    )
+    lr_law, fold_lr = _law_from_coefs(lr_names, lr_means, coefs["lr"], cell_logs, n_boot)
+    bs_law, fold_bs = _law_from_coefs(bs_names, bs_means, coefs["bs"], cell_logs, n_boot)
     laws = {"learning-rate": lr_law, "batch-size": bs_law}
 
     cell_runs = [CellRuns.of(cell, table.lr[rows], table.batch_tokens[rows], table.loss[rows])
@@ -454,7 +483,7 @@ def fit_hparams(
         "dropped": dict(table.dropped),
         "cells_used": len(cells),
         "cells_skipped": len(skipped),
-        "near_optimal_runs": int(weights[0].sum()),
+        "near_optimal_runs": int(near_optimal),
     }
     fitted_range = {name: [float(np.exp(v.min())), float(np.exp(v.max()))] for name, v in cell_logs.items()
                     if name != "S" or sparsity}
