@@ -19,7 +19,7 @@ otherwise the law is fitted without that variable and the refusal is in `warning
 Confidence intervals come from a bootstrap that resamples runs within each cell (so
 the best loss and the near-optimal set are recomputed per resample); it is vectorized:
 one resample is a vector of run weights, and the weighted least-squares problems are
-solved in blocks of 128 resamples at once (memory ~ 128 x runs, whatever n_boot).
+solved in blocks of resamples at once (~64 MB of weights per block, whatever n_boot).
 Validation is leave-one-cell-out (one more weight vector per cell), scored with every
 published law beside it (steplaw.laws.scores).
 
@@ -290,7 +290,10 @@ def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str) -> tu
     return kept, refused
 
 
-_BLOCK = 128  # weight rows solved at a time: memory stays ~ _BLOCK x runs, not n_boot x runs
+# Weight rows solved at a time: as many as fit in ~64 MB of weights (all of them for a
+# few thousand runs, where fewer, larger products are faster), so memory stays bounded
+# for sweeps of 50,000 runs whatever n_boot.
+_BLOCK_VALUES = 8_000_000
 
 
 def _weight_blocks(table: RunTable, run_rows: list[np.ndarray], gap: float, n_boot: int, seed: int):
@@ -298,9 +301,10 @@ def _weight_blocks(table: RunTable, run_rows: list[np.ndarray], gap: float, n_bo
     resamples, then one leave-one-cell-out fold per cell."""
     w_point = np.concatenate([(table.loss[r] <= table.loss[r[0]] * (1 + gap)).astype(float) for r in run_rows])
     yield w_point[None, :]
+    block_rows = max(16, _BLOCK_VALUES // w_point.size)
     rng = np.random.default_rng(seed)
-    for start in range(0, n_boot, _BLOCK):
-        size = min(_BLOCK, n_boot - start)
+    for start in range(0, n_boot, block_rows):
+        size = min(block_rows, n_boot - start)
         block = np.zeros((size, w_point.size))
         offset = 0
         for rows in run_rows:
@@ -316,8 +320,8 @@ def _weight_blocks(table: RunTable, run_rows: list[np.ndarray], gap: float, n_bo
         yield block
     # Leave-one-cell-out: fold c zeroes the weights of cell c.
     cell_of_run = np.concatenate([np.full(r.size, i) for i, r in enumerate(run_rows)])
-    for start in range(0, len(run_rows), _BLOCK):
-        folds = np.arange(start, min(start + _BLOCK, len(run_rows)))
+    for start in range(0, len(run_rows), block_rows):
+        folds = np.arange(start, min(start + block_rows, len(run_rows)))
         block = np.repeat(w_point[None, :], folds.size, axis=0)
         block[cell_of_run[None, :] == folds[:, None]] = 0.0
         yield block
