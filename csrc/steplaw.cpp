@@ -54,8 +54,11 @@ TORCH_LIBRARY(steplaw, m) {
   // ---- MoE token dispatch (csrc/moe) ----
   // Semantics and shapes: steplaw/ops/moe.py. R (rows of `permuted`) follows from the
   // shapes alone: T*k, or T*k + E*(pad_multiple-1) when padded, or E*round_up(capacity,
-  // pad_multiple) with a capacity (capacity 0 = dropless).
-  m.def("moe_route(Tensor logits, int k, str score_func, bool renormalize, Tensor? bias) -> (Tensor weights, Tensor expert_ids, Tensor counts)");
+  // pad_multiple) with a capacity (capacity 0 = dropless). expert_ids may be int32 or
+  // int64 (range-checked before any narrowing). Bad arguments raise ValueError, with the
+  // sentences of csrc/moe/moe_checks.h, from every implementation.
+  // moe_route returns (expert_ids, weights, counts), the order of the wrapper moe_route.
+  m.def("moe_route(Tensor logits, int k, str score_func, bool renormalize, Tensor? bias) -> (Tensor expert_ids, Tensor weights, Tensor counts)");
   m.def("moe_permute(Tensor x, Tensor expert_ids, int num_experts, int pad_multiple, int capacity) -> (Tensor permuted, Tensor row_map, Tensor src_index, Tensor offsets, Tensor dropped)");
   m.def("moe_permute_backward(Tensor grad_permuted, Tensor row_map) -> Tensor");
   m.def("moe_unpermute(Tensor y, Tensor row_map, Tensor src_index, Tensor weights) -> Tensor");

@@ -70,7 +70,7 @@ inline StagedLists stage_lists(
   STEPLAW_CHECK(hparams.scalar_type() == at::kDouble && hparams.dim() == 2 &&
                     hparams.size(1) == kNumHparams && hparams.is_contiguous(),
                 "fused_adamw_ expects hparams as a contiguous float64 [groups, ", int(kNumHparams),
-                "] table, got ", hparams.scalar_type(), " ", hparams.sizes());
+                "] table, got ", dtype_name(hparams.scalar_type()), " ", hparams.sizes());
   StagedLists out;
   out.slots.reserve(n);
   for (size_t i = 0; i < n; ++i) {
@@ -84,7 +84,7 @@ inline StagedLists stage_lists(
                   "param ", i, " of shape ", p.sizes(), " has ", k,
                   " stacked members: expected a leading member dimension of size ", k);
     STEPLAW_CHECK(!p.is_complex() && at::isFloatingType(p.scalar_type()),
-                  "fused_adamw_ supports real floating-point params, got ", p.scalar_type());
+                  "fused_adamw_ supports real floating-point params, got ", dtype_name(p.scalar_type()));
     STEPLAW_CHECK(grads[i].layout() == at::kStrided,
                   "fused_adamw_ does not support sparse gradients");
     STEPLAW_CHECK(grads[i].scalar_type() == p.scalar_type() && grads[i].sizes().equals(p.sizes()) &&
@@ -102,8 +102,8 @@ inline StagedLists stage_lists(
       if (s == nullptr) continue;
       STEPLAW_CHECK(s->scalar_type() == state_type && s->sizes().equals(p.sizes()) &&
                         s->device() == p.device(),
-                    "optimizer state of param ", i, " must be ", state_type,
-                    " with the param's shape and device, got ", s->scalar_type(), " ", s->sizes());
+                    "optimizer state of param ", i, " must be ", dtype_name(state_type),
+                    " with the param's shape and device, got ", dtype_name(s->scalar_type()), " ", s->sizes());
     }
     if (has_master) {
       STEPLAW_CHECK(master_params[i].scalar_type() == at::kFloat &&

@@ -82,7 +82,7 @@ ParamKind kind_of(at::ScalarType type) {
     case at::kDouble: return ParamKind::kDouble;
     case at::kBFloat16: return ParamKind::kBFloat16;
     case at::kHalf: return ParamKind::kHalf;
-    default: STEPLAW_CHECK(false, "fused_adamw_ supports float32, float64, bfloat16 and float16 params, got ", type);
+    default: STEPLAW_CHECK(false, "fused_adamw_ supports float32, float64, bfloat16 and float16 params, got ", dtype_name(type));
   }
   return ParamKind::kFloat;
 }

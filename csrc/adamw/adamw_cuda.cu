@@ -208,7 +208,7 @@ void fused_adamw_cuda(
         launch_bucket<at::Half, float>(bucket.first, bucket.second, hparams, scale_ptr, found_inf_ptr);
         break;
       default:
-        STEPLAW_CHECK(false, "fused_adamw_ supports float32, float64, bfloat16 and float16 params, got ", type);
+        STEPLAW_CHECK(false, "fused_adamw_ supports float32, float64, bfloat16 and float16 params, got ", dtype_name(type));
     }
   }
   staged.finish();

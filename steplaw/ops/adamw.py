@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from steplaw.ops._loader import load_extension, register_op_names
+from steplaw.ops._loader import define_op, op_error
 
 OP_NAME = "fused_adamw_"
 QUALNAME = f"steplaw::{OP_NAME}"
@@ -167,33 +167,17 @@ def reference_fused_adamw_(
 def _check_members(index: int, param: torch.Tensor, k: int, first_row: int, rows: int) -> None:
     """The kernels' checks of a stacked param (adamw_common.h), same messages."""
     if k < 1:
-        raise RuntimeError(f"steplaw: members[{index}] = {k}: expected at least 1")
+        raise op_error(f"members[{index}] = {k}: expected at least 1")
     if not (0 <= first_row and first_row + k <= rows):
-        raise RuntimeError(f"steplaw: group_index[{index}] = {first_row} with {k} member(s) is outside the "
-                           f"{rows} rows of hparams")
+        raise op_error(f"group_index[{index}] = {first_row} with {k} member(s) is outside the {rows} rows of hparams")
     if k != 1 and (param.dim() == 0 or param.shape[0] != k):
-        raise RuntimeError(f"steplaw: param {index} of shape {list(param.shape)} has {k} stacked members: "
-                           f"expected a leading member dimension of size {k}")
+        raise op_error(f"param {index} of shape {list(param.shape)} has {k} stacked members: "
+                       f"expected a leading member dimension of size {k}")
 
 
-def _op_defined() -> bool:
-    try:
-        torch.ops.steplaw.fused_adamw_.default  # noqa: B018 - probing the registry
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_FALLBACK_LIB = None
-if not (load_extension() and _op_defined()):
-    # No compiled extension: define the op here so that FusedAdamW (and torch.compile of
-    # it) work the same on the reference.
-    _FALLBACK_LIB = torch.library.Library("steplaw", "FRAGMENT")  # noqa: TOR901
-    _FALLBACK_LIB.define(OP_NAME + SCHEMA)
-
-# The reference serves every device without a compiled kernel (e.g. CUDA tensors in a
-# CPU-only build); a compiled CPU/CUDA kernel takes precedence for its device.
-torch.library.impl(QUALNAME, "CompositeExplicitAutograd")(reference_fused_adamw_)
+# Schema from _C (or SCHEMA without it); the reference serves every device without a
+# compiled kernel (e.g. CUDA tensors in a CPU-only build).
+define_op(OP_NAME, SCHEMA, reference_fused_adamw_)
 
 
 @torch.library.register_fake(QUALNAME)
@@ -201,8 +185,6 @@ def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mas
                       steps, hparams, group_index, amsgrad, grad_scale=None, found_inf=None, members=None):
     return None
 
-
-register_op_names(OP_NAME)
 
 
 def fused_adamw_(

@@ -207,7 +207,7 @@ def test_cuda_strided_params_are_staged_and_written_back():
 def test_cuda_rejects_host_grads_and_masters(which):
     args = list(op_args(device="cuda", dtype=torch.bfloat16, master=True))
     args[which] = [t.cpu() for t in args[which]]
-    with pytest.raises(RuntimeError, match="device"):
+    with pytest.raises(ValueError, match="device"):
         torch.ops.steplaw.fused_adamw_(*args)
 
 
@@ -217,7 +217,7 @@ def test_float64_params_with_master_weights_are_rejected(device):
     args[2] = [t.float() for t in args[2]]  # master weights make the state float32
     args[3] = [t.float() for t in args[3]]
     args[5] = [p.float() for p in args[0]]
-    with pytest.raises(RuntimeError, match="float64"):
+    with pytest.raises(ValueError, match="float64"):
         torch.ops.steplaw.fused_adamw_(*args)
 
 
@@ -249,22 +249,34 @@ def test_grads_are_not_modified():
 def test_stacked_shape_and_rows_are_checked():
     args = list(op_args(shapes=((3, 4), (5,)), members=[3, 1]))
     args[12] = [2, 1]
-    with pytest.raises(RuntimeError, match=r"param 0 of shape \[3, 4\] has 2 stacked members"):
+    with pytest.raises(ValueError, match=r"param 0 of shape \[3, 4\] has 2 stacked members"):
         torch.ops.steplaw.fused_adamw_(*args)
     args = list(op_args(shapes=((3, 4), (5,)), members=[3, 1]))
     args[8] = [3, 0]  # rows 3..5 of a 5-row table
-    with pytest.raises(RuntimeError, match="outside the 5 rows"):
+    with pytest.raises(ValueError, match="outside the 5 rows"):
         torch.ops.steplaw.fused_adamw_(*args)
+
+
+@pytest.mark.parametrize("field,value", [(12, [2, 1]), (8, [3, 0]), (12, [0, 1])])
+def test_kernel_and_reference_reject_bad_members_alike(field, value):
+    args = list(op_args(shapes=((3, 4), (5,)), members=[3, 1]))
+    args[field] = value
+    with pytest.raises(ValueError) as kernel_error:
+        torch.ops.steplaw.fused_adamw_(*clone_args(args))
+    with pytest.raises(ValueError) as reference_error:
+        reference_fused_adamw_(*clone_args(args))
+    assert type(kernel_error.value) is type(reference_error.value)
+    assert str(kernel_error.value) == str(reference_error.value)
 
 
 def test_mismatched_lists_are_rejected():
     args = list(op_args())
     args[2] = args[2][:-1]
-    with pytest.raises(RuntimeError, match="one length"):
+    with pytest.raises(ValueError, match="one length"):
         torch.ops.steplaw.fused_adamw_(*args)
     args = list(op_args())
     args[8] = [0, 5, 1]
-    with pytest.raises(RuntimeError, match="outside"):
+    with pytest.raises(ValueError, match="outside"):
         torch.ops.steplaw.fused_adamw_(*args)
 
 
