@@ -11,11 +11,16 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
 
 #include "common/checks.h"
 
 namespace steplaw {
 namespace moe {
+
+// moe_permute's outputs (permuted, row_map, src_index, offsets, dropped), as both kernels
+// return them.
+using PermuteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline bool parse_score_func(std::string_view score_func) {
   STEPLAW_CHECK(score_func == "softmax" || score_func == "sigmoid", "score_func='", std::string(score_func),

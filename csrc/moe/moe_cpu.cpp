@@ -172,11 +172,8 @@ void copy_rows(const at::Tensor& x, at::Tensor& permuted, const int64_t* row_map
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_in,
-                                                                                  const at::Tensor& ids_in,
-                                                                                  int64_t experts,
-                                                                                  int64_t pad_multiple,
-                                                                                  int64_t capacity) {
+PermuteOutputs permute_cpu(const at::Tensor& x_in, const at::Tensor& ids_in, int64_t experts, int64_t pad_multiple,
+                           int64_t capacity) {
   check_permute_args(x_in, ids_in, experts, pad_multiple, capacity);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor ids = int32_ids(ids_in, experts);

@@ -391,11 +391,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& logi
   return {ids, weights, counts};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_in,
-                                                                                   const at::Tensor& ids_in,
-                                                                                   int64_t experts,
-                                                                                   int64_t pad_multiple,
-                                                                                   int64_t capacity) {
+PermuteOutputs permute_cuda(const at::Tensor& x_in, const at::Tensor& ids_in, int64_t experts, int64_t pad_multiple,
+                            int64_t capacity) {
   check_permute_args(x_in, ids_in, experts, pad_multiple, capacity);
   STEPLAW_CHECK(experts <= kMaxExpertsCuda, "num_experts=", experts, ": the CUDA kernels take at most ",
               kMaxExpertsCuda);

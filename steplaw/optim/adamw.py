@@ -103,10 +103,11 @@ class FusedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, Loshchilov & Hutter 2019) in one fused kernel.
 
     Args are torch.optim.AdamW's: lr (float, 0-d tensor, or 1-D tensor of one value per
-    stacked member; the peak learning rate when a schedule scales it), betas, eps, weight_decay, amsgrad, maximize, foreach (ignored),
-    capturable (accepted: the kernel never syncs with the host), differentiable (must be
-    False), fused (ignored: this optimizer is always fused). `master_weights`: keep float32
-    master copies of bf16/fp16 parameters.
+    stacked member; the peak learning rate when a schedule scales it), betas, eps,
+    weight_decay (float, or 1-D tensor or list of one value per stacked member), amsgrad,
+    maximize, foreach (ignored), capturable (accepted: the kernel never syncs with the
+    host), differentiable (must be False), fused (ignored: this optimizer is always
+    fused). `master_weights`: keep float32 master copies of bf16/fp16 parameters.
     """
 
     def __init__(
@@ -159,8 +160,9 @@ class FusedAdamW(torch.optim.Optimizer):
             value = group[key]
             if _is_tensor(value):
                 if not value.is_floating_point():
-                    raise UserError(f"{where}: {key} tensor of dtype {value.dtype}: expected float32 or float64.")
-                # Read once here (a sync on a GPU), never at a step.
+                    raise UserError(f"{where}: {key} tensor of dtype {value.dtype}: expected a floating-point tensor.")
+                # Read once here (a sync on a GPU), never at a step; the first bad value,
+                # if any, goes to check_hparams, which names it.
                 listed = value.detach().double().reshape(-1).tolist()
                 bad = [v for v in listed if not (v >= 0.0 and math.isfinite(v))]
                 values[key] = bad[0] if bad else 0.0

@@ -190,6 +190,24 @@ def test_cuda_table_limits_and_alignment(name, shapes, misalign, dtype, master, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("misalign", [False, True])
+def test_cuda_stacked_members_across_chunks_and_tables(misalign):
+    """Members of many blocks, tiny members, and a stacked tensor of 2 x 651 blocks that
+    runs past one table's 1280 blocks (it continues in the next table mid-tensor)."""
+    shapes = [(16, 70_001), (64, 3), (3, 5 * _CHUNK + 7), (2, 651 * _CHUNK + 1), (33,)]
+    kernel_args = op_args(device="cuda", amsgrad=True, shapes=shapes, members=[16, 64, 3, 2, 1],
+                          grad_scale=torch.tensor(4.0))
+    if misalign:
+        kernel_args = tuple([_misaligned(t, 1 + i % 3) for i, t in enumerate(a)]
+                            if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) and a[0].dim() > 0
+                            else a for a in kernel_args)
+    reference_args = clone_args(kernel_args)
+    torch.ops.steplaw.fused_adamw_(*kernel_args)
+    reference_fused_adamw_(*reference_args)
+    _assert_matches("cuda", kernel_args, reference_args)
+
+
+@pytest.mark.gpu
 def test_cuda_strided_params_are_staged_and_written_back():
     args = op_args(device="cuda", shapes=((6, 10), (9, 4)), amsgrad=True)
     strided = [torch.zeros(6, 20, device="cuda")[:, ::2], torch.zeros(4, 9, device="cuda").t()]
