@@ -112,7 +112,7 @@ def test_capturable_step_in_cuda_graph():
 # ---- stacked groups (per-member lr / weight decay) on CUDA ----
 
 def test_stacked_cuda_equals_separate_runs_bitwise_and_cpu_closely():
-    from test_stacked_adamw import LRS, K, assert_state_equal, run_separate, run_stacked, stacked_params
+    from test_stacked_adamw import assert_state_equal, run_separate, run_stacked, stacked_params
 
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     stacked = stacked_params(dtypes, device="cuda")
@@ -121,10 +121,15 @@ def test_stacked_cuda_equals_separate_runs_bitwise_and_cpu_closely():
                                                            amsgrad=True, master_weights=True)):
         assert_state_equal(opt, stacked, k, single_opt, singles)
     on_cpu = stacked_params(dtypes)
-    run_stacked(on_cpu, amsgrad=True, master_weights=True)
+    opt_cpu = run_stacked(on_cpu, amsgrad=True, master_weights=True)
     for p, q in zip(stacked, on_cpu):
-        torch.testing.assert_close(p.cpu().float(), q.float(), rtol=1e-5, atol=1e-5)
-    assert len(LRS) == K
+        # The device's pow may round a coefficient differently in the last bit, which can
+        # move a bf16/fp16 parameter by one of its own ulps.
+        tol = dict(rtol=1e-5, atol=1e-5) if p.dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(p.cpu().float(), q.float(), **tol)
+        if p.numel() and p.dtype != torch.float32:
+            torch.testing.assert_close(opt.state[p]["master_param"].cpu(), opt_cpu.state[q]["master_param"],
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_stacked_cuda_frozen_member_with_nan_grads_is_untouched():
