@@ -158,6 +158,19 @@ def _misaligned(t, offset=1):
     return view
 
 
+def _run_cuda_against_reference(kernel_args, misalign):
+    """The CUDA kernel on `kernel_args` (tensors moved off 16-byte alignment when
+    `misalign`) against the reference on a copy."""
+    if misalign:
+        kernel_args = tuple([_misaligned(t, 1 + i % 3) for i, t in enumerate(a)]
+                            if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) and a[0].dim() > 0
+                            else a for a in kernel_args)
+    reference_args = clone_args(kernel_args)
+    torch.ops.steplaw.fused_adamw_(*kernel_args)
+    reference_fused_adamw_(*reference_args)
+    _assert_matches("cuda", kernel_args, reference_args)
+
+
 # CUDA table limits (csrc/common/multi_tensor.cuh): 110 tensors, 1280 chunks of 65536.
 _CHUNK = 65536
 
@@ -179,14 +192,7 @@ def test_cuda_table_limits_and_alignment(name, shapes, misalign, dtype, master, 
         pytest.skip("one dtype is enough for the 84M-element case")
     kernel_args = op_args(device="cuda", dtype=dtype, master=master, amsgrad=amsgrad, shapes=shapes,
                           grad_scale=torch.tensor(4.0))
-    if misalign:
-        kernel_args = tuple([_misaligned(t, 1 + i % 3) for i, t in enumerate(a)]
-                            if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) and a[0].dim() > 0
-                            else a for a in kernel_args)
-    reference_args = clone_args(kernel_args)
-    torch.ops.steplaw.fused_adamw_(*kernel_args)
-    reference_fused_adamw_(*reference_args)
-    _assert_matches("cuda", kernel_args, reference_args)
+    _run_cuda_against_reference(kernel_args, misalign)
 
 
 @pytest.mark.gpu
@@ -197,14 +203,7 @@ def test_cuda_stacked_members_across_chunks_and_tables(misalign):
     shapes = [(16, 70_001), (64, 3), (3, 5 * _CHUNK + 7), (2, 651 * _CHUNK + 1), (33,)]
     kernel_args = op_args(device="cuda", amsgrad=True, shapes=shapes, members=[16, 64, 3, 2, 1],
                           grad_scale=torch.tensor(4.0))
-    if misalign:
-        kernel_args = tuple([_misaligned(t, 1 + i % 3) for i, t in enumerate(a)]
-                            if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) and a[0].dim() > 0
-                            else a for a in kernel_args)
-    reference_args = clone_args(kernel_args)
-    torch.ops.steplaw.fused_adamw_(*kernel_args)
-    reference_fused_adamw_(*reference_args)
-    _assert_matches("cuda", kernel_args, reference_args)
+    _run_cuda_against_reference(kernel_args, misalign)
 
 
 @pytest.mark.gpu
