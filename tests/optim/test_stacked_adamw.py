@@ -267,3 +267,22 @@ def test_state_dict_round_trip_keeps_the_trainers_lr_tensor(amsgrad):
             assert set(opt.state[p]) == set(opt2.state[q])
             for key in opt.state[p]:
                 assert torch.equal(opt.state[p][key], opt2.state[q][key]), key
+
+
+def test_stacked_step_compiles_fullgraph():
+    """torch.compile(opt.step, fullgraph=True) with per-member tensors updated in place."""
+    torch._dynamo.reset()
+    compiled_params, eager_params = stacked_params()[:2], stacked_params()[:2]
+    lr, lr_eager = torch.tensor(LRS), torch.tensor(LRS)
+    opt, opt_eager = (FusedAdamW(ps, lr=x, weight_decay=list(WDS)) for ps, x in
+                      ((compiled_params, lr), (eager_params, lr_eager)))
+    step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    for index in range(3):
+        for p, q, grad in zip(compiled_params, eager_params, grads(compiled_params, index)):
+            p.grad, q.grad = grad, grad.clone()
+        step()
+        opt_eager.step()
+        lr.mul_(0.5)
+        lr_eager.mul_(0.5)
+    for p, q in zip(compiled_params, eager_params):
+        assert torch.equal(p, q)
