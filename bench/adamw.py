@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The steplaw of this checkout, not whichever one is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from harness import log, report, speedups, time_interleaved  # noqa: E402
+from harness import log, report, speedups, time_interleaved
 
-from steplaw.optim import FusedAdamW  # noqa: E402
+from steplaw.optim import FusedAdamW
 
 BYTES_PER_PARAM = 28
 # (name, total parameters, number of tensors)

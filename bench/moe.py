@@ -21,13 +21,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
+from harness import log, report, speedups, time_interleaved
 
-from harness import log, report, speedups, time_interleaved  # noqa: E402
-from steplaw.models.config import MoEConfig  # noqa: E402
-from steplaw.models.moe import MoE  # noqa: E402
-from steplaw.ops import has_kernel, reference_kernels  # noqa: E402
-from steplaw.ops import moe as moe_ops  # noqa: E402
+from steplaw.models.config import MoEConfig
+from steplaw.models.moe import MoE
+from steplaw.ops import has_kernel, reference_kernels
+from steplaw.ops import moe as moe_ops
 
 # (tokens, hidden, experts, top_k, dtype)
 CASES = {

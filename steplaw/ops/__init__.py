@@ -21,7 +21,7 @@ load_extension()
 
 # Op modules (each registers its names with the loader on import).
 from steplaw.ops.adamw import fused_adamw_, reference_fused_adamw_  # noqa: E402,F401
-from steplaw.ops.moe import moe_permute, moe_route, moe_unpermute  # noqa: E402,F401
+from steplaw.ops.moe import moe_permute, moe_route, moe_unpermute  # noqa: E402
 
 warn_fallbacks_once()
 

@@ -120,17 +120,13 @@ def reference_fused_adamw_(
         rows = hparams[group_index[i]: group_index[i] + k].to(param.device)
         c = _coefficients(rows, steps[i], state_dtype)
         shape = (k, param.numel() // k)
-
-        def flat(t, dtype=state_dtype):
-            return t.to(dtype).reshape(shape)
-
-        p = flat(target)
-        g = flat(grads[i])
+        p = _member_rows(target, state_dtype, shape)
+        g = _member_rows(grads[i], state_dtype, shape)
         if grad_scale is not None:
             g = g / grad_scale.to(device=param.device, dtype=state_dtype).reshape(()).expand_as(g).contiguous()
         g = torch.where(c["maximize"], -g, g)
         p = p * c["decay_factor"]
-        m, v = flat(exp_avgs[i]), flat(exp_avg_sqs[i])
+        m, v = _member_rows(exp_avgs[i], state_dtype, shape), _member_rows(exp_avg_sqs[i], state_dtype, shape)
         m_new = torch.where(
             c["lerp_small"],
             _fma(c["lerp_weight"], g - m, m),
@@ -139,7 +135,7 @@ def reference_fused_adamw_(
         v_new = _fma(c["one_minus_beta2"] * g, g, v * c["beta2"])
         second = v_new
         if amsgrad:
-            vmax_new = torch.maximum(flat(max_exp_avg_sqs[i]), v_new)
+            vmax_new = torch.maximum(_member_rows(max_exp_avg_sqs[i], state_dtype, shape), v_new)
             second = vmax_new
         # Divisors expanded to full size: torch turns division by a 0-d CPU tensor into
         # multiplication by its reciprocal, which rounds differently from the kernels
@@ -149,19 +145,25 @@ def reference_fused_adamw_(
 
         keep = c["frozen"] if skip is None else (c["frozen"] | skip.to(param.device))
         keep = keep.expand(shape)
-
-        def put(dst, new):
-            dst.copy_(torch.where(keep, dst.reshape(shape), new.to(dst.dtype)).reshape(dst.shape))
-
-        put(exp_avgs[i], m_new)
-        put(exp_avg_sqs[i], v_new)
+        _put(exp_avgs[i], m_new, keep)
+        _put(exp_avg_sqs[i], v_new, keep)
         if amsgrad:
-            put(max_exp_avg_sqs[i], vmax_new)
+            _put(max_exp_avg_sqs[i], vmax_new, keep)
         if master_params:
-            put(master_params[i], p)
-        put(param, p.to(param.dtype))
+            _put(master_params[i], p, keep)
+        _put(param, p.to(param.dtype), keep)
         increment = 1 if skip is None else (~skip).to(torch.float32).to(steps[i].device)
         steps[i].add_(increment)
+
+
+def _member_rows(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    """`t` in the math dtype as [K, numel / K]: row k is member k."""
+    return t.to(dtype).reshape(shape)
+
+
+def _put(dst: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> None:
+    """dst := new ([K, n] rows) except where `keep` (frozen members, a skipped step)."""
+    dst.copy_(torch.where(keep, dst.reshape(keep.shape), new.to(dst.dtype)).reshape(dst.shape))
 
 
 def _check_members(index: int, param: torch.Tensor, k: int, first_row: int, rows: int) -> None:

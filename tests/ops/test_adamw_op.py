@@ -341,10 +341,10 @@ def test_narrower_cpu_paths_match_reference(env):
     import sys
 
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
         "import test_adamw_op as t\n"
         "for case in t.CASES: t._compare('cpu', case)\n"
-        "print('ok')\n" % os.path.dirname(os.path.abspath(__file__))
+        "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, **env))

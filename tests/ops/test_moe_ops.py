@@ -75,7 +75,8 @@ def test_permuted_rows_known_from_shapes(T, k, E, pad, cap, rows):
     assert ops.moe_permute(x, ids, E, pad, cap)[0].shape == (rows, 2)
 
 
-@pytest.mark.parametrize("T,k,E,factor,capacity", [(100, 2, 8, None, 0), (100, 2, 8, 1.0, 25), (100, 2, 8, 1.25, 32), (3, 1, 8, 0.5, 1)])
+@pytest.mark.parametrize("T,k,E,factor,capacity",
+                         [(100, 2, 8, None, 0), (100, 2, 8, 1.0, 25), (100, 2, 8, 1.25, 32), (3, 1, 8, 0.5, 1)])
 def test_expert_capacity(T, k, E, factor, capacity):
     assert ops.expert_capacity(T, k, E, factor) == capacity
 
@@ -113,7 +114,8 @@ def _check_all(case, device, seed=0, score_func="softmax", renormalize=True, wit
     bias = (torch.randn(E, generator=torch.Generator().manual_seed(seed + 1)) * 0.1).to(device) if with_bias else None
 
     ids, weights, counts = torch.ops.steplaw.moe_route(logits, k, score_func, renormalize, bias)
-    r_ids, r_weights, r_counts = ops.route_reference(logits.cpu(), k, score_func, renormalize, None if bias is None else bias.cpu())
+    r_ids, r_weights, r_counts = ops.route_reference(logits.cpu(), k, score_func, renormalize,
+                                                     None if bias is None else bias.cpu())
     assert torch.equal(ids.cpu(), r_ids) and torch.equal(counts.cpu(), r_counts)
     torch.testing.assert_close(weights.cpu(), r_weights, rtol=1e-5, atol=1e-6)
 
@@ -319,7 +321,8 @@ def test_opcheck(case, device):
     y = torch.randn_like(permuted).requires_grad_()
     torch.library.opcheck(torch.ops.steplaw.moe_unpermute, (y, row_map, src, weights.detach().requires_grad_()))
     torch.library.opcheck(torch.ops.steplaw.moe_permute_backward, (permuted.detach(), row_map))
-    torch.library.opcheck(torch.ops.steplaw.moe_unpermute_backward, (torch.randn(T, H, device=device), y.detach(), row_map, src, weights.detach()))
+    torch.library.opcheck(torch.ops.steplaw.moe_unpermute_backward,
+                          (torch.randn(T, H, device=device), y.detach(), row_map, src, weights.detach()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -331,7 +334,10 @@ def test_gradcheck_float64(pad, cap, device):
     logits = (torch.randn(T, E, generator=gen, dtype=torch.float64) * 2).to(device).requires_grad_()
     for score_func in ("softmax", "sigmoid"):
         for renormalize in (True, False):
-            torch.autograd.gradcheck(lambda l: torch.ops.steplaw.moe_route(l, k, score_func, renormalize, None)[1], (logits,))
+            def route_weights(logits, score_func=score_func, renormalize=renormalize):
+                return torch.ops.steplaw.moe_route(logits, k, score_func, renormalize, None)[1]
+
+            torch.autograd.gradcheck(route_weights, (logits,))
     x = torch.randn(T, H, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     ids, weights, _ = ops.moe_route(logits.detach(), k)
     torch.autograd.gradcheck(lambda x: torch.ops.steplaw.moe_permute(x, ids, E, pad, cap)[0], (x,))
@@ -362,9 +368,9 @@ def test_route_compiles_with_aot_autograd_forward_and_backward(device, dynamic):
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(9, 5, generator=gen).to(device)
 
-    def loss(l):
-        ids, weights, counts = torch.ops.steplaw.moe_route(l, 2, "sigmoid", True, None)
-        return (weights * torch.arange(1.0, 3.0, device=l.device)).sum(), ids, counts
+    def loss(scores):
+        ids, weights, counts = torch.ops.steplaw.moe_route(scores, 2, "sigmoid", True, None)
+        return (weights * torch.arange(1.0, 3.0, device=scores.device)).sum(), ids, counts
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=dynamic)
     eager_in, compiled_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()

@@ -5,11 +5,11 @@ import re
 import pytest
 import torch
 
-from steplaw.ops import moe as ops
-from steplaw.ops._loader import REFERENCES, reference_kernels
-
 # pytest (rootdir import mode "prepend") puts this folder on sys.path.
 from test_moe_ops import DEVICES, need_kernel
+
+from steplaw.ops import moe as ops
+from steplaw.ops._loader import REFERENCES, reference_kernels
 
 
 def _bad_calls():

@@ -399,7 +399,7 @@ def test_large_step_takes_the_parallel_path_and_matches_torch_fused():
     ours = [torch.randn(n, generator=g).requires_grad_() for n in (600_001, 70_001, 16_384 * 3 + 5)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     opt, ref = FusedAdamW(ours, lr=1e-2, amsgrad=True), torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, fused=True)
-    for step in range(3):
+    for _ in range(3):
         for p, q in zip(ours, theirs):
             p.grad = torch.randn(p.shape, generator=g)
             q.grad = p.grad.clone()

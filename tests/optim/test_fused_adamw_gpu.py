@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from steplaw.optim import FusedAdamW
-
 # pytest (rootdir import mode "prepend") puts this folder on sys.path.
 from test_fused_adamw import OPTIONS, STEPS, clone_params, make_params, run
+
+from steplaw.optim import FusedAdamW
 
 pytestmark = pytest.mark.gpu
 
