@@ -37,11 +37,11 @@ import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from steplaw.errors import UserError
 from steplaw.units import parse_count
-
 
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?[kKmMgGbBtT]?$|^-(inf|nan)$", re.IGNORECASE)
 
@@ -138,24 +138,34 @@ def finite_float(text: str) -> float:
 
 # ---------------------------------------------------------------- output paths
 
+def _probe_write(directory: Path, path: Path, what: str) -> None:
+    """Create and remove a temporary file in `directory`: permission bits cannot tell a
+    read-only mount, /proc, or what root may not write, so only a real write is trusted."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {str(path)!r} cannot be written: no permission to write in {str(directory)!r} "
+                        f"({exc.strerror or exc})") from None
+
+
 def _writable_ancestor(path: Path, what: str) -> None:
     """The nearest existing ancestor of `path` must be a directory we may write in
     (then the missing directories can be made when the output is written)."""
-    parent = path.parent
+    parent = path.absolute().parent
     while not parent.exists():
         if parent == parent.parent:
             break
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {str(path)!r}: no permission to write in {str(parent)!r}")
+    _probe_write(parent, path, what)
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
     """The Path of an output file that can be written, else a UserError naming `what`
     (e.g. "--out"): not a directory, and in a writable directory or one that can be
-    made. An existing file is allowed (it will be replaced). Creates nothing."""
+    made. An existing file is allowed (it will be replaced). Creates nothing that stays."""
     if not os.fspath(path):
         raise UserError(f"{what} is empty: expected a file name")
     path = Path(path)
@@ -164,9 +174,8 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     if path.exists():
         if not os.access(path, os.W_OK):
             raise UserError(f"{what} {str(path)!r}: no permission to write this file")
-        if not os.access(path.parent, os.W_OK | os.X_OK):
-            # Outputs are written to a temporary file and renamed over the old one.
-            raise UserError(f"{what} {str(path)!r}: no permission to write in {str(path.parent)!r}")
+        # Outputs are written to a temporary file and renamed over the old one.
+        _probe_write(path.absolute().parent, path, what)
         return path
     _writable_ancestor(path, what)
     return path
@@ -174,15 +183,14 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
 
 def check_output_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
     """The Path of an output directory that exists and is writable, or can be made,
-    else a UserError naming `what`. Creates nothing."""
+    else a UserError naming `what`. Creates nothing that stays."""
     if not os.fspath(path):
         raise UserError(f"{what} is empty: expected a directory name")
     path = Path(path)
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{what} {str(path)!r} is a file: expected a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UserError(f"{what} {str(path)!r}: no permission to write in this directory")
+        _probe_write(path, path, what)
         return path
     _writable_ancestor(path, what)
     return path

@@ -10,7 +10,6 @@ import argparse
 import json
 import sqlite3
 import sys
-import tempfile
 from pathlib import Path
 
 from steplaw import cliargs
@@ -29,36 +28,6 @@ def _warn(args, lines) -> None:
     """Each distinct warning once, on stderr."""
     for line in dict.fromkeys(lines):
         cliargs.warn(line, getattr(args, "command_prog", "steplaw"))
-
-
-# ---------------------------------------------------------------------- output paths
-def _probe_writable(path: Path, what: str) -> None:
-    """Create and remove a temporary file in the nearest existing directory of `path`:
-    permission bits cannot tell a read-only mount (or what root may not write)."""
-    base = path.absolute()
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as exc:
-        raise UserError(f"{what} {str(path)!r} cannot be written: {str(base)!r} is not writable "
-                        f"({exc.strerror or exc}).") from None
-
-
-def check_out_dir(path, what: str = "--out") -> Path:
-    """`path` as a directory we can create or write into (steplaw.cliargs rules plus a
-    real write), else a one-line UserError; creates nothing that stays."""
-    path = cliargs.check_output_dir(path, what)
-    _probe_writable(path, what)
-    return path
-
-
-def check_out_file(path, what: str = "--save") -> Path:
-    """`path` as a file we can write, else a one-line UserError; creates nothing that stays."""
-    path = cliargs.check_output_file(path, what)
-    _probe_writable(path.parent, what)
-    return path
 
 
 # ---------------------------------------------------------------------------- tables
@@ -195,11 +164,12 @@ def _n_columns(table, choice: str) -> list[str]:
 def _fit_out_dir(args) -> Path | None:
     """Where fit.json and plots go (checked before any work), or None (--json without --out)."""
     if args.out:
-        return check_out_dir(args.out, "--out")
+        return cliargs.check_output_dir(args.out, "--out")
     if args.json:
         return None
     source = Path(args.runs)
-    return check_out_dir(source / "fit" if source.is_dir() else source.parent / f"{source.stem}_fit", "the fit directory")
+    out = source / "fit" if source.is_dir() else source.parent / f"{source.stem}_fit"
+    return cliargs.check_output_dir(out, "the fit directory")
 
 
 def _write_fit_files(out_dir: Path, result: dict, table, primary, plots: bool) -> list[Path]:
@@ -223,7 +193,7 @@ def cmd_fit(args) -> int:
     from steplaw.laws.text import fit_lines
 
     out_dir = _fit_out_dir(args)
-    save = check_out_file(args.save, "--save") if args.save else None
+    save = cliargs.check_output_file(args.save, "--save") if args.save else None
     table = load_table(args)
     columns = _n_columns(table, args.n_column)
     fits = {column: fit_hparams(table, gap=args.gap, n_boot=args.n_boot, seed=args.seed, n_column=column,
@@ -255,7 +225,7 @@ def cmd_fit_loss(args) -> int:
     from steplaw.laws.text import loss_fit_lines
 
     args.budget = parse_count(args.budget, "--budget")
-    save = check_out_file(args.save, "--save") if args.save else None
+    save = cliargs.check_output_file(args.save, "--save") if args.save else None
     table = load_table(args)
     fit = fit_loss(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
     result = {**fit.to_dict(), "source": table.source}

@@ -5,7 +5,6 @@ from pathlib import Path
 
 from steplaw import cliargs
 from steplaw.errors import UserError
-from steplaw.laws.cli import check_out_dir
 from steplaw.report.build import write_report
 
 
@@ -29,7 +28,7 @@ def cmd_report(args) -> int:
         raise UserError(f"sweep directory {args.sweep_dir!r} does not exist")
     if not args.gap < 1:  # a bad gap would otherwise only show as "no law was fitted" in the report
         raise UserError(f"--gap {args.gap!r} must be a relative loss gap in [0, 1).")
-    check_out_dir(args.out if args.out else Path(args.sweep_dir) / "report", "--out")
+    cliargs.check_output_dir(args.out if args.out else Path(args.sweep_dir) / "report", "--out")
     for path in write_report(args.sweep_dir, args.out, n_boot=args.n_boot, gap=args.gap,
                              html_report=not args.no_html, plots=not args.no_plots):
         print(path)
