@@ -7,18 +7,48 @@ PY := $(VENV)/bin/python
 # The CUDA 13 build of torch (on these machines' local disk) so that the CUDA
 # kernels compile in every build, GPU or not. Override: make TORCH_SPEC=torch==2.13.0
 TORCH_SPEC ?= torch==2.14.1
-TEST_DEPS := numpy scipy pytest hypothesis matplotlib tokenizers ray ninja setuptools wheel
+# Extras of pyproject.toml to install (`test` names everything the tests and the linter need).
+EXTRAS ?= test
 PYTEST_ARGS ?=
 RESULTS_DIR ?= bench/results
 # Parallel compile jobs for the extension (nvcc is memory hungry; 2 fits 24 GB).
 export MAX_JOBS ?= 2
 
-.PHONY: venv build test test-fast demo bench gpu-check clean
+# Where `make gpu-check` writes its JSON: the caller's $(OUT) when set (the lent GPU
+# machines' result folder), else bench/results.
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),$(RESULTS_DIR))
+
+.PHONY: venv build lint test test-fast demo bench gpu-check clean
+
+# The requirements come from pyproject.toml, the one list of them: the build system's,
+# the package's and those of the extras in EXTRAS (following `steplaw[...]` inside an
+# extra). They are installed before the package itself because its build imports torch
+# and runs without build isolation.
+define READ_REQUIREMENTS
+import re, sys, tomllib
+pyproject = tomllib.load(open("pyproject.toml", "rb"))
+extras = pyproject["project"]["optional-dependencies"]
+requirements = pyproject["build-system"]["requires"] + pyproject["project"]["dependencies"]
+todo, seen = list(sys.argv[1:]), set()
+while todo:
+    extra = todo.pop()
+    if extra not in seen:
+        seen.add(extra)
+        for requirement in extras[extra]:
+            inner = re.fullmatch(r"steplaw\[(.*)\]", requirement.strip())
+            if inner:
+                todo += inner.group(1).split(",")
+            else:
+                requirements.append(requirement)
+print("\n".join(dict.fromkeys(requirements)))
+endef
+export READ_REQUIREMENTS
 
 $(VENV)/.deps-stamp: pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TEST_DEPS)
+	$(PY) -c "$$READ_REQUIREMENTS" $(EXTRAS) > $(VENV)/requirements.txt
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -r $(VENV)/requirements.txt
 	touch $@
 
 venv: $(VENV)/.deps-stamp
@@ -28,9 +58,21 @@ build: venv
 	flock /tmp/steplaw-build.lock $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m steplaw doctor
 
+lint: venv
+	$(PY) -m ruff check .
+
+# The linter and every test not marked gpu: the slow ones too (the demo, the benchmarks'
+# smoke runs, a wheel built from the sdist). Both run even when the other fails.
 # pytest exits 5 when it collects no test; that is not a failure of the build.
 test: build
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m ruff check .; lint=$$?; \
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; \
+	if [ $$lint -ne 0 ]; then echo "ruff found problems (listed above)"; fi; \
+	exit $$(( rc || lint ))
+
+# The same without the tests marked slow: the loop to run while editing.
+test-fast: build
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 demo: build
 	$(VENV)/bin/steplaw demo
@@ -41,9 +83,11 @@ bench: build
 	$(PY) bench/fit.py
 
 # On a GPU machine (no venv: the lent machines have torch preinstalled and are offline):
-# build with CUDA, run the tests marked gpu, run the benchmarks, write one JSON file.
+# build with CUDA, smoke-run each CUDA op against its reference, run the tests marked gpu,
+# run the benchmarks, all within GPU_CHECK_BUDGET_S; the JSON is rewritten after each step.
+GPU_CHECK_BUDGET_S ?= 480
 gpu-check:
-	$(PY_SYS) bench/gpu_check.py --out "$(RESULTS_DIR)"
+	$(PY_SYS) bench/gpu_check.py --out "$(GPU_CHECK_OUT)" --budget-s $(GPU_CHECK_BUDGET_S)
 
 clean:
 	rm -rf build steplaw/_C*.so *.egg-info

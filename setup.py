@@ -1,8 +1,9 @@
 """Build of the extension steplaw._C.
 
 C++ CPU kernels are always built. CUDA kernels are built whenever nvcc and a CUDA
-build of torch are present, whether or not a GPU is visible (see
-../shared/BUILD-NOTES.md for why each environment fix below exists).
+build of torch are present, whether or not a GPU is visible. Each environment fix below
+says in a comment why it exists. The source distribution carries csrc/ whole (MANIFEST.in);
+tests/test_sdist.py builds a wheel from it.
 
 Environment:
   STEPLAW_NO_CUDA=1        build the C++ CPU kernels only
@@ -60,12 +61,20 @@ def _extensions():
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    # Headers and inline bodies: setuptools rebuilds the extension when one of them is newer
+    # than the built library (without this, editing only a header would leave a stale _C).
+    depends = sorted(
+        path
+        for pattern in ("*.h", "*.cuh", "*.inc")
+        for path in glob.glob(os.path.join("csrc", "**", pattern), recursive=True)
+    )
     include_dirs = [os.path.join(HERE, "csrc")]
     debug = _truthy("STEPLAW_DEBUG")
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     # No -std flag: torch picks the standard its headers need (C++20 for torch >= 2.12).
     cxx_flags += ["-fopenmp"] if sys.platform != "darwin" else []
-    define_macros = [("Py_LIMITED_API", "0x030A0000")]
+    # The stable ABI of the oldest Python pyproject allows (3.11): one _C.abi3.so for all.
+    define_macros = [("Py_LIMITED_API", "0x030B0000")]
     extra_link = ["-fopenmp"] if sys.platform != "darwin" else []
 
     if want_cuda:
@@ -86,6 +95,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "steplaw._C",
             cpp_sources + cuda_sources,
+            depends=depends,
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
@@ -96,6 +106,7 @@ def _extensions():
         ext = cpp_extension.CppExtension(
             "steplaw._C",
             cpp_sources,
+            depends=depends,
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
@@ -112,5 +123,5 @@ ext_modules, cmdclass = _extensions()
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}} if ext_modules else {},
 )

@@ -8,6 +8,11 @@ exp_avg, exp_avg_sq: 12 B) / our time, and on CUDA `copy_gbps`: a device-to-devi
 copy moving the same 28 bytes per parameter (14 read + 14 written), the bandwidth
 ceiling the kernel is measured against.
 
+Stacked cases ("stacked K=..."): K runs of a sweep cell trained as one model (issue
+10): one FusedAdamW step over parameters with a leading member dimension K and a
+per-member lr tensor ("steplaw"), against K separate optimizers stepping each member's
+own tensors, ours ("steplaw_per_member") and torch's fused ("torch_fused_per_member").
+
     python bench/adamw.py [--quick] [--device cpu|cuda] [--repeats N]
 """
 from __future__ import annotations
@@ -19,14 +24,20 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import log, report, speedups, time_interleaved  # noqa: E402
+# The steplaw of this checkout, not whichever one is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import log, report, speedups, time_interleaved
 
-from steplaw.optim import FusedAdamW  # noqa: E402
+from steplaw.optim import FusedAdamW
 
 BYTES_PER_PARAM = 28
 # (name, total parameters, number of tensors)
 FULL_CASES = [("50M fp32 / 100 tensors", 50_000_000, 100), ("5M fp32 / 1000 tensors", 5_000_000, 1000)]
 QUICK_CASES = [("1M fp32 / 10 tensors", 1_000_000, 10), ("200K fp32 / 200 tensors", 200_000, 200)]
+# (name, members K, parameters per member, tensors per member); demo models are 27K-107K.
+FULL_STACKED = [("stacked K=8 demo 100K fp32 / 20 tensors", 8, 100_000, 20),
+                ("stacked K=16 1M fp32 / 50 tensors", 16, 1_000_000, 50)]
+QUICK_STACKED = [("stacked K=4 demo 30K fp32 / 10 tensors", 4, 30_000, 10)]
 
 
 def make_tensors(total: int, count: int, device: str, seed: int):
@@ -52,6 +63,20 @@ def contenders_for(total: int, count: int, device: str):
         "torch_forloop": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
     }
     return {name: factory(make_tensors(total, count, device, seed=0)).step for name, factory in factories.items()}
+
+
+def stacked_contenders(members: int, total: int, count: int, device: str):
+    """One stacked optimizer vs one optimizer per member, on the same values."""
+    stacked = [p.detach().unsqueeze(0).repeat(members, 1).requires_grad_() for p in make_tensors(total, count, device, 0)]
+    for p, q in zip(stacked, make_tensors(total, count, device, 0)):
+        p.grad = q.grad.unsqueeze(0).repeat(members, 1)
+    lrs = torch.logspace(-4, -2, members, device=device)
+    contenders = {"steplaw": FusedAdamW(stacked, lr=lrs.clone()).step}
+    for name, factory in (("steplaw_per_member", lambda ps, lr: FusedAdamW(ps, lr=lr)),
+                          ("torch_fused_per_member", lambda ps, lr: torch.optim.AdamW(ps, lr=lr, fused=True))):
+        steps = [factory(make_tensors(total, count, device, 0), float(lr)).step for lr in lrs]
+        contenders[name] = lambda steps=steps: [step() for step in steps]
+    return contenders
 
 
 def copy_gbps(total: int, device: str, repeats: int) -> float:
@@ -90,6 +115,13 @@ def main(argv=None) -> int:
             case["fraction_of_copy"] = case["gbps"] / case["copy_gbps"]
         results.append(case)
         del contenders
+    for name, members, total, count in (QUICK_STACKED if args.quick else FULL_STACKED):
+        log(f"adamw: {name} on {args.device}")
+        median_s = time_interleaved(stacked_contenders(members, total, count, args.device), device=args.device,
+                                    warmup=2, repeats=repeats)
+        results.append({"case": name, "members": members, "params": members * total, "tensors": count,
+                        "median_s": median_s, "speedup": speedups(median_s, "steplaw"),
+                        "gbps": BYTES_PER_PARAM * members * total / median_s["steplaw"] / 1e9})
     report("adamw", args.device, results, bytes_per_param=BYTES_PER_PARAM, quick=args.quick)
     return 0
 

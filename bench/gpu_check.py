@@ -1,11 +1,24 @@
-"""`make gpu-check`: everything that needs a GPU, in one command, results in one JSON file.
+"""`make gpu-check`: everything that needs a GPU, in one command, inside a time budget.
 
-On a machine with a CUDA GPU (the lent H100/H200 machines: offline, torch preinstalled,
-no venv) this builds the extension in place with its CUDA kernels, runs every test
-marked `gpu`, runs each benchmark in bench/ on the GPU, and writes
-<out>/gpu-check_<date>_<device>.json holding the doctor report, the test summary and
-every benchmark's JSON. Each step's failure is recorded, not fatal, so one broken
-benchmark does not lose the others' numbers.
+A GPU machine is lent for minutes, and a command stopped at its limit returns only the
+files it has already written. So this script keeps to a total budget (default 8
+minutes) and rewrites its JSON, <out>/gpu-check_<date>_<device>.json, before and after
+every step. The steps come in the order of how much their answer matters:
+
+  1. build       steplaw._C in place with its CUDA kernels, on all cores
+  2. ops_smoke   each op's CUDA kernel against its PyTorch reference on small cases
+                 (bench/ops_smoke.py): do the kernels run, and do they agree?
+  3. doctor      what was built and what runs where
+  4. gpu_tests   the tests marked `gpu`, with what the budget leaves them
+  5. benchmarks  bench/*.py on the GPU, each with its share of the rest (--quick when
+                 the share is short)
+
+A failed or timed-out step is recorded, not fatal. Without a CUDA device every step is
+recorded as skipped ("no CUDA device") and the exit status is 2; --dry-run records the
+plan (commands and time allotments) without running anything. Exit status 0 when the
+build, the op smoke run and the tests passed, else 1.
+
+    python bench/gpu_check.py [--out DIR] [--budget-s 480] [--skip-build] [--dry-run]
 """
 from __future__ import annotations
 
@@ -14,105 +27,259 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ["adamw.py", "moe.py", "train.py"]
+BENCHMARKS = ["adamw.py", "moe.py", "train.py", "sweep.py"]  # the ones present are run
+NO_DEVICE = "no CUDA device"
+# Seconds kept back from the build for the op smoke run: the most important answer.
+SMOKE_RESERVE_S = 90
+# Share of the time left after the smoke run that the gpu tests may use; the benchmarks
+# get the rest, split evenly, and run --quick when a share is under QUICK_BELOW_S.
+TESTS_SHARE = 0.55
+QUICK_BELOW_S = 150
+# A step is not started with less than this left of the budget.
+MIN_STEP_S = 10
+# What a CUDA build of the extension takes on a 16-core GPU machine, roughly; used only to
+# show in a plan (--dry-run) what the later steps would get.
+TYPICAL_BUILD_S = 150
 
 
 def _log(msg: str) -> None:
     print(f"[gpu-check] {msg}", file=sys.stderr, flush=True)
 
 
-def _run(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, str, float]:
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        return proc.returncode, proc.stdout, proc.stderr, time.time() - t0
-    except subprocess.TimeoutExpired as exc:
-        return 124, exc.stdout or "", (exc.stderr or "") + f"\ntimed out after {timeout:.0f} s", time.time() - t0
-
-
-def _tail(text: str, n: int = 4000) -> str:
+def _tail(text: str, n: int = 3000) -> str:
     return text[-n:] if isinstance(text, str) else ""
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.environ.get("RESULTS_DIR", "bench/results"))
-    ap.add_argument("--skip-build", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="benchmarks with --quick")
-    ap.add_argument("--bench-timeout", type=float, default=240)
-    args = ap.parse_args()
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (read from /proc). They stay in our
+    session, so that whoever stops this script at its limit stops them too."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("MAX_JOBS", str(min(16, os.cpu_count() or 2)))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    result: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "steps": {}}
+
+def run(cmd: list[str], env: dict, timeout: float) -> dict:
+    """Run a command; on timeout it is killed with everything it started (a build's
+    compiler jobs, the op smoke run's child processes), and what it printed is kept."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=max(1.0, timeout))
+        timed_out = False
+    except subprocess.TimeoutExpired as exc:
+        _kill_tree(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a process that left the tree still holds the pipes
+            out, err = exc.stdout, exc.stderr
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x for x in (out, err))
+        timed_out = True
+    return {"rc": 124 if timed_out else proc.returncode, "timed_out": timed_out,
+            "seconds": round(time.monotonic() - t0, 1), "stdout": out or "", "stderr": err or "",
+            "timeout_s": round(timeout, 1)}
+
+
+class Check:
+    """The result document, rewritten atomically after every change to it."""
+
+    def __init__(self, out_dir: Path, budget_s: float, device: str, started: float):
+        self.deadline = started + budget_s
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower() or "unknown"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / f"gpu-check_{dt.date.today().isoformat()}_{slug}.json"
+        self.doc: dict = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                          "device": device, "budget_s": budget_s, "running": None, "steps": {}}
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+    def start(self, step: str) -> None:
+        self.doc["running"] = step
+        self.save()
+        _log(f"{step} ({self.remaining():.0f} s of the budget left)")
+
+    def record(self, step: str, result: dict) -> None:
+        self.doc["steps"][step] = result
+        self.doc["running"] = None
+        self.save()
+        _log(f"{step}: {result.get('status')} {result.get('summary') or ''}".rstrip())
+
+
+def _status(proc: dict, ok_codes=(0,)) -> str:
+    return "timed out" if proc["timed_out"] else "passed" if proc["rc"] in ok_codes else "failed"
+
+
+def step_build(check: Check, env: dict) -> dict:
+    timeout = check.remaining() - SMOKE_RESERVE_S
+    proc = run([sys.executable, "setup.py", "build_ext", "--inplace"], env, timeout)
+    return {"status": _status(proc), "rc": proc["rc"], "seconds": proc["seconds"], "timeout_s": proc["timeout_s"],
+            "max_jobs": env["MAX_JOBS"], "log_tail": _tail(proc["stdout"] + proc["stderr"])}
+
+
+def step_smoke(check: Check, env: dict) -> dict:
+    proc = run([sys.executable, "bench/ops_smoke.py", "--device", "cuda"], env, min(SMOKE_RESERVE_S, check.remaining()))
+    try:
+        result = json.loads(proc["stdout"])
+    except json.JSONDecodeError:
+        return {"status": _status(proc), "rc": proc["rc"], "seconds": proc["seconds"],
+                "log_tail": _tail(proc["stdout"] + proc["stderr"])}
+    failing = [op for op, rec in result["ops"].items() if not rec["pass"]]
+    return {"status": "passed" if result["passed"] else "failed", "seconds": proc["seconds"],
+            "summary": f"{len(result['ops']) - len(failing)}/{len(result['ops'])} ops agree"
+                       + (f"; failing: {', '.join(failing)}" if failing else ""), **result}
+
+
+def step_doctor(check: Check, env: dict) -> dict:
+    proc = run([sys.executable, "-m", "steplaw", "doctor", "--json"], env, min(60, check.remaining()))
+    try:
+        return {"status": _status(proc), "report": json.loads(proc["stdout"])}
+    except json.JSONDecodeError:
+        return {"status": "failed", "rc": proc["rc"], "log_tail": _tail(proc["stdout"] + proc["stderr"])}
+
+
+def tests_timeout(remaining: float, n_benchmarks: int) -> float:
+    return remaining * TESTS_SHARE if n_benchmarks else remaining
+
+
+def step_gpu_tests(check: Check, env: dict, n_benchmarks: int) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "tests"]
+    proc = run(cmd, env, tests_timeout(check.remaining(), n_benchmarks))
+    # -v prints each test's outcome as it finishes, so a run cut short still says which passed.
+    outcomes = re.findall(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", proc["stdout"], re.M)
+    counts: dict[str, int] = {}
+    for _, outcome in outcomes:
+        counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+    summary = [line for line in proc["stdout"].splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", line)]
+    return {"status": _status(proc, ok_codes=(0, 5)), "rc": proc["rc"], "seconds": proc["seconds"],
+            "timeout_s": proc["timeout_s"], "counts": counts, "summary": summary[-1].strip("= ") if summary else None,
+            "failures": [name for name, outcome in outcomes if outcome in ("FAILED", "ERROR")],
+            "log_tail": _tail(proc["stdout"] + proc["stderr"]) if proc["rc"] not in (0, 5) else ""}
+
+
+def benchmark_plan(remaining: float, scripts: list[str]) -> list[tuple[str, float, bool]]:
+    """(script, timeout, quick) for each benchmark: the time left split evenly."""
+    share = remaining / max(1, len(scripts))
+    return [(script, share, share < QUICK_BELOW_S) for script in scripts]
+
+
+def _bench_args(script: str) -> list[str]:
+    text = (ROOT / "bench" / script).read_text()
+    return ["--device", "cuda"] if "--device" in text else []
+
+
+def step_benchmark(check: Check, env: dict, script: str, quick: bool, scripts_left: int) -> dict:
+    timeout = check.remaining() / max(1, scripts_left)
+    cmd = [sys.executable, f"bench/{script}", *_bench_args(script), *(["--quick"] if quick else [])]
+    proc = run(cmd, env, timeout)
+    try:
+        return {"status": _status(proc), "quick": quick, "seconds": proc["seconds"], "result": json.loads(proc["stdout"])}
+    except json.JSONDecodeError:
+        return {"status": "failed" if not proc["timed_out"] else "timed out", "quick": quick, "rc": proc["rc"],
+                "seconds": proc["seconds"], "timeout_s": proc["timeout_s"], "log_tail": _tail(proc["stdout"] + proc["stderr"])}
+
+
+def _present_benchmarks() -> list[str]:
+    return [s for s in BENCHMARKS if (ROOT / "bench" / s).exists()]
+
+
+def skipped_document(check: Check, reason: str, env: dict, skip_build: bool) -> None:
+    """Every step recorded as skipped, with the plan it would have run: the build may use
+    all but the smoke run's reserve; the later allotments assume a typical build."""
+    scripts = _present_benchmarks()
+    build_limit = round(check.remaining() - SMOKE_RESERVE_S, 1)
+    after_smoke = check.remaining() - (0 if skip_build else TYPICAL_BUILD_S) - SMOKE_RESERVE_S
+    tests_s = round(tests_timeout(after_smoke, len(scripts)), 1)
+    plan = {
+        "build": {"timeout_s": build_limit, "assumed_s": TYPICAL_BUILD_S, "max_jobs": env["MAX_JOBS"],
+                  "skip": skip_build},
+        "ops_smoke": {"timeout_s": SMOKE_RESERVE_S},
+        "doctor": {"timeout_s": 60},
+        "gpu_tests": {"timeout_s": tests_s},
+    }
+    for step, planned in plan.items():
+        check.record(step, {"status": "skipped", "reason": reason, "plan": planned})
+    check.record("benchmarks", {"status": "skipped", "reason": reason, "plan": [
+        {"script": s, "timeout_s": round(t, 1), "quick": q} for s, t, q in benchmark_plan(after_smoke - tests_s, scripts)]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results", help="directory of the JSON file")
+    ap.add_argument("--budget-s", type=float, default=480, help="total seconds for every step together")
+    ap.add_argument("--skip-build", action="store_true", help="use the extension already built in place")
+    ap.add_argument("--dry-run", action="store_true", help="record the plan; run nothing")
+    args = ap.parse_args(argv)
+    started = time.monotonic()
 
     import torch
 
-    if not torch.cuda.is_available():
-        _log("no CUDA device visible: nothing to check here")
-        return 2
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["MAX_JOBS"] = env.get("MAX_JOBS_GPU_CHECK") or str(os.cpu_count() or 2)  # all cores
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    have_gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if have_gpu else "none"
+    out_dir = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+    check = Check(out_dir, args.budget_s, device, started)
+    check.doc.update(torch=torch.__version__, python=sys.version.split()[0], dry_run=args.dry_run)
+
+    if not have_gpu or args.dry_run:
+        skipped_document(check, NO_DEVICE if not have_gpu else "dry run", env, args.skip_build)
+        print(check.path)
+        return 0 if args.dry_run else 2
+
     cap = torch.cuda.get_device_capability()
     env.setdefault("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}")
-    device = torch.cuda.get_device_name()
-    result.update(device=device, torch=torch.__version__, python=sys.version.split()[0])
-
-    if not args.skip_build:
-        _log(f"building steplaw._C for sm_{cap[0]}{cap[1]} ...")
-        rc, out, err, secs = _run([sys.executable, "setup.py", "build_ext", "--inplace"], env, timeout=900)
-        result["steps"]["build"] = {"rc": rc, "seconds": round(secs, 1), "log_tail": _tail(out + err)}
-        _log(f"build rc={rc} in {secs:.0f} s")
-
-    rc, out, err, _ = _run([sys.executable, "-m", "steplaw", "doctor", "--json"], env, timeout=120)
-    try:
-        result["doctor"] = json.loads(out)
-    except json.JSONDecodeError:
-        result["doctor"] = {"rc": rc, "error": _tail(out + err)}
-
-    _log("running tests marked gpu ...")
-    rc, out, err, secs = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], env, timeout=1200)
-    summary = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", line)]
-    result["steps"]["gpu_tests"] = {
-        "rc": rc,
-        "seconds": round(secs, 1),
-        "summary": summary[-1] if summary else None,
-        "failures": [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))],
-        "log_tail": _tail(out + err) if rc not in (0, 5) else "",
-    }
-    _log(f"gpu tests: {summary[-1] if summary else rc}")
-
-    result["benchmarks"] = {}
-    for script in BENCHMARKS:
-        path = ROOT / "bench" / script
-        if not path.exists():
+    scripts = _present_benchmarks()
+    steps = [("ops_smoke", step_smoke), ("doctor", step_doctor),
+             ("gpu_tests", lambda c, e: step_gpu_tests(c, e, len(scripts)))]
+    for name, step in ([] if args.skip_build else [("build", step_build)]) + steps:
+        if check.remaining() < MIN_STEP_S:
+            check.record(name, {"status": "skipped", "reason": "time budget spent"})
             continue
-        _log(f"bench/{script} ...")
-        cmd = [sys.executable, str(path), "--device", "cuda"] + (["--quick"] if args.quick else [])
-        rc, out, err, secs = _run(cmd, env, timeout=args.bench_timeout)
-        try:
-            result["benchmarks"][script] = json.loads(out)
-        except json.JSONDecodeError:
-            result["benchmarks"][script] = {"rc": rc, "error": _tail(out + err)}
-        _log(f"bench/{script} rc={rc} in {secs:.0f} s")
-
-    out_dir = Path(args.out)
-    if not out_dir.is_absolute():
-        out_dir = ROOT / out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    path = out_dir / f"gpu-check_{dt.date.today().isoformat()}_{slug}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(path)
-    tests_ok = result["steps"]["gpu_tests"]["rc"] in (0, 5)
-    build_ok = result["steps"].get("build", {"rc": 0})["rc"] == 0
-    return 0 if tests_ok and build_ok else 1
+        check.start(name)
+        check.record(name, step(check, env))
+    benches: dict = {"status": "running", "scripts": {}}
+    for i, (script, _, quick) in enumerate(benchmark_plan(check.remaining(), scripts)):
+        check.start(f"bench/{script}")
+        benches["scripts"][script] = (step_benchmark(check, env, script, quick, len(scripts) - i)
+                                      if check.remaining() >= MIN_STEP_S
+                                      else {"status": "skipped", "reason": "time budget spent"})
+        done = [b["status"] for b in benches["scripts"].values()]
+        benches["summary"] = ", ".join(f"{s}: {b['status']}" for s, b in benches["scripts"].items())
+        benches["status"] = "running" if len(done) < len(scripts) else "passed" if set(done) == {"passed"} else "failed"
+        check.record("benchmarks", benches)
+    check.doc["seconds"] = round(time.monotonic() - started, 1)
+    check.save()
+    print(check.path)
+    recorded = check.doc["steps"]
+    ok = all(recorded.get(s, {"status": "passed"})["status"] == "passed" for s in ("build", "ops_smoke", "gpu_tests"))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

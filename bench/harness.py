@@ -13,7 +13,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def device_name(device: str) -> str:

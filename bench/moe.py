@@ -1,6 +1,10 @@
 """Benchmark of the MoE token dispatch: steplaw's permute/unpermute kernels and the whole
 MoE layer, against a pure-PyTorch baseline written the way most codebases do it
-(argsort by expert + index_select to dispatch, index_add_ to combine).
+(argsort by expert + index_select to dispatch, index_add_ to combine), and against the
+ops' own pure-PyTorch references (contender "reference": the reference functions called
+directly, differentiated by autograd; the same functions serve as the ops' kernels on
+devices without a compiled one, which steplaw.ops.reference_kernels switches on to
+check that both paths give the same output).
 
     python bench/moe.py [--device cpu|cuda] [--quick]
 
@@ -17,12 +21,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
+from harness import log, report, speedups, time_interleaved
 
-from harness import log, report, speedups, time_interleaved  # noqa: E402
-from steplaw.models.config import MoEConfig  # noqa: E402
-from steplaw.models.moe import MoE  # noqa: E402
-from steplaw.ops import moe as moe_ops  # noqa: E402
+from steplaw.models.config import MoEConfig
+from steplaw.models.moe import MoE
+from steplaw.ops import has_kernel, reference_kernels
+from steplaw.ops import moe as moe_ops
 
 # (tokens, hidden, experts, top_k, dtype)
 CASES = {
@@ -89,8 +94,15 @@ def bench_case(T, H, E, k, dtype, device, repeats, min_time_s):
         permuted, order, token_of_row, _ = baseline_permute(x, expert_ids, E)
         return baseline_unpermute(permuted, order, token_of_row, weights, T)
 
+    def ref_fwd(x=x, w=weights):
+        permuted, row_map, src, _, _ = moe_ops.permute_reference(x, expert_ids, E)
+        return moe_ops.unpermute_reference(permuted, row_map, src, w)
+
     torch.testing.assert_close(ours_fwd().float(), base_fwd().float(), rtol=2e-2, atol=2e-2)
-    med = time_interleaved({"steplaw": ours_fwd, "torch_argsort": base_fwd}, **timing)
+    with reference_kernels():
+        assert torch.equal(ours_fwd(), ref_fwd())
+    assert torch.equal(ours_fwd(), ref_fwd())
+    med = time_interleaved({"steplaw": ours_fwd, "torch_argsort": base_fwd, "reference": ref_fwd}, **timing)
     entry = {"case": f"permute+unpermute fwd {name}", "median_s": med, "speedup": speedups(med, "steplaw")}
     if device.startswith("cuda"):
         es = x.element_size()
@@ -114,7 +126,12 @@ def bench_case(T, H, E, k, dtype, device, repeats, min_time_s):
         torch.autograd.backward(out, grad)
         x_req.grad = w_base_req.grad = None
 
-    med = time_interleaved({"steplaw": ours_fwd_bwd, "torch_argsort": base_fwd_bwd}, **timing)
+    def ref_fwd_bwd():
+        torch.autograd.backward(ref_fwd(x_req, w_req), grad)
+        x_req.grad = w_req.grad = None
+
+    med = time_interleaved({"steplaw": ours_fwd_bwd, "torch_argsort": base_fwd_bwd, "reference": ref_fwd_bwd},
+                           **timing)
     cases.append({"case": f"permute+unpermute fwd+bwd {name}", "median_s": med, "speedup": speedups(med, "steplaw")})
 
     cfg = MoEConfig(n_experts=E, top_k=k, d_expert=max(8, H // 4), aux_loss_coef=0.0, z_loss_coef=0.0)
@@ -143,8 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
     args = parser.parse_args(argv)
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    kernels = moe_ops._KERNELS
-    if not kernels.get(("moe_permute", device_type)):
+    compiled = has_kernel("moe_permute", device_type)
+    if not compiled:
         log(f"warning: no compiled {device_type} kernel; 'steplaw' times the pure-PyTorch reference")
     cases = []
     table = QUICK if args.quick else CASES
@@ -152,7 +169,7 @@ def main(argv=None) -> int:
         cases += bench_case(T, H, E, k, dtype, args.device, repeats=5 if args.quick else 20,
                             min_time_s=0.0 if args.quick else 2.0)
     report("moe", args.device, cases, quick=args.quick,
-           compiled_kernel=bool(kernels.get(("moe_permute", device_type))))
+           compiled_kernel=compiled)
     return 0
 
 

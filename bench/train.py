@@ -42,23 +42,19 @@ def peak_flops(device: str) -> float | None:
 @contextlib.contextmanager
 def moe_reference_dispatch():
     """Route the MoE ops to their pure-PyTorch references for the duration."""
-    import steplaw.ops.moe as moe_ops
+    from steplaw.ops import reference_kernels
+    from steplaw.ops.moe import OP_NAMES
 
-    saved = dict(moe_ops._KERNELS)
-    moe_ops._KERNELS.update({key: False for key in saved})
-    try:
+    with reference_kernels(list(OP_NAMES)):
         yield
-    finally:
-        moe_ops._KERNELS.update(saved)
 
 
 def moe_kernels_built(device: str) -> bool:
-    try:
-        import steplaw.ops.moe as moe_ops
-    except ImportError:
-        return False
+    from steplaw.ops import has_kernel
+    from steplaw.ops.moe import OP_NAMES
+
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    return any(v for (name, dev), v in moe_ops._KERNELS.items() if dev == kind)
+    return any(has_kernel(name, kind) for name in OP_NAMES)
 
 
 def make_step(model_config, optimizer_name: str, device: str, batch: tuple, autocast: bool, compile_model: bool, dispatch=None):

@@ -6,6 +6,39 @@ your own laws from those sweeps or any table of runs (`steplaw.laws.fit`).
 
 Importing this package does not import torch; `steplaw.ops`, `steplaw.optim`,
 `steplaw.models` and `steplaw.train` do.
+
+Import direction
+----------------
+Imports run one way: the kernels' Python face (ops) is used by the optimizer and the
+models, those by one training run (train), runs by sweeps (sweep); the scaling laws
+(laws) depend on no training code, so a table of runs from anywhere can be fitted without
+torch; the report and the command line sit on top. A lower layer never imports a higher
+one, not even inside a function, and no module falls back to something else when one of
+steplaw's own modules fails to import (that would hide broken code). Within a package,
+modules do not import each other in a cycle. This table is the one statement of the rule;
+tests/test_imports.py reads it and checks every import of every module against it:
+
+    layer     may import (besides its own modules and the neutral ones)
+    ops       nothing
+    optim     ops
+    models    ops
+    data      nothing
+    train     ops optim models data
+    laws      nothing
+    sweep     ops optim models data train laws
+    report    ops optim models data train laws sweep
+    cli       everything
+
+    neutral:  errors units runtable progress fileio
+    cli:      cli doctor __main__ cliargs */cli train.ddp
+
+A layer is a subpackage (steplaw.<layer>.*). The neutral modules (steplaw.<name>, plain
+data and helpers: errors, units, the run-table columns, progress lines, atomic file
+writes) import nothing but each other, and any module may import them, as it may this
+package's `__version__`. The cli layer is steplaw.cli, steplaw.doctor, steplaw.__main__,
+steplaw.cliargs (argument parsing shared by the commands, so only commands use it),
+every steplaw.<package>.cli module, and the other command entry points named in the row
+(steplaw.train.ddp, which torchrun starts).
 """
 
 __version__ = "0.1.0"

@@ -1,19 +1,18 @@
 """`steplaw ...`: the command line.
 
 Each concern adds its own subcommands from its own module (a function
-`add_commands(subparsers)` that sets `func` on each parser), so this file only wires
-them together and turns user mistakes into one line on stderr, never a traceback.
+`add_commands(subparsers)` that sets `func` to a `cmd_*` handler on each parser), so this
+file only wires them together. Errors go through steplaw.cliargs: a user mistake is one
+line on stderr and exit code 2, never a traceback; a bug keeps its traceback.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
-from steplaw.errors import UserError
+from steplaw import cliargs
 
-# Modules that contribute subcommands, in help order. A module that fails to import
-# (an optional dependency missing) does not take the others down with it.
+# Modules that contribute subcommands, in help order.
 COMMAND_MODULES = [
     "steplaw.laws.cli",  # predict, fit, fit-loss
     "steplaw.train.cli",  # train
@@ -24,43 +23,37 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cliargs.Parser:
+    from steplaw import __version__
+
+    parser = cliargs.Parser(
         prog="steplaw",
         description="Learning rate and batch size for LLM pretraining: predict, sweep, fit.",
     )
-    from steplaw import __version__
-
     parser.add_argument("--version", action="version", version=f"steplaw {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("steplaw"):
-                continue  # that part of steplaw is not there yet
-            raise
-        module.add_commands(subparsers)
+        importlib.import_module(name).add_commands(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    prog = getattr(args, "command_prog", f"steplaw {args.command}")
     try:
-        result = args.func(args)
-    except UserError as exc:
-        print(f"steplaw {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return cliargs.run_command(args.func, args, prog)
     except KeyboardInterrupt:
-        print(f"steplaw {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return 0
-    return int(result or 0)
+        return 0  # stdout closed early (e.g. `steplaw runs | head`): not an error
 
 
 if __name__ == "__main__":

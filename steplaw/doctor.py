@@ -56,7 +56,7 @@ def format_report(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _run(args) -> int:
+def cmd_doctor(args) -> int:
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_report(info))
     return 0
@@ -65,4 +65,4 @@ def _run(args) -> int:
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("doctor", help="what was built, what runs, what falls back")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=cmd_doctor)

@@ -2,8 +2,9 @@ import os
 
 import pytest
 
-# Tests run single-threaded in torch unless they say otherwise: the 2-core CI machine
-# runs pytest's process alone, and thread oversubscription makes timings erratic.
+# Torch (and the OpenMP kernels) use two threads unless a test says otherwise: the CI
+# machine has two cores, and on a bigger machine one thread per core for every test
+# process (and its subprocesses) oversubscribes the cores and makes timings erratic.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 

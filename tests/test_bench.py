@@ -1,10 +1,17 @@
-"""Every benchmark script runs in --quick mode and prints one JSON object of the shared shape.
+"""The benchmark scripts and the GPU check, on a machine without a GPU.
 
-This is a smoke test that the scripts do not rot; it asserts nothing about speed.
+Every benchmark runs in --quick mode and prints one JSON object of the shared shape (a
+smoke test that the scripts do not rot; it asserts nothing about speed). The GPU check's
+logic runs without a device: it still writes valid JSON with every step accounted for,
+and its op smoke run compares the C++ kernels with the references on CPU, so that an
+API change breaks here, in CI, rather than in a rare GPU window.
 """
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +19,19 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+def _load(script: str):
+    """A bench script as a module, without putting bench/ (train.py, sweep.py, ...) on sys.path."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load("gpu_check")
+ops_smoke = _load("ops_smoke")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["adamw.py", "moe.py", "train.py", "fit.py"])
 def test_quick_benchmark_prints_json(script):
     proc = subprocess.run(
@@ -27,3 +47,79 @@ def test_quick_benchmark_prints_json(script):
         assert case["median_s"] and all(t > 0 for t in case["median_s"].values())
         # speedup = contender time / our time, for every contender but ours
         assert len(case["speedup"]) == len(case["median_s"]) - 1
+
+
+def _gpu_check(tmp_path, *args):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no device, even on a GPU machine
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+    files = list(tmp_path.glob("gpu-check_*.json"))
+    assert len(files) == 1, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(files[0])
+    return proc, json.loads(files[0].read_text())
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_gpu_check_without_a_device_records_every_step_as_skipped(tmp_path, dry_run):
+    proc, doc = _gpu_check(tmp_path, *(["--dry-run"] if dry_run else []), "--budget-s", "300")
+    assert proc.returncode == (0 if dry_run else 2), proc.stderr[-2000:]
+    assert list(doc["steps"]) == ["build", "ops_smoke", "doctor", "gpu_tests", "benchmarks"]
+    assert doc["running"] is None and doc["budget_s"] == 300
+    for name, step in doc["steps"].items():
+        assert step["status"] == "skipped" and step["reason"] == "no CUDA device", name
+    assert 0 < doc["steps"]["build"]["plan"]["timeout_s"] < 300
+    planned = [b["script"] for b in doc["steps"]["benchmarks"]["plan"]]
+    assert planned == [s for s in gpu_check.BENCHMARKS if (BENCH / s).exists()]
+    assert "adamw.py" in planned and "moe.py" in planned
+
+
+def test_gpu_check_plan_splits_what_is_left():
+    plan = gpu_check.benchmark_plan(200.0, ["a.py", "b.py"])
+    assert plan == [("a.py", 100.0, True), ("b.py", 100.0, True)]
+    assert gpu_check.benchmark_plan(1000.0, ["a.py"]) == [("a.py", 1000.0, False)]
+    assert gpu_check.tests_timeout(100.0, 3) < 100.0 and gpu_check.tests_timeout(100.0, 0) == 100.0
+
+
+def test_gpu_check_run_kills_a_step_and_what_it_started_at_its_limit():
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    result = gpu_check.run([sys.executable, "-c", code], dict(os.environ), timeout=8)
+    assert result["timed_out"] and result["rc"] == 124
+    assert result["seconds"] < 60
+    stat = Path(f"/proc/{int(result['stdout'].split()[0])}/stat")
+    for _ in range(100):  # gone, or a zombie waiting for whoever adopted it to reap it
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the step's own child process outlived the step's time limit")
+
+
+def test_ops_smoke_compare_tells_a_difference():
+    import torch
+
+    same = {"w": torch.tensor([1.0, 2.0]), "ids": torch.tensor([3, 4])}
+    assert ops_smoke.compare(same, {k: v.clone() for k, v in same.items()}) == (True, 0.0, None)
+    ok, worst, problem = ops_smoke.compare(same, {"w": torch.tensor([1.0, 2.001]), "ids": same["ids"]})
+    assert not ok and worst == pytest.approx(1e-3, rel=1e-3) and problem.startswith("w:")
+    ok, _, problem = ops_smoke.compare(same, {"w": same["w"], "ids": torch.tensor([3, 5])})
+    assert not ok and problem.startswith("ids:")
+    assert not ops_smoke.compare(same, {"w": same["w"]})[0]
+    nan = {"w": torch.tensor([float("nan"), 1.0])}
+    assert ops_smoke.compare(nan, {"w": torch.tensor([float("nan"), 1.0])})[0]
+
+
+@pytest.mark.slow
+def test_ops_smoke_on_cpu_matches_the_references():
+    proc = subprocess.run([sys.executable, str(BENCH / "ops_smoke.py"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    from steplaw import ops
+
+    assert set(result["ops"]) == set(ops.OP_NAMES)
+    for name, op in result["ops"].items():
+        assert op["pass"] and op["compiled_kernel"] and op["cases"], name
+        assert op["max_abs_error"] is not None and op["max_abs_error"] < 1e-3, name

@@ -1,5 +1,6 @@
-// Qualifiers shared by steplaw's kernels. Kept free of torch headers so that a
-// translation unit compiled for a specific instruction set can include it.
+// Qualifiers shared by steplaw's kernels (the one host/device macro of the tree). Kept
+// free of torch headers so that a translation unit compiled for a specific instruction
+// set can include it.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__)

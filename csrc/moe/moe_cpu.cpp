@@ -30,6 +30,7 @@ namespace {
 // more than it saves, above all on a loaded machine.
 constexpr int64_t kSerialChunks = 32;
 
+// Outputs (expert_ids, weights, counts), as the wrapper moe_route returns them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits_in, int64_t k,
                                                           c10::string_view score_func, bool renormalize,
                                                           const std::optional<at::Tensor>& bias_in) {
@@ -42,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& logit
   at::Tensor ids = at::empty({tokens, k}, logits.options().dtype(at::kInt));
   at::Tensor weights = at::empty({tokens, k}, logits.options().dtype(weight_dtype));
   at::Tensor counts = at::zeros({experts}, logits.options().dtype(at::kLong));
-  if (tokens == 0) return {weights, ids, counts};
+  if (tokens == 0) return {ids, weights, counts};
   at::Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(weight_dtype).contiguous();
 
@@ -66,54 +67,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& logit
   int64_t* count_ptr = counts.data_ptr<int64_t>();
   const int32_t* ids_ptr = ids.data_ptr<int32_t>();
   for (int64_t i = 0; i < tokens * k; ++i) ++count_ptr[ids_ptr[i]];
-  return {weights, ids, counts};
+  return {ids, weights, counts};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_in,
-                                                                                  const at::Tensor& ids_in,
-                                                                                  int64_t experts,
-                                                                                  int64_t pad_multiple,
-                                                                                  int64_t capacity) {
-  check_permute_args(x_in, ids_in, experts, pad_multiple, capacity);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor ids = ids_in.contiguous();
-  const int64_t tokens = x.size(0), hidden = x.size(1), k = ids.size(1);
-  const int64_t slots = tokens * k;
-  const int64_t rows = permuted_rows(tokens, k, experts, pad_multiple, capacity);
-  const auto long_opts = x.options().dtype(at::kLong);
-  at::Tensor permuted = at::empty({rows, hidden}, x.options());
-  at::Tensor row_map = at::empty({tokens, k}, long_opts);
-  at::Tensor src_index = at::full({rows}, -1, long_opts);
-  at::Tensor offsets = at::empty({experts + 1}, long_opts);
-  at::Tensor dropped = at::zeros({}, long_opts);
+// ---- permute, in four steps --------------------------------------------------------------
 
-  // 1. Per-chunk histograms, validating the ids on the way.
-  const int32_t* id_ptr = ids.data_ptr<int32_t>();
+// int32 ids for the counting passes. int64 ids are range-checked before the cast (a
+// cast first would read 2^32 + 1 as expert 1); int32 ids are checked while counting.
+at::Tensor int32_ids(const at::Tensor& ids, int64_t experts) {
+  if (ids.scalar_type() == at::kInt) return ids.contiguous();
+  const at::Tensor wide = ids.contiguous();
+  const int64_t* ptr = wide.data_ptr<int64_t>();
+  for (int64_t i = 0, n = wide.numel(); i < n; ++i) check_expert_id(ptr[i] >= 0 && ptr[i] < experts, ptr[i], experts);
+  return wide.to(at::kInt);
+}
+
+// Step 1: per-chunk expert histograms of the T*k slots (chunks of kCountChunk slots),
+// rejecting the first id outside [0, E) in slot order.
+std::vector<int64_t> count_chunks(const int32_t* ids, int64_t slots, int64_t experts) {
   const int64_t chunks = (slots + kCountChunk - 1) / kCountChunk;
   std::vector<int64_t> chunk_counts(static_cast<size_t>(chunks * experts), 0);
-  std::vector<int64_t> bad_id(static_cast<size_t>(chunks), 0);
-  std::vector<char> has_bad(static_cast<size_t>(chunks), 0);
+  std::vector<int64_t> first_bad(static_cast<size_t>(chunks), -1);  // slot index, -1 if none
   at::parallel_for(0, chunks, kSerialChunks, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       int64_t* hist = chunk_counts.data() + c * experts;
       for (int64_t i = c * kCountChunk, stop = std::min(slots, (c + 1) * kCountChunk); i < stop; ++i) {
-        const int64_t e = id_ptr[i];
+        const int64_t e = ids[i];
         if (e < 0 || e >= experts) {
-          if (!has_bad[c]) bad_id[c] = e, has_bad[c] = 1;
+          if (first_bad[c] < 0) first_bad[c] = i;
           continue;
         }
         ++hist[e];
       }
     }
   });
-  for (int64_t c = 0; c < chunks; ++c) {
-    TORCH_CHECK(!has_bad[c], "expert id ", bad_id[c], " is out of range: expected ids in [0, ", experts, ")");
+  for (int64_t bad : first_bad) {
+    if (bad >= 0) check_expert_id(false, ids[bad], experts);
   }
+  return chunk_counts;
+}
 
-  // 2. Prefix sums: each chunk's first rank per expert (in place), group offsets, drops.
-  int64_t* offset_ptr = offsets.data_ptr<int64_t>();
-  int64_t total_dropped = 0;
-  offset_ptr[0] = 0;
+// Step 2: prefix sums. Each chunk's histogram becomes its first rank per expert (in
+// place); offsets [E+1] get the group starts; returns the slots dropped by the capacity.
+int64_t scan_offsets(std::vector<int64_t>& chunk_counts, int64_t experts, int64_t pad_multiple, int64_t capacity,
+                     int64_t* offsets) {
+  const int64_t chunks = static_cast<int64_t>(chunk_counts.size()) / experts;
   std::vector<int64_t> running(static_cast<size_t>(experts), 0);
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t* hist = chunk_counts.data() + c * experts;
@@ -123,51 +121,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_c
       running[e] += n;
     }
   }
+  int64_t dropped = 0;
+  offsets[0] = 0;
   for (int64_t e = 0; e < experts; ++e) {
-    offset_ptr[e + 1] = offset_ptr[e] + group_rows(running[e], pad_multiple, capacity);
-    total_dropped += dropped_slots(running[e], capacity);
+    offsets[e + 1] = offsets[e] + group_rows(running[e], pad_multiple, capacity);
+    dropped += dropped_slots(running[e], capacity);
   }
-  dropped.fill_(total_dropped);
+  return dropped;
+}
 
-  // 3. Ranks in slot order within each chunk -> rows.
-  int64_t* row_ptr = row_map.data_ptr<int64_t>();
-  int64_t* src_ptr = src_index.data_ptr<int64_t>();
+// Step 3: ranks in slot order within each chunk -> row_map[slot] and src_index[row].
+void assign_rows(const int32_t* ids, int64_t slots, int64_t experts, int64_t capacity,
+                 std::vector<int64_t>& chunk_base, const int64_t* offsets, int64_t* row_map, int64_t* src_index) {
+  const int64_t chunks = static_cast<int64_t>(chunk_base.size()) / experts;
   at::parallel_for(0, chunks, kSerialChunks, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      int64_t* next_rank = chunk_counts.data() + c * experts;
+      int64_t* next_rank = chunk_base.data() + c * experts;
       for (int64_t i = c * kCountChunk, stop = std::min(slots, (c + 1) * kCountChunk); i < stop; ++i) {
-        const int64_t e = id_ptr[i];
-        const int64_t row = slot_row(offset_ptr[e], next_rank[e]++, capacity);
-        row_ptr[i] = row;
-        if (row >= 0) src_ptr[row] = i;
+        const int64_t e = ids[i];
+        const int64_t row = slot_row(offsets[e], next_rank[e]++, capacity);
+        row_map[i] = row;
+        if (row >= 0) src_index[row] = i;
       }
     }
   });
+}
 
-  // 4. Copy each token to its k rows (read once, written k times); zero the rows no
-  //    slot landed in (padding, unused capacity, the tail of the upper bound).
-  const int64_t row_bytes = hidden * static_cast<int64_t>(x.element_size());
+// Step 4: each token's row copied to its k rows (read once, written k times); the rows
+// no slot landed in (padding, unused capacity, the tail of the upper bound) zeroed.
+void copy_rows(const at::Tensor& x, at::Tensor& permuted, const int64_t* row_map, const int64_t* src_index,
+               int64_t k, bool has_free_rows) {
+  const int64_t tokens = x.size(0), rows = permuted.size(0);
+  const int64_t row_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
+  if (row_bytes == 0) return;
   const char* x_bytes = static_cast<const char*>(x.data_ptr());
   char* out_bytes = static_cast<char*>(permuted.data_ptr());
-  if (row_bytes > 0) {
-    at::parallel_for(0, tokens, std::max<int64_t>(1, 65536 / (row_bytes * k + 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t row = row_ptr[t * k + j];
-          if (row >= 0) std::memcpy(out_bytes + row * row_bytes, x_bytes + t * row_bytes, row_bytes);
-        }
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 65536 / (row_bytes * k + 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t row = row_map[t * k + j];
+        if (row >= 0) std::memcpy(out_bytes + row * row_bytes, x_bytes + t * row_bytes, row_bytes);
       }
-    });
-    if (pad_multiple > 1 || capacity > 0) {
-      at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          if (src_ptr[r] < 0) std::memset(out_bytes + r * row_bytes, 0, row_bytes);
-        }
-      });
     }
-  }
-  return {permuted, row_map, src_index, offsets, dropped};
+  });
+  if (!has_free_rows) return;
+  at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (src_index[r] < 0) std::memset(out_bytes + r * row_bytes, 0, row_bytes);
+    }
+  });
 }
+
+PermuteOutputs permute_cpu(const at::Tensor& x_in, const at::Tensor& ids_in, int64_t experts, int64_t pad_multiple,
+                           int64_t capacity) {
+  check_permute_args(x_in, ids_in, experts, pad_multiple, capacity);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor ids = int32_ids(ids_in, experts);
+  const int64_t tokens = x.size(0), hidden = x.size(1), k = ids.size(1);
+  const int64_t slots = tokens * k;
+  const int64_t rows = permuted_rows(tokens, k, experts, pad_multiple, capacity);
+  const auto long_opts = x.options().dtype(at::kLong);
+  at::Tensor permuted = at::empty({rows, hidden}, x.options());
+  at::Tensor row_map = at::empty({tokens, k}, long_opts);
+  at::Tensor src_index = at::full({rows}, -1, long_opts);
+  at::Tensor offsets = at::empty({experts + 1}, long_opts);
+
+  const int32_t* id_ptr = ids.data_ptr<int32_t>();
+  std::vector<int64_t> chunk_counts = count_chunks(id_ptr, slots, experts);
+  const int64_t dropped = scan_offsets(chunk_counts, experts, pad_multiple, capacity, offsets.data_ptr<int64_t>());
+  assign_rows(id_ptr, slots, experts, capacity, chunk_counts, offsets.data_ptr<int64_t>(), row_map.data_ptr<int64_t>(),
+              src_index.data_ptr<int64_t>());
+  copy_rows(x, permuted, row_map.data_ptr<int64_t>(), src_index.data_ptr<int64_t>(), k,
+            pad_multiple > 1 || capacity > 0);
+  return {permuted, row_map, src_index, offsets, at::full({}, dropped, long_opts)};
+}
+
+// ---- unpermute and the backward ops --------------------------------------------------------
 
 // out[t] = sum_j w[t, j] * y[row_map[t, j]] (w = 1 when weights is undefined), in slot
 // order with fp32 (fp64) accumulation. Rows are checked against y's row count.
@@ -208,7 +237,7 @@ at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& row_map_in, con
       if (saw_bad) bad[static_cast<size_t>(at::get_thread_num())] = 1;
     });
   });
-  for (char b : bad) TORCH_CHECK(!b, "row map holds a row >= ", rows, ": expected rows of the permuted tensor");
+  for (char b : bad) check_row(!b, rows);
   return out;
 }
 
@@ -219,9 +248,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map, const a
 }
 
 at::Tensor permute_backward_cpu(const at::Tensor& grad_permuted, const at::Tensor& row_map) {
-  TORCH_CHECK(grad_permuted.dim() == 2 && row_map.dim() == 2 && row_map.scalar_type() == at::kLong,
-              "grad of shape ", grad_permuted.sizes(), " and row map ", row_map.sizes(),
-              ": expected [rows, hidden] and an int64 [tokens, top_k]");
+  check_permute_backward_args(grad_permuted, row_map);
   return combine_cpu(grad_permuted, row_map, at::Tensor());
 }
 
@@ -230,10 +257,7 @@ at::Tensor permute_backward_cpu(const at::Tensor& grad_permuted, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& y_in,
                                                           const at::Tensor& row_map_in, const at::Tensor& src_in,
                                                           const at::Tensor& weights_in) {
-  check_unpermute_args(y_in, row_map_in, src_in, weights_in);
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == row_map_in.size(0), "grad of shape ",
-              grad_out_in.sizes(), ": expected [", row_map_in.size(0), ", hidden]");
-  check_grad_rows(grad_out_in, y_in, "grad");
+  check_unpermute_backward_args(grad_out_in, y_in, row_map_in, src_in, weights_in);
   const at::Tensor grad_out = grad_out_in.contiguous(), y = y_in.contiguous();
   const at::Tensor row_map = row_map_in.contiguous(), src_index = src_in.contiguous();
   const int64_t tokens = row_map.size(0), k = row_map.size(1), hidden = y.size(1), rows = y.size(0);

@@ -352,6 +352,7 @@ void with_vector_width(int vec, Launch&& launch) {
 
 // ---- ops ------------------------------------------------------------------------------------
 
+// Outputs (expert_ids, weights, counts), as the wrapper moe_route returns them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& logits_in, int64_t k,
                                                            c10::string_view score_func, bool renormalize,
                                                            const std::optional<at::Tensor>& bias_in) {
@@ -361,14 +362,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& logi
   const at::Tensor logits = logits_in.contiguous();
   const int64_t tokens = logits.size(0);
   const int32_t experts = static_cast<int32_t>(logits.size(1));
-  TORCH_CHECK(experts <= kMaxExpertsCuda, "number of experts ", experts, ": the CUDA kernels take at most ",
+  STEPLAW_CHECK(experts <= kMaxExpertsCuda, "number of experts ", experts, ": the CUDA kernels take at most ",
               kMaxExpertsCuda);
-  TORCH_CHECK(k <= kMaxTopKCuda, "top_k=", k, ": the CUDA kernels take at most ", kMaxTopKCuda);
+  STEPLAW_CHECK(k <= kMaxTopKCuda, "top_k=", k, ": the CUDA kernels take at most ", kMaxTopKCuda);
   const auto weight_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor ids = at::empty({tokens, k}, logits.options().dtype(at::kInt));
   at::Tensor weights = at::empty({tokens, k}, logits.options().dtype(weight_dtype));
   at::Tensor counts = at::zeros({experts}, logits.options().dtype(at::kLong));
-  if (tokens == 0) return {weights, ids, counts};
+  if (tokens == 0) return {ids, weights, counts};
   at::Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(weight_dtype).contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -387,25 +388,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& logi
   histogram_kernel<<<blocks, 256, experts * sizeof(int), stream>>>(ids.data_ptr<int32_t>(), slots, experts,
                                                                    counts.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {weights, ids, counts};
+  return {ids, weights, counts};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_in,
-                                                                                   const at::Tensor& ids_in,
-                                                                                   int64_t experts,
-                                                                                   int64_t pad_multiple,
-                                                                                   int64_t capacity) {
+PermuteOutputs permute_cuda(const at::Tensor& x_in, const at::Tensor& ids_in, int64_t experts, int64_t pad_multiple,
+                            int64_t capacity) {
   check_permute_args(x_in, ids_in, experts, pad_multiple, capacity);
-  TORCH_CHECK(experts <= kMaxExpertsCuda, "num_experts=", experts, ": the CUDA kernels take at most ",
+  STEPLAW_CHECK(experts <= kMaxExpertsCuda, "num_experts=", experts, ": the CUDA kernels take at most ",
               kMaxExpertsCuda);
-  TORCH_CHECK(ids_in.size(1) <= kMaxTopKCuda, "top_k=", ids_in.size(1), ": the CUDA kernels take at most ",
+  STEPLAW_CHECK(ids_in.size(1) <= kMaxTopKCuda, "top_k=", ids_in.size(1), ": the CUDA kernels take at most ",
               kMaxTopKCuda);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor ids = ids_in.contiguous();
+  // int64 ids: out-of-range values become -1 before the cast (never wrapped into range:
+  // 2^32 + 1 must not read as expert 1), so the counting kernels' assert rejects them.
+  const at::Tensor ids = ids_in.scalar_type() == at::kInt
+      ? ids_in.contiguous()
+      : at::where(ids_in.ge(0).logical_and(ids_in.lt(experts)), ids_in, -1).to(at::kInt).contiguous();
   const int64_t tokens = x.size(0), hidden = x.size(1), k = ids.size(1);
   const int64_t slots = tokens * k;
-  TORCH_CHECK(slots < INT32_MAX, "tokens * top_k = ", slots, ": expected fewer than 2^31 slots");
+  STEPLAW_CHECK(slots < INT32_MAX, "tokens * top_k = ", slots, ": expected fewer than 2^31 slots");
   const int64_t rows = permuted_rows(tokens, k, experts, pad_multiple, capacity);
   const bool has_free_rows = pad_multiple > 1 || capacity > 0;
   const auto long_opts = x.options().dtype(at::kLong);
@@ -457,8 +459,8 @@ at::Tensor combine_cuda(const at::Tensor& y_in, const at::Tensor& row_map_in, co
   const at::Tensor y = y_in.contiguous();
   const at::Tensor row_map = row_map_in.contiguous();
   const int64_t tokens = row_map.size(0), k = row_map.size(1), hidden = y.size(1);
-  TORCH_CHECK(k <= kMaxTopKCuda, "top_k=", k, ": the CUDA kernels take at most ", kMaxTopKCuda);
-  TORCH_CHECK(tokens < INT32_MAX, "row map of ", tokens, " tokens: the CUDA kernels take fewer than 2^31");  // grid.x
+  STEPLAW_CHECK(k <= kMaxTopKCuda, "top_k=", k, ": the CUDA kernels take at most ", kMaxTopKCuda);
+  STEPLAW_CHECK(tokens < INT32_MAX, "row map of ", tokens, " tokens: the CUDA kernels take fewer than 2^31");  // grid.x
   at::Tensor out = at::empty({tokens, hidden}, y.options());
   if (tokens == 0 || hidden == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -489,27 +491,19 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_map, const 
 }
 
 at::Tensor permute_backward_cuda(const at::Tensor& grad_permuted, const at::Tensor& row_map) {
-  TORCH_CHECK(grad_permuted.dim() == 2 && row_map.dim() == 2 && row_map.scalar_type() == at::kLong,
-              "grad of shape ", grad_permuted.sizes(), " and row map ", row_map.sizes(),
-              ": expected [rows, hidden] and an int64 [tokens, top_k]");
-  // A row map left on the host would be read through a host pointer by the kernel.
-  TORCH_CHECK(row_map.device() == grad_permuted.device(), "row map on ", row_map.device(), ": expected it on ",
-              grad_permuted.device(), " like the grad");
+  check_permute_backward_args(grad_permuted, row_map);
   return combine_cuda(grad_permuted, row_map, at::Tensor());
 }
 
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& y_in,
                                                            const at::Tensor& row_map_in, const at::Tensor& src_in,
                                                            const at::Tensor& weights_in) {
-  check_unpermute_args(y_in, row_map_in, src_in, weights_in);
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == row_map_in.size(0), "grad of shape ",
-              grad_out_in.sizes(), ": expected [", row_map_in.size(0), ", hidden]");
-  check_grad_rows(grad_out_in, y_in, "grad");
+  check_unpermute_backward_args(grad_out_in, y_in, row_map_in, src_in, weights_in);
   const c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor grad_out = grad_out_in.contiguous(), y = y_in.contiguous();
   const at::Tensor row_map = row_map_in.contiguous(), src_index = src_in.contiguous();
   const int64_t tokens = row_map.size(0), k = row_map.size(1), hidden = y.size(1);
-  TORCH_CHECK(tokens < INT32_MAX, "row map of ", tokens, " tokens: the CUDA kernels take fewer than 2^31");  // grid.x
+  STEPLAW_CHECK(tokens < INT32_MAX, "row map of ", tokens, " tokens: the CUDA kernels take fewer than 2^31");  // grid.x
   at::Tensor grad_y = at::empty_like(y);
   at::Tensor grad_w;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -11,11 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define STEPLAW_HD __host__ __device__ __forceinline__
-#else
-#define STEPLAW_HD inline
-#endif
+#include "common/macros.h"
 
 namespace steplaw {
 namespace moe {
@@ -25,20 +21,22 @@ namespace moe {
 // expert, and a second pass hands out ranks in slot order within each chunk.
 constexpr int64_t kCountChunk = 1024;
 
-STEPLAW_HD int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
 
 // Rows of expert e's group: its count (or the capacity) rounded up to pad_multiple.
-STEPLAW_HD int64_t group_rows(int64_t count, int64_t pad_multiple, int64_t capacity) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE int64_t group_rows(int64_t count, int64_t pad_multiple, int64_t capacity) {
   return round_up(capacity > 0 ? capacity : count, pad_multiple);
 }
 
 // Slots of an expert dropped by the capacity (capacity 0 = dropless).
-STEPLAW_HD int64_t dropped_slots(int64_t count, int64_t capacity) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE int64_t dropped_slots(int64_t count, int64_t capacity) {
   return (capacity > 0 && count > capacity) ? count - capacity : 0;
 }
 
 // Permuted row of a slot from its expert's group start and its rank; -1 when dropped.
-STEPLAW_HD int64_t slot_row(int64_t group_start, int64_t rank, int64_t capacity) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE int64_t slot_row(int64_t group_start, int64_t rank, int64_t capacity) {
   return (capacity > 0 && rank >= capacity) ? int64_t(-1) : group_start + rank;
 }
 
@@ -50,17 +48,26 @@ inline int64_t permuted_rows(int64_t tokens, int64_t k, int64_t experts, int64_t
 
 // ---- routing -------------------------------------------------------------------------
 
-// Selection order: higher score first, ties to the lower expert index. NaN never ranks
-// before anything, so it cannot displace a number (and cannot break the ordering).
+// Selection order: higher score first, ties to the lower expert index, and a NaN score
+// above every number (NaNs among themselves by index) -- torch.topk's and torch.sort's
+// order, which the reference uses. Why NaN first: a NaN logit means the run diverged;
+// choosing the NaN expert puts NaN into the token's combine weights (all of them when
+// renormalised; softmax makes the whole row NaN anyway), so the loss turns NaN at once
+// and the divergence is seen. Never choosing it would route around the NaN silently.
+// An error instead would need a device-to-host sync on every forward pass.
 template <typename S>
-STEPLAW_HD bool ranks_before(S a, int32_t ia, S b, int32_t ib) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE bool ranks_before(S a, int32_t ia, S b, int32_t ib) {
+  const bool a_nan = a != a, b_nan = b != b;
+  if (a_nan || b_nan) return a_nan && (!b_nan || ia < ib);
   return a > b || (a == b && ia < ib);
 }
 
-// Keeps the best k of the (value, index) pairs seen so far, sorted best first;
+// Keeps the best k of the (value, index) pairs seen so far, sorted best first (a total
+// order, NaN included);
 // `filled` counts the entries in use. Indices must arrive in increasing order.
 template <typename S>
-STEPLAW_HD void topk_insert(S* vals, int32_t* idx, int32_t& filled, int32_t k, S v, int32_t i) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE void topk_insert(S* vals, int32_t* idx, int32_t& filled, int32_t k, S v,
+                                                       int32_t i) {
   if (filled == k && !ranks_before(v, i, vals[k - 1], idx[k - 1])) return;
   int32_t pos = filled < k ? filled : k - 1;
   while (pos > 0 && ranks_before(v, i, vals[pos - 1], idx[pos - 1])) {
@@ -79,7 +86,7 @@ STEPLAW_HD void topk_insert(S* vals, int32_t* idx, int32_t& filled, int32_t k, S
 // exp in double rounded once to float (the CPU's correctly rounded expf, but for
 // double-rounding cases of probability ~1e-9) and IEEE division, on both devices.
 template <typename S>
-STEPLAW_HD S exp_of(S x) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE S exp_of(S x) {
 #if defined(__CUDA_ARCH__)
   return static_cast<S>(exp(static_cast<double>(x)));
 #else
@@ -87,7 +94,7 @@ STEPLAW_HD S exp_of(S x) {
 #endif
 }
 
-STEPLAW_HD float div_of(float a, float b) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE float div_of(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fdiv_rn(a, b);
 #else
@@ -95,17 +102,18 @@ STEPLAW_HD float div_of(float a, float b) {
 #endif
 }
 
-STEPLAW_HD double div_of(double a, double b) { return a / b; }
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE double div_of(double a, double b) { return a / b; }
 
 template <typename S>
-STEPLAW_HD S sigmoid_score(S x) { return div_of(S(1), S(1) + exp_of(-x)); }
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE S sigmoid_score(S x) { return div_of(S(1), S(1) + exp_of(-x)); }
 
 // Routes one token: logits row [E] -> the k chosen expert ids (best first) and their
 // combine weights. Scores: softmax over E, or sigmoid; bias (may be null) shifts the
 // selection only. top_val/top_idx are k-element scratch buffers.
 template <typename S, typename L>
-STEPLAW_HD void route_token(const L* logits, int32_t num_experts, int32_t k, bool use_sigmoid, bool renormalize,
-                            const S* bias, S* top_val, int32_t* top_idx, int32_t* ids_out, S* weights_out) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE void route_token(const L* logits, int32_t num_experts, int32_t k,
+                                                       bool use_sigmoid, bool renormalize, const S* bias, S* top_val,
+                                                       int32_t* top_idx, int32_t* ids_out, S* weights_out) {
   S max_logit = S(logits[0]);
   S denom = S(1);
   if (!use_sigmoid) {
@@ -136,7 +144,7 @@ STEPLAW_HD void route_token(const L* logits, int32_t num_experts, int32_t k, boo
 
 // acc + w * v rounded twice (never fused into an FMA), as the PyTorch reference
 // computes it, so that unpermute outputs are bitwise equal across CPU, CUDA, reference.
-STEPLAW_HD float mul_add_unfused(float w, float v, float acc) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE float mul_add_unfused(float w, float v, float acc) {
 #if defined(__CUDA_ARCH__)
   return __fadd_rn(__fmul_rn(w, v), acc);
 #else
@@ -144,7 +152,7 @@ STEPLAW_HD float mul_add_unfused(float w, float v, float acc) {
 #endif
 }
 
-STEPLAW_HD double mul_add_unfused(double w, double v, double acc) {
+STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE double mul_add_unfused(double w, double v, double acc) {
 #if defined(__CUDA_ARCH__)
   return __dadd_rn(__dmul_rn(w, v), acc);
 #else

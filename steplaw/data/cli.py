@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from steplaw import cliargs
+
 
 def add_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="prepare token files for training")
-    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     prepare = data_sub.add_parser(
         "prepare",
         help="tokenize text files into train/val token files",
@@ -18,14 +19,16 @@ def add_commands(subparsers) -> None:
     prepare.add_argument("text_files", nargs="+", metavar="TEXT_FILE")
     prepare.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
     prepare.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte", help="byte-level (default) or a BPE trained on the text")
-    prepare.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
-    prepare.add_argument("--val-fraction", type=float, default=0.05, help="fraction of the text held out for validation (default 0.05)")
-    prepare.set_defaults(func=run_prepare)
+    prepare.add_argument("--vocab-size", type=cliargs.positive_int, default=8192, help="BPE vocabulary size (default 8192)")
+    prepare.add_argument("--val-fraction", type=cliargs.positive_float, default=0.05,
+                         help="fraction of the text held out for validation (default 0.05)")
+    prepare.set_defaults(func=cmd_prepare)
 
 
-def run_prepare(args: argparse.Namespace) -> int:
+def cmd_prepare(args: argparse.Namespace) -> int:
     from steplaw.data.tokens import prepare
 
+    cliargs.check_output_dir(args.out, "--out")
     summary = prepare(args.text_files, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction)
     print(json.dumps(summary))
     return 0

@@ -8,12 +8,16 @@ directory holds `train.bin`/`train.json` and `val.bin`/`val.json` (and
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from steplaw.data.corpus import corpus_split, split_blocks
+from steplaw.data.tokenizers import BPETokenizer, ByteTokenizer
 from steplaw.errors import UserError
 
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
@@ -24,29 +28,47 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 
 def write_token_file(path: str | Path, ids: np.ndarray, vocab_size: int, tokenizer: str = "byte") -> Path:
-    """Write ids to `path` (.bin) and its JSON sidecar; returns the .bin path."""
+    """Write ids to `path` (.bin) and its JSON sidecar; returns the .bin path. Each file is
+    written to a temporary name and renamed, so a killed writer leaves no half file."""
     path = Path(path).with_suffix(".bin")
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"token ids out of range [0, {vocab_size})")
+        raise UserError(
+            f"token ids in [{ids.min()}, {ids.max()}] do not fit the vocabulary of {vocab_size}: expected ids in [0, {vocab_size})"
+        )
     dtype = dtype_for_vocab(vocab_size)
-    ids.astype(np.dtype(dtype).newbyteorder("<")).tofile(path)
     meta = {"dtype": dtype, "vocab_size": int(vocab_size), "tokens": int(ids.size), "tokenizer": tokenizer}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_atomic(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
+    _write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
     return path
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 def read_token_file(path: str | Path) -> tuple[np.ndarray, dict]:
-    """(memmap of the ids, sidecar dict) of a .bin token file."""
+    """(memmap of the ids, sidecar dict) of a .bin token file. Refused (UserError): a
+    missing file or sidecar, a size that does not match the sidecar, and ids outside
+    the sidecar's vocabulary (one pass of numpy over the file, cached per file)."""
     path = Path(path).with_suffix(".bin")
     sidecar = path.with_suffix(".json")
+    if path.is_dir() or sidecar.is_dir():
+        raise UserError(f"token file {str(path)!r} is a directory: expected {path.name} and {sidecar.name} made by `steplaw data prepare`")
     if not path.exists() or not sidecar.exists():
         raise UserError(f"token file {path}: expected {path.name} and {sidecar.name} (make them with `steplaw data prepare`)")
     try:
         meta = json.loads(sidecar.read_text())
         dtype = np.dtype(DTYPES[meta["dtype"]]).newbyteorder("<")
         count = int(meta["tokens"])
-        int(meta["vocab_size"])
+        vocab = int(meta["vocab_size"])
+        if count < 0 or vocab < 1:
+            raise ValueError(f"tokens={count}, vocab_size={vocab}")
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"token sidecar {sidecar}: expected JSON with dtype (uint16/uint32), vocab_size and tokens ({exc})") from None
     expected_bytes = count * dtype.itemsize
@@ -54,7 +76,24 @@ def read_token_file(path: str | Path) -> tuple[np.ndarray, dict]:
         raise UserError(f"token file {path}: has {path.stat().st_size} bytes, expected {expected_bytes} for {count} {meta['dtype']} tokens")
     if count == 0:
         return np.zeros(0, dtype=dtype), meta
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,)), meta
+    ids = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    if vocab <= np.iinfo(dtype).max:  # else every id the dtype holds is in range
+        stat = path.stat()
+        largest = _largest_id(str(path.resolve()), stat.st_size, stat.st_mtime_ns, dtype.str)
+        if largest >= vocab:
+            raise UserError(
+                f"token file {path} holds token id {largest}, outside its vocabulary of {vocab} tokens "
+                f"({sidecar.name}): expected ids in [0, {vocab}); remake it with `steplaw data prepare`"
+            )
+    return ids, meta
+
+
+@functools.lru_cache(maxsize=64)
+def _largest_id(path: str, size: int, mtime_ns: int, dtype: str) -> int:
+    """The largest id in a token file (keyed by size and mtime: a rewritten file is read again)."""
+    ids = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    chunk = 1 << 26
+    return max(int(ids[start:start + chunk].max()) for start in range(0, len(ids), chunk))
 
 
 @dataclass
@@ -70,29 +109,19 @@ class TokenData:
 def load_token_data(data: str | Path | None = None) -> TokenData:
     """Token streams of a token directory, or of the embedded corpus (bytes) for None."""
     if data is None:
-        from steplaw.data.corpus import corpus_split
-
         train, val = corpus_split()
         return TokenData(np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8), 256, "embedded:kjv")
     directory = Path(data)
+    if directory.is_file():
+        raise UserError(
+            f"data {str(data)!r} is a file: expected the directory `steplaw data prepare` made (holding train.bin and val.bin)"
+        )
     if not directory.is_dir():
         raise UserError(f"data directory {str(data)!r} does not exist: expected a directory made by `steplaw data prepare`")
     train, train_meta = read_token_file(directory / "train.bin")
     val, val_meta = read_token_file(directory / "val.bin")
     vocab = max(int(train_meta["vocab_size"]), int(val_meta["vocab_size"]))
     return TokenData(train, val, vocab, str(directory))
-
-
-def split_blocks(text, val_fraction: float, block: int):
-    """(train, val) pieces of a str or bytes: every round(1/val_fraction)-th block of
-    `block` characters (from the 10th on) goes to validation. Short texts get smaller
-    blocks, so that at least two blocks go to validation."""
-    val_every = max(2, round(1 / val_fraction))
-    block = max(1, min(block, len(text) // (2 * val_every + 9)))
-    train, val = [], []
-    for index, start in enumerate(range(0, len(text), block)):
-        (val if index % val_every == 9 % val_every else train).append(text[start:start + block])
-    return train, val
 
 
 def prepare(
@@ -118,6 +147,8 @@ def prepare(
     texts = []
     for name in text_files:
         path = Path(name)
+        if path.is_dir():
+            raise UserError(f"text file {str(name)!r} is a directory: expected a UTF-8 text file")
         if not path.is_file():
             raise UserError(f"text file {str(name)!r} does not exist")
         try:
@@ -129,11 +160,14 @@ def prepare(
     if not train_parts or not val_parts:
         raise UserError(f"the text has {len(text)} characters: too little to split off validation blocks of {block_chars} characters")
 
-    from steplaw.data.tokenizers import BPETokenizer, ByteTokenizer
-
-    tok = BPETokenizer.train(train_parts, vocab_size) if tokenizer == "bpe" else ByteTokenizer()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output directory {str(out)!r} is a file: expected a directory (or a new name)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"output directory {str(out)!r} cannot be made: {exc.strerror or exc}") from None
+    tok = BPETokenizer.train(train_parts, vocab_size) if tokenizer == "bpe" else ByteTokenizer()
     tok.save(out)
     summary = {"out_dir": str(out), "tokenizer": tok.name, "vocab_size": int(tok.vocab_size)}
     for split, parts in (("train", train_parts), ("val", val_parts)):

@@ -1,131 +1,149 @@
-"""`steplaw predict`, `steplaw fit` and `steplaw fit-loss`."""
+"""`steplaw predict`, `steplaw fit`, `steplaw fit-loss` and `steplaw plan` (texts: steplaw.laws.text).
+
+Data goes to stdout, warnings to stderr. Sweep directories are resolved here (through
+steplaw.sweep.store.export_rows): steplaw.laws itself reads only rows and files.
+Output paths are checked before any work, so a bad --out costs no fit.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import sqlite3
 import sys
 from pathlib import Path
 
+from steplaw import cliargs
 from steplaw.errors import UserError
+from steplaw.laws.stats import finite_or_none
+from steplaw.sweep.store import export_rows
 from steplaw.units import parse_count
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be zero or positive")
-    return value
 
 
 def _json(obj) -> str:
     """Strict JSON: NaN and infinities (e.g. an unidentifiable fold) become null."""
-
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: clean(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(item) for item in value]
-        return value
-
-    return json.dumps(clean(obj), indent=2, allow_nan=False)
+    return json.dumps(finite_or_none(obj), indent=2, allow_nan=False)
 
 
-def _fmt(value, spec: str = ".3g") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return format(value, spec)
+def _warn(args, lines) -> None:
+    """Each distinct warning once, on stderr."""
+    for line in dict.fromkeys(lines):
+        cliargs.warn(line, getattr(args, "command_prog", "steplaw"))
+
+
+# ---------------------------------------------------------------------------- tables
+def sweep_rows(sweep_dir) -> list[dict]:
+    """The run-table rows of a sweep directory; a damaged store is a one-line UserError."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "runs.sqlite").is_file():
+        raise UserError(f"directory {str(sweep_dir)!r} holds no runs.sqlite; expected a sweep directory or a table file.")
+    try:
+        return export_rows(sweep_dir)
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"{str(sweep_dir / 'runs.sqlite')!r} is not a readable sweep store ({exc}); "
+                        "restore it from a backup or rerun the sweep into a new directory.") from None
+
+
+def add_table_args(parser: argparse.ArgumentParser, with_compute: bool = False, needs: str = "hparams") -> None:
+    """The runs argument and the column flags a command needs ('hparams': N, D, lr, batch,
+    loss; 'loss': N, D or compute, loss)."""
+    parser.add_argument("runs", help="CSV, JSONL or Parquet table of runs, or a sweep directory (runs.sqlite)")
+    group = parser.add_argument_group("column mapping (defaults: the runs-table names)")
+    # The loss law reads no LR or batch column; its parser still takes their flags (hidden)
+    # so that one column mapping serves both fit and fit-loss.
+    hparams_only = (lambda text: text) if needs == "hparams" else (lambda text: argparse.SUPPRESS)
+    group.add_argument("--col-N", default="N", metavar="NAME", help="non-embedding parameters (default N)")
+    group.add_argument("--col-D", default=None, metavar="NAME", help="training tokens (default D)")
+    group.add_argument("--col-lr", default="lr", metavar="NAME", help=hparams_only("peak learning rate (default lr)"))
+    group.add_argument("--col-bs", default=None, metavar="NAME",
+                       help=hparams_only("batch size (default: batch_tokens, else batch_seqs / batch_sequences)"))
+    group.add_argument("--col-loss", default="loss", metavar="NAME", help="final smoothed loss (default loss)")
+    if with_compute:
+        group.add_argument("--col-C", default=None, metavar="NAME",
+                           help="training FLOPs; with no token column, D = C / (6 N)")
+    group.add_argument("--bs-unit", choices=["tokens", "sequences"], default=None,
+                       help=hparams_only("unit of the batch-size column; required when its name (e.g. bs, "
+                                         "batch_size) does not say it (batch_tokens: tokens; batch_seqs: sequences)"))
+    group.add_argument("--seq-len", type=cliargs.positive_int, default=None, metavar="L",
+                       help=hparams_only("tokens per sequence, for a batch in sequences (else a seq_len column)"))
+    parser.set_defaults(table_needs=needs)
+
+
+def load_table(args):
+    """The RunTable of args.runs (a file or a sweep directory), exactly as `steplaw fit` reads it."""
+    from steplaw.laws.table import read_runs
+
+    source, name = args.runs, None
+    if Path(args.runs).is_dir():
+        source, name = sweep_rows(args.runs), str(args.runs)
+    return read_runs(
+        source, col_N=args.col_N, col_D=args.col_D, col_lr=getattr(args, "col_lr", "lr"),
+        col_bs=getattr(args, "col_bs", None), col_loss=args.col_loss, col_C=getattr(args, "col_C", None),
+        bs_unit=getattr(args, "bs_unit", None), seq_len=getattr(args, "seq_len", None),
+        needs=getattr(args, "table_needs", "hparams"), source_name=name,
+    )
+
+
+def _describe_table(table) -> str:
+    dropped = ", ".join(f"{reason} {count}" for reason, count in table.dropped.items()) or "none"
+    return f"{len(table)} runs from {table.source} ({table.n_valid} finished with a finite loss; dropped: {dropped})"
 
 
 # ---------------------------------------------------------------------------- predict
+def _predict_from_file(args) -> int:
+    from steplaw.laws.saved import SavedHparamLaw, read_law
+
+    law = read_law(args.law)
+    if not isinstance(law, SavedHparamLaw):
+        raise UserError(f"--law {args.law!r} holds a loss law; predict needs a file from `steplaw fit --save`.")
+    lr, bs, warnings = law.predict(args.params, args.tokens, n_active=args.moe_active)
+    out = {"law": args.law, "n_column": law.n_column, "lr": lr, "batch_tokens": bs, "batch_seqs": bs / args.seq_len,
+           "seq_len": args.seq_len, "lr_law": law.lr_law.formula("lr"), "bs_law": law.bs_law.formula("B"),
+           "warnings": warnings}
+    if args.json:
+        print(_json({"inputs": {"n_params": args.params, "tokens": args.tokens, "n_active": args.moe_active,
+                                "seq_len": args.seq_len}, "predictions": [out]}))
+    else:
+        print(f"fitted law {args.law} (N = {law.n_column}): peak LR {lr:.3g}, batch {bs:.4g} tokens = "
+              f"{bs / args.seq_len:.1f} sequences of {args.seq_len}")
+        print(f"  {out['lr_law']}   {out['bs_law']}")
+    _warn(args, warnings)
+    return 0
+
+
 def cmd_predict(args) -> int:
     from steplaw.laws.published import LAWS, disagreements, predict_all
+    from steplaw.laws.text import prediction_lines
 
     args.params = parse_count(args.params, "--params")
     args.tokens = parse_count(args.tokens, "--tokens")
     args.moe_active = parse_count(args.moe_active, "--moe-active")
     args.compute = parse_count(args.compute, "--compute")
     args.loss = parse_count(args.loss, "--loss")
+    if args.law.endswith(".json") or "/" in args.law or Path(args.law).is_file():
+        return _predict_from_file(args)
     predictions = predict_all(
         args.params, args.tokens, n_active=args.moe_active, compute=args.compute, loss=args.loss, laws=args.law
     )
     notes = disagreements(predictions)
     if args.json:
-        out = {
+        print(_json({
             "inputs": {"n_params": args.params, "tokens": args.tokens, "n_active": args.moe_active,
                        "compute": args.compute, "loss": args.loss, "seq_len": args.seq_len},
             "predictions": [p.to_dict(args.seq_len) for p in predictions],
             "laws": {key: LAWS[key].info() for key in dict.fromkeys(p.law for p in predictions)},
             "disagreements": notes,
-        }
-        print(_json(out))
+        }))
         return 0
     head = f"N = {args.params:.4g} non-embedding parameters"
     if args.moe_active:
         head += f" ({args.moe_active:.4g} activated)"
-    print(f"{head}, D = {args.tokens:.4g} tokens, sequence length {args.seq_len}")
-    rows = [("law", "N used", "peak LR", "batch (tokens)", "batch (seqs)", "source")]
-    for p in predictions:
-        rows.append((p.law, p.n_used, _fmt(p.lr), _fmt(p.batch_tokens), _fmt(p.batch_seqs(args.seq_len), ".1f"),
-                     LAWS[p.law].citation))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    for p in predictions:
-        for key, value in p.derived.items():
-            print(f"  {p.law}: derived {key} = {value:.4g}")
-    seen = set()
-    for p in predictions:
-        for warning in p.warnings:
-            if warning not in seen:
-                seen.add(warning)
-                print(f"warning: {warning}")
-    for note in notes:
-        print(f"warning: {note}")
+    print("\n".join(prediction_lines(predictions, LAWS, args.seq_len,
+                                     f"{head}, D = {args.tokens:.4g} tokens, sequence length {args.seq_len}")))
+    _warn(args, [w for p in predictions for w in p.warnings] + notes)
     return 0
 
 
-# ---------------------------------------------------------------------------- tables
-def add_table_args(parser: argparse.ArgumentParser, with_compute: bool = False) -> None:
-    parser.add_argument("runs", help="CSV, JSONL or Parquet table of runs, or a sweep directory (runs.sqlite)")
-    group = parser.add_argument_group("column mapping (defaults: the runs-table names)")
-    group.add_argument("--col-N", default="N", metavar="NAME", help="non-embedding parameters (default N)")
-    group.add_argument("--col-D", default=None, metavar="NAME", help="training tokens (default D)")
-    group.add_argument("--col-lr", default="lr", metavar="NAME", help="peak learning rate (default lr)")
-    group.add_argument("--col-bs", default="batch_tokens", metavar="NAME", help="batch size (default batch_tokens)")
-    group.add_argument("--col-loss", default="loss", metavar="NAME", help="final smoothed loss (default loss)")
-    if with_compute:
-        group.add_argument("--col-C", default=None, metavar="NAME",
-                           help="training FLOPs; with no token column, D = C / (6 N)")
-    group.add_argument("--bs-unit", choices=["tokens", "sequences"], default="tokens",
-                       help="unit of the batch-size column (default tokens)")
-    group.add_argument("--seq-len", type=_positive_int, default=None, metavar="L",
-                       help="tokens per sequence, for --bs-unit sequences (else a seq_len column)")
-
-
-def load_table(args):
-    from steplaw.laws.table import read_runs
-
-    return read_runs(
-        args.runs, col_N=args.col_N, col_D=args.col_D, col_lr=args.col_lr, col_bs=args.col_bs,
-        col_loss=args.col_loss, col_C=getattr(args, "col_C", None), bs_unit=args.bs_unit, seq_len=args.seq_len,
-    )
-
-
+# ---------------------------------------------------------------------------- fit
 def _n_columns(table, choice: str) -> list[str]:
     import numpy as np
 
@@ -143,95 +161,59 @@ def _n_columns(table, choice: str) -> list[str]:
     return columns
 
 
-def _describe_table(table) -> str:
-    dropped = ", ".join(f"{reason} {count}" for reason, count in table.dropped.items()) or "none"
-    return f"{len(table)} runs from {table.source} ({table.n_valid} finished with a finite loss; dropped: {dropped})"
+def _fit_out_dir(args) -> Path | None:
+    """Where fit.json and plots go (checked before any work), or None (--json without --out)."""
+    if args.out:
+        return cliargs.check_output_dir(args.out, "--out")
+    if args.json:
+        return None
+    source = Path(args.runs)
+    out = source / "fit" if source.is_dir() else source.parent / f"{source.stem}_fit"
+    return cliargs.check_output_dir(out, "the fit directory")
 
 
-_N_WORDS = {"N": "non-embedding parameters (total for MoE)", "N_active": "activated non-embedding parameters",
-            "N_total": "all parameters incl. embeddings"}
+def _write_fit_files(out_dir: Path, result: dict, table, primary, plots: bool) -> list[Path]:
+    from steplaw.laws.saved import write_json
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [write_json(out_dir / "fit.json", result)]
+    if plots:
+        from steplaw.report.plots import plot_fit
 
-def _print_law(label: str, law, unit: str) -> None:
-    print(f"{label}: {law.formula(unit)}")
-    parts = [f"coef {law.coef:.4g} [{_fmt(law.ci.get('coef', (None,))[0], '.4g')}, {_fmt(law.ci.get('coef', (None, None))[1], '.4g')}]"]
-    for name, exp in law.exps.items():
-        low, high = law.ci.get(f"exp_{name}", (None, None))
-        parts.append(f"exp_{name} {exp:+.4f} [{_fmt(low, '+.4f')}, {_fmt(high, '+.4f')}]")
-    print("    " + "   ".join(parts) + "   (95% bootstrap intervals)")
-
-
-def _print_fit(fit) -> None:
-    print(f"N = {fit.n_column}: {_N_WORDS.get(fit.n_column, fit.n_column)}; "
-          f"{fit.counts['cells_used']} cells, {fit.counts['near_optimal_runs']} near-optimal runs "
-          f"(within {fit.gap:.2%} of each cell's best loss)")
-    _print_law("  learning rate", fit.lr_law, "lr")
-    _print_law("  batch size   ", fit.bs_law, "B_tokens")
-    v, s = fit.validation, fit.validation["step_law"]
-
-    def pair(block, key, spec, scale=1.0):
-        item = block[key]
-        if item["median"] is None:
-            return "-"
-        return f"{item['median'] * scale:{spec}} / {item['max'] * scale:{spec}}"
-
-    print("  validation (leave-one-cell-out)       this fit           Step Law (published, same cells)")
-    print(f"    LR error factor (median / max)     {pair(v, 'lr_factor', '.3f'):<18} {pair(s, 'lr_factor', '.3f')}")
-    print(f"    batch error factor (median / max)  {pair(v, 'bs_factor', '.3f'):<18} {pair(s, 'bs_factor', '.3f')}")
-    print(f"    relative loss gap % (median / max) {pair(v, 'relative_loss_gap', '.3f', 100):<18} "
-          f"{pair(s, 'relative_loss_gap', '.3f', 100)}")
-    edges = [c for c in fit.cells if c.lr_edge or c.bs_edge]
-    if edges:
-        print(f"  {len(edges)} cell(s) have the best run on the grid's edge (true optimum may lie outside):")
-        for cell in edges[:8]:
-            print(f"    N={cell.N:.3g} D={cell.D:.3g}: lr {cell.lr_edge or 'inside'}, batch {cell.bs_edge or 'inside'}")
-        if len(edges) > 8:
-            print(f"    ... and {len(edges) - 8} more (see fit.json)")
+        try:
+            written += plot_fit(table, primary, out_dir)
+        except UserError as exc:  # matplotlib missing: the fit still stands
+            print(f"note: no plots: {exc}", file=sys.stderr)
+    return written
 
 
 def cmd_fit(args) -> int:
     from steplaw.laws.fit import fit_hparams
+    from steplaw.laws.saved import hparam_law_record, write_json
+    from steplaw.laws.text import fit_lines
 
+    out_dir = _fit_out_dir(args)
+    save = cliargs.check_output_file(args.save, "--save") if args.save else None
     table = load_table(args)
     columns = _n_columns(table, args.n_column)
     fits = {column: fit_hparams(table, gap=args.gap, n_boot=args.n_boot, seed=args.seed, n_column=column,
-                                fit_bs_N=args.fit_bs_N) for column in columns}
+                                fit_bs_N=args.fit_bs_N, sparsity=args.sparsity) for column in columns}
     primary = fits[columns[0]]
-    result = primary.to_dict()
-    result["source"] = table.source
+    result = {**primary.to_dict(), "source": table.source}
     if len(fits) > 1:
         result["by_n_column"] = {column: fit.to_dict() for column, fit in fits.items() if column != columns[0]}
-
-    out_dir = Path(args.out) if args.out else None
-    if out_dir is None and not args.json:
-        source = Path(table.source)
-        out_dir = source / "fit" if source.is_dir() else source.parent / f"{source.stem}_fit"
-    written = []
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "fit.json").write_text(_json(result) + "\n")
-        written.append(out_dir / "fit.json")
-        if not args.no_plots:
-            try:
-                from steplaw.report.plots import plot_fit
-            except ImportError:  # the report package is not there
-                plot_fit = None
-            if plot_fit is not None:
-                try:
-                    written += plot_fit(table, primary, out_dir)
-                except UserError as exc:  # matplotlib missing: the fit still stands
-                    print(f"note: no plots: {exc}", file=sys.stderr)
-
+    written = _write_fit_files(out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
+    if save is not None:
+        written.append(write_json(save, hparam_law_record(primary, table.source)))
     if args.json:
         print(_json(result))
-        return 0
-    print(_describe_table(table))
-    for warning in primary.warnings:
-        print(f"warning: {warning}")
-    for column in columns:
-        _print_fit(fits[column])
-    if written:
-        print("wrote " + ", ".join(str(path) for path in written))
+    else:
+        print(_describe_table(table))
+        for column in columns:
+            print("\n".join(fit_lines(fits[column])))
+        if written:
+            print("wrote " + ", ".join(str(path) for path in written))
+    _warn(args, [w for fit in fits.values() for w in fit.warnings])
     return 0
 
 
@@ -239,52 +221,64 @@ def cmd_fit(args) -> int:
 def cmd_fit_loss(args) -> int:
     from steplaw.laws.loss import fit_loss
     from steplaw.laws.published import step_law
+    from steplaw.laws.saved import loss_law_record, write_json
+    from steplaw.laws.text import loss_fit_lines
 
     args.budget = parse_count(args.budget, "--budget")
+    save = cliargs.check_output_file(args.save, "--save") if args.save else None
     table = load_table(args)
-    column = args.n_column
-    fit = fit_loss(table, n_boot=args.n_boot, seed=args.seed, n_column=column)
-    result = fit.to_dict()
-    result["source"] = table.source
+    fit = fit_loss(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
+    result = {**fit.to_dict(), "source": table.source}
     if args.budget:
         n_opt, d_opt = fit.compute_optimal(args.budget)
         lr, bs = step_law(n_opt, d_opt)
+        interval = fit.optimal_interval(args.budget)
         result["at_budget"] = {"compute": args.budget, "N_opt": n_opt, "D_opt": d_opt,
+                               "N_interval": list(interval["N"]) if interval else None,
+                               "D_interval": list(interval["D"]) if interval else None,
                                "predicted_loss": float(fit.predict(n_opt, d_opt)),
                                "step_law_lr": lr, "step_law_batch_tokens": bs}
+    if save is not None:
+        write_json(save, loss_law_record(fit, table.source))
     if args.json:
         print(_json(result))
-        return 0
-    print(_describe_table(table))
-    for warning in fit.warnings:
-        print(f"warning: {warning}")
-    print(f"L(N, D) = E + A / N^alpha + B / D^beta   (N = {column}; {fit.n_cells} cells, best run per cell; "
-          f"Huber on log-loss; rms log residual {fit.rms_log_residual:.2e})")
-    for key in ("E", "A", "B", "alpha", "beta"):
-        low, high = fit.intervals.get(key, (None, None))
-        print(f"  {key:<6} {getattr(fit, key):.5g}   [{_fmt(low, '.5g')}, {_fmt(high, '.5g')}]")
-    co = result["compute_optimal"]
-    print(f"compute-optimal with {co['compute']}: N_opt ~ C^{co['N_exponent']:.3f}, D_opt ~ C^{co['D_exponent']:.3f}")
-    if args.budget:
-        at = result["at_budget"]
-        print(f"at C = {args.budget:.3g} FLOPs: N_opt = {at['N_opt']:.4g}, D_opt = {at['D_opt']:.4g}, "
-              f"predicted loss {at['predicted_loss']:.4f}; Step Law there: lr {at['step_law_lr']:.3g}, "
-              f"batch {at['step_law_batch_tokens']:.3g} tokens")
+    else:
+        print(_describe_table(table))
+        print("\n".join(loss_fit_lines(fit, result)))
+        if save is not None:
+            print(f"wrote {save}")
+    _warn(args, fit.warnings)
     return 0
 
 
-def add_commands(subparsers) -> None:
+# ---------------------------------------------------------------------------- plan
+def cmd_plan(args) -> int:
+    from steplaw.laws.plan import make_plan, plan_lines
+
+    plan = make_plan(compute=parse_count(args.compute, "--compute"), params=parse_count(args.params, "--params"),
+                     tokens=parse_count(args.tokens, "--tokens"), loss_law=args.loss_law, hparam_law=args.hparam_law,
+                     seq_len=args.seq_len)
+    print(_json(plan) if args.json else "\n".join(plan_lines(plan)))
+    _warn(args, plan["warnings"])
+    return 0
+
+
+# ---------------------------------------------------------------------------- parsers
+def _add_predict(subparsers) -> None:
     predict = subparsers.add_parser(
         "predict", help="peak LR and batch size for N parameters and D tokens from published laws",
-        description="Peak learning rate and batch size from published scaling laws (Step Law, DeepSeek, Kaplan).",
+        description="Peak learning rate and batch size from published scaling laws (Step Law, DeepSeek, Kaplan, "
+                    "Porian) or from a law file written by `steplaw fit --save`.",
     )
     predict.add_argument("--params", required=True, metavar="N",
                          help="non-embedding parameters (for MoE: total non-embedding), e.g. 1e9 or 7B")
     predict.add_argument("--tokens", required=True, metavar="D", help="training tokens, e.g. 1e11")
-    predict.add_argument("--law", default="all", help="'all' or a comma-separated list of: step_law, deepseek, kaplan, porian")
+    predict.add_argument("--law", default="all", metavar="LAWS|FILE",
+                         help="'all', a comma-separated list of step_law, deepseek, kaplan, porian, or a law file "
+                              "from `steplaw fit --save`")
     predict.add_argument("--moe-active", default=None, metavar="N_ACTIVE",
-                         help="MoE: activated non-embedding parameters per token")
-    predict.add_argument("--seq-len", type=_positive_int, default=2048, metavar="L",
+                         help="MoE: activated non-embedding parameters per token (a fitted sparsity law uses it)")
+    predict.add_argument("--seq-len", type=cliargs.positive_int, default=2048, metavar="L",
                          help="tokens per sequence for the batch in sequences (default 2048)")
     predict.add_argument("--compute", default=None, metavar="FLOPS",
                          help="training FLOPs for DeepSeek's law (default 6*N*D)")
@@ -293,34 +287,69 @@ def add_commands(subparsers) -> None:
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     predict.set_defaults(func=cmd_predict)
 
+
+def _add_fit(subparsers) -> None:
     fit = subparsers.add_parser(
         "fit", help="fit eta(N, D) and B(D) from a table of runs or a sweep",
         description="Fit lr = coef*N^exp_N*D^exp_D and B = coef*D^exp_D (the Step Law's method) with bootstrap "
-                    "intervals and leave-one-cell-out validation.",
+                    "intervals, leave-one-cell-out validation and every published law scored on the same cells.",
     )
     add_table_args(fit)
-    fit.add_argument("--gap", type=float, default=0.0025, help="relative loss gap of the near-optimal set (default 0.0025)")
-    fit.add_argument("--n-boot", type=_nonneg_int, default=1000, help="bootstrap resamples (default 1000)")
-    fit.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    fit.add_argument("--gap", type=cliargs.nonnegative_float, default=0.0025,
+                     help="relative loss gap of the near-optimal set (default 0.0025)")
+    fit.add_argument("--n-boot", type=cliargs.nonnegative_int, default=1000, help="bootstrap resamples (default 1000)")
+    fit.add_argument("--seed", type=cliargs.nonnegative_int, default=0, help="bootstrap seed (default 0)")
     fit.add_argument("--n-column", choices=["auto", "N", "N_active", "N_total", "both"], default="auto",
                      help="which parameter count is N (auto: N, plus N_active for MoE tables)")
     fit.add_argument("--fit-bs-N", action="store_true", help="also fit an exponent of N in the batch-size law")
+    fit.add_argument("--sparsity", action="store_true",
+                     help="fit dense and MoE runs together with a term (N_active/N)^gamma in both laws")
     fit.add_argument("--out", default=None, metavar="DIR",
                      help="write fit.json and PNG plots here (default: RUNS_fit/ beside a file, RUNS/fit/ for a sweep)")
+    fit.add_argument("--save", default=None, metavar="FILE",
+                     help="write the fitted law for `steplaw predict --law FILE` / `steplaw plan --hparam-law FILE`")
     fit.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     fit.add_argument("--json", action="store_true", help="print one JSON object (files only with --out)")
     fit.set_defaults(func=cmd_fit)
 
     fit_loss_parser = subparsers.add_parser(
         "fit-loss", help="fit L(N, D) = E + A/N^alpha + B/D^beta and the compute-optimal N(C), D(C)",
-        description="Fit the loss law (Huber on log-loss, BFGS from a grid of starts; Hoffmann et al. 2022).",
+        description="Fit the loss law (Huber on log-loss, BFGS from a grid of starts; Hoffmann et al. 2022). "
+                    "Needs only N, D (or compute) and the loss.",
     )
-    add_table_args(fit_loss_parser, with_compute=True)
-    fit_loss_parser.add_argument("--n-boot", type=_nonneg_int, default=200, help="bootstrap resamples (default 200)")
-    fit_loss_parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    add_table_args(fit_loss_parser, with_compute=True, needs="loss")
+    fit_loss_parser.add_argument("--n-boot", type=cliargs.nonnegative_int, default=200, help="bootstrap resamples (default 200)")
+    fit_loss_parser.add_argument("--seed", type=cliargs.nonnegative_int, default=0, help="bootstrap seed (default 0)")
     fit_loss_parser.add_argument("--n-column", choices=["N", "N_active", "N_total"], default="N",
                                  help="which parameter count is N (default N)")
     fit_loss_parser.add_argument("--budget", default=None, metavar="FLOPS",
                                  help="also give N_opt, D_opt, the loss there and the Step Law's hyperparameters")
+    fit_loss_parser.add_argument("--save", default=None, metavar="FILE",
+                                 help="write the fitted law for `steplaw plan --loss-law FILE`")
     fit_loss_parser.add_argument("--json", action="store_true", help="print one JSON object")
     fit_loss_parser.set_defaults(func=cmd_fit_loss)
+
+
+def _add_plan(subparsers) -> None:
+    plan = subparsers.add_parser(
+        "plan", help="model size, tokens, peak LR and batch size from a compute budget",
+        description="Compute-optimal N and D from a loss law, then peak LR and batch size from a hyperparameter "
+                    "law, with the schedule the law was fitted with and warnings where a law is extrapolated.",
+    )
+    plan.add_argument("--compute", default=None, metavar="FLOPS", help="training budget in FLOPs, e.g. 1e21")
+    plan.add_argument("--params", default=None, metavar="N", help="model parameters (instead of --compute)")
+    plan.add_argument("--tokens", default=None, metavar="D", help="training tokens (with --params)")
+    plan.add_argument("--loss-law", default="besiroglu", metavar="LAW|FILE",
+                      help="besiroglu (default), hoffmann, or a file from `steplaw fit-loss --save`")
+    plan.add_argument("--hparam-law", default="step_law", metavar="LAW|FILE",
+                      help="step_law (default), deepseek, kaplan, porian, or a file from `steplaw fit --save`")
+    plan.add_argument("--seq-len", type=cliargs.positive_int, default=2048, metavar="L",
+                      help="tokens per sequence for the batch in sequences (default 2048)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=cmd_plan)
+
+
+def add_commands(subparsers) -> None:
+    _add_predict(subparsers)
+    _add_fit(subparsers)
+    _add_plan(subparsers)

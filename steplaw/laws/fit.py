@@ -5,24 +5,27 @@ The method follows the Step Law paper (Li et al. 2025, arXiv:2503.04715): in eac
 0.25%) of the cell's best loss counts as optimal, and the laws are least-squares fits in
 log space over those near-optimal runs:
 
-    log eta = log a + alpha log N + beta log D
-    log B   = log c + gamma log D [+ delta log N]
+    log eta = log a + alpha log N + beta log D [+ gamma log S]
+    log B   = log c + gamma log D [+ delta log N] [+ epsilon log S]
+
+S = N_active / N is the MoE sparsity (1 for dense models), fitted on request
+(`sparsity=True`) so that dense and MoE runs can be fitted together; its exponent's
+interval says whether the data show a sparsity effect at all. Which parameter count is
+N (non-embedding total, activated, or all) is the caller's choice (`n_column`).
+
+An exponent is fitted only where the cells can identify it (steplaw.laws.identify):
+otherwise the law is fitted without that variable and the refusal is in `warnings`.
 
 Confidence intervals come from a bootstrap that resamples runs within each cell (so
 the best loss and the near-optimal set are recomputed per resample); it is vectorized:
-one resample is a vector of run weights, and all weighted least-squares problems are
-solved at once.
-
-Validation is leave-one-cell-out: each cell is predicted from a fit without it, giving
-the LR and batch-size error as a factor (>= 1) and the relative loss gap: the loss of
-the cell's finished run nearest the predicted (eta, B) (Euclidean distance in
-(ln lr, ln B)), over the cell's best loss, minus 1. The observed optimum of a cell is
-the geometric mean of its near-optimal runs. The Step Law's own predictions for the
-same cells are scored the same way, beside the fit.
+one resample is a vector of run weights, and the weighted least-squares problems are
+solved in blocks of resamples at once (~64 MB of weights per block, whatever n_boot).
+Validation is leave-one-cell-out (one more weight vector per cell), scored with every
+published law beside it (steplaw.laws.scores).
 
 As an alternative optimum per cell we fit a quadratic to loss over (log lr, log B)
 near the best runs (the paper reports a convex landscape) and report its minimum and
-curvature.
+curvature; the scores use it as the cell's "bowl".
 """
 from __future__ import annotations
 
@@ -31,23 +34,27 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from steplaw.errors import UserError
-from steplaw.laws.published import step_law
+from steplaw.laws import identify
+from steplaw.laws.scores import CellRuns, score_cells, summary_of
+from steplaw.laws.stats import percentile_interval
 from steplaw.laws.table import RunTable
 
-_MIN_DISTINCT = 3  # fewer distinct values of a variable cannot identify its exponent
+LR_VARIABLES = ("N", "D")
+BS_VARIABLES = ("D",)
 
 
 @dataclass
 class PowerLaw:
-    """y = coef * prod(x_k ** exps[k]); ci: 95% bootstrap percentile intervals."""
+    """y = coef * prod(x_k ** exps[k]) over N, D and S (sparsity, 1 = dense); ci: 95% intervals."""
 
     coef: float
     exps: dict[str, float]
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def __call__(self, N, D):
-        values = {"N": np.asarray(N, float), "D": np.asarray(D, float)}
-        out = self.coef * np.ones(np.broadcast(values["N"], values["D"]).shape)
+    def __call__(self, N, D, S=None):
+        values = {"N": np.asarray(N, float), "D": np.asarray(D, float),
+                  "S": np.asarray(1.0 if S is None else S, float)}
+        out = self.coef * np.ones(np.broadcast(values["N"], values["D"], values["S"]).shape)
         for name, exp in self.exps.items():
             out = out * values[name] ** exp
         return out
@@ -59,14 +66,20 @@ class PowerLaw:
         out["ci"] = {key: [float(low), float(high)] for key, (low, high) in self.ci.items()}
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict) -> PowerLaw:
+        exps = {key[4:]: float(value) for key, value in data.items() if key.startswith("exp_")}
+        ci = {key: tuple(value) for key, value in (data.get("ci") or {}).items()}
+        return cls(coef=float(data["coef"]), exps=exps, ci=ci)
+
     def formula(self, name: str) -> str:
         terms = " * ".join(f"{var}^{exp:+.4f}" for var, exp in self.exps.items())
-        return f"{name} = {self.coef:.4g} * {terms}"
+        return f"{name} = {self.coef:.4g}" + (f" * {terms}" if terms else " (constant)")
 
 
 @dataclass
 class CellOptimum:
-    N: float
+    N: float  # the fit's parameter count (n_column)
     D: float
     n_runs: int  # all runs in the cell, diverged included
     n_valid: int
@@ -76,9 +89,11 @@ class CellOptimum:
     opt_lr: float  # geometric mean over the near-optimal runs
     opt_bs: float
     n_near: int
-    lr_edge: str | None  # 'low' / 'high' when the best run sits on the grid's edge
+    lr_edge: str | None  # 'low' / 'high' / 'single' when the best run sits on the grid's edge
     bs_edge: str | None
     quadratic: dict | None = None
+    params: dict = field(default_factory=dict)  # the cell's N, N_active, N_total as in the table
+    sparsity: float = 1.0  # N_active / N (1 for dense)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -97,6 +112,12 @@ class HparamFit:
     seed: int
     skipped_cells: list[dict]
     warnings: list[str]
+    law_scores: list[dict] = field(default_factory=list)
+    scoring: str = ""
+    refused: list[dict] = field(default_factory=list)
+    sparsity: dict | None = None
+    fitted_range: dict = field(default_factory=dict)
+    law_cells: dict = field(default_factory=dict)  # law -> per-cell scores (not in to_dict: large)
 
     def to_dict(self) -> dict:
         return {
@@ -106,16 +127,22 @@ class HparamFit:
             "seed": self.seed,
             "lr_law": self.lr_law.to_dict(),
             "bs_law": self.bs_law.to_dict(),
+            "sparsity": self.sparsity,
+            "refused_exponents": list(self.refused),
+            "fitted_range": self.fitted_range,
             "validation": self.validation,
+            "law_scores": self.law_scores,
+            "scoring": self.scoring,
             "counts": self.counts,
             "cells": [cell.to_dict() for cell in self.cells],
             "skipped_cells": self.skipped_cells,
             "warnings": list(self.warnings),
         }
 
-    def predict(self, N, D) -> tuple[np.ndarray, np.ndarray]:
-        """(peak lr, batch tokens) from the fitted laws; N in this fit's n_column units."""
-        return self.lr_law(N, D), self.bs_law(N, D)
+    def predict(self, N, D, S=None) -> tuple[np.ndarray, np.ndarray]:
+        """(peak lr, batch tokens) from the fitted laws; N in this fit's n_column units,
+        S = N_active / N for MoE (None: dense)."""
+        return self.lr_law(N, D, S), self.bs_law(N, D, S)
 
 
 def _wls_batched(X: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -134,6 +161,10 @@ def _wls_batched(X: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray:
 
 
 def grid_edge(value: float, grid: np.ndarray) -> str | None:
+    """Where `value` sits on a cell's grid of tried values: 'single' when the grid has one
+    value (nothing locates the optimum), 'low' / 'high' when it is the smallest / largest
+    (the optimum may lie outside), None inside. The one definition for fit and report."""
+    grid = np.asarray(grid, float)
     if grid.size < 2 or np.isclose(grid.min(), grid.max()):
         return "single"
     if np.isclose(value, grid.min(), rtol=1e-9):
@@ -144,7 +175,11 @@ def grid_edge(value: float, grid: np.ndarray) -> str | None:
 
 
 def quadratic_optimum(log_lr: np.ndarray, log_bs: np.ndarray, loss: np.ndarray, window: float) -> dict | None:
-    """Minimum and curvature of loss ~ quadratic in (log lr, log B) over runs near the best."""
+    """Minimum and curvature of loss ~ quadratic in (log lr, log B) over runs near the best.
+
+    'coef' holds (c0, c_lr, c_bs, c_lr2, c_lr_bs, c_bs2) of
+    loss = c0 + c_lr x + c_bs y + c_lr2 x^2 + c_lr_bs x y + c_bs2 y^2, x = ln lr, y = ln B.
+    """
     keep = loss <= loss.min() * (1 + window)
     x, y, z = log_lr[keep], log_bs[keep], loss[keep]
     if x.size < 6 or np.unique(x).size < 3 or np.unique(y).size < 3:
@@ -157,9 +192,11 @@ def quadratic_optimum(log_lr: np.ndarray, log_bs: np.ndarray, loss: np.ndarray, 
         "d2loss_dlogbs2": float(hessian[1, 1]),
         "d2loss_dloglr_dlogbs": float(hessian[0, 1]),
     }
+    coef_list = [float(c) for c in coef]
     eig = np.linalg.eigvalsh(hessian)
     if eig.min() <= 0:
-        return {"convex": False, "curvature": curvature, "lr": None, "bs": None, "loss": None, "inside_grid": False}
+        return {"convex": False, "curvature": curvature, "lr": None, "bs": None, "loss": None, "inside_grid": False,
+                "coef": coef_list}
     center = np.linalg.solve(hessian, -coef[1:3])
     at_min = float(coef[0] + coef[1] * center[0] + coef[2] * center[1] + 0.5 * center @ hessian @ center)
     inside = bool(x.min() <= center[0] <= x.max() and y.min() <= center[1] <= y.max())
@@ -171,32 +208,231 @@ def quadratic_optimum(log_lr: np.ndarray, log_bs: np.ndarray, loss: np.ndarray, 
         "inside_grid": inside,
         "curvature": curvature,
         "n_runs": int(x.size),
+        "coef": coef_list,
     }
 
 
-def _check_identifiable(values: np.ndarray, name: str, law: str) -> None:
-    distinct = np.unique(values).size
-    if distinct < _MIN_DISTINCT:
-        raise UserError(
-            f"cannot fit the {law} exponent of {name}: the usable cells have {distinct} distinct {name} value(s); "
-            f"need at least {_MIN_DISTINCT} (add cells at other {name}, or fit without it)."
+# ------------------------------------------------------------------------ the steps
+def _check_args(table: RunTable, gap, n_boot, n_column: str, sparsity: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(parameter counts of n_column, sparsity N_active/N per run) after checking the arguments."""
+    if not table.has_hparams:
+        raise UserError("the table was read without learning rates and batch sizes; fit needs both (needs='hparams').")
+    if not (isinstance(gap, (int, float)) and np.isfinite(gap) and 0 <= gap < 1):
+        raise UserError(f"gap must be a relative loss gap in [0, 1), got {gap!r}.")
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 0):
+        raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}.")
+    n_values = table.param_counts(n_column)
+    if np.any(~np.isfinite(n_values) | (n_values <= 0)):
+        raise UserError(f"column {n_column!r} has missing or non-positive values; expected a positive count in every row.")
+    s_values = np.ones(len(table))
+    if table.N_active is not None:
+        s_values = np.where(np.isfinite(table.N_active), table.N_active / table.N, 1.0)
+    elif sparsity:
+        raise UserError("a sparsity term needs an N_active column (activated parameters per token); the table has none.")
+    return n_values, s_values
+
+
+def _cell_optima(table: RunTable, n_values, s_values, gap: float, quad_window: float):
+    """Per (N, D, sparsity) cell: its optimum, or why it was skipped; and its valid rows by loss."""
+    keys = np.column_stack([n_values, table.D, s_values])
+    cell_keys, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    cells, skipped, run_rows = [], [], []
+    for cell_index, (cell_n, cell_d, cell_s) in enumerate(cell_keys):
+        rows = np.flatnonzero(inverse == cell_index)
+        valid_rows = rows[table.valid[rows]]
+        if valid_rows.size < 2:
+            skipped.append({
+                "N": float(cell_n), "D": float(cell_d), "n_runs": int(rows.size), "n_valid": int(valid_rows.size),
+                "reason": "no finished run" if valid_rows.size == 0 else "one finished run: no optimum to locate",
+            })
+            continue
+        valid_rows = valid_rows[np.argsort(table.loss[valid_rows], kind="stable")]
+        loss = table.loss[valid_rows]
+        near = valid_rows[loss <= loss[0] * (1 + gap)]
+        best_row = valid_rows[0]
+        params = {name: float(getattr(table, name)[best_row]) for name in table.param_columns()}
+        cells.append(CellOptimum(
+            N=float(cell_n), D=float(cell_d), n_runs=int(rows.size), n_valid=int(valid_rows.size),
+            best_loss=float(loss[0]), best_lr=float(table.lr[best_row]), best_bs=float(table.batch_tokens[best_row]),
+            opt_lr=float(np.exp(np.mean(np.log(table.lr[near])))),
+            opt_bs=float(np.exp(np.mean(np.log(table.batch_tokens[near])))),
+            n_near=int(near.size),
+            lr_edge=grid_edge(table.lr[best_row], np.unique(table.lr[rows])),
+            bs_edge=grid_edge(table.batch_tokens[best_row], np.unique(table.batch_tokens[rows])),
+            quadratic=quadratic_optimum(np.log(table.lr[valid_rows]), np.log(table.batch_tokens[valid_rows]), loss,
+                                        quad_window),
+            params=params, sparsity=float(cell_s),
+        ))
+        run_rows.append(valid_rows)
+    if not cells:
+        raise UserError("no (N, D) cell has two or more finished runs; nothing to fit.")
+    return cells, skipped, run_rows
+
+
+def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str) -> tuple[list[str], list[dict]]:
+    """The candidates the cells can identify, and one refusal record per one they cannot."""
+    kept, refused = [], []
+    for name in candidates:
+        problem = identify.exponent_problem(np.exp(cell_logs[name]), name)
+        if problem is None:
+            kept.append(name)
+        else:
+            refused.append({"law": law, "variable": name, "reason": identify.refusal(law, name, problem)})
+    if len(kept) > 1:
+        design = np.column_stack([np.ones(cell_logs["D"].size)] + [cell_logs[name] for name in kept])
+        if np.linalg.matrix_rank(design) < design.shape[1]:
+            raise UserError(
+                f"cannot separate the effects of {' and '.join(kept)} in the {law} law: across the cells one is a "
+                "linear function of the others in log space (e.g. a fixed tokens-per-parameter ratio); add cells off "
+                "that line."
+            )
+    return kept, refused
+
+
+# Weight rows solved at a time: as many as fit in ~64 MB of weights (all of them for a
+# few thousand runs, where fewer, larger products are faster), so memory stays bounded
+# for sweeps of 50,000 runs whatever n_boot.
+_BLOCK_VALUES = 8_000_000
+
+
+def _weight_blocks(table: RunTable, run_rows: list[np.ndarray], gap: float, n_boot: int, seed: int):
+    """Run weights, in blocks of rows: first the near-optimal set (one row), then n_boot
+    resamples, then one leave-one-cell-out fold per cell."""
+    w_point = np.concatenate([(table.loss[r] <= table.loss[r[0]] * (1 + gap)).astype(float) for r in run_rows])
+    yield w_point[None, :]
+    block_rows = max(16, _BLOCK_VALUES // w_point.size)
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, block_rows):
+        size = min(block_rows, n_boot - start)
+        block = np.zeros((size, w_point.size))
+        offset = 0
+        for rows in run_rows:
+            k = rows.size
+            loss = table.loss[rows]  # sorted ascending
+            # Resample k runs with replacement per bootstrap row; counts via one bincount
+            # (an order of magnitude faster than Generator.multinomial here).
+            draws = rng.integers(0, k, size=(size, k)) + (np.arange(size) * k)[:, None]
+            counts = np.bincount(draws.ravel(), minlength=size * k).reshape(size, k).astype(float)
+            first = np.argmax(counts > 0, axis=1)  # lowest-loss run present in each resample
+            block[:, offset:offset + k] = counts * (loss[None, :] <= (loss[first] * (1 + gap))[:, None])
+            offset += k
+        yield block
+    # Leave-one-cell-out: fold c zeroes the weights of cell c.
+    cell_of_run = np.concatenate([np.full(r.size, i) for i, r in enumerate(run_rows)])
+    for start in range(0, len(run_rows), block_rows):
+        folds = np.arange(start, min(start + block_rows, len(run_rows)))
+        block = np.repeat(w_point[None, :], folds.size, axis=0)
+        block[cell_of_run[None, :] == folds[:, None]] = 0.0
+        yield block
+
+
+def _centred_design(names: list[str], run_logs: dict, size: int) -> tuple[np.ndarray, list[float]]:
+    """Design matrix [1, log x_k - mean_k] (centering keeps the normal equations well conditioned)."""
+    means = [float(run_logs[name].mean()) for name in names]
+    return np.column_stack([np.ones(size)] + [run_logs[name] - m for name, m in zip(names, means)]), means
+
+
+def _solve_blocks(problems: dict[str, tuple[np.ndarray, np.ndarray]], blocks) -> tuple[dict[str, np.ndarray], float]:
+    """Weighted least squares of every (X, y) problem for every weight row, block by block;
+    also the number of near-optimal runs (the weight of the first row)."""
+    coefs: dict[str, list[np.ndarray]] = {key: [] for key in problems}
+    near = None
+    for block in blocks:
+        if near is None:
+            near = float(block[0].sum())
+        for key, (X, y) in problems.items():
+            coefs[key].append(_wls_batched(X, y, block))
+    return {key: np.vstack(parts) for key, parts in coefs.items()}, near
+
+
+def _law_from_coefs(names: list[str], means: list[float], coefs: np.ndarray, cell_logs: dict,
+                    n_boot: int) -> tuple[PowerLaw, np.ndarray]:
+    """The law over `names` (point fit and bootstrap intervals) and its leave-one-cell-out predictions."""
+    # Undo the centering: log y = b0 + sum b_k (log x_k - m_k).
+    intercepts = coefs[:, 0] - sum(coefs[:, j + 1] * means[j] for j in range(len(names)))
+    if np.isnan(intercepts[0]):
+        raise UserError("the near-optimal runs do not identify the laws (singular fit); add cells with other N and D.")
+    law = PowerLaw(coef=float(np.exp(intercepts[0])), exps={name: float(coefs[0, j + 1]) for j, name in enumerate(names)})
+    if n_boot:
+        boot = slice(1, 1 + n_boot)
+        law.ci["coef"] = tuple(float(v) for v in np.exp(percentile_interval(intercepts[boot])))
+        for j, name in enumerate(names):
+            law.ci[f"exp_{name}"] = percentile_interval(coefs[boot, j + 1])
+    loco = slice(1 + n_boot, None)
+    fold_log = intercepts[loco] + sum(coefs[loco, j + 1] * cell_logs[name] for j, name in enumerate(names))
+    return law, np.exp(fold_log)
+
+
+def _sparsity_verdict(laws: dict[str, PowerLaw], refused: list[dict]) -> dict:
+    """Does each law need the sparsity term? Yes when its 95% interval excludes 0."""
+    out = {"variable": "S = N_active / N", "laws": {}}
+    for key, law in laws.items():
+        if "S" not in law.exps:
+            reason = next((r["reason"] for r in refused if r["law"] == key and r["variable"] == "S"), "not fitted")
+            out["laws"][key] = {"exponent": None, "ci": None, "supported": None, "verdict": reason}
+            continue
+        low, high = law.ci.get("exp_S", (float("nan"), float("nan")))
+        if not (np.isfinite(low) and np.isfinite(high)):
+            supported, verdict = None, "no verdict: no bootstrap interval (n_boot = 0)"
+        elif low > 0 or high < 0:
+            supported, verdict = True, f"the data show a sparsity effect: the 95% interval [{low:.3g}, {high:.3g}] excludes 0"
+        else:
+            supported, verdict = False, (f"the data show no sparsity effect: the 95% interval [{low:.3g}, {high:.3g}] "
+                                         "contains 0")
+        out["laws"][key] = {"exponent": law.exps["S"], "ci": [low, high], "supported": supported, "verdict": verdict}
+    return out
+
+
+def _fit_warnings(table, cells, skipped, refused, laws: dict[str, PowerLaw], cell_logs) -> list[str]:
+    warnings = list(table.warnings) + [r["reason"] for r in refused]
+    for key, law in laws.items():
+        for name in law.exps:
+            message = identify.wide_interval(key, name, law.ci.get(f"exp_{name}", (float("nan"), float("nan"))))
+            if message:
+                warnings.append(message)
+    if "N" in laws["learning-rate"].exps and "D" in laws["learning-rate"].exps:
+        message = identify.collinearity(cell_logs["N"], cell_logs["D"])
+        if message:
+            warnings.append(message)
+    edge_cells = [c for c in cells if c.lr_edge or c.bs_edge]
+    if edge_cells:
+        warnings.append(
+            f"{len(edge_cells)} of {len(cells)} cells have their best run on the edge of the LR or batch grid; "
+            "the true optimum may lie outside (see cells[].lr_edge / bs_edge)."
         )
+    if skipped:
+        warnings.append(f"{len(skipped)} cell(s) skipped: fewer than two finished runs (see skipped_cells).")
+    return warnings
 
 
-def _percentile_ci(samples: np.ndarray) -> tuple[float, float]:
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0:
-        return (float("nan"), float("nan"))
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return (float(low), float(high))
-
-
-def _nearest_gap(cell_lr, cell_bs, cell_loss, best, lr, bs) -> float:
-    """Relative loss gap of the run nearest (lr, bs) in log space."""
-    if not (np.isfinite(lr) and np.isfinite(bs)):
-        return float("nan")
-    dist = (np.log(cell_lr) - np.log(lr)) ** 2 + (np.log(cell_bs) - np.log(bs)) ** 2
-    return float(cell_loss[np.argmin(dist)] / best - 1)
+def _validation(cells, cell_runs, fold_lr, fold_bs, score_laws: bool):
+    """Leave-one-cell-out validation of the fit and the published laws' scores on the same cells."""
+    scored = score_cells(cell_runs, fold_lr, fold_bs, published=score_laws)
+    fit_cells, step_cells = scored.per_law["fit_loco"], scored.per_law.get("step_law", [])
+    per_cell = []
+    for index, cell in enumerate(cells):
+        item = {"N": cell.N, "D": cell.D, "pred_lr": float(fold_lr[index]), "pred_bs": float(fold_bs[index]),
+                "obs_lr": cell.opt_lr, "obs_bs": cell.opt_bs, "lr_factor": fit_cells[index]["lr_factor"],
+                "bs_factor": fit_cells[index]["bs_factor"], "loss_gap": fit_cells[index]["gap"],
+                "bowl_gap": fit_cells[index]["bowl_gap"]}
+        if step_cells:
+            step = step_cells[index]
+            item.update({"step_law_lr": step["lr"], "step_law_bs": step["bs"], "step_law_lr_factor": step["lr_factor"],
+                         "step_law_bs_factor": step["bs_factor"], "step_law_loss_gap": step["gap"]})
+        per_cell.append(item)
+    validation = {
+        "method": "leave-one-cell-out",
+        "lr_factor": summary_of(fit_cells, "lr_factor"),
+        "bs_factor": summary_of(fit_cells, "bs_factor"),
+        "relative_loss_gap": summary_of(fit_cells, "gap"),
+        "per_cell": per_cell,
+    }
+    if step_cells:
+        validation["step_law"] = {"lr_factor": summary_of(step_cells, "lr_factor"),
+                                  "bs_factor": summary_of(step_cells, "bs_factor"),
+                                  "relative_loss_gap": summary_of(step_cells, "gap")}
+    return validation, scored
 
 
 def fit_hparams(
@@ -208,198 +444,57 @@ def fit_hparams(
     n_column: str = "N",
     fit_bs_N: bool = False,
     quad_window: float = 0.03,
+    sparsity: bool = False,
+    score_laws: bool = True,
 ) -> HparamFit:
-    """Fit eta = a N^alpha D^beta and B = c D^gamma [N^delta] to the near-optimal runs.
+    """Fit eta = a N^alpha D^beta [S^g] and B = c D^gamma [N^delta] [S^e] to the near-optimal runs.
 
     table: runs (see steplaw.laws.table); gap: relative loss gap of the near-optimal set;
     n_boot: bootstrap resamples (runs resampled within cells), seeded by `seed`;
     n_column: which parameter count is N ('N' non-embedding, 'N_active', 'N_total');
     fit_bs_N: also fit an exponent of N in the batch-size law;
-    quad_window: runs within this relative loss of the best feed the quadratic optimum.
+    sparsity: also fit an exponent of S = N_active / N in both laws (MoE with dense);
+    quad_window: runs within this relative loss of the best feed the quadratic optimum;
+    score_laws: score every published law on the cells (law_scores).
     """
-    if not (isinstance(gap, (int, float)) and np.isfinite(gap) and 0 <= gap < 1):
-        raise UserError(f"gap must be a relative loss gap in [0, 1), got {gap!r}.")
-    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 0):
-        raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}.")
-    n_values = table.param_counts(n_column)
-    if np.any(~np.isfinite(n_values) | (n_values <= 0)):
-        raise UserError(f"column {n_column!r} has missing or non-positive values; expected a positive count in every row.")
+    n_values, s_values = _check_args(table, gap, n_boot, n_column, sparsity)
+    cells, skipped, run_rows = _cell_optima(table, n_values, s_values, gap, quad_window)
+    cell_logs = {"N": np.log([c.N for c in cells]), "D": np.log([c.D for c in cells]),
+                 "S": np.log([c.sparsity for c in cells])}
+    extra = ("S",) if sparsity else ()
+    lr_names, refused = _law_variables(cell_logs, LR_VARIABLES + extra, "learning-rate")
+    bs_names, bs_refused = _law_variables(cell_logs, BS_VARIABLES + (("N",) if fit_bs_N else ()) + extra, "batch-size")
+    refused += bs_refused
 
-    keys = np.column_stack([n_values, table.D])
-    cell_keys, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-
-    cells: list[CellOptimum] = []
-    skipped: list[dict] = []
-    run_rows: list[np.ndarray] = []  # per used cell: valid row indices sorted by loss
-    for cell_index, (cell_n, cell_d) in enumerate(cell_keys):
-        rows = np.flatnonzero(inverse == cell_index)
-        valid_rows = rows[table.valid[rows]]
-        if valid_rows.size < 2:
-            skipped.append({
-                "N": float(cell_n), "D": float(cell_d), "n_runs": int(rows.size), "n_valid": int(valid_rows.size),
-                "reason": "no finished run" if valid_rows.size == 0 else "one finished run: no optimum to locate",
-            })
-            continue
-        valid_rows = valid_rows[np.argsort(table.loss[valid_rows], kind="stable")]
-        loss = table.loss[valid_rows]
-        best = loss[0]
-        near = valid_rows[loss <= best * (1 + gap)]
-        lr_grid = np.unique(table.lr[rows])
-        bs_grid = np.unique(table.batch_tokens[rows])
-        best_row = valid_rows[0]
-        quad = quadratic_optimum(np.log(table.lr[valid_rows]), np.log(table.batch_tokens[valid_rows]), loss, quad_window)
-        cells.append(CellOptimum(
-            N=float(cell_n), D=float(cell_d), n_runs=int(rows.size), n_valid=int(valid_rows.size),
-            best_loss=float(best), best_lr=float(table.lr[best_row]), best_bs=float(table.batch_tokens[best_row]),
-            opt_lr=float(np.exp(np.mean(np.log(table.lr[near])))),
-            opt_bs=float(np.exp(np.mean(np.log(table.batch_tokens[near])))),
-            n_near=int(near.size),
-            lr_edge=grid_edge(table.lr[best_row], lr_grid), bs_edge=grid_edge(table.batch_tokens[best_row], bs_grid),
-            quadratic=quad,
-        ))
-        run_rows.append(valid_rows)
-
-    if not cells:
-        raise UserError("no (N, D) cell has two or more finished runs; nothing to fit.")
-    cell_n = np.array([cell.N for cell in cells])
-    cell_d = np.array([cell.D for cell in cells])
-    _check_identifiable(cell_n, "N", "learning-rate")
-    _check_identifiable(cell_d, "D", "learning-rate")
-    design_rank = np.linalg.matrix_rank(np.column_stack([np.ones_like(cell_n), np.log(cell_n), np.log(cell_d)]))
-    if design_rank < 3:
-        raise UserError(
-            "cannot separate the effects of N and D: across the cells log D is a linear function of log N "
-            "(e.g. a fixed tokens-per-parameter ratio); add cells off that line."
-        )
-
-    # Flatten the valid runs of the used cells; all fits are weighted least squares on them.
     rows_all = np.concatenate(run_rows)
-    cell_of_run = np.concatenate([np.full(r.size, i) for i, r in enumerate(run_rows)])
-    log_n = np.log(n_values[rows_all])
-    log_d = np.log(table.D[rows_all])
-    log_lr = np.log(table.lr[rows_all])
-    log_bs = np.log(table.batch_tokens[rows_all])
-    loss_all = table.loss[rows_all]
-    mean_n, mean_d = log_n.mean(), log_d.mean()  # centering keeps the normal equations well conditioned
-    x_lr = np.column_stack([np.ones_like(log_n), log_n - mean_n, log_d - mean_d])
-    x_bs = np.column_stack([np.ones_like(log_n), log_d - mean_d] + ([log_n - mean_n] if fit_bs_N else []))
+    run_logs = {"N": np.log(n_values[rows_all]), "D": np.log(table.D[rows_all]), "S": np.log(s_values[rows_all])}
+    x_lr, lr_means = _centred_design(lr_names, run_logs, rows_all.size)
+    x_bs, bs_means = _centred_design(bs_names, run_logs, rows_all.size)
+    coefs, near_optimal = _solve_blocks(
+        {"lr": (x_lr, np.log(table.lr[rows_all])), "bs": (x_bs, np.log(table.batch_tokens[rows_all]))},
+        _weight_blocks(table, run_rows, gap, n_boot, seed),
+    )
+    lr_law, fold_lr = _law_from_coefs(lr_names, lr_means, coefs["lr"], cell_logs, n_boot)
+    bs_law, fold_bs = _law_from_coefs(bs_names, bs_means, coefs["bs"], cell_logs, n_boot)
+    laws = {"learning-rate": lr_law, "batch-size": bs_law}
 
-    w_point = np.concatenate([
-        (table.loss[r] <= table.loss[r[0]] * (1 + gap)).astype(float) for r in run_rows
-    ])[None, :]
-
-    rng = np.random.default_rng(seed)
-    w_boot = np.zeros((n_boot, rows_all.size))
-    offset = 0
-    for rows in run_rows:
-        k = rows.size
-        loss = table.loss[rows]  # sorted ascending
-        # Resample k runs with replacement per bootstrap row; counts via one bincount
-        # (an order of magnitude faster than Generator.multinomial here).
-        draws = rng.integers(0, k, size=(n_boot, k)) + (np.arange(n_boot) * k)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=n_boot * k).reshape(n_boot, k).astype(float)
-        first = np.argmax(counts > 0, axis=1)  # lowest-loss run present in each resample
-        threshold = loss[first] * (1 + gap)
-        w_boot[:, offset:offset + k] = counts * (loss[None, :] <= threshold[:, None])
-        offset += k
-
-    # Leave-one-cell-out: fold c zeroes the weights of cell c.
-    n_cells = len(cells)
-    w_loco = np.repeat(w_point, n_cells, axis=0)
-    w_loco[cell_of_run[None, :] == np.arange(n_cells)[:, None]] = 0.0
-
-    weights = np.vstack([w_point, w_boot, w_loco])
-    coef_lr = _wls_batched(x_lr, log_lr, weights)
-    if fit_bs_N:
-        _check_identifiable(cell_n, "N", "batch-size")
-    _check_identifiable(cell_d, "D", "batch-size")
-    coef_bs = _wls_batched(x_bs, log_bs, weights)
-
-    def to_law(coefs: np.ndarray, names: list[str], means: list[float]) -> tuple[PowerLaw, np.ndarray]:
-        # Undo the centering: log y = b0 + sum b_k (log x_k - m_k).
-        intercepts = coefs[:, 0] - sum(coefs[:, j + 1] * means[j] for j in range(len(names)))
-        point, boot = 0, slice(1, 1 + n_boot)
-        law = PowerLaw(
-            coef=float(np.exp(intercepts[point])),
-            exps={name: float(coefs[point, j + 1]) for j, name in enumerate(names)},
-        )
-        if n_boot:
-            law.ci["coef"] = tuple(np.exp(_percentile_ci(intercepts[boot])))
-            for j, name in enumerate(names):
-                law.ci[f"exp_{name}"] = _percentile_ci(coefs[boot, j + 1])
-        return law, intercepts
-
-    lr_law, lr_intercepts = to_law(coef_lr, ["N", "D"], [mean_n, mean_d])
-    bs_names = ["D", "N"] if fit_bs_N else ["D"]
-    bs_law, bs_intercepts = to_law(coef_bs, bs_names, [mean_d, mean_n] if fit_bs_N else [mean_d])
-    if np.isnan(lr_law.coef) or np.isnan(bs_law.coef):
-        raise UserError("the near-optimal runs do not identify the laws (singular fit); add cells with other N and D.")
-
-    # Validation from the leave-one-cell-out folds.
-    loco = slice(1 + n_boot, 1 + n_boot + n_cells)
-    fold_lr = np.exp(lr_intercepts[loco] + coef_lr[loco, 1] * np.log(cell_n) + coef_lr[loco, 2] * np.log(cell_d))
-    fold_bs_log = bs_intercepts[loco] + coef_bs[loco, 1] * np.log(cell_d)
-    if fit_bs_N:
-        fold_bs_log = fold_bs_log + coef_bs[loco, 2] * np.log(cell_n)
-    fold_bs = np.exp(fold_bs_log)
-    step_lr, step_bs = zip(*(step_law(n, d) for n, d in zip(cell_n, cell_d)))
-
-    per_cell = []
-    for index, cell in enumerate(cells):
-        rows = run_rows[index]
-        c_lr, c_bs, c_loss = table.lr[rows], table.batch_tokens[rows], table.loss[rows]
-        per_cell.append({
-            "N": cell.N, "D": cell.D,
-            "pred_lr": float(fold_lr[index]), "pred_bs": float(fold_bs[index]),
-            "obs_lr": cell.opt_lr, "obs_bs": cell.opt_bs,
-            "lr_factor": float(np.exp(abs(np.log(fold_lr[index] / cell.opt_lr)))),
-            "bs_factor": float(np.exp(abs(np.log(fold_bs[index] / cell.opt_bs)))),
-            "loss_gap": _nearest_gap(c_lr, c_bs, c_loss, cell.best_loss, fold_lr[index], fold_bs[index]),
-            "step_law_lr": float(step_lr[index]), "step_law_bs": float(step_bs[index]),
-            "step_law_lr_factor": float(np.exp(abs(np.log(step_lr[index] / cell.opt_lr)))),
-            "step_law_bs_factor": float(np.exp(abs(np.log(step_bs[index] / cell.opt_bs)))),
-            "step_law_loss_gap": _nearest_gap(c_lr, c_bs, c_loss, cell.best_loss, step_lr[index], step_bs[index]),
-        })
-
-    def summary(key: str) -> dict:
-        values = np.array([item[key] for item in per_cell], float)
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            return {"median": None, "mean": None, "max": None}
-        return {"median": float(np.median(values)), "mean": float(np.mean(values)), "max": float(np.max(values))}
-
-    validation = {
-        "method": "leave-one-cell-out",
-        "lr_factor": summary("lr_factor"),
-        "bs_factor": summary("bs_factor"),
-        "relative_loss_gap": summary("loss_gap"),
-        "step_law": {
-            "lr_factor": summary("step_law_lr_factor"),
-            "bs_factor": summary("step_law_bs_factor"),
-            "relative_loss_gap": summary("step_law_loss_gap"),
-        },
-        "per_cell": per_cell,
-    }
-
-    warnings = list(table.warnings)
-    edge_cells = [c for c in cells if c.lr_edge or c.bs_edge]
-    if edge_cells:
-        warnings.append(
-            f"{len(edge_cells)} of {len(cells)} cells have their best run on the edge of the LR or batch grid; "
-            "the true optimum may lie outside (see cells[].lr_edge / bs_edge)."
-        )
-    if skipped:
-        warnings.append(f"{len(skipped)} cell(s) skipped: fewer than two finished runs (see skipped_cells).")
+    cell_runs = [CellRuns.of(cell, table.lr[rows], table.batch_tokens[rows], table.loss[rows])
+                 for cell, rows in zip(cells, run_rows)]
+    validation, scored = _validation(cells, cell_runs, fold_lr, fold_bs, score_laws)
     counts = {
         "runs": len(table),
         "valid": table.n_valid,
         "dropped": dict(table.dropped),
         "cells_used": len(cells),
         "cells_skipped": len(skipped),
-        "near_optimal_runs": int(w_point.sum()),
+        "near_optimal_runs": int(near_optimal),
     }
+    fitted_range = {name: [float(np.exp(v.min())), float(np.exp(v.max()))] for name, v in cell_logs.items()
+                    if name != "S" or sparsity}
     return HparamFit(
         lr_law=lr_law, bs_law=bs_law, cells=cells, validation=validation, counts=counts, n_column=n_column,
-        gap=float(gap), n_boot=int(n_boot), seed=int(seed), skipped_cells=skipped, warnings=warnings,
+        gap=float(gap), n_boot=int(n_boot), seed=int(seed), skipped_cells=skipped,
+        warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs),
+        law_scores=scored.ranking, scoring=scored.definition, law_cells=scored.per_law, refused=refused,
+        sparsity=_sparsity_verdict(laws, refused) if sparsity else None, fitted_range=fitted_range,
     )

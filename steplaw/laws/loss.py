@@ -4,9 +4,16 @@ The fit is the robust one of Hoffmann et al. 2022 (Chinchilla, arXiv:2203.15556,
 Approach 3) as replicated by Besiroglu et al. 2024 (arXiv:2404.10102): in log space,
 log L_hat = LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e,
 minimizing the Huber loss (delta = 1e-3) of log L_hat - log L with a quasi-Newton
-(BFGS) method, started from the best points of a grid of initial values. The data are, per (N, D) cell, the best
-finished run's loss (the loss at the best hyperparameters). Intervals: bootstrap over
-cells.
+(BFGS) method, started from the best points of a grid of initial values. The data are,
+per (N, D) cell, the best finished run's loss (the loss at the best hyperparameters).
+
+Intervals: bootstrap over cells. Every resample starts from the point estimate and all
+resamples are solved at once by BFGS vectorized over the resamples (same objective, same
+method as the point fit), so 1,000 resamples cost a few dozen array steps instead of
+1,000 scipy BFGS runs.
+
+The N and D exponents must be identifiable (steplaw.laws.identify: at least 3 distinct
+values spanning a factor 2); otherwise the fit is refused, naming the variable.
 
 Compute-optimal allocation under C = k N D (k = 6 FLOPs per parameter and token, or
 the median of compute / (N D) when the table has a FLOP column):
@@ -22,6 +29,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from steplaw.errors import UserError
+from steplaw.laws import identify
+from steplaw.laws.stats import percentile_interval
 from steplaw.laws.table import RunTable
 
 HUBER_DELTA = 1e-3
@@ -34,6 +43,65 @@ _GRID = {
     "beta": [0.0, 0.5, 1.0, 1.5, 2.0],
 }
 _N_STARTS = 8  # quasi-Newton runs from the best grid points
+_BFGS_ITERATIONS = 200
+# A resample stops when no parameter moves by _STEP_TOL (exponents to ~1e-6, far below
+# the bootstrap's own Monte Carlo error) or a step gains under _GAIN_TOL of the objective.
+_STEP_TOL, _GAIN_TOL = 1e-6, 1e-10
+_LINE_SEARCH_HALVINGS = 30
+
+
+class LossFormula:
+    """L(N, D) = E + A/N^alpha + B/D^beta and its compute-optimal split (N parameters,
+    D tokens, L nats); for classes with E, A, B, alpha, beta, flops_per_param_token."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    flops_per_param_token: float
+
+    def predict(self, N, D):
+        """Predicted loss of N parameters trained on D tokens."""
+        return self.E + self.A / np.asarray(N, float) ** self.alpha + self.B / np.asarray(D, float) ** self.beta
+
+    @property
+    def n_exponent(self) -> float:
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def d_exponent(self) -> float:
+        return self.alpha / (self.alpha + self.beta)
+
+    @property
+    def G(self) -> float:
+        return float((self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta)))
+
+    def compute_optimal(self, compute_flops: float) -> tuple[float, float]:
+        """(N_opt, D_opt) minimizing the loss at a budget of `compute_flops` FLOPs."""
+        if not (np.isfinite(compute_flops) and compute_flops > 0):
+            raise UserError(f"compute budget must be a positive number of FLOPs, got {compute_flops!r}.")
+        if not (self.alpha > 0 and self.beta > 0):
+            raise UserError(f"the loss law's exponents alpha={self.alpha:.3g}, beta={self.beta:.3g} are not both "
+                            "positive, so it has no compute-optimal split.")
+        scaled = compute_flops / self.flops_per_param_token
+        return float(self.G * scaled**self.n_exponent), float(scaled**self.d_exponent / self.G)
+
+    def formula_dict(self) -> dict:
+        return {"law": "L = E + A / N^alpha + B / D^beta", "E": self.E, "A": self.A, "B": self.B,
+                "alpha": self.alpha, "beta": self.beta, "flops_per_param_token": self.flops_per_param_token}
+
+
+@dataclass
+class LossLaw(LossFormula):
+    """A loss law given by its constants (a published one, or one read back from a file)."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    flops_per_param_token: float = 6.0
 
 
 def _lse_terms(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> np.ndarray:
@@ -88,8 +156,99 @@ def _fit_once(log_n, log_d, log_loss, weights, starts, delta) -> np.ndarray:
     return best
 
 
+def _batched_prediction(theta, log_n, log_d):
+    """log L_hat (B, n) and the shares of its three terms, for parameter rows theta (B, 5).
+
+    The terms are exponentiated directly (two exp and one log per point instead of a
+    shifted log-sum-exp): for any plausible loss law they lie far inside float range, and
+    the clip at +-300 only keeps a wild resample finite.
+    """
+    u0 = np.exp(np.clip(theta[:, 0:1] - theta[:, 3:4] * log_n, -300.0, 300.0))
+    u1 = np.exp(np.clip(theta[:, 1:2] - theta[:, 4:5] * log_d, -300.0, 300.0))
+    u2 = np.exp(np.clip(theta[:, 2:3], -300.0, 300.0))
+    total = u0 + u1 + u2
+    inverse = 1.0 / total
+    return np.log(total), (u0 * inverse, u1 * inverse, u2 * inverse)
+
+
+def _huber(resid, weights, delta) -> np.ndarray:
+    absr = np.abs(resid)
+    return np.sum(weights * np.where(absr <= delta, 0.5 * resid * resid, delta * (absr - 0.5 * delta)), axis=1)
+
+
+def _batched_state(theta, log_n, log_d, log_loss, weights, delta):
+    """Objective (B,), gradient (B, 5) and IRLS normal matrix (B, 5, 5) of every resample."""
+    pred, (s0, s1, s2) = _batched_prediction(theta, log_n, log_d)
+    resid = pred - log_loss
+    jac_t = np.stack([s0, s1, s2, -s0 * log_n, -s1 * log_d], axis=1)  # (B, 5, n)
+    psi = np.clip(resid, -delta, delta) * weights
+    irls = weights * np.minimum(1.0, delta / np.maximum(np.abs(resid), 1e-300))
+    grad = np.matmul(jac_t, psi[..., None])[..., 0]  # batched matrix products, not einsum loops
+    normal = np.matmul(jac_t * irls[:, None, :], jac_t.transpose(0, 2, 1))
+    return _huber(resid, weights, delta), grad, normal
+
+
+def _batched_value_grad(theta, log_n, log_d, log_loss, weights, delta):
+    """Objective (B,) and gradient (B, 5) of every resample."""
+    pred, (s0, s1, s2) = _batched_prediction(theta, log_n, log_d)
+    resid = pred - log_loss
+    psi = np.clip(resid, -delta, delta) * weights
+    p0, p1 = psi * s0, psi * s1
+    grad = np.stack([p0.sum(1), p1.sum(1), (psi * s2).sum(1), -(p0 @ log_n), -(p1 @ log_d)], axis=1)
+    return _huber(resid, weights, delta), grad
+
+
+def _fit_batch(log_n, log_d, log_loss, weights: np.ndarray, start: np.ndarray, delta: float) -> np.ndarray:
+    """Minimize the weighted Huber objective for every row of `weights` (B, n) from `start`:
+    BFGS on all rows at once (the method of the point fit, vectorized), its inverse
+    Hessian started from the IRLS normal matrix, with a backtracking Armijo line search
+    per row. A row stops when a step moves no parameter by _STEP_TOL or gains less than
+    _GAIN_TOL of its objective."""
+    count = weights.shape[0]
+    theta = np.repeat(start[None, :], count, axis=0)
+    value, grad, normal = _batched_state(theta, log_n, log_d, log_loss, weights, delta)
+    eye = np.eye(5)
+    scale = np.einsum("bii->bi", normal).max(axis=1)[:, None, None]
+    hinv = np.linalg.inv(normal + 1e-6 * scale * eye)
+    active = np.arange(count)
+    for _ in range(_BFGS_ITERATIONS):
+        if active.size == 0:
+            break
+        direction = -np.matmul(hinv[active], grad[active][..., None])[..., 0]
+        slope = np.sum(direction * grad[active], axis=1)
+        step_size = np.ones(active.size)
+        accepted = np.zeros(active.size, dtype=bool)
+        new_theta, new_value, new_grad = theta[active].copy(), value[active].copy(), grad[active].copy()
+        for _ in range(_LINE_SEARCH_HALVINGS):  # backtracking: only rows not yet accepted are evaluated
+            todo = np.flatnonzero(~accepted)
+            if todo.size == 0:
+                break
+            trial = theta[active[todo]] + step_size[todo, None] * direction[todo]
+            t_value, t_grad = _batched_value_grad(trial, log_n, log_d, log_loss, weights[active[todo]], delta)
+            ok = t_value <= value[active[todo]] + 1e-4 * step_size[todo] * slope[todo]
+            hit = todo[ok]
+            new_theta[hit], new_value[hit], new_grad[hit] = trial[ok], t_value[ok], t_grad[ok]
+            accepted[hit] = True
+            step_size[todo[~ok]] *= 0.5
+        s_vec = new_theta - theta[active]
+        y_vec = new_grad - grad[active]
+        sy = np.sum(s_vec * y_vec, axis=1)
+        update = accepted & (sy > 1e-12 * np.linalg.norm(s_vec, axis=1) * np.linalg.norm(y_vec, axis=1) + 1e-300)
+        if update.any():
+            rows = active[update]
+            rho = 1.0 / sy[update]
+            left = eye - rho[:, None, None] * s_vec[update][:, :, None] * y_vec[update][:, None, :]
+            hinv[rows] = np.matmul(np.matmul(left, hinv[rows]), left.transpose(0, 2, 1)) + \
+                rho[:, None, None] * s_vec[update][:, :, None] * s_vec[update][:, None, :]
+        gain = value[active] - new_value
+        stalled = ~accepted | (np.abs(s_vec).max(axis=1) < _STEP_TOL) | (gain <= _GAIN_TOL * value[active])
+        theta[active], value[active], grad[active] = new_theta, new_value, new_grad
+        active = active[~stalled]
+    return theta
+
+
 @dataclass
-class LossFit:
+class LossFit(LossFormula):
     E: float
     A: float
     B: float
@@ -103,48 +262,67 @@ class LossFit:
     n_boot: int
     exponent_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    samples: np.ndarray | None = None  # bootstrap (a, b, e, alpha, beta) rows, a = ln A
+    fitted_range: dict = field(default_factory=dict)
 
-    def predict(self, N, D):
-        """Predicted loss of N parameters (this fit's n_column) trained on D tokens."""
-        return self.E + self.A / np.asarray(N, float) ** self.alpha + self.B / np.asarray(D, float) ** self.beta
-
-    @property
-    def n_exponent(self) -> float:
-        return self.beta / (self.alpha + self.beta)
-
-    @property
-    def d_exponent(self) -> float:
-        return self.alpha / (self.alpha + self.beta)
-
-    def compute_optimal(self, compute_flops: float) -> tuple[float, float]:
-        """(N_opt, D_opt) minimizing the loss at a budget of `compute_flops` FLOPs."""
-        if not (np.isfinite(compute_flops) and compute_flops > 0):
-            raise UserError(f"compute budget must be a positive number of FLOPs, got {compute_flops!r}.")
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
-        scaled = compute_flops / self.flops_per_param_token
-        return float(g * scaled**self.n_exponent), float(scaled**self.d_exponent / g)
+    def optimal_interval(self, compute_flops: float) -> dict | None:
+        """95% bootstrap intervals of N_opt and D_opt at `compute_flops`, or None without a bootstrap."""
+        return optimal_interval(self.samples, compute_flops, self.flops_per_param_token)
 
     def to_dict(self) -> dict:
         return {
-            "law": "L = E + A / N^alpha + B / D^beta",
-            "E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta,
+            **self.formula_dict(),
             "intervals": {k: [float(v[0]), float(v[1])] for k, v in self.intervals.items()},
             "n_column": self.n_column,
             "n_cells": self.n_cells,
             "n_boot": self.n_boot,
             "rms_log_residual": self.rms_log_residual,
+            "fitted_range": self.fitted_range,
             "compute_optimal": {
                 "compute": f"C = {self.flops_per_param_token:.4g} * N * D",
                 "flops_per_param_token": self.flops_per_param_token,
                 "N_opt": f"G * (C / {self.flops_per_param_token:.4g})^{self.n_exponent:.4f}",
                 "D_opt": f"G^-1 * (C / {self.flops_per_param_token:.4g})^{self.d_exponent:.4f}",
-                "G": float((self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))),
+                "G": self.G,
                 "N_exponent": self.n_exponent,
                 "D_exponent": self.d_exponent,
                 "exponent_intervals": {k: [float(v[0]), float(v[1])] for k, v in self.exponent_intervals.items()},
             },
             "warnings": list(self.warnings),
         }
+
+
+def optimal_interval(samples, compute_flops: float, flops_per_param_token: float) -> dict | None:
+    """95% intervals of N_opt and D_opt over bootstrap parameter rows (a, b, e, alpha, beta)."""
+    if samples is None or len(samples) == 0:
+        return None
+    samples = np.asarray(samples, float)
+    a, b, alpha, beta = samples[:, 0], samples[:, 1], samples[:, 3], samples[:, 4]
+    with np.errstate(all="ignore"):
+        ok = (alpha > 0) & (beta > 0)
+        log_g = (np.log(alpha) + a - np.log(beta) - b) / (alpha + beta)
+        scaled = np.log(compute_flops / flops_per_param_token)
+        log_n = log_g + scaled * beta / (alpha + beta)
+        log_d = scaled * alpha / (alpha + beta) - log_g
+    return {"N": tuple(np.exp(percentile_interval(log_n[ok]))), "D": tuple(np.exp(percentile_interval(log_d[ok])))}
+
+
+def _cell_best_losses(table: RunTable, n_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    valid = table.valid & np.isfinite(n_values)
+    keys = np.column_stack([n_values[valid], table.D[valid]])
+    cells, inverse = np.unique(keys, axis=0, return_inverse=True)
+    best_loss = np.full(len(cells), np.inf)
+    np.minimum.at(best_loss, inverse.reshape(-1), table.loss[valid])
+    return cells, best_loss
+
+
+def _check_identifiable(cells: np.ndarray) -> None:
+    if len(cells) < 5:
+        raise UserError(f"the loss law has 5 parameters but the table has {len(cells)} (N, D) cell(s); need at least 5.")
+    for column, name in ((0, "N"), (1, "D")):
+        problem = identify.exponent_problem(cells[:, column], name)
+        if problem is not None:
+            raise UserError(f"cannot fit the loss law's {name} term because {problem}.")
 
 
 def fit_loss(
@@ -157,65 +335,62 @@ def fit_loss(
     if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 0):
         raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}.")
     n_values = table.param_counts(n_column)
-    valid = table.valid & np.isfinite(n_values)
-    keys = np.column_stack([n_values[valid], table.D[valid]])
-    cells, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    best_loss = np.full(len(cells), np.inf)
-    np.minimum.at(best_loss, inverse, table.loss[valid])
-    if len(cells) < 5:
-        raise UserError(f"the loss law has 5 parameters but the table has {len(cells)} (N, D) cell(s); need at least 5.")
-    for name, values in (("N", cells[:, 0]), ("D", cells[:, 1])):
-        if np.unique(values).size < 2:
-            raise UserError(f"cannot fit the loss law's {name} term: all cells share one {name} value; need at least 2.")
+    cells, best_loss = _cell_best_losses(table, n_values)
+    _check_identifiable(cells)
 
     log_n, log_d, log_loss = np.log(cells[:, 0]), np.log(cells[:, 1]), np.log(best_loss)
     starts, values = _grid_objective(log_n, log_d, log_loss, delta)
-    top_starts = starts[np.argsort(values)[:_N_STARTS]]
-    ones = np.ones_like(log_n)
-    theta = _fit_once(log_n, log_d, log_loss, ones, top_starts, delta)
+    theta = _fit_once(log_n, log_d, log_loss, np.ones_like(log_n), starts[np.argsort(values)[:_N_STARTS]], delta)
 
     rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n_boot):
-        counts = rng.multinomial(len(cells), np.full(len(cells), 1.0 / len(cells))).astype(float)
-        samples.append(_fit_once(log_n, log_d, log_loss, counts, [theta], delta))
-    samples = np.array(samples).reshape(-1, 5)
+    counts = rng.multinomial(len(cells), np.full(len(cells), 1.0 / len(cells)), size=n_boot).astype(float)
+    samples = _fit_batch(log_n, log_d, log_loss, counts, theta, delta) if n_boot else np.empty((0, 5))
+    intervals, exponent_intervals = _intervals(samples) if n_boot else ({}, {})
 
-    def interval(values: np.ndarray) -> tuple[float, float]:
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            return (float("nan"), float("nan"))
-        low, high = np.percentile(values, [2.5, 97.5])
-        return (float(low), float(high))
-
-    intervals, exponent_intervals = {}, {}
-    if n_boot:
-        intervals = {
-            "A": interval(np.exp(samples[:, 0])), "B": interval(np.exp(samples[:, 1])),
-            "E": interval(np.exp(samples[:, 2])), "alpha": interval(samples[:, 3]), "beta": interval(samples[:, 4]),
-        }
-        total = samples[:, 3] + samples[:, 4]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            exponent_intervals = {"N_exponent": interval(samples[:, 4] / total), "D_exponent": interval(samples[:, 3] / total)}
-
-    flops_per = 6.0
-    warnings = list(table.warnings)
-    if table.compute is not None:
-        ratio = table.compute[valid] / (n_values[valid] * table.D[valid])
-        ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
-        if ratio.size:
-            flops_per = float(np.median(ratio))
+    flops_per = _flops_per_param_token(table, n_values)
     a, b, e, alpha, beta = theta
     pred = np.logaddexp.reduce(_lse_terms(theta, log_n, log_d), axis=0)
+    warnings = list(table.warnings)
     if alpha <= 0 or beta <= 0:
         warnings.append(
             f"fitted exponent alpha={alpha:.3g} / beta={beta:.3g} is not positive: the data do not show that term "
             "falling with scale, so the compute-optimal split is meaningless."
         )
+    for name in ("alpha", "beta"):
+        message = identify.wide_interval("loss", "N" if name == "alpha" else "D", intervals.get(name, (np.nan, np.nan)))
+        if message:
+            warnings.append(message)
+    collinear = identify.collinearity(log_n, log_d)
+    if collinear:
+        warnings.append(collinear)
     return LossFit(
         E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta),
         intervals=intervals, flops_per_param_token=flops_per, n_cells=len(cells), n_column=n_column,
         rms_log_residual=float(np.sqrt(np.mean((pred - log_loss) ** 2))), n_boot=int(n_boot),
-        exponent_intervals=exponent_intervals, warnings=warnings,
+        exponent_intervals=exponent_intervals, warnings=warnings, samples=samples,
+        fitted_range={"N": [float(cells[:, 0].min()), float(cells[:, 0].max())],
+                      "D": [float(cells[:, 1].min()), float(cells[:, 1].max())]},
     )
+
+
+def _intervals(samples: np.ndarray) -> tuple[dict, dict]:
+    intervals = {
+        "A": percentile_interval(np.exp(samples[:, 0])), "B": percentile_interval(np.exp(samples[:, 1])),
+        "E": percentile_interval(np.exp(samples[:, 2])), "alpha": percentile_interval(samples[:, 3]),
+        "beta": percentile_interval(samples[:, 4]),
+    }
+    total = samples[:, 3] + samples[:, 4]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exponents = {"N_exponent": percentile_interval(samples[:, 4] / total),
+                     "D_exponent": percentile_interval(samples[:, 3] / total)}
+    return intervals, exponents
+
+
+def _flops_per_param_token(table: RunTable, n_values: np.ndarray) -> float:
+    """6, or the median compute / (N D) of the valid runs when the table has a FLOP column."""
+    if table.compute is None:
+        return 6.0
+    valid = table.valid & np.isfinite(n_values)
+    ratio = table.compute[valid] / (n_values[valid] * table.D[valid])
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    return float(np.median(ratio)) if ratio.size else 6.0

@@ -37,6 +37,9 @@ Laws included (formulas and constants checked against the papers' text):
   not the input embedding, one d_model x vocab more than our non-embedding N, which we
   pass unchanged (the law depends on N alone; no D).
 
+Published loss laws L(N, D) (Hoffmann et al. 2022, Besiroglu et al. 2024) live beside
+these in `steplaw.laws.published_loss`.
+
 Left out because their constants could not be checked against the paper text here:
 Bjorck et al. 2024 (the stored secondary sources disagree on its coefficient), Power
 Lines (Bergsma et al. 2025), MiniCPM.
@@ -44,8 +47,8 @@ Lines (Bergsma et al. 2025), MiniCPM.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from steplaw.errors import UserError
 
@@ -178,6 +181,7 @@ class Law:
     fitted_range: dict[str, tuple[float, float]]
     range_note: str
     predict: Callable[[LawInputs], Prediction]
+    schedule: str = ""  # the training setup the law was fitted with (what its LR means)
 
     def info(self) -> dict:
         return {
@@ -189,6 +193,7 @@ class Law:
             "output_units": self.output_units,
             "fitted_range": {k: list(v) for k, v in self.fitted_range.items()},
             "range_note": self.range_note,
+            "schedule": self.schedule,
         }
 
 
@@ -288,6 +293,7 @@ LAWS: dict[str, Law] = {
         fitted_range=_STEP_RANGE,
         range_note="approximate extent of the paper's (N, D) grid (our reading, not a stated range)",
         predict=_predict_step,
+        schedule="AdamW; warmup, then decay to a fixed final LR of 1e-5 (not a fraction of the peak), as fitted",
     ),
     "deepseek": Law(
         key="deepseek",
@@ -299,6 +305,8 @@ LAWS: dict[str, Law] = {
         fitted_range=_DEEPSEEK_RANGE,
         range_note="approximate extent of the paper's compute budgets (our reading, not a stated range)",
         predict=_predict_deepseek,
+        schedule="AdamW; 2,000 warmup steps, then multi-step decay: 31.6% of the peak after 80% of the tokens, "
+                 "10% after 90%",
     ),
     "kaplan": Law(
         key="kaplan",
@@ -313,6 +321,7 @@ LAWS: dict[str, Law] = {
         fitted_range=_KAPLAN_RANGE,
         range_note="extent of Kaplan's models (768 to 1.5e9 parameters, 22M to 23B tokens)",
         predict=_predict_kaplan,
+        schedule="Adam; 3,000-step linear warmup, cosine decay to zero; batch 512 x 1024 tokens for the LR fit",
     ),
     "porian": Law(
         key="porian",
@@ -324,6 +333,7 @@ LAWS: dict[str, Law] = {
         fitted_range=_PORIAN_RANGE,
         range_note="the paper's model sizes, 5M to 901M parameters",
         predict=_predict_porian,
+        schedule="AdamW with beta2 tuned at small batches; warmup and cosine decay (see the paper for the details)",
     ),
 }
 
@@ -334,6 +344,8 @@ def resolve_law_names(names: str | list[str] | None) -> list[str]:
         return list(LAWS)
     if isinstance(names, str):
         names = [part.strip() for part in names.split(",") if part.strip()]
+    if not names:
+        raise UserError(f"--law names no law; expected 'all' or one of {', '.join(LAWS)}.")
     unknown = [name for name in names if name not in LAWS]
     if unknown:
         raise UserError(f"unknown law {unknown[0]!r}; expected 'all' or one of {', '.join(LAWS)}.")

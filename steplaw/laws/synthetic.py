@@ -14,16 +14,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from steplaw.laws.published import STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N
 from steplaw.laws.table import RunTable, table_from_arrays
 
 
 @dataclass(frozen=True)
 class SyntheticTruth:
-    lr_coef: float = 1.79
-    lr_exp_N: float = -0.713
-    lr_exp_D: float = 0.307
-    bs_coef: float = 0.58
-    bs_exp_D: float = 0.571
+    """The optimum follows the Step Law unless told otherwise."""
+
+    lr_coef: float = STEP_LR_COEF
+    lr_exp_N: float = STEP_LR_EXP_N
+    lr_exp_D: float = STEP_LR_EXP_D
+    bs_coef: float = STEP_BS_COEF
+    bs_exp_D: float = STEP_BS_EXP_D
     E: float = 1.7
     A: float = 400.0
     B: float = 900.0

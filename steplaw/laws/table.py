@@ -8,41 +8,54 @@ runs table; others are kept but ignored):
   N_total       all parameters, embeddings included (optional)
   D             training tokens
   lr            peak learning rate
-  batch_tokens  batch size in tokens (or in sequences with bs_unit="sequences")
-  loss          final smoothed training loss
+  batch_tokens  batch size in tokens (a column named batch_seqs / batch_sequences counts sequences)
+  loss          final smoothed training loss (nats per token)
   status        ok / diverged / failed / pending (optional; rows without it count as ok)
   compute       training FLOPs (optional; gives D = C / (6 N) when there is no D column)
-  seq_len       tokens per sequence (optional; converts a batch in sequences)
+  seq_len       tokens per sequence (optional; converts a batch counted in sequences)
 
-`read_runs` accepts a CSV, JSONL or Parquet file (Parquet needs pyarrow), a sweep
-directory (one holding runs.sqlite; read with steplaw.sweep.store.export_rows) or a list
-of dicts, and maps differently named columns with col_N=..., col_D=..., and so on.
+`read_runs` accepts a CSV, JSONL or Parquet file (Parquet needs pyarrow) or a list of
+dicts (e.g. `steplaw.sweep.store.export_rows(sweep_dir)`: the CLI and the report resolve
+sweep directories, so this package needs nothing from the sweep code), and maps
+differently named columns with col_N=..., col_D=..., and so on. What a command needs
+decides what must be there: `needs="hparams"` (steplaw fit) requires N, D, lr, batch
+size and loss; `needs="loss"` (steplaw fit-loss) only N, D (or compute) and loss.
+
+The unit of the batch size is never guessed from its numbers: it is the explicit
+`bs_unit`, or else the column's name (`..._tokens` counts tokens, `..._seqs` /
+`..._sequences` sequences); a generic name (bs, batch_size) without `bs_unit` is refused.
+
 Rows that did not finish (status not ok) or whose loss is NaN are kept for the grid
-bounds but marked invalid and counted; bad numbers in N, D, lr or batch size are a
-UserError naming the row.
+bounds but marked invalid and counted; bad numbers in N, D, lr, batch size or a finished
+run's loss are a UserError naming the row.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from steplaw.errors import UserError
 
 OK_STATUSES = {"ok", "done", "success", "completed", ""}
-# Batch sizes in tokens below this look like sequence counts (a single 1024-token
-# sequence per step is already far below any pretraining batch).
-_SEQUENCES_SUSPECT_MAX = 4096
+BS_UNITS = ("tokens", "sequences")
+NEEDS = ("hparams", "loss")
+# Batch columns looked for when none is named, in order, with the unit their name says.
+_DEFAULT_BATCH_COLUMNS = ("batch_tokens", "batch_seqs", "batch_sequences")
 
 
 @dataclass
 class RunTable:
-    """Columns of runs as float arrays (one entry per run); see the module docstring."""
+    """Columns of runs as float arrays (one entry per run); see the module docstring.
+
+    lr and batch_tokens are NaN throughout when the table was read for the loss law
+    without those columns (has_hparams False).
+    """
 
     N: np.ndarray
     D: np.ndarray
@@ -58,6 +71,7 @@ class RunTable:
     source: str = "the table"
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
     warnings: list[str] = field(default_factory=list)
+    has_hparams: bool = True
 
     def __len__(self) -> int:
         return int(self.N.shape[0])
@@ -81,47 +95,63 @@ class RunTable:
         return ["N"] + [name for name in ("N_active", "N_total") if getattr(self, name) is not None]
 
 
+# ------------------------------------------------------------------------------ files
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 with or without a byte-order mark, else one clear error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8."
+        ) from None
+
+
+def _read_csv(path: Path, delimiter: str) -> list[dict]:
+    reader = csv.DictReader(_read_text(path).splitlines(), delimiter=delimiter)
+    # Header names are stripped so "N, D, lr" maps like "N,D,lr".
+    return [{(key or "").strip(): value for key, value in row.items()} for row in reader]
+
+
+def _read_json_lines(path: Path, suffix: str) -> list[dict]:
+    text = _read_text(path)
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+        return rows
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{str(path)!r} line {lineno} is not valid JSON ({exc.msg}).") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{str(path)!r} line {lineno} is not a JSON object; expected one run per line.")
+        rows.append(row)
+    return rows
+
+
 def _load_rows(source) -> tuple[list[dict], str]:
     if isinstance(source, (list, tuple)):
         return list(source), "the table"
     path = Path(source)
     if not path.exists():
-        raise UserError(f"no such file or directory: {str(path)!r}; expected a CSV, JSONL, Parquet file or a sweep directory.")
+        raise UserError(f"no such file or directory: {str(path)!r}; expected a CSV, JSONL or Parquet file.")
     if path.is_dir():
-        if not (path / "runs.sqlite").exists():
-            raise UserError(f"directory {str(path)!r} holds no runs.sqlite; expected a sweep directory or a table file.")
-        try:
-            from steplaw.sweep.store import export_rows
-        except ImportError as exc:
-            raise UserError(f"cannot read sweep directory {str(path)!r}: the sweep store is unavailable ({exc}).") from None
-        return list(export_rows(path)), str(path)
+        raise UserError(
+            f"{str(path)!r} is a directory; read_runs takes a table file or rows "
+            "(for a sweep directory pass steplaw.sweep.store.export_rows(DIR))."
+        )
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="") as handle:
-            delimiter = "\t" if suffix == ".tsv" else ","
-            rows = list(csv.DictReader(handle, delimiter=delimiter))
-        return rows, str(path)
+        return _read_csv(path, "\t" if suffix == ".tsv" else ","), str(path)
     if suffix in (".jsonl", ".ndjson", ".json"):
-        rows = []
-        with path.open() as handle:
-            text = handle.read()
-        if suffix == ".json" and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
-            return rows, str(path)
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{str(path)!r} line {lineno} is not valid JSON ({exc.msg}).") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{str(path)!r} line {lineno} is not a JSON object; expected one run per line.")
-            rows.append(row)
-        return rows, str(path)
+        return _read_json_lines(path, suffix), str(path)
     if suffix in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq
@@ -130,9 +160,10 @@ def _load_rows(source) -> tuple[list[dict], str]:
                 f"reading {str(path)!r} needs pyarrow; install it (pip install 'steplaw[parquet]') or export the table as CSV."
             ) from None
         return pq.read_table(path).to_pylist(), str(path)
-    raise UserError(f"cannot tell the format of {str(path)!r}; expected a .csv, .jsonl or .parquet file or a sweep directory.")
+    raise UserError(f"cannot tell the format of {str(path)!r}; expected a .csv, .jsonl or .parquet file.")
 
 
+# ---------------------------------------------------------------------------- columns
 def _to_float(value) -> float:
     if value is None:
         return math.nan
@@ -148,8 +179,12 @@ def _to_float(value) -> float:
         raise ValueError(value) from None
 
 
+def _has_column(rows: list[dict], name: str) -> bool:
+    return any(name in row for row in rows[:50])
+
+
 def _column(rows: list[dict], name: str, source: str, what: str, required: bool = True) -> np.ndarray | None:
-    if not rows or not any(name in row for row in rows[:50]):
+    if not rows or not _has_column(rows, name):
         if not required:
             return None
         present = sorted(rows[0]) if rows else []
@@ -168,103 +203,106 @@ def _column(rows: list[dict], name: str, source: str, what: str, required: bool 
     return values
 
 
-def read_runs(
-    source,
-    *,
-    col_N: str = "N",
-    col_D: str | None = None,
-    col_lr: str = "lr",
-    col_bs: str = "batch_tokens",
-    col_loss: str = "loss",
-    col_C: str | None = None,
-    col_N_active: str = "N_active",
-    col_N_total: str = "N_total",
-    col_status: str = "status",
-    bs_unit: str = "tokens",
-    seq_len: int | None = None,
-) -> RunTable:
-    """Read runs from a file, sweep directory or list of dicts into a checked RunTable.
+def batch_unit_of(column: str) -> str | None:
+    """'tokens' or 'sequences' when a batch column's name says its unit, else None."""
+    name = column.strip().lower()
+    if name.endswith("tokens"):
+        return "tokens"
+    if name.endswith(("seqs", "sequences")):
+        return "sequences"
+    return None
 
-    col_*: the source's names of the columns (defaults: the shared runs-table names).
-    col_D=None means 'D' when present, else D = C/(6N) from col_C (default 'compute').
-    bs_unit: 'tokens' or 'sequences' (then batch_tokens = batch * seq_len, with seq_len
-    from the argument or a 'seq_len' column).
-    """
-    if bs_unit not in ("tokens", "sequences"):
-        raise UserError(f"bs_unit must be 'tokens' or 'sequences', got {bs_unit!r}.")
-    rows, name = _load_rows(source)
-    if not rows:
-        raise UserError(f"{name} holds no runs; expected at least one row.")
-    if not all(isinstance(row, dict) for row in rows):
-        raise UserError(f"{name} rows must be mappings of column name to value.")
-    warnings: list[str] = []
 
-    n = _column(rows, col_N, name, "parameters N")
-    lr = _column(rows, col_lr, name, "the peak learning rate")
-    bs = _column(rows, col_bs, name, "the batch size")
-    loss = _column(rows, col_loss, name, "the final loss")
-    compute = _column(rows, col_C or "compute", name, "compute", required=col_C is not None)
-    has_d = col_D is not None or any("D" in row for row in rows[:50])
-    if has_d:
-        d = _column(rows, col_D or "D", name, "training tokens D")
-    elif compute is not None and not np.all(np.isnan(compute)):
-        d = compute / (6.0 * n)
-        warnings.append(f"no token column: D derived as C/(6N) from column {col_C or 'compute'!r}.")
-    else:
+def _batch_column(rows: list[dict], col_bs: str | None, bs_unit: str | None, name: str) -> tuple[str, str]:
+    """(batch column, its unit) decided from bs_unit or the column's name, never from numbers."""
+    if col_bs is None:
+        col_bs = next((c for c in _DEFAULT_BATCH_COLUMNS if _has_column(rows, c)), "batch_tokens")
+    if not _has_column(rows, col_bs):
+        _column(rows, col_bs, name, "the batch size")  # raises, listing the columns present
+    named = batch_unit_of(col_bs)
+    if bs_unit is None:
+        if named is None:
+            raise UserError(
+                f"the batch-size column {col_bs!r} does not say whether it counts tokens or sequences; "
+                "pass --bs-unit tokens or --bs-unit sequences (bs_unit= in read_runs)."
+            )
+        return col_bs, named
+    if named is not None and named != bs_unit:
         raise UserError(
-            f"{name} has no column 'D' (training tokens) and no compute column to derive it from; "
-            f"map yours with --col-D or --col-C."
+            f"the batch-size column {col_bs!r} counts {named} by its name but --bs-unit {bs_unit} was given; "
+            "map the right column with --col-bs or drop --bs-unit."
         )
-    n_active = _column(rows, col_N_active, name, "activated parameters", required=False)
-    n_total = _column(rows, col_N_total, name, "total parameters", required=False)
-    if n_active is not None and np.all(np.isnan(n_active)):
-        n_active = None
-    if n_total is not None and np.all(np.isnan(n_total)):
-        n_total = None
+    return col_bs, bs_unit
 
-    if bs_unit == "sequences":
-        if seq_len is None:
-            seq_col = _column(rows, "seq_len", name, "sequence length", required=False)
-            if seq_col is None or np.any(~np.isfinite(seq_col)):
-                raise UserError("bs_unit='sequences' needs a sequence length: give --seq-len L or a 'seq_len' column.")
-            bs = bs * seq_col
-        else:
-            if not (isinstance(seq_len, (int, np.integer)) and seq_len > 0):
-                raise UserError(f"seq_len must be a positive integer, got {seq_len!r}.")
-            bs = bs * seq_len
 
-    status = np.array([str(row.get(col_status, "ok") or "ok").strip().lower() for row in rows], dtype=object)
-    run_id = np.array([str(row.get("run_id", index)) for index, row in enumerate(rows)], dtype=object)
-    finished = np.array([s in OK_STATUSES for s in status])
+def _tokens_column(rows, col_D, col_C, n, compute, name, warnings) -> np.ndarray:
+    if col_D is not None or _has_column(rows, "D"):
+        return _column(rows, col_D or "D", name, "training tokens D")
+    if compute is not None and not np.all(np.isnan(compute)):
+        warnings.append(f"no token column: D derived as C/(6N) from column {col_C or 'compute'!r}.")
+        return compute / (6.0 * n)
+    raise UserError(
+        f"{name} has no column 'D' (training tokens) and no compute column to derive it from; "
+        f"map yours with --col-D or --col-C."
+    )
 
-    # A run that never finished may lack its configuration numbers: leave it out, counted.
-    design_ok = np.ones(len(rows), dtype=bool)
-    for values in (n, d, lr, bs):
-        design_ok &= np.isfinite(values) & (values > 0)
+
+def _optional_counts(rows, column, name, what) -> np.ndarray | None:
+    values = _column(rows, column, name, what, required=False)
+    if values is not None and np.all(np.isnan(values)):
+        return None
+    return values
+
+
+def _batch_in_tokens(rows, bs, unit, seq_len, name) -> np.ndarray:
+    if unit != "sequences":
+        return bs
+    if seq_len is None:
+        seq_col = _column(rows, "seq_len", name, "sequence length", required=False)
+        if seq_col is None or np.any(~np.isfinite(seq_col)):
+            raise UserError("a batch size in sequences needs a sequence length: give --seq-len L or a 'seq_len' column.")
+        return bs * seq_col
+    if not (isinstance(seq_len, (int, np.integer)) and seq_len > 0):
+        raise UserError(f"seq_len must be a positive integer, got {seq_len!r}.")
+    return bs * seq_len
+
+
+# ------------------------------------------------------------------------- row checks
+def _drop_incomplete(cols: dict, finished: np.ndarray, design: tuple[str, ...], name: str) -> dict[str, int]:
+    """Leave out (counted by status) runs that never finished and lack their design numbers."""
+    design_ok = np.ones(finished.size, dtype=bool)
+    for key in design:
+        design_ok &= np.isfinite(cols[key]) & (cols[key] > 0)
     incomplete = ~finished & ~design_ok
-    skipped_unfinished: dict[str, int] = {}
-    if incomplete.any():
-        for reason in status[incomplete]:
-            skipped_unfinished[str(reason)] = skipped_unfinished.get(str(reason), 0) + 1
-        keep = ~incomplete
-        n, d, lr, bs, loss = n[keep], d[keep], lr[keep], bs[keep], loss[keep]
-        n_active = n_active[keep] if n_active is not None else None
-        n_total = n_total[keep] if n_total is not None else None
-        compute = compute[keep] if compute is not None else None
-        status, run_id, finished = status[keep], run_id[keep], finished[keep]
-        rows = [row for row, k in zip(rows, keep) if k]
-        if not rows:
-            raise UserError(f"{name} has no finished run with a finite loss (unfinished: {skipped_unfinished}).")
+    skipped: dict[str, int] = {}
+    if not incomplete.any():
+        return skipped
+    for reason in cols["status"][incomplete]:
+        skipped[str(reason)] = skipped.get(str(reason), 0) + 1
+    keep = ~incomplete
+    if not keep.any():
+        raise UserError(f"{name} has no finished run with a finite loss (unfinished: {skipped}).")
+    for key, values in cols.items():
+        if values is not None:
+            cols[key] = values[keep]
+    return skipped
 
-    # Bad numbers in the design columns of finished runs are user mistakes.
-    for label, values in (("N", n), ("D", d), ("lr", lr), ("batch size", bs)):
+
+_LABELS = {"N": "N", "D": "D", "lr": "lr", "batch_tokens": "batch size"}
+
+
+def _check_design(cols: dict, design: tuple[str, ...], name: str) -> None:
+    """Bad numbers in the design columns of finished runs are user mistakes."""
+    for key in design:
+        values = cols[key]
         bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
         if bad.size:
             row = int(bad[0])
             raise UserError(
-                f"{name} row {row + 1}: {label} is {float(values[row]):g}; expected a positive finite number "
+                f"{name} row {row + 1}: {_LABELS[key]} is {float(values[row]):g}; expected a positive finite number "
                 f"({bad.size} row(s) affected)."
             )
+    n, n_active = cols["N"], cols["N_active"]
     if n_active is not None:
         bad = np.flatnonzero(np.isfinite(n_active) & (n_active > n * (1 + 1e-9)))
         if bad.size:
@@ -273,39 +311,108 @@ def read_runs(
                 "activated parameters are a part of the non-embedding total."
             )
 
-    finite_loss = np.isfinite(loss) & (loss > 0)
-    valid = finished & finite_loss
-    dropped: dict[str, int] = dict(skipped_unfinished)
+
+def _validity(cols: dict, finished: np.ndarray, skipped: dict[str, int], name: str) -> tuple[np.ndarray, dict]:
+    """Which runs count (finished with a finite positive loss) and why the others do not."""
+    loss, status = cols["loss"], cols["status"]
+    negative = np.flatnonzero(finished & np.isfinite(loss) & (loss <= 0))
+    if negative.size:
+        row = int(negative[0])
+        raise UserError(
+            f"{name} row {row + 1}: a finished run's loss is {loss[row]:g}; expected a positive cross-entropy "
+            f"in nats ({negative.size} row(s) affected)."
+        )
+    valid = finished & np.isfinite(loss)
+    dropped: dict[str, int] = dict(skipped)
     for reason in sorted(set(status[~finished])):
         dropped[str(reason)] = dropped.get(str(reason), 0) + int(np.sum(status == reason))
-    nan_ok = int(np.sum(finished & ~finite_loss))
+    nan_ok = int(np.sum(finished & ~np.isfinite(loss)))
     if nan_ok:
         dropped["nan_loss"] = nan_ok
     if not valid.any():
-        raise UserError(f"{name} has no finished run with a finite loss ({len(rows)} rows; dropped: {dropped}).")
+        raise UserError(f"{name} has no finished run with a finite loss ({loss.size} rows; dropped: {dropped}).")
+    return valid, dropped
 
-    # A table that carries its sequence length settles the unit: token batches are whole
-    # multiples of it. Only a table without one gets the small-numbers heuristic.
-    seq_lens = _column(rows, "seq_len", name, "sequence length", required=False) if bs_unit == "tokens" else None
-    tokens_evident = False
-    if seq_lens is not None:
-        seq_arr = np.asarray(seq_lens, dtype=float)
-        usable = np.isfinite(seq_arr) & (seq_arr > 0) & np.isfinite(bs)
-        tokens_evident = bool(usable.any()) and bool(np.all(bs[usable] >= seq_arr[usable])) and bool(
-            np.all(np.mod(bs[usable], seq_arr[usable]) == 0)
-        )
-    if bs_unit == "tokens" and not tokens_evident and np.nanmax(bs) <= _SEQUENCES_SUSPECT_MAX:
-        warnings.append(
-            f"batch sizes are at most {np.nanmax(bs):.0f}, which looks like sequences, not tokens; "
-            "if so pass --bs-unit sequences --seq-len L."
-        )
-    if np.nanmax(lr) > 1.0:
-        warnings.append(f"learning rates up to {np.nanmax(lr):.3g} look too large for a peak LR; check the lr column.")
 
+# ---------------------------------------------------------------------------- reading
+def read_runs(
+    source,
+    *,
+    col_N: str = "N",
+    col_D: str | None = None,
+    col_lr: str = "lr",
+    col_bs: str | None = None,
+    col_loss: str = "loss",
+    col_C: str | None = None,
+    col_N_active: str = "N_active",
+    col_N_total: str = "N_total",
+    col_status: str = "status",
+    bs_unit: str | None = None,
+    seq_len: int | None = None,
+    needs: str = "hparams",
+    source_name: str | None = None,
+) -> RunTable:
+    """Read runs from a table file or a list of dicts into a checked RunTable.
+
+    col_*: the source's names of the columns (defaults: the shared runs-table names).
+    col_D=None means 'D' when present, else D = C/(6N) from col_C (default 'compute').
+    col_bs=None means the first of batch_tokens, batch_seqs, batch_sequences present.
+    bs_unit: 'tokens', 'sequences' or None (then the batch column's name must say it);
+    sequences become tokens with seq_len from the argument or a 'seq_len' column.
+    needs: 'hparams' (N, D, lr, batch, loss required) or 'loss' (N, D, loss required).
+    source_name: how errors name rows given as a list (e.g. the sweep directory).
+    """
+    if bs_unit not in (None,) + BS_UNITS:
+        raise UserError(f"bs_unit must be 'tokens' or 'sequences', got {bs_unit!r}.")
+    if needs not in NEEDS:
+        raise UserError(f"needs must be one of {', '.join(NEEDS)}, got {needs!r}.")
+    rows, name = _load_rows(source)
+    name = source_name or name
+    if not rows:
+        raise UserError(f"{name} holds no runs; expected at least one row.")
+    if not all(isinstance(row, dict) for row in rows):
+        raise UserError(f"{name} rows must be mappings of column name to value.")
+    hparams = needs == "hparams"
+    cols, warnings, has_hparams = _read_columns(rows, name, hparams, col_N, col_D, col_lr, col_bs, col_loss, col_C,
+                                                col_N_active, col_N_total, bs_unit, seq_len)
+    cols["status"] = np.array([str(row.get(col_status, "ok") or "ok").strip().lower() for row in rows], dtype=object)
+    cols["run_id"] = np.array([str(row.get("run_id", index)) for index, row in enumerate(rows)], dtype=object)
+    finished = np.array([s in OK_STATUSES for s in cols["status"]])
+    design = ("N", "D", "lr", "batch_tokens") if has_hparams else ("N", "D")
+    skipped = _drop_incomplete(cols, finished, design, name)
+    finished = np.array([s in OK_STATUSES for s in cols["status"]])
+    _check_design(cols, design, name)
+    valid, dropped = _validity(cols, finished, skipped, name)
+    if has_hparams and np.nanmax(cols["lr"]) > 1.0:
+        warnings.append(f"learning rates up to {np.nanmax(cols['lr']):.3g} look too large for a peak LR; check the lr column.")
     return RunTable(
-        N=n, D=d, lr=lr, batch_tokens=bs, loss=loss, valid=valid, status=status, run_id=run_id,
-        N_active=n_active, N_total=n_total, compute=compute, source=name, dropped=dropped, warnings=warnings,
+        N=cols["N"], D=cols["D"], lr=cols["lr"], batch_tokens=cols["batch_tokens"], loss=cols["loss"], valid=valid,
+        status=cols["status"], run_id=cols["run_id"], N_active=cols["N_active"], N_total=cols["N_total"],
+        compute=cols["compute"], source=name, dropped=dropped, warnings=warnings, has_hparams=has_hparams,
     )
+
+
+def _read_columns(rows, name, hparams, col_N, col_D, col_lr, col_bs, col_loss, col_C, col_N_active, col_N_total,
+                  bs_unit, seq_len) -> tuple[dict, list[str], bool]:
+    """The numeric columns as arrays (batch in tokens), the warnings, and whether lr/batch are there."""
+    warnings: list[str] = []
+    n = _column(rows, col_N, name, "parameters N")
+    loss = _column(rows, col_loss, name, "the final loss")
+    compute = _column(rows, col_C or "compute", name, "compute", required=col_C is not None)
+    d = _tokens_column(rows, col_D, col_C, n, compute, name, warnings)
+    if hparams:
+        lr = _column(rows, col_lr, name, "the peak learning rate")
+        bs_col, unit = _batch_column(rows, col_bs, bs_unit, name)
+        bs = _batch_in_tokens(rows, _column(rows, bs_col, name, "the batch size"), unit, seq_len, name)
+    else:  # the loss law reads neither, so neither can stop it
+        lr = np.full(len(rows), np.nan)
+        bs = np.full(len(rows), np.nan)
+    cols = {
+        "N": n, "D": d, "lr": lr, "batch_tokens": bs, "loss": loss, "compute": compute,
+        "N_active": _optional_counts(rows, col_N_active, name, "activated parameters"),
+        "N_total": _optional_counts(rows, col_N_total, name, "total parameters"),
+    }
+    return cols, warnings, hparams
 
 
 def table_from_arrays(

@@ -1,18 +1,29 @@
-"""Loads the compiled extension steplaw._C once and says which ops run where.
+"""Loads the compiled extension steplaw._C once, defines every op the one way, and says
+which ops run where.
 
-If `_C` is missing (not built, or built for another torch or Python), steplaw still
-works: every op falls back to its pure-PyTorch reference, and one warning says so.
+The one pattern for every op (`define_op`): the schema comes from `_C`
+(csrc/steplaw.cpp), or from the op module's copy of it when `_C` is missing; the op's
+pure-PyTorch reference is registered as its CompositeExplicitAutograd kernel, so it
+serves every device that has no compiled kernel (all of them without `_C`, with one
+warning saying so); the Python wrappers always call torch.ops.steplaw.<name>.
+
+The one error rule (`op_error`): a bad argument raises ValueError with one sentence
+prefixed "steplaw: ", from a kernel (STEPLAW_CHECK, csrc/common/checks.h) and from a
+reference alike, with the same text for the same mistake.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 
-# Every op of the extension, by schema name (torch.ops.steplaw.<name>). Each op module
-# adds its names here at import time through `register_op_names`.
+# Every op of the extension, by schema name (torch.ops.steplaw.<name>), and its
+# reference. Each op module adds its ops at import time through `define_op`.
 OP_NAMES: list[str] = []
+REFERENCES: dict[str, Callable] = {}
 
 _state: dict = {"loaded": None, "error": None, "warned": False}
 
@@ -41,10 +52,50 @@ def load_error() -> str | None:
     return _state["error"]
 
 
-def register_op_names(*names: str) -> None:
-    for name in names:
-        if name not in OP_NAMES:
-            OP_NAMES.append(name)
+def op_error(message: str) -> ValueError:
+    """The error of a bad op argument, as the kernels' STEPLAW_CHECK raises it."""
+    return ValueError(f"steplaw: {message}")
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.steplaw, name).default  # noqa: B018 - probing the registry
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_state["fallback_lib"] = None
+
+
+def define_op(name: str, schema: str, reference: Callable) -> None:
+    """Defines torch.ops.steplaw.<name> (from `_C`, else from `schema`, the text after the
+    name) and registers `reference` as its CompositeExplicitAutograd kernel: compiled
+    CPU/CUDA kernels take precedence for their devices."""
+    if not (load_extension() and _op_defined(name)):
+        if _state["fallback_lib"] is None:
+            _state["fallback_lib"] = torch.library.Library("steplaw", "FRAGMENT")  # noqa: TOR901
+        _state["fallback_lib"].define(name + schema)
+    torch.library.impl(f"steplaw::{name}", "CompositeExplicitAutograd")(reference)
+    REFERENCES[name] = reference
+    if name not in OP_NAMES:
+        OP_NAMES.append(name)
+
+
+@contextlib.contextmanager
+def reference_kernels(names: list[str] | None = None) -> Iterator[None]:
+    """Runs the named ops (all by default) on their references on CPU and CUDA for the
+    duration, through the same torch.ops calls and wrappers: the honest way to time or
+    compare a compiled kernel with its reference. Registers kernels process-wide; not
+    for use while other threads run steplaw ops."""
+    lib = torch.library.Library("steplaw", "IMPL")  # noqa: TOR901
+    try:
+        for name in names or list(REFERENCES):
+            for key in ("CPU", "CUDA"):
+                lib.impl(name, REFERENCES[name], key)
+        yield
+    finally:
+        lib._destroy()
 
 
 def has_kernel(op_name: str, device_type: str) -> bool:

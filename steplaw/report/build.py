@@ -2,46 +2,57 @@
 
     write_report(sweep_dir, out_dir=None) -> [report.md, report.html]
 
-It reads the sweep store (steplaw.sweep.store.export_rows), fits the hyperparameter laws
-(steplaw.laws.fit.fit_hparams), draws the fit's figures (steplaw.report.plots) and lays
-out: the fitted laws beside the Step Law with their leave-one-cell-out validation, one
-line per (N, D) cell with its best run and whether that run sits on the grid's edge, the
-failed runs with their reasons, and the table of every run. A fit that cannot be made
-(too few cells, say) is explained in the report instead of stopping it. The report is
-built as a list of blocks, rendered once as Markdown and once as HTML (images embedded
-as base64), so both say the same thing.
+It reads the sweep store (steplaw.sweep.store.export_rows, and the store's meta key
+"planner"), fits the hyperparameter laws (steplaw.laws.fit.fit_hparams), draws the
+fit's figures (steplaw.report.plots) and lays out: which planner proposed the runs, the
+fitted laws beside the Step Law with the exponents the data could not identify, every
+published law scored on the sweep's cells (ranked), one line per (N, D) cell with the
+runs it used, its best run and whether that run sits on the grid's edge
+(steplaw.laws.fit.grid_edge, the one definition), the failed runs with their reasons,
+and the table of every run. A fit that cannot be made (too few cells, say) is explained
+in the report instead of stopping it. The report is built as a list of blocks, rendered
+once as Markdown and once as HTML (images embedded as base64), so both say the same.
 """
 from __future__ import annotations
 
 import base64
 import datetime as _dt
 import html
-import json
 import math
+import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
-from steplaw.errors import UserError
+import numpy as np
 
-STEP_LAW = {"lr": {"coef": 1.79, "exp_N": -0.713, "exp_D": 0.307}, "bs": {"coef": 0.58, "exp_D": 0.571}}
+from steplaw.errors import UserError
+from steplaw.laws.fit import fit_hparams, grid_edge
+from steplaw.laws.identify import distinct_values
+from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
+from steplaw.laws.saved import write_json
+from steplaw.laws.table import read_runs
+from steplaw.report.plots import plot_fit
+from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv
+
 MAX_RUN_ROWS = 5000  # beyond this the table of runs lives in runs.csv only
+DEFAULT_PLANNER = "grid"  # sweeps written before the store recorded its planner
 
 
 # -- analysis ---------------------------------------------------------------------------------
 
 def cell_summaries(rows: list[dict]) -> list[dict]:
-    """Per (N, D) cell (MoE layouts apart): runs, best finished run, grid-edge flags.
+    """Per (N, D) cell (MoE layouts apart): runs used, best finished run, grid-edge flags.
 
-    A best run is on the edge when its LR (batch size) is the smallest or largest of the
-    cell's grid and the grid has more than one value: the optimum may lie outside it.
+    The edge flags are steplaw.laws.fit.grid_edge of the best run's LR (batch size) on the
+    cell's grid: 'low' / 'high' at the grid's ends, 'single' for a one-value grid.
     """
     cells = defaultdict(list)
     for row in rows:
         cells[(row["N"], row["N_active"], row["n_experts"], row["top_k"], row["D"])].append(row)
     out = []
     for (n, n_active, n_experts, top_k, d), members in sorted(cells.items(), key=lambda kv: (kv[0][0] or 0, kv[0][4] or 0)):
-        lrs = sorted({r["lr"] for r in members})
-        batches = sorted({r["batch_tokens"] for r in members})
+        lrs = sorted({r["lr"] for r in members if r["lr"] is not None})
+        batches = sorted({r["batch_tokens"] for r in members if r["batch_tokens"] is not None})
         finished = [r for r in members if r["status"] == "ok" and _finite(r["loss"])]
         best = min(finished, key=lambda r: r["loss"]) if finished else None
         counts = defaultdict(int)
@@ -51,51 +62,51 @@ def cell_summaries(rows: list[dict]) -> list[dict]:
             "N": n, "N_active": n_active, "D": d, "n_experts": n_experts, "top_k": top_k,
             "runs": len(members), "counts": dict(counts), "lrs": lrs, "batch_sizes": batches,
             "best": best,
-            "lr_edge": _edge(best["lr"], lrs) if best else None,
-            "bs_edge": _edge(best["batch_tokens"], batches) if best else None,
+            "lr_edge": grid_edge(best["lr"], lrs) if best else None,
+            "bs_edge": grid_edge(best["batch_tokens"], batches) if best else None,
         })
     return out
-
-
-def _edge(value, grid) -> str | None:
-    if len(grid) < 2:
-        return None
-    if value == grid[0]:
-        return "low"
-    if value == grid[-1]:
-        return "high"
-    return None
 
 
 def _finite(value) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def step_law(n, d) -> tuple[float, float]:
-    try:
-        from steplaw.laws.published import step_law as published
-
-        return published(n, d)
-    except ImportError:
-        return (STEP_LAW["lr"]["coef"] * n ** STEP_LAW["lr"]["exp_N"] * d ** STEP_LAW["lr"]["exp_D"],
-                STEP_LAW["bs"]["coef"] * d ** STEP_LAW["bs"]["exp_D"])
-
-
-def fit_sweep(sweep_dir, n_boot: int, gap: float, seed: int = 0):
+def fit_sweep(rows: list[dict], source: str, n_boot: int, gap: float, seed: int = 0):
     """(table, fit, None) or (table or None, None, why the fit could not be made)."""
     try:
-        from steplaw.laws.fit import fit_hparams
-        from steplaw.laws.table import read_runs
-    except ImportError as exc:
-        return None, None, f"the law fitter is not available ({exc})"
-    try:
-        table = read_runs(sweep_dir)
+        table = read_runs(rows, source_name=source)
     except UserError as exc:
         return None, None, str(exc)
     try:
-        return table, fit_hparams(table, gap=gap, n_boot=n_boot, seed=seed), None
+        return table, fit_hparams(table, gap=gap, n_boot=n_boot, seed=seed, sparsity=_mixes_sparsity(table)), None
     except UserError as exc:
         return table, None, str(exc)
+
+
+def _mixes_sparsity(table) -> bool:
+    """Whether the sweep holds more than one MoE sparsity N_active / N (dense counts as 1):
+    then the laws get a sparsity term and the report says whether the data support it."""
+    if table.N_active is None:
+        return False
+    shares = np.where(np.isfinite(table.N_active), table.N_active / table.N, 1.0)[table.valid]
+    return distinct_values(shares).size >= 2
+
+
+def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict]:
+    """(rows, planner, failure reasons) from the sweep store; a damaged store is a UserError."""
+    try:
+        rows = export_rows(sweep_dir)
+        with ResultStore(sweep_dir, readonly=True) as store:
+            planner = store.meta("planner", None)
+            reasons = {}
+            failed_ids = [r["run_id"] for r in rows if r["status"] == "failed"]
+            if failed_ids:
+                reasons = {r["run_id"]: (r["reason"] or "") for r in store.rows(failed_ids)}
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"{str(sweep_dir / 'runs.sqlite')!r} is not a readable sweep store ({exc}); "
+                        "restore it from a backup or rerun the sweep into a new directory.") from None
+    return rows, str(planner) if planner else DEFAULT_PLANNER, reasons
 
 
 # -- blocks and rendering -------------------------------------------------------------------------
@@ -110,55 +121,85 @@ def _num(value, digits: int = 4) -> str:
 
 def _ci(law: dict, key: str) -> str:
     ci = (law.get("ci") or {}).get(key)
-    return f" [{_num(ci[0], 3)}, {_num(ci[1], 3)}]" if ci else ""
+    return f" [{_num(ci[0], 3)}, {_num(ci[1], 3)}]" if ci and ci[0] is not None else ""
 
 
-def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str | None, figures: list[Path],
-                 out_dir: Path) -> list[tuple]:
-    blocks: list[tuple] = []
+def _overview_blocks(sweep_dir: Path, rows: list[dict], planner: str) -> list[tuple]:
     status = defaultdict(int)
     for row in rows:
         status[row["status"]] += 1
     compute = sum(r["compute"] or 0 for r in rows)
-    blocks.append(("h1", "steplaw sweep report"))
-    blocks.append(("p", f"Sweep directory `{sweep_dir}`, {len(rows)} runs: "
-                        + ", ".join(f"{n} {s}" for s, n in sorted(status.items()))
-                        + f"; training compute {compute:.3g} FLOPs. "
-                        f"Generated {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}."))
-    blocks.append(("p", "Units: N = non-embedding parameters (for MoE all experts counted; N_active = activated per "
-                        "token), D = training tokens, lr = peak learning rate, B = batch size in tokens, "
-                        "loss = final smoothed training loss (nats/token)."))
+    return [
+        ("h1", "steplaw sweep report"),
+        ("p", f"Sweep directory `{sweep_dir}`, {len(rows)} runs: "
+              + ", ".join(f"{n} {s}" for s, n in sorted(status.items()))
+              + f"; training compute {compute:.3g} FLOPs; runs proposed by the `{planner}` planner. "
+              f"Generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}."),
+        ("p", "Units: N = non-embedding parameters (for MoE all experts counted; N_active = activated per "
+              "token), D = training tokens, lr = peak learning rate, B = batch size in tokens, "
+              "loss = final smoothed training loss (nats/token)."),
+    ]
 
-    blocks.append(("h2", "Fitted laws beside the Step Law"))
+
+def _law_table(data: dict) -> tuple:
+    lr, bs = data["lr_law"], data["bs_law"]
+
+    def exp(law, name):
+        return _num(law.get(f"exp_{name}")) + _ci(law, f"exp_{name}") if f"exp_{name}" in law else "not fitted"
+
+    rows = [
+        ["η(N, D) = a·N^α·D^β", "fitted", _num(lr["coef"]) + _ci(lr, "coef"), exp(lr, "N"), exp(lr, "D")],
+        ["", "Step Law", _num(STEP_LR_COEF), _num(STEP_LR_EXP_N), _num(STEP_LR_EXP_D)],
+        ["B(D) = c·D^γ" + ("·N^δ" if "exp_N" in bs else ""), "fitted", _num(bs["coef"]) + _ci(bs, "coef"),
+         exp(bs, "N") if "exp_N" in bs else "–", exp(bs, "D")],
+        ["", "Step Law", _num(STEP_BS_COEF), "–", _num(STEP_BS_EXP_D)],
+    ]
+    return ("table", ["law", "source", "coefficient", "exponent of N", "exponent of D"], rows)
+
+
+def _score_table(data: dict) -> list[tuple]:
+    scores = data.get("law_scores") or []
+    if not scores:
+        return []
+
+    def pair(item, a, b, pct=False):
+        if item[a] is None:
+            return "–"
+        return f"{item[a]:.2%} / {item[b]:.2%}" if pct else f"{item[a]:.2f}× / {item[b]:.2f}×"
+
+    rows = [[str(s["rank"]), s["law"] + ("" if s["law"] not in LAWS else f" ({LAWS[s['law']].citation})"),
+             pair(s, "lr_factor", "lr_factor_max"), pair(s, "bs_factor", "bs_factor_max"),
+             pair(s, "gap_mean", "gap_max", True), pair(s, "bowl_gap_mean", "bowl_gap_max", True),
+             f"{s['cells_scored']}" + (f" ({s['cells_extrapolated']} outside its fitted range)"
+                                       if s.get("cells_extrapolated") else "")] for s in scores]
+    return [("h2", "Every law scored on these cells"),
+            ("table", ["rank", "law", "LR error (median / max)", "batch error (median / max)",
+                       "loss gap, nearest run (mean / max)", "loss gap, bowl (mean / max)", "cells"], rows),
+            ("p", f"Scoring: {data.get('scoring', '')}")]
+
+
+def _fit_blocks(fit, fit_error: str | None) -> list[tuple]:
+    blocks: list[tuple] = [("h2", "Fitted laws beside the Step Law")]
     if fit is None:
-        blocks.append(("p", f"No law was fitted: {fit_error}"))
-    else:
-        data = fit.to_dict()
-        lr, bs = data["lr_law"], data["bs_law"]
-        law_rows = [
-            ["η(N, D) = a·N^α·D^β", "fitted", _num(lr["coef"]) + _ci(lr, "coef"),
-             _num(lr.get("exp_N")) + _ci(lr, "exp_N"), _num(lr.get("exp_D")) + _ci(lr, "exp_D")],
-            ["", "Step Law", _num(STEP_LAW["lr"]["coef"]), _num(STEP_LAW["lr"]["exp_N"]), _num(STEP_LAW["lr"]["exp_D"])],
-            ["B(D) = c·D^γ" + ("·N^δ" if "exp_N" in bs else ""), "fitted", _num(bs["coef"]) + _ci(bs, "coef"),
-             _num(bs.get("exp_N")) + _ci(bs, "exp_N") if "exp_N" in bs else "–", _num(bs.get("exp_D")) + _ci(bs, "exp_D")],
-            ["", "Step Law", _num(STEP_LAW["bs"]["coef"]), "–", _num(STEP_LAW["bs"]["exp_D"])],
-        ]
-        blocks.append(("table", ["law", "source", "coefficient", "exponent of N", "exponent of D"], law_rows))
-        blocks.append(("p", f"N column used: `{data['n_column']}`; near-optimal gap {data['gap']:.2%}; "
-                            f"95% bootstrap intervals from {data['n_boot']} resamples (runs resampled within cells)."))
-        val = data["validation"]
-        step_val = val.get("step_law", {})
-        blocks.append(("table", ["leave-one-cell-out (median / max)", "fitted law", "Step Law"], [
-            ["LR error (factor)", _median_max(val.get("lr_factor")), _median_max(step_val.get("lr_factor"))],
-            ["batch error (factor)", _median_max(val.get("bs_factor")), _median_max(step_val.get("bs_factor"))],
-            ["relative loss gap", _median_max(val.get("relative_loss_gap"), pct=True),
-             _median_max(step_val.get("relative_loss_gap"), pct=True)],
-        ]))
-        for warning in data.get("warnings", []):
+        return blocks + [("p", f"No law was fitted: {fit_error}")]
+    data = fit.to_dict()
+    blocks.append(_law_table(data))
+    blocks.append(("p", f"N column used: `{data['n_column']}`; near-optimal gap {data['gap']:.2%}; "
+                        f"95% bootstrap intervals from {data['n_boot']} resamples (runs resampled within cells)."))
+    for refused in data["refused_exponents"]:
+        blocks.append(("p", f"Not fitted: {refused['reason']}"))
+    if data.get("sparsity"):
+        for key, verdict in data["sparsity"]["laws"].items():
+            exponent = "" if verdict["exponent"] is None else f" exponent {verdict['exponent']:+.3f};"
+            blocks.append(("p", f"MoE sparsity S = N_active / N in the {key} law:{exponent} {verdict['verdict']}."))
+    shown = {r["reason"] for r in data["refused_exponents"]}
+    for warning in data.get("warnings", []):
+        if warning not in shown:
             blocks.append(("p", f"Note: {warning}"))
+    return blocks + _score_table(data)
 
-    cells = cell_summaries(rows)
-    blocks.append(("h2", "Cells"))
+
+def _cell_blocks(cells: list[dict], fit) -> list[tuple]:
     cell_rows = []
     for cell in cells:
         best = cell["best"]
@@ -166,43 +207,42 @@ def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str |
         fit_lr = fit_bs = None
         if fit is not None and cell["N"]:
             n_value = {"N": cell["N"], "N_active": cell["N_active"]}.get(fit.n_column, cell["N"])
-            fit_lr, fit_bs = (float(x) for x in fit.predict(n_value, cell["D"]))
+            share = cell["N_active"] / cell["N"] if cell["N_active"] else None  # the sparsity term's S
+            fit_lr, fit_bs = (float(x) for x in fit.predict(n_value, cell["D"], share))
         edge = ", ".join(f"{what} {side}" for what, side in (("LR", cell["lr_edge"]), ("batch", cell["bs_edge"])) if side)
         cell_rows.append([
             _num(cell["N"]) + (f" ({cell['n_experts']}e top-{cell['top_k']})" if cell["n_experts"] else ""),
-            _num(cell["D"]), f"{cell['counts'].get('ok', 0)}/{cell['runs']}",
+            _num(cell["D"]), str(cell["runs"]), str(cell["counts"].get("ok", 0)),
             _num(best["loss"]) if best else "–", _num(best["lr"], 3) if best else "–",
             _num(best["batch_tokens"]) if best else "–",
             f"{_num(law_lr, 3)} / {_num(law_bs, 3)}", f"{_num(fit_lr, 3)} / {_num(fit_bs, 3)}", edge or "no",
         ])
-    blocks.append(("table", ["N", "D", "ok/runs", "best loss", "best lr", "best B", "Step Law lr / B",
-                             "fitted lr / B", "optimum on grid edge"], cell_rows))
+    blocks = [("h2", "Cells"),
+              ("table", ["N", "D", "runs used", "finished", "best loss", "best lr", "best B", "Step Law lr / B",
+                         "fitted lr / B", "optimum on grid edge"], cell_rows)]
     edges = [c for c in cells if c["lr_edge"] or c["bs_edge"]]
     if edges:
-        blocks.append(("p", f"{len(edges)} of {len(cells)} cells have their best run on the edge of the grid: the "
-                            "true optimum may lie outside it, and the fitted law is pulled towards the edge. Widen "
-                            "the grid in that direction (`--lr-span`, `--lr-scale`, `--batch-points`, `--batch-scale`) "
-                            "and rerun the sweep; finished runs are reused."))
+        blocks.append(("p", f"{len(edges)} of {len(cells)} cells have their best run on the edge of the grid (or a "
+                            "grid of one value): the true optimum may lie outside it, and the fitted law is pulled "
+                            "towards the edge. Widen the grid in that direction (`--lr-span`, `--lr-scale`, "
+                            "`--batch-points`, `--batch-scale`) and rerun the sweep; finished runs are reused."))
     else:
         blocks.append(("p", "Every cell has its best run inside its grid."))
+    return blocks
 
-    if figures:
-        blocks.append(("h2", "Figures"))
-        for path in figures:
-            blocks.append(("img", path, path.stem.replace("_", " ")))
 
+def _run_blocks(rows: list[dict], reasons: dict) -> list[tuple]:
+    blocks: list[tuple] = []
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
-        reasons = _failure_reasons(sweep_dir, [r["run_id"] for r in failed])
         blocks.append(("h2", "Failed runs"))
         blocks.append(("table", ["run_id", "N", "D", "lr", "B", "reason"],
                        [[r["run_id"], _num(r["N"]), _num(r["D"]), _num(r["lr"], 3), _num(r["batch_tokens"]),
                          reasons.get(r["run_id"], "")] for r in failed]))
-
     blocks.append(("h2", "Runs"))
     columns = ["run_id", "status", "N", "D", "lr", "batch_tokens", "loss", "val_loss", "compute"]
     shown = rows[:MAX_RUN_ROWS]
-    blocks.append(("table", columns, [[_num(r[c], 5) if c != "run_id" and c != "status" else r[c] for c in columns]
+    blocks.append(("table", columns, [[_num(r[c], 5) if c not in ("run_id", "status") else r[c] for c in columns]
                                       for r in shown]))
     note = f"All {len(rows)} runs with every column: runs.csv beside this report."
     if len(rows) > len(shown):
@@ -211,19 +251,16 @@ def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str |
     return blocks
 
 
-def _median_max(summary: dict | None, pct: bool = False) -> str:
-    if not summary or summary.get("median") is None:
-        return "–"
-    if pct:
-        return f"{summary['median']:.2%} / {summary['max']:.2%}"
-    return f"{summary['median']:.2f}× / {summary['max']:.2f}×"
-
-
-def _failure_reasons(sweep_dir: Path, run_ids: list[str]) -> dict:
-    from steplaw.sweep.store import ResultStore
-
-    with ResultStore(sweep_dir, readonly=True) as store:
-        return {r["run_id"]: (r["reason"] or "") for r in store.rows(run_ids)}
+def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str | None, figures: list[Path],
+                 out_dir: Path, *, planner: str = DEFAULT_PLANNER, reasons: dict | None = None) -> list[tuple]:
+    """The report as blocks: overview, laws and scores, cells, figures, failed runs, runs."""
+    blocks = _overview_blocks(sweep_dir, rows, planner)
+    blocks += _fit_blocks(fit, fit_error)
+    blocks += _cell_blocks(cell_summaries(rows), fit)
+    if figures:
+        blocks.append(("h2", "Figures"))
+        blocks += [("img", path, path.stem.replace("_", " ")) for path in figures]
+    return blocks + _run_blocks(rows, reasons or {})
 
 
 def render_markdown(blocks: list[tuple], out_dir: Path) -> str:
@@ -282,28 +319,27 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
                  plots: bool = True) -> list[Path]:
     """Write report.md (+ figures/*.png), report.html, runs.csv and fit.json into
     `out_dir` (default SWEEP_DIR/report); returns the report paths."""
-    from steplaw.sweep.store import export_rows, rows_to_csv
-
     sweep_dir = Path(sweep_dir)
-    rows = export_rows(sweep_dir)
+    if not (sweep_dir / "runs.sqlite").is_file():
+        raise UserError(f"{str(sweep_dir)!r} holds no sweep store (runs.sqlite): expected a directory written by "
+                        "`steplaw sweep`")
+    rows, planner, reasons = _store_reads(sweep_dir)
     if not rows:
         raise UserError(f"sweep {str(sweep_dir)!r} holds no runs: expected a directory written by `steplaw sweep`")
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs.csv").write_text(rows_to_csv(rows))
-    table, fit, fit_error = fit_sweep(sweep_dir, n_boot=n_boot, gap=gap)
+    table, fit, fit_error = fit_sweep(rows, str(sweep_dir), n_boot=n_boot, gap=gap)
     figures: list[Path] = []
     plots_note = None
     if fit is not None:
-        (out_dir / "fit.json").write_text(json.dumps(fit.to_dict(), indent=1, default=float) + "\n")
+        write_json(out_dir / "fit.json", fit.to_dict())  # strict JSON: NaN becomes null
         if plots:
-            try:
-                from steplaw.report.plots import plot_fit
-
+            try:  # matplotlib is imported only when a figure is drawn
                 figures = [Path(p) for p in plot_fit(table, fit, out_dir / "figures")]
-            except (ImportError, UserError) as exc:
+            except UserError as exc:
                 plots_note = f"No figures: {exc}"
-    blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir)
+    blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons)
     if plots_note:
         blocks.insert(3, ("p", plots_note))
     md_path = out_dir / "report.md"

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from steplaw import cliargs
 from steplaw.errors import UserError
+from steplaw.report.build import write_report
 
 
 def add_commands(subparsers) -> None:
@@ -12,18 +14,21 @@ def add_commands(subparsers) -> None:
                                                "figures), a self-contained report.html, runs.csv and fit.json.")
     report.add_argument("sweep_dir", help="sweep directory (written by `steplaw sweep` or `steplaw demo`)")
     report.add_argument("--out", "-o", help="report directory (default SWEEP_DIR/report)")
-    report.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the fit (default 1000)")
-    report.add_argument("--gap", type=float, default=0.0025, help="relative loss gap of near-optimal runs (default 0.0025)")
+    report.add_argument("--n-boot", type=cliargs.nonnegative_int, default=1000,
+                        help="bootstrap resamples of the fit (default 1000)")
+    report.add_argument("--gap", type=cliargs.nonnegative_float, default=0.0025,
+                        help="relative loss gap of near-optimal runs (default 0.0025)")
     report.add_argument("--no-html", action="store_true", help="Markdown only")
     report.add_argument("--no-plots", action="store_true", help="no figures (no matplotlib needed)")
     report.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
-    from steplaw.report.build import write_report
-
     if not Path(args.sweep_dir).is_dir():
         raise UserError(f"sweep directory {args.sweep_dir!r} does not exist")
+    if not args.gap < 1:  # a bad gap would otherwise only show as "no law was fitted" in the report
+        raise UserError(f"--gap {args.gap!r} must be a relative loss gap in [0, 1).")
+    cliargs.check_output_dir(args.out if args.out else Path(args.sweep_dir) / "report", "--out")
     for path in write_report(args.sweep_dir, args.out, n_boot=args.n_boot, gap=args.gap,
                              html_report=not args.no_html, plots=not args.no_plots):
         print(path)

@@ -177,10 +177,11 @@ def predicted_vs_observed(table, fit, out_dir) -> list[Path]:
     for ax, key, label in ((axes[0], "lr", "peak LR"), (axes[1], "bs", "batch (tokens)")):
         obs = np.array([item[f"obs_{key}"] for item in per_cell])
         pred = np.array([item[f"pred_{key}"] for item in per_cell])
-        step = np.array([item[f"step_law_{key}"] for item in per_cell])
+        # the Step Law's predictions are there when the fit scored the published laws
+        step = np.array([item.get(f"step_law_{key}") or np.nan for item in per_cell], float)
         ax.scatter(obs, pred, label="fit (leave-one-cell-out)")
         ax.scatter(obs, step, marker="^", alpha=0.6, label="Step Law")
-        finite = np.concatenate([obs, pred[np.isfinite(pred)], step])
+        finite = np.concatenate([obs, pred[np.isfinite(pred)], step[np.isfinite(step)]])
         low, high = finite.min() / 1.5, finite.max() * 1.5
         ax.plot([low, high], [low, high], color="black", lw=0.8)
         ax.plot([low, high], [2 * low, 2 * high], color="grey", lw=0.5, ls=":")

@@ -112,7 +112,10 @@ def step_offsets(seed: int, step: int, batch_seqs: int, stream_len: int, seq_len
     high = stream_len - seq_len - 1
     if high < 1:
         raise UserError(f"the training data has {stream_len} tokens: too few for sequences of {seq_len}")
-    counters = np.arange(batch_seqs, dtype=np.uint64) + np.uint64((step * 0x9E3779B1 + seed * 0x85EBCA77) % 2**64) * np.uint64(1 << 20)
+    # The step's counter base, in Python integers modulo 2^64 (numpy scalars would warn
+    # about the wrap-around that the hash relies on).
+    base = ((step * 0x9E3779B1 + seed * 0x85EBCA77) << 20) % 2**64
+    counters = np.arange(batch_seqs, dtype=np.uint64) + np.uint64(base)
     return (_splitmix64(counters ^ np.uint64((seed * 0xC2B2AE3D27D4EB4F) % 2**64)) % np.uint64(high + 1)).astype(np.int64)
 
 

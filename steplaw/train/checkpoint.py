@@ -3,14 +3,17 @@
 checkpoint.pt: model and optimizer state, the step reached (which is the data position:
 a step's batch depends only on (seed, step)), the step losses so far, torch's RNG
 states, and the time spent. Written to a temporary file and renamed, so a run killed
-while saving keeps its previous checkpoint. result.json: the RunResult once finished.
+while saving keeps its previous checkpoint (fsync before the rename: a power loss too). result.json: the RunResult once finished.
 Both carry the run id; files of another run are ignored (a checkpoint) or refused (a
-result, which would otherwise be overwritten).
+result, which would otherwise be overwritten). A file damaged on disk is renamed to
+NAME.unreadable with a warning, and the run starts over.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,30 +55,55 @@ def save_checkpoint(run_dir: Path, run_id: str, model, optimizer, step: int, los
         },
         tmp,
     )
+    _sync(tmp)
     os.replace(tmp, path)
     return path
 
 
+def _sync(path: Path) -> None:
+    """Flush a written file to disk before it is renamed into place, so that a crash
+    leaves either the old file or the whole new one."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _set_aside(path: Path, reason: str) -> None:
+    """Keep an unreadable file under another name (nothing is deleted) and say so."""
+    kept = path.with_name(path.name + ".unreadable")
+    os.replace(path, kept)
+    warnings.warn(f"{path} cannot be read ({reason}); kept as {kept.name}, and the run starts over", stacklevel=3)
+
+
 def load_checkpoint(run_dir: Path, run_id: str, device: torch.device) -> dict | None:
-    """The checkpoint of this run in run_dir, or None if there is none (or another run's)."""
+    """The checkpoint of this run in run_dir, or None if there is none (or another run's).
+    An unreadable one (damaged on disk) is set aside with a warning: the run starts over."""
     path = run_dir / CHECKPOINT
     if not path.exists():
         return None
-    state = torch.load(path, map_location=device, weights_only=False)
-    if state.get("run_id") != run_id:
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        _set_aside(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return None
+    if not isinstance(state, dict) or state.get("run_id") != run_id:
         return None
     state["rng"]["torch"] = state["rng"]["torch"].cpu()
     return state
 
 
 def load_result(run_dir: Path, run_id: str) -> RunResult | None:
-    """The finished result of this run in run_dir, if there is one."""
+    """The finished result of this run in run_dir, if there is one. An unreadable one
+    is set aside with a warning (the run trains again); another run's is refused."""
     path = run_dir / RESULT
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        _set_aside(path, f"not JSON: {exc}")
+        return None
+    if not isinstance(data, dict):
+        _set_aside(path, "not a JSON object")
         return None
     if data.get("run_id") != run_id:
         raise UserError(f"run directory {str(run_dir)!r} holds the result of another run ({data.get('run_id')}): use a new directory")
@@ -87,6 +115,7 @@ def save_result(run_dir: Path, result: RunResult) -> Path:
     path = run_dir / RESULT
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    _sync(tmp)
     os.replace(tmp, path)
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():

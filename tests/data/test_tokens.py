@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -103,3 +104,72 @@ def test_cli_prepare(tmp_path, capsys):
     assert main(["data", "prepare", str(path), "-o", str(tmp_path / "tok")]) == 0
     assert json.loads(capsys.readouterr().out)["tokenizer"] == "byte"
     assert main(["data", "prepare", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "t2")]) == 2
+
+
+def _token_dir(path, ids, vocab, claimed_vocab=None):
+    path.mkdir()
+    for split in ("train", "val"):
+        write_token_file(path / f"{split}.bin", ids, vocab)
+        if claimed_vocab is not None:
+            sidecar = path / f"{split}.json"
+            sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "vocab_size": claimed_vocab}))
+    return path
+
+
+def test_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    """A token file whose ids do not fit its sidecar's vocabulary would index past the
+    embedding (a crash on GPU): refused in one sentence when the data is loaded."""
+    ids = np.arange(5000) % 700
+    with pytest.raises(UserError, match=r"holds token id 699, outside its vocabulary of 256 tokens"):
+        load_token_data(_token_dir(tmp_path / "bad", ids, 1000, claimed_vocab=256))
+    assert load_token_data(_token_dir(tmp_path / "good", ids, 1000)).vocab_size == 1000
+
+
+def test_rewritten_token_file_is_checked_again(tmp_path):
+    directory = _token_dir(tmp_path / "tok", np.arange(4096) % 256, 256)
+    load_token_data(directory)  # checked, and the answer cached
+    bad = (np.arange(4096) % 256).astype("<u2")
+    bad[100] = 300
+    (directory / "train.bin").write_bytes(bad.tobytes())
+    os.utime(directory / "train.bin", ns=(1, 1))  # a new mtime even on coarse clocks
+    with pytest.raises(UserError, match="holds token id 300"):
+        load_token_data(directory)
+
+
+def test_write_token_file_refuses_ids_outside_the_vocabulary(tmp_path):
+    with pytest.raises(UserError, match=r"do not fit the vocabulary of 256"):
+        write_token_file(tmp_path / "x.bin", np.array([1, 256]), 256)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_token_files_are_written_whole(tmp_path):
+    write_token_file(tmp_path / "x.bin", np.arange(10), 256)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.json"]  # no temporary files left
+
+
+def test_data_path_mistakes(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file: expected the directory"):
+        load_token_data(tmp_path / "file")
+    with pytest.raises(UserError, match="is a directory: expected a UTF-8 text file"):
+        prepare([tmp_path], tmp_path / "tok")
+    path, _ = _write_text(tmp_path)
+    with pytest.raises(UserError, match="is a file: expected a directory"):
+        prepare([path], tmp_path / "file")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("na\u00efve caf\u00e9".encode("latin-1") * 1000)
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        prepare([latin], tmp_path / "tok2")
+
+
+def test_corpus_does_not_import_tokens():
+    """One-way: steplaw.data.tokens uses the corpus (and its block split), never back,
+    not even from inside a function."""
+    import ast
+
+    import steplaw.data.corpus as corpus
+
+    tree = ast.parse(open(corpus.__file__).read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {name for name in imported if name and name.startswith("steplaw.data")}

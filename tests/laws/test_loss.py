@@ -82,7 +82,7 @@ def test_too_few_cells_is_refused():
 
 def test_single_n_is_refused():
     rows = _rows(TRUTHS[0], n_values=[1e8], d_values=np.geomspace(1e9, 1e11, 6))
-    with pytest.raises(UserError, match="share one N"):
+    with pytest.raises(UserError, match="distinct value"):
         fit_loss(read_runs(rows))
 
 
@@ -90,3 +90,43 @@ def test_bad_budget_is_refused():
     fit = fit_loss(read_runs(_rows(TRUTHS[0])), n_boot=0)
     with pytest.raises(UserError):
         fit.compute_optimal(-1)
+
+
+@pytest.mark.parametrize("n_values, variable", [
+    ([1e8, 4e8], "N"),  # issue 12.2: used to return alpha = 2.53, A = 1.7e19 with no warning
+    ([1e8, 1.001e8, 1.002e8], "N"),
+])
+def test_unidentifiable_term_is_refused(n_values, variable):
+    rows = _rows(TRUTHS[0], noise=1e-3, n_values=n_values, d_values=np.geomspace(1e9, 1e11, 6))
+    with pytest.raises(UserError, match=f"cannot fit the loss law's {variable} term because"):
+        fit_loss(read_runs(rows, needs="loss"))
+
+
+def test_loss_table_without_lr_or_batch():
+    rows = [{"N": r["N"], "D": r["D"], "C": 6 * r["N"] * r["D"], "loss": r["loss"]} for r in _rows(TRUTHS[0])]
+    fit = fit_loss(read_runs(rows, needs="loss"), n_boot=0)
+    assert fit.alpha == pytest.approx(TRUTHS[0]["alpha"], rel=1e-3)
+
+
+def test_batched_bootstrap_matches_one_scipy_fit_per_resample():
+    from steplaw.laws.loss import _cell_best_losses, _fit_batch, _fit_once
+
+    table = read_runs(_rows(TRUTHS[1], noise=5e-3, seed=3), needs="loss")
+    fit = fit_loss(table, n_boot=0)
+    cells, best = _cell_best_losses(table, table.N)
+    log_n, log_d, log_loss = np.log(cells[:, 0]), np.log(cells[:, 1]), np.log(best)
+    counts = np.random.default_rng(0).multinomial(len(cells), np.full(len(cells), 1 / len(cells)), size=8).astype(float)
+    theta = np.array([np.log(fit.A), np.log(fit.B), np.log(fit.E), fit.alpha, fit.beta])
+    batched = _fit_batch(log_n, log_d, log_loss, counts, theta, 1e-3)
+    for row, weights in zip(batched, counts):
+        reference = _fit_once(log_n, log_d, log_loss, weights, [theta], 1e-3)
+        assert row[3:] == pytest.approx(reference[3:], abs=1e-4)  # the exponents
+        assert np.exp(row[2]) == pytest.approx(np.exp(reference[2]), rel=1e-3)  # E
+
+
+def test_optimal_interval_brackets_the_point():
+    fit = fit_loss(read_runs(_rows(TRUTHS[0], noise=2e-3)), n_boot=100, seed=1)
+    n_opt, d_opt = fit.compute_optimal(1e22)
+    interval = fit.optimal_interval(1e22)
+    assert interval["N"][0] < n_opt < interval["N"][1] and interval["D"][0] < d_opt < interval["D"][1]
+    assert fit_loss(read_runs(_rows(TRUTHS[0])), n_boot=0).optimal_interval(1e22) is None

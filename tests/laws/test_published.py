@@ -5,8 +5,17 @@ import pytest
 
 from steplaw.errors import UserError
 from steplaw.laws.published import (
-    LAWS, disagreements, kaplan_critical_batch, kaplan_loss, kaplan_lr, porian_law, predict_all, resolve_law_names, step_law,
+    LAWS,
+    disagreements,
+    kaplan_critical_batch,
+    kaplan_loss,
+    kaplan_lr,
+    porian_law,
+    predict_all,
+    resolve_law_names,
+    step_law,
 )
+
 
 # Step Law (arXiv:2503.04715): lr = 1.79 N^-0.713 D^0.307, B = 0.58 D^0.571.
 # N=1e9, D=1e11: log10 lr = log10 1.79 - 0.713*9 + 0.307*11 = 0.25285 - 6.417 + 3.377 = -2.78715

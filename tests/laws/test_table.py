@@ -1,7 +1,6 @@
 """Reading run tables: formats, column mapping, units and clear errors."""
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -51,33 +50,88 @@ def test_column_mapping_and_sequences(tmp_path):
 
 
 def test_sequences_need_a_length():
+    row = {k: v for k, v in ROWS[0].items() if k != "batch_tokens"}
     with pytest.raises(UserError, match="seq-len"):
-        read_runs([dict(ROWS[0])], bs_unit="sequences")
+        read_runs([dict(row, batch_seqs=128)])
 
 
 def test_sequence_column_is_used():
-    row = dict(ROWS[0], batch_tokens=64, seq_len=1024)
-    assert read_runs([row], bs_unit="sequences").batch_tokens[0] == 64 * 1024
+    row = {k: v for k, v in ROWS[0].items() if k != "batch_tokens"}
+    assert read_runs([dict(row, batch_seqs=64, seq_len=1024)]).batch_tokens[0] == 64 * 1024
 
 
-def test_batch_that_looks_like_sequences_warns():
-    rows = [dict(r, batch_tokens=256) for r in ROWS]
-    table = read_runs(rows)
-    assert any("looks like sequences" in w for w in table.warnings)
+# Issue 12.1: the batch unit comes from --bs-unit or the column's name, never from the numbers.
+@pytest.mark.parametrize("column, bs_unit, seq_len, expected", [
+    ("batch_tokens", None, None, 256),  # a tiny token batch stays tokens: no heuristic
+    ("batch_tokens", "tokens", None, 256),
+    ("batch_seqs", None, 64, 256 * 64),
+    ("batch_sequences", None, 64, 256 * 64),
+    ("bs", "tokens", None, 256),
+    ("bs", "sequences", 2048, 256 * 2048),
+])
+def test_batch_unit_from_flag_or_name(column, bs_unit, seq_len, expected):
+    rows = [dict({k: v for k, v in r.items() if k != "batch_tokens"}, **{column: 256}) for r in ROWS]
+    table = read_runs(rows, col_bs=None if column.startswith("batch_") else column, bs_unit=bs_unit, seq_len=seq_len)
+    assert table.batch_tokens[0] == expected
+    assert not any("sequences" in w for w in table.warnings)
 
 
-@pytest.mark.parametrize(
-    "seq_len, warns",
-    [
-        (64, False),  # 256 tokens = 4 whole sequences of 64: plainly tokens (a tiny sweep)
-        (2048, True),  # a "batch" of 256 shorter than one sequence: really sequences
-        (96, True),  # not a whole number of sequences
-    ],
-)
-def test_seq_len_column_settles_the_batch_unit(seq_len, warns):
-    rows = [dict(r, batch_tokens=256, seq_len=seq_len) for r in ROWS]
-    table = read_runs(rows)
-    assert any("looks like sequences" in w for w in table.warnings) == warns
+@pytest.mark.parametrize("seq_len_column", [None, 64, 2048])
+def test_generic_batch_column_without_unit_is_refused(seq_len_column):
+    # Issue 12.1 (a)/(b): sequence counts that are powers of two >= seq_len, or above any
+    # cutoff, used to pass silently as tokens; a generic name now always asks for --bs-unit.
+    rows = [dict({k: v for k, v in r.items() if k != "batch_tokens"}, bs=45056) for r in ROWS]
+    if seq_len_column:
+        rows = [dict(r, seq_len=seq_len_column) for r in rows]
+    with pytest.raises(UserError, match="--bs-unit") as info:
+        read_runs(rows, col_bs="bs")
+    assert "'bs'" in str(info.value) and str(info.value).count(". ") == 0
+
+
+def test_flag_that_contradicts_the_column_name_is_refused():
+    with pytest.raises(UserError, match="counts tokens by its name but --bs-unit sequences"):
+        read_runs(ROWS, bs_unit="sequences", seq_len=2048)
+
+
+def test_sweep_export_rows_read_as_tokens():
+    rows = [dict(r, seq_len=64, batch_tokens=128) for r in ROWS]  # 2 sequences of 64: still tokens
+    assert read_runs(rows).batch_tokens[0] == 128
+
+
+def test_byte_order_mark_is_read(tmp_path):
+    path = _write_csv(tmp_path / "bom.csv", ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    table = read_runs(path)
+    assert table.N[4] == 2e8 and len(table) == 5
+
+
+def test_latin1_csv_is_one_clear_error(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("N,D,lr,batch_tokens,loss,note\n1e8,2e9,1e-3,262144,3.0,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"not UTF-8 text \(byte 0xe9"):
+        read_runs(path)
+
+
+@pytest.mark.parametrize("loss", [-0.5, 0.0])
+def test_non_positive_loss_of_a_finished_run_is_refused(loss):
+    rows = [dict(ROWS[0], loss=loss)] + ROWS[1:]
+    with pytest.raises(UserError, match="row 1: a finished run's loss is"):
+        read_runs(rows)
+
+
+def test_loss_table_needs_no_lr_or_batch():
+    rows = [{"N": r["N"], "D": r["D"], "C": 6 * r["N"] * r["D"], "loss": r["loss"], "status": r["status"]} for r in ROWS]
+    table = read_runs(rows, needs="loss")
+    assert not table.has_hparams and np.isnan(table.lr).all() and table.n_valid == 2
+    with pytest.raises(UserError, match="no column 'lr'"):
+        read_runs(rows)
+
+
+def test_loss_table_errors_name_only_what_it_needs():
+    rows = [{"N": 1e8, "tokens": 2e9, "loss": 3.0}]
+    with pytest.raises(UserError) as info:
+        read_runs(rows, needs="loss")
+    assert "'D'" in str(info.value) and "lr" not in str(info.value).split(";")[0]
 
 
 def test_missing_column_names_it_and_lists_present():
@@ -152,24 +206,16 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
         read_runs(path)
 
 
-def test_sweep_directory_goes_through_export_rows(tmp_path, monkeypatch):
+def test_directory_is_for_the_cli_to_resolve(tmp_path):
+    # steplaw.laws imports nothing from steplaw.sweep: a sweep directory is read by the CLI.
     (tmp_path / "runs.sqlite").write_bytes(b"")
-    seen = []
-    fake = types.ModuleType("steplaw.sweep.store")
-
-    def export_rows(sweep_dir):
-        seen.append(sweep_dir)
-        return [dict(r) for r in ROWS]
-
-    fake.export_rows = export_rows
-    monkeypatch.setitem(sys.modules, "steplaw.sweep.store", fake)
-    table = read_runs(tmp_path)
-    assert seen == [tmp_path] and len(table) == 5
-
-
-def test_directory_without_store_is_an_error(tmp_path):
-    with pytest.raises(UserError, match="no runs.sqlite"):
+    with pytest.raises(UserError, match="export_rows"):
         read_runs(tmp_path)
+
+
+def test_rows_with_a_source_name():
+    with pytest.raises(UserError, match="sweeps/a row 1"):
+        read_runs([dict(ROWS[0], N="x")], source_name="sweeps/a")
 
 
 def test_unfinished_rows_without_numbers_are_dropped_and_counted():

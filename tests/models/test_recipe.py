@@ -49,3 +49,15 @@ def test_moe_active_matches_dense_of_same_width():
 def test_recipe_refuses_bad_targets(bad):
     with pytest.raises(UserError, match="n_params"):
         model_for_params(bad)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_params=float("nan")), "n_params=nan"),
+    (dict(n_params=1e6, vocab_size=0), "vocab_size=0"),
+    (dict(n_params=1e6, target="activated"), "target='activated'"),
+    (dict(n_params=1e6, max_seq_len=0), "max_seq_len=0"),
+])
+def test_recipe_refuses_bad_inputs_in_one_sentence(kwargs, match):
+    with pytest.raises(UserError, match=match) as info:
+        model_for_params(**kwargs)
+    assert "\n" not in str(info.value)

@@ -39,3 +39,11 @@ def test_missing_matplotlib_is_a_user_error(tmp_path, table_and_fit, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(UserError, match="matplotlib"):
         plots.plot_fit(*table_and_fit, tmp_path)
+
+
+def test_plots_of_a_fit_without_law_scores(tmp_path, table_and_fit):
+    from steplaw.report.plots import predicted_vs_observed
+
+    table = table_and_fit[0]
+    paths = predicted_vs_observed(table, fit_hparams(table, n_boot=0, score_laws=False), tmp_path)
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

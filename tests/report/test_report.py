@@ -1,4 +1,5 @@
 """The sweep report, on stores filled in-process with a known loss surface."""
+import json
 import math
 
 import pytest
@@ -36,8 +37,8 @@ def fill(sweep_dir, tokens=(2**16, 2**18, 2**20), shapes=SHAPES, lrs=LRS, batche
             n = counts[i]["non_embedding"]
             lr_opt, bs_opt = optimum(n, entry["tokens"])
             loss = 2 + 0.2 * math.log(entry["lr"] / lr_opt) ** 2 + 0.1 * math.log(entry["batch_tokens"] / bs_opt) ** 2
-            result = {"status": "ok", "final_train_loss": loss, "final_val_loss": loss, "curve": [(0, 5.0), (entry["tokens"], loss)],
-                      "compute_flops": 6.0 * n * entry["tokens"]}
+            result = {"status": "ok", "final_train_loss": loss, "final_val_loss": loss,
+                      "curve": [(0, 5.0), (entry["tokens"], loss)], "compute_flops": 6.0 * n * entry["tokens"]}
             if fail_one and i == 0:
                 result = {"status": "failed", "reason": "worker process was killed by SIGKILL"}
             store.record_result(entry["run_id"], result, host="test", versions={"python": "3"})
@@ -84,11 +85,45 @@ def test_edge_cells_are_flagged(tmp_path, lrs, batches, lr_edge, bs_edge):
 
 
 def test_report_explains_a_fit_it_cannot_make(tmp_path):
-    sweep = fill(tmp_path, tokens=(2**16, 2**18))  # two token budgets: the D exponent is not identified
+    sweep = fill(tmp_path, tokens=(2**16, 2**18), lrs=LRS[:1], batches=BATCHES[:1])  # one run per cell
     md_path, html_path = write_report(sweep, n_boot=10)
     text = md_path.read_text()
-    assert "No law was fitted: cannot fit" in text and "## Cells" in text and "## Runs" in text
+    assert "No law was fitted: no (N, D) cell has two or more finished runs" in text
+    assert "## Cells" in text and "## Runs" in text
     assert not (tmp_path / "report" / "fit.json").exists()
+
+
+def test_report_names_an_exponent_it_refused(tmp_path):
+    sweep = fill(tmp_path, tokens=(2**16, 2**18))  # two token budgets: the D exponent is not identified
+    md_path, _ = write_report(sweep, n_boot=10, plots=False)
+    text = md_path.read_text()
+    assert "Not fitted: the learning-rate law's exponent of D is not fitted because the cells have 2" in text
+    assert "| not fitted |" in text
+    fit = json.loads((tmp_path / "report" / "fit.json").read_text(), parse_constant=_no_nan)
+    assert "exp_D" not in fit["lr_law"] and fit["refused_exponents"]
+
+
+def _no_nan(name):
+    raise AssertionError(f"fit.json holds {name}: not JSON")
+
+
+def test_report_shows_planner_runs_per_cell_and_law_scores(tmp_path):
+    sweep = fill(tmp_path / "sweep", lrs=LRS[:4])
+    with ResultStore(sweep) as store:
+        store.set_meta("planner", "adaptive")
+    md_path, _ = write_report(sweep, n_boot=20, plots=False)
+    text = md_path.read_text()
+    assert "proposed by the `adaptive` planner" in text
+    assert "| runs used |" in text and "| 20 | 20 |" in text  # 4 LRs x 5 batches per cell, all finished
+    assert "## Every law scored on these cells" in text and "step_law (Li et al. 2025" in text
+    assert "fit_loco" in text and "nearest" in text
+    json.loads((sweep / "report" / "fit.json").read_text(), parse_constant=_no_nan)
+
+
+def test_report_of_an_old_sweep_says_grid(tmp_path):
+    sweep = fill(tmp_path / "sweep")
+    text = write_report(sweep, n_boot=0, plots=False, html_report=False)[0].read_text()
+    assert "proposed by the `grid` planner" in text
 
 
 def test_report_cli(tmp_path, capsys):
@@ -100,3 +135,35 @@ def test_report_cli(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "holds no sweep store" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"SQLite format 3\x00" + b"\x07" * 300, b"not a database at all" * 20])
+def test_report_of_a_damaged_store_is_one_line(tmp_path, capsys, content):
+    (tmp_path / "runs.sqlite").write_bytes(content)
+    assert main(["report", str(tmp_path), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable sweep store" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_out_is_checked_before_any_work(tmp_path, capsys):
+    sweep = fill(tmp_path / "sweep", tokens=(2**16,), shapes=SHAPES[:1])
+    (tmp_path / "a_file").write_text("x")
+    assert main(["report", str(sweep), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file: expected a directory" in capsys.readouterr().err
+    assert main(["report", str(sweep), "--out", "/proc/steplaw_report"]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+    assert main(["report", str(sweep), "--gap", "1.5"]) == 2
+    assert "--gap" in capsys.readouterr().err
+    assert not (sweep / "report").exists()
+
+
+def test_report_of_dense_and_moe_runs_asks_about_sparsity(tmp_path):
+    from steplaw.models.config import MoEConfig
+
+    moe = [ModelConfig(d_model=d, n_layers=2, n_heads=2, d_ff=2 * d, max_seq_len=64, moe=MoEConfig(n_experts=4, top_k=1))
+           for d in (32, 64, 128)]
+    sweep = fill(tmp_path / "sweep", shapes=SHAPES + moe, lrs=LRS[1:4], batches=BATCHES[1:4])
+    text = write_report(sweep, n_boot=50, plots=False, html_report=False)[0].read_text()
+    assert "MoE sparsity S = N_active / N in the learning-rate law" in text
+    fit = json.loads((sweep / "report" / "fit.json").read_text(), parse_constant=_no_nan)
+    assert fit["sparsity"]["laws"]["learning-rate"]["verdict"]

@@ -7,7 +7,7 @@ from steplaw.cli import main
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.table import read_runs
 from steplaw.sweep.presets import demo_spec
-from steplaw.sweep.store import ResultStore
+from steplaw.sweep.store import ResultStore, export_rows
 
 
 def test_demo_full_preset_shape():
@@ -18,6 +18,7 @@ def test_demo_full_preset_shape():
     assert len(spec.expand()) >= 72
 
 
+@pytest.mark.slow
 def test_small_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--scale", "small", "--out", str(out), "--quiet"]) == 0, failures(out)
@@ -42,7 +43,7 @@ def test_small_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert main(["runs", str(out), "--csv", "-o", str(csv_path)]) == 0
     assert main(["runs", str(out), "--json", "-o", str(json_path)]) == 0
     assert len(json.loads(json_path.read_text())) == 36
-    fits = [fit_hparams(read_runs(source), n_boot=50).to_dict() for source in (out, csv_path)]
+    fits = [fit_hparams(read_runs(source), n_boot=50).to_dict() for source in (export_rows(out), csv_path)]
     for law in ("lr_law", "bs_law"):
         numbers = [{k: v for k, v in fit[law].items() if k != "ci"} for fit in fits]
         assert numbers[0] == pytest.approx(numbers[1], rel=1e-12)

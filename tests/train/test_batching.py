@@ -72,3 +72,20 @@ def test_auto_cap_shrinks_with_model_size():
     small = auto_micro_batch_tokens(ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=192), "cpu")
     large = auto_micro_batch_tokens(ModelConfig(d_model=512, n_layers=8, n_heads=8, d_ff=1376), "cpu")
     assert large < small and 1024 < large
+
+
+@pytest.mark.parametrize("seed,step,expect", [
+    (0, 10**6, [14539, 65041, 25053, 16053]),
+    (2**63 - 1, 3, [51816, 90485, 81779, 63646]),
+    (12345, 10**9, [41101, 15748, 16450, 81609]),
+])
+def test_step_offsets_wrap_without_overflow_warnings(seed, step, expect):
+    """The hash wraps modulo 2^64 on purpose: no numpy overflow warning at any step or
+    seed. The expected offsets were computed with the earlier uint64-scalar arithmetic,
+    so a rewrite of the wrap-around cannot change any run's data order."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        offsets = step_offsets(seed, step, 4, 100_000, 64)
+    assert offsets.tolist() == expect

@@ -4,20 +4,20 @@ import pytest
 
 from steplaw.cli import main
 from steplaw.errors import UserError
-from steplaw.train.cli import parse_count
+from steplaw.units import parse_count
 
 BASE = ["train", "--params", "100k", "--tokens", "16384", "--lr", "3e-3", "--batch-tokens", "2048", "--device", "cpu", "--optimizer", "torch"]
 
 
 @pytest.mark.parametrize("text,value", [("2M", 2_000_000), ("1e9", 10**9), ("32768", 32768), ("1.5k", 1500), ("20m", 20_000_000), ("3B", 3 * 10**9), ("2.5e6", 2_500_000)])
 def test_parse_count(text, value):
-    assert parse_count(text) == value
+    assert parse_count(text, integer=True) == value
 
 
 @pytest.mark.parametrize("text", ["two", "1.5", "-3M", "0", "1e-3", "2X", ""])
 def test_parse_count_refuses(text):
     with pytest.raises(UserError, match="--params"):
-        parse_count(text, "--params")
+        parse_count(text, "--params", integer=True)
 
 
 def test_train_json(tmp_path, capsys):
@@ -44,8 +44,8 @@ def test_train_moe_json(capsys):
     "extra,message",
     [
         (["--batch-tokens", "1000"], "batch_tokens=1000 is not a multiple of seq_len=128"),
-        (["--lr", "fast"], "--lr='fast'"),
-        (["--tokens", "lots"], "--tokens 'lots' is not a number"),
+        (["--lr", "fast"], "argument --lr: 'fast' is not a number"),
+        (["--tokens", "lots"], "argument --tokens: 'lots' is not a number"),
         (["--moe-experts", "2", "--moe-topk", "3"], "top-k"),
         (["--params-active"], "--params-active"),
     ],

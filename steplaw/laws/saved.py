@@ -1,0 +1,137 @@
+"""Fitted laws in JSON files: `steplaw fit --save` / `fit-loss --save` write them,
+`steplaw predict --law FILE` and `steplaw plan --hparam-law FILE --loss-law FILE` read them.
+
+A file is one JSON object with "kind": "steplaw.hparam_law" (the LR and batch laws as
+coefficients and exponents over N, D and S = N_active/N, the parameter count N stands for,
+the range of the cells) or "steplaw.loss_law" (E, A, B, alpha, beta, FLOPs per parameter
+and token, the bootstrap parameter rows for intervals, the range of the cells). Files are
+written atomically (temporary file, fsync, rename): a crash leaves the old file or the new.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from steplaw.errors import UserError
+from steplaw.laws.fit import HparamFit, PowerLaw
+from steplaw.laws.loss import LossFit, LossFormula, optimal_interval
+from steplaw.laws.stats import finite_or_none
+
+HPARAM_KIND = "steplaw.hparam_law"
+LOSS_KIND = "steplaw.loss_law"
+VERSION = 1
+
+
+def write_json(path, obj) -> Path:
+    """Write strict JSON (NaN -> null) atomically, making missing parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(finite_or_none(obj), indent=1, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def hparam_law_record(fit: HparamFit, source: str) -> dict:
+    return {"kind": HPARAM_KIND, "version": VERSION, "source": source, "n_column": fit.n_column,
+            "lr_law": fit.lr_law.to_dict(), "bs_law": fit.bs_law.to_dict(), "fitted_range": fit.fitted_range,
+            "sparsity": fit.sparsity, "gap": fit.gap, "warnings": list(fit.warnings)}
+
+
+def loss_law_record(fit: LossFit, source: str) -> dict:
+    samples = fit.samples if fit.samples is not None else np.empty((0, 5))
+    return {"kind": LOSS_KIND, "version": VERSION, "source": source, **fit.formula_dict(),
+            "n_column": fit.n_column, "intervals": fit.intervals, "fitted_range": fit.fitted_range,
+            "bootstrap": {"columns": ["ln_A", "ln_B", "ln_E", "alpha", "beta"], "rows": samples.tolist()},
+            "warnings": list(fit.warnings)}
+
+
+@dataclass
+class SavedHparamLaw:
+    lr_law: PowerLaw
+    bs_law: PowerLaw
+    n_column: str
+    fitted_range: dict
+    source: str
+    path: str
+
+    def predict(self, n_params: float, tokens: float, n_active: float | None = None) -> tuple[float, float, list[str]]:
+        """(peak lr, batch tokens, warnings) for N non-embedding parameters (MoE: total, with
+        n_active activated) trained on D tokens, in the units the law was fitted with."""
+        warnings = []
+        if self.n_column == "N_active":
+            if n_active is None:
+                warnings.append(f"{self.path}: fitted on activated parameters; a dense model's N stands for them.")
+            n = n_active if n_active is not None else n_params
+        else:
+            n = n_params
+        sparsity = None
+        if "S" in self.lr_law.exps or "S" in self.bs_law.exps:
+            sparsity = (n_active / n_params) if n_active is not None else 1.0
+        values = {"N": n, "D": tokens, "S": sparsity if sparsity is not None else 1.0}
+        for name, (low, high) in self.fitted_range.items():
+            value = values.get(name)
+            if value is not None and not (low * (1 - 1e-9) <= value <= high * (1 + 1e-9)):
+                warnings.append(f"{self.path}: {name}={value:.3g} is outside the cells the law was fitted on "
+                                f"[{low:.3g}, {high:.3g}]; this is an extrapolation.")
+        lr, bs = self.lr_law(n, tokens, sparsity), self.bs_law(n, tokens, sparsity)
+        return float(lr), float(bs), warnings
+
+
+@dataclass
+class SavedLossLaw(LossFormula):
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    flops_per_param_token: float
+    n_column: str
+    fitted_range: dict
+    source: str
+    path: str
+    samples: np.ndarray = field(default_factory=lambda: np.empty((0, 5)))
+
+    def optimal_interval(self, compute_flops: float) -> dict | None:
+        return optimal_interval(self.samples if len(self.samples) else None, compute_flops, self.flops_per_param_token)
+
+
+def read_law(path) -> SavedHparamLaw | SavedLossLaw:
+    """A law file written by `steplaw fit --save` or `steplaw fit-loss --save`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no law file {str(path)!r}; expected a JSON file written by `steplaw fit --save` "
+                        "or `steplaw fit-loss --save`.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{str(path)!r} is not a JSON law file ({exc}).") from None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    try:
+        if kind == HPARAM_KIND:
+            return SavedHparamLaw(lr_law=PowerLaw.from_dict(data["lr_law"]), bs_law=PowerLaw.from_dict(data["bs_law"]),
+                                  n_column=str(data.get("n_column", "N")), fitted_range=dict(data.get("fitted_range") or {}),
+                                  source=str(data.get("source", "")), path=str(path))
+        if kind == LOSS_KIND:
+            rows = np.asarray((data.get("bootstrap") or {}).get("rows") or [], float).reshape(-1, 5)
+            return SavedLossLaw(E=float(data["E"]), A=float(data["A"]), B=float(data["B"]), alpha=float(data["alpha"]),
+                                beta=float(data["beta"]), flops_per_param_token=float(data.get("flops_per_param_token", 6.0)),
+                                n_column=str(data.get("n_column", "N")), fitted_range=dict(data.get("fitted_range") or {}),
+                                source=str(data.get("source", "")), path=str(path), samples=rows)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{str(path)!r} is a damaged law file (missing or bad {exc}).") from None
+    raise UserError(f"{str(path)!r} is not a steplaw law file (kind {kind!r}); expected one written by "
+                    "`steplaw fit --save` or `steplaw fit-loss --save`.")

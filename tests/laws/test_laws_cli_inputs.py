@@ -1,0 +1,158 @@
+"""Bad and unusual inputs to predict / fit / fit-loss: one line and exit 2, or the right answer."""
+import json
+
+import numpy as np
+import pytest
+
+from steplaw.cli import main
+from steplaw.laws.synthetic import synthetic_runs
+
+
+def _csv(path, header, rows):
+    path.write_text("\n".join([",".join(header)] + [",".join(str(v) for v in row) for row in rows]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs_csv(tmp_path_factory):
+    table = synthetic_runs(seed=2, n_values=(6e7, 2.4e8, 9.6e8), d_values=(2e9, 8e9, 3.2e10))
+    rows = [(table.N[i], table.D[i], table.lr[i], table.batch_tokens[i], table.status[i],
+             "" if not np.isfinite(table.loss[i]) else repr(float(table.loss[i]))) for i in range(len(table))]
+    return _csv(tmp_path_factory.mktemp("runs") / "runs.csv", ["N", "D", "lr", "batch_tokens", "status", "loss"], rows)
+
+
+def one_line_error(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_generic_batch_column_needs_bs_unit(capsys, tmp_path, runs_csv):
+    text = runs_csv.read_text().replace("batch_tokens", "bs", 1)
+    path = tmp_path / "bs.csv"
+    path.write_text(text)
+    one_line_error(capsys, ["fit", str(path), "--col-bs", "bs", "--json"], "--bs-unit")
+    assert main(["fit", str(path), "--col-bs", "bs", "--bs-unit", "tokens", "--n-boot", "5", "--json"]) == 0
+
+
+def test_chinchilla_style_table_fits_without_dummy_columns(capsys, tmp_path):
+    rows = []
+    for n in np.geomspace(7e7, 1.6e10, 6):
+        for d in np.geomspace(5e9, 5e11, 5):
+            rows.append((n, d, 6 * n * d, 1.69 + 406.4 / n**0.34 + 410.7 / d**0.28))
+    path = _csv(tmp_path / "chinchilla.csv", ["N", "D", "C", "loss"], rows)
+    assert main(["fit-loss", str(path), "--n-boot", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["alpha"] == pytest.approx(0.34, rel=1e-3) and out["beta"] == pytest.approx(0.28, rel=1e-3)
+    # the same table without D: D from the compute column
+    path = _csv(tmp_path / "noD.csv", ["N", "C", "loss"], [(r[0], r[2], r[3]) for r in rows])
+    assert main(["fit-loss", str(path), "--col-C", "C", "--n-boot", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["alpha"] == pytest.approx(0.34, rel=1e-3)
+    # errors of fit-loss name only what fit-loss needs
+    path = _csv(tmp_path / "noloss.csv", ["N", "D"], [(r[0], r[1]) for r in rows])
+    err = one_line_error(capsys, ["fit-loss", str(path)], "no column 'loss'")
+    assert "lr" not in err.split(";")[0] and "batch" not in err
+
+
+def test_fit_loss_on_two_model_sizes_is_refused(capsys, tmp_path):
+    rows = [(n, d, 1.69 + 406.4 / n**0.34 + 410.7 / d**0.28) for n in (1e8, 4e8) for d in np.geomspace(1e9, 1e11, 5)]
+    path = _csv(tmp_path / "two.csv", ["N", "D", "loss"], rows)
+    one_line_error(capsys, ["fit-loss", str(path)], "cannot fit the loss law's N term because the cells have 2")
+
+
+def test_bom_and_latin1(capsys, tmp_path, runs_csv):
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + runs_csv.read_bytes())
+    assert main(["fit", str(bom), "--n-boot", "0", "--json"]) == 0
+    capsys.readouterr()
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(runs_csv.read_bytes().replace(b"status", b"st\xe4tus", 1))
+    one_line_error(capsys, ["fit", str(latin)], "is not UTF-8 text")
+
+
+def test_output_paths_are_checked_before_any_work(capsys, tmp_path, runs_csv):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    one_line_error(capsys, ["fit", str(runs_csv), "--out", str(a_file)], "is a file: expected a directory")
+    one_line_error(capsys, ["fit", str(runs_csv), "--out", str(a_file / "sub")], "is a file, not a directory")
+    one_line_error(capsys, ["fit", str(runs_csv), "--json", "--save", str(tmp_path)], "is a directory: expected a file")
+    one_line_error(capsys, ["fit-loss", str(runs_csv), "--save", str(a_file / "l.json")], "is a file, not a directory")
+    one_line_error(capsys, ["fit", str(runs_csv), "--out", "/proc/steplaw_fit"], "cannot be written")
+    one_line_error(capsys, ["fit", str(runs_csv), "--seed", "-1"], "--seed")
+    one_line_error(capsys, ["fit", str(runs_csv), "--gap", "nan"], "--gap")
+    # nothing was fitted or written on the way
+    assert not (runs_csv.parent / "runs_fit").exists()
+    # a --save in a directory that does not exist yet is made
+    assert main(["fit-loss", str(runs_csv), "--n-boot", "0", "--save", str(tmp_path / "new" / "l.json")]) == 0
+    assert (tmp_path / "new" / "l.json").is_file()
+
+
+def test_damaged_sweep_store_is_one_line(capsys, tmp_path):
+    (tmp_path / "runs.sqlite").write_bytes(b"SQLite format 3\x00" + b"\x07" * 200)
+    one_line_error(capsys, ["fit", str(tmp_path)], "is not a readable sweep store")
+    one_line_error(capsys, ["fit-loss", str(tmp_path)], "is not a readable sweep store")
+
+
+def test_empty_law_list_is_refused(capsys):
+    one_line_error(capsys, ["predict", "--params", "1e9", "--tokens", "1e11", "--law", ""], "names no law")
+
+
+def test_json_lists_law_scores_and_is_strict(capsys, runs_csv, tmp_path):
+    assert main(["fit", str(runs_csv), "--n-boot", "20", "--json"]) == 0
+    raw = capsys.readouterr().out
+    assert "NaN" not in raw and "Infinity" not in raw
+    out = json.loads(raw)
+    names = [s["law"] for s in out["law_scores"]]
+    assert "step_law" in names and any("fit" in n for n in names)
+    for item in out["law_scores"]:
+        assert {"law", "lr_factor", "bs_factor", "gap_mean", "gap_max", "rank"} <= set(item)
+    assert "nearest" in out["scoring"] and "bowl" in out["scoring"]
+
+
+def test_save_then_predict_with_sparsity(capsys, tmp_path):
+    truth_rows = []
+    table = synthetic_runs(seed=4, n_values=(6e7, 2.4e8, 9.6e8), d_values=(2e9, 8e9, 3.2e10))
+    for share in (1.0, 0.25):  # dense, and MoE with a quarter of N active; lr* follows N_active
+        for i in range(len(table)):
+            truth_rows.append({"N": table.N[i] / share, "N_active": table.N[i], "D": table.D[i], "lr": table.lr[i],
+                               "batch_tokens": table.batch_tokens[i], "status": table.status[i],
+                               "loss": float(table.loss[i]) if np.isfinite(table.loss[i]) else None})
+    path = tmp_path / "moe.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in truth_rows) + "\n")
+    law = tmp_path / "law.json"
+    argv = ["fit", str(path), "--n-column", "N", "--sparsity", "--n-boot", "100", "--save", str(law), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sparsity"]["laws"]["learning-rate"]["supported"] is True
+    assert out["lr_law"]["exp_S"] == pytest.approx(-0.713, abs=0.1)  # lr ~ N_active^-0.713 = N^-0.713 S^-0.713
+    assert main(["predict", "--params", "4e8", "--tokens", "1e10", "--moe-active", "1e8", "--law", str(law), "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)["predictions"][0]
+    from steplaw.laws.published import step_law
+
+    assert pred["lr"] == pytest.approx(step_law(1e8, 1e10)[0], rel=0.2)  # the activated count sets the LR
+    one_line_error(capsys, ["predict", "--params", "4e8", "--tokens", "1e10", "--law", str(tmp_path / "x.json")],
+                   "no law file")
+
+
+def test_moe_sweep_with_flat_total_refuses_the_N_exponent_loudly(capsys, tmp_path):
+    # Issue 11: total N moves 0.3% across cells; the N exponent used to print as 17.2.
+    rows = []
+    for n_total, n_active in ((1.000e9, 1.25e8), (1.0015e9, 2.5e8), (1.003e9, 5e8)):
+        for d in (2e9, 8e9, 3.2e10):
+            lr_star, bs_star = 1.79 * n_active**-0.713 * d**0.307, 0.58 * d**0.571
+            for i in range(-3, 4):
+                for j in range(-2, 3):
+                    lr, bs = lr_star * 2 ** (i / 2), bs_star * 2.0**j
+                    rows.append({"N": n_total, "N_active": n_active, "D": d, "lr": lr, "batch_tokens": bs,
+                                 "loss": 2.5 + 0.02 * np.log(lr / lr_star) ** 2 + 0.01 * np.log(bs / bs_star) ** 2})
+    path = tmp_path / "moe.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["fit", str(path), "--n-column", "N", "--n-boot", "50", "--no-plots", "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert "refused: the learning-rate law's exponent of N is not fitted because N spans only" in captured.out
+    assert "warning: the learning-rate law's exponent of N is not fitted" in captured.err
+    assert "exp_N" not in captured.out.split("learning rate:")[1].split("\n")[0]
+    result = json.loads((tmp_path / "o" / "fit.json").read_text())
+    assert "exp_N" not in result["lr_law"] and any("exponent of N" in w for w in result["warnings"])
