@@ -18,22 +18,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
-import os
 import sys
 from pathlib import Path
 
+from steplaw import cliargs
+from steplaw.cliargs import count, nonnegative_float, positive_float, positive_int
 from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
-from steplaw.units import parse_count
-
-
-def _count_arg(text: str) -> float:
-    """argparse type for counts like 3M or 2.5e5 (see steplaw.units.parse_count)."""
-    try:
-        return parse_count(text, "count")
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _setting(text: str) -> tuple[str, object]:
@@ -53,19 +44,19 @@ def add_commands(subparsers) -> None:
     sweep.add_argument("spec", nargs="?", help="sweep spec file (TOML, YAML or JSON); flags override it")
     sweep.add_argument("--out", "-o", required=True, help="sweep directory (holds runs.sqlite)")
     grid = sweep.add_argument_group("grid (flags override the spec file)")
-    grid.add_argument("--params", nargs="+", type=_count_arg, help="target non-embedding parameter counts, e.g. 1M 3M")
-    grid.add_argument("--tokens", nargs="+", type=_count_arg, help="token budgets D, e.g. 2e7 1e8")
-    grid.add_argument("--moe-experts", type=int, help="make every model MoE with this many experts")
-    grid.add_argument("--moe-topk", type=int, help="experts per token (with --moe-experts; default 2)")
-    grid.add_argument("--lr-points", type=int, help="LRs per cell (default 5)")
-    grid.add_argument("--lr-span", type=float, help="LR grid covers centre/span..centre*span (default 4)")
-    grid.add_argument("--lr-scale", type=float, help="LR centre = scale x Step Law LR (default 1)")
-    grid.add_argument("--lrs", nargs="+", type=float, help="explicit peak LRs for every cell")
-    grid.add_argument("--batch-points", type=int, help="batch sizes per cell, powers of two (default 5)")
-    grid.add_argument("--batch-scale", type=float, help="batch centre = scale x Step Law batch size (default 1)")
-    grid.add_argument("--batch-sizes", nargs="+", type=lambda s: int(_count_arg(s)), help="explicit batch sizes in tokens")
-    grid.add_argument("--min-steps", type=int, help="drop batch sizes leaving fewer optimizer steps (default 16)")
-    grid.add_argument("--seq-len", type=int, help="sequence length (tokens)")
+    grid.add_argument("--params", nargs="+", type=count, help="target non-embedding parameter counts, e.g. 1M 3M")
+    grid.add_argument("--tokens", nargs="+", type=count, help="token budgets D, e.g. 2e7 1e8")
+    grid.add_argument("--moe-experts", type=positive_int, help="make every model MoE with this many experts")
+    grid.add_argument("--moe-topk", type=positive_int, help="experts per token (with --moe-experts; default 2)")
+    grid.add_argument("--lr-points", type=positive_int, help="LRs per cell (default 5)")
+    grid.add_argument("--lr-span", type=positive_float, help="LR grid covers centre/span..centre*span (default 4)")
+    grid.add_argument("--lr-scale", type=positive_float, help="LR centre = scale x Step Law LR (default 1)")
+    grid.add_argument("--lrs", nargs="+", type=positive_float, help="explicit peak LRs for every cell")
+    grid.add_argument("--batch-points", type=positive_int, help="batch sizes per cell, powers of two (default 5)")
+    grid.add_argument("--batch-scale", type=positive_float, help="batch centre = scale x Step Law batch size (default 1)")
+    grid.add_argument("--batch-sizes", nargs="+", type=count, help="explicit batch sizes in tokens")
+    grid.add_argument("--min-steps", type=positive_int, help="drop batch sizes leaving fewer optimizer steps (default 16)")
+    grid.add_argument("--seq-len", type=positive_int, help="sequence length (tokens)")
     grid.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                       help="a fixed RunConfig setting for every run (repeatable), e.g. --set schedule=wsd --set seed=1")
     _add_execution_flags(sweep)
@@ -100,12 +91,16 @@ def _add_execution_flags(parser, ray: bool = True):
         group.add_argument("--executor", choices=["local", "ray"], default="local",
                            help="local worker processes (default) or Ray tasks")
         group.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-        group.add_argument("--cpus-per-run", type=float, default=1, help="Ray: CPUs per run (default 1)")
-        group.add_argument("--gpus-per-run", type=float, default=0, help="Ray: GPUs per run, fractions allowed (e.g. 0.25)")
-    group.add_argument("--workers", type=int, help="local worker processes (default: one per GPU, else one per core)")
-    group.add_argument("--threads-per-worker", type=int, help="torch threads per local worker (default: cores / workers)")
-    group.add_argument("--workers-per-gpu", type=int, default=1, help="local workers sharing each GPU (default 1)")
-    group.add_argument("--max-attempts", type=int, default=2, help="tries per failed run, over all invocations (default 2)")
+        group.add_argument("--cpus-per-run", type=nonnegative_float, default=1, help="Ray: CPUs per run (default 1)")
+        group.add_argument("--gpus-per-run", type=nonnegative_float, default=0,
+                           help="Ray: GPUs per run, fractions allowed (e.g. 0.25)")
+    group.add_argument("--workers", type=positive_int,
+                       help="local worker processes (default: one per GPU, else one per core)")
+    group.add_argument("--threads-per-worker", type=positive_int,
+                       help="torch threads per local worker (default: cores / workers)")
+    group.add_argument("--workers-per-gpu", type=positive_int, default=1, help="local workers sharing each GPU (default 1)")
+    group.add_argument("--max-attempts", type=positive_int, default=2,
+                       help="tries per failed run, over all invocations (default 2)")
     group.add_argument("--retry-failed", action="store_true", help="give runs that failed all their attempts new ones")
     group.add_argument("--run-fn", default="steplaw.train:run", metavar="MODULE:FUNCTION",
                        help="the training function, run_fn(RunConfig, run_dir=...) -> RunResult (default steplaw.train:run)")
@@ -155,34 +150,21 @@ def spec_from_args(args):
     fixed.update(dict(args.set))
     data["fixed"] = fixed
     if not data.get("models") or not data.get("tokens"):
-        raise UserError("no sweep to run: expected a spec file, or --params and --tokens, or an --out directory holding spec.json")
+        raise UserError("no sweep to run: expected a spec file, or --params and --tokens, or an --out directory holding "
+                        "spec.json")
     data["models"] = [m if isinstance(m, ModelSpec) else _clean_model(m) for m in data["models"]]
     return SweepSpec.from_dict(data)
 
 
 def _check_grid_flags(args):
-    """The grid flags' own mistakes, named by flag (the spec checks what they build)."""
-    positive_floats = {"--lr-scale": args.lr_scale, "--batch-scale": args.batch_scale, "--lr-span": args.lr_span}
-    for flag, value in positive_floats.items():
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UserError(f"{flag} {value}: expected a finite number above 0")
+    """Rules between grid flags (each flag's own form is checked by its argparse type)."""
     if args.lr_span is not None and args.lr_span < 1:
         raise UserError(f"--lr-span {args.lr_span}: expected at least 1 (the grid spans centre/span..centre*span)")
-    positive_ints = {"--seq-len": args.seq_len, "--lr-points": args.lr_points, "--batch-points": args.batch_points,
-                     "--min-steps": args.min_steps}
-    for flag, value in positive_ints.items():
-        if value is not None and value < 1:
-            raise UserError(f"{flag} {value}: expected a whole number of at least 1")
-    for lr in args.lrs or []:
-        if not (math.isfinite(lr) and lr > 0):
-            raise UserError(f"--lrs {lr}: expected finite learning rates above 0")
-    if args.moe_experts is not None and args.moe_experts < 1:
-        raise UserError(f"--moe-experts {args.moe_experts}: expected at least 1 expert (leave it out for dense models)")
     if args.moe_topk is not None:
         if args.moe_experts is None:
             raise UserError(f"--moe-topk {args.moe_topk} needs --moe-experts: expected both, or neither for dense models")
-        if not 1 <= args.moe_topk <= args.moe_experts:
-            raise UserError(f"--moe-topk {args.moe_topk}: expected 1 to --moe-experts {args.moe_experts} experts per token")
+        if args.moe_topk > args.moe_experts:
+            raise UserError(f"--moe-topk {args.moe_topk}: expected at most --moe-experts {args.moe_experts} experts per token")
 
 
 def stored_spec(out) -> dict | None:
@@ -232,22 +214,8 @@ def make_executor_factory(args, run_fn):
     return make
 
 
-def _check_execution_args(args):
-    checks = [("--workers", getattr(args, "workers", None), 1), ("--threads-per-worker", getattr(args, "threads_per_worker", None), 1),
-              ("--workers-per-gpu", getattr(args, "workers_per_gpu", None), 1), ("--max-attempts", args.max_attempts, 1)]
-    for flag, value, least in checks:
-        if value is not None and value < least:
-            raise UserError(f"{flag} {value}: expected at least {least}")
-    for flag in ("cpus_per_run", "gpus_per_run"):
-        value = getattr(args, flag, None)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise UserError(f"--{flag.replace('_', '-')} {value}: expected a finite number >= 0")
-
-
 def _check_out(out: str):
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {out!r} is a file: expected a sweep directory (new or existing)")
+    cliargs.check_output_dir(out, "--out")
 
 
 def run_spec(spec, args):
@@ -257,7 +225,6 @@ def run_spec(spec, args):
     from steplaw.sweep.spec import validate_runs
 
     _check_out(args.out)
-    _check_execution_args(args)
     run_fn = load_run_fn(args.run_fn)
     runs = spec.expand()
     validate_runs(runs, local=getattr(args, "executor", "local") != "ray")
@@ -288,7 +255,6 @@ def cmd_sweep(args) -> int:
     from steplaw.sweep.spec import validate_runs
 
     _check_out(args.out)
-    _check_execution_args(args)
     load_run_fn(args.run_fn)
     spec = spec_from_args(args)
     if args.dry_run:
@@ -317,7 +283,7 @@ def cmd_runs(args) -> int:
     if not path.is_dir():
         raise UserError(f"sweep directory {args.sweep_dir!r} does not exist or is not a directory")
     if args.output:
-        _check_output_file(args.output)
+        cliargs.check_output_file(args.output, "-o")
     with ResultStore(path, readonly=True) as store:
         if args.specs:
             current = store.meta("spec_id")
@@ -332,24 +298,11 @@ def cmd_runs(args) -> int:
             else:
                 text = _text_table(rows, EXPORT_COLUMNS)
     if args.output:
-        try:
-            write_atomic(args.output, text)
-        except OSError as exc:
-            raise UserError(f"cannot write {args.output!r} ({exc.strerror or exc}): expected a writable file path") from None
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.output, text)  # an OSError is one line through cliargs.run_command
     else:
         sys.stdout.write(text)
     return 0
-
-
-def _check_output_file(output: str):
-    path = Path(output)
-    if path.is_dir():
-        raise UserError(f"-o {output!r} is a directory: expected a file path to write the table to")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"-o {output!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UserError(f"-o {output!r} is not writable: expected a file path this user can write")
 
 
 def _text_table(rows, columns) -> str:

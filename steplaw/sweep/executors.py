@@ -114,7 +114,7 @@ def execute(run_fn, config: RunConfig, run_dir: str | None, progress=None) -> tu
         result = as_result(run_fn(config, **kwargs))
     except MemoryError:
         result = failed("out of memory (MemoryError in the run)")
-    except Exception as exc:  # a crashing run is a result of the sweep, not of the driver
+    except Exception as exc:  # noqa: BLE001  (a crashing run is a result of the sweep, not of the driver)
         trace = "\n".join(tb.format_exc().strip().splitlines()[-6:])
         result = failed(f"{type(exc).__name__}: {exc}")
     if result.wall_s is None:
@@ -205,7 +205,7 @@ def _worker_main(conn, run_fn, threads: int, parent_pid: int):
         run_id, config, run_dir = message
         last = [0.0]
 
-        def progress(info, run_id=run_id):
+        def progress(info, run_id=run_id, last=last):
             now = time.monotonic()
             if now - last[0] >= PROGRESS_INTERVAL_S:
                 last[0] = now
@@ -405,7 +405,8 @@ def _check_ray_reachable(address: str | None, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
             pass
     except OSError as exc:
-        raise UserError(f"cannot reach Ray at {address!r} ({exc.strerror or exc}); is `ray start --head` running there?") from None
+        raise UserError(f"cannot reach Ray at {address!r} ({exc.strerror or exc}); is `ray start --head` running "
+                        f"there?") from None
 
 
 class RayExecutor:

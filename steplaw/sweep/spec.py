@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +42,6 @@ __all__ = ["ModelSpec", "SweepSpec", "Cell", "step_law", "count_params", "lr_gri
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "tokens", "lr", "batch_tokens"}
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
 _MOE_FIELDS = {f.name for f in dataclasses.fields(MoEConfig)}
-MAX_SEED = 2**63  # seeds are stored as SQLite integers and hashed as 64-bit counters
 
 
 def count_params(model: ModelConfig) -> dict:
@@ -136,7 +134,7 @@ class SweepSpec:
     fixed: dict = field(default_factory=dict)  # other RunConfig fields (seq_len, schedule, seed, ...)
 
     def __post_init__(self):
-        _check_types(self, "sweep spec", skip=("models", "tokens", "fixed", "lrs", "batch_sizes"))
+        _check_types(self, skip=("models", "tokens", "fixed", "lrs", "batch_sizes"))
         for name in ("lr_span", "lr_center_scale", "batch_center_scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -173,8 +171,8 @@ class SweepSpec:
                 raise UserError(f"batch size {bs!r}: expected a positive integer number of tokens")
         unknown = set(self.fixed) - _RUN_FIELDS
         if unknown:
-            raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of {sorted(_RUN_FIELDS)}")
-        _check_dict_types(RunConfig, self.fixed, "run")
+            raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of "
+                            f"{sorted(_RUN_FIELDS)}")
         seq_len = self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default)
         if isinstance(seq_len, bool) or not (isinstance(seq_len, int) and seq_len >= 1):
             raise UserError(f"seq_len={seq_len!r}: expected a positive whole number of tokens")
@@ -221,7 +219,7 @@ class SweepSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SweepSpec":
+    def from_dict(cls, data: dict) -> SweepSpec:
         if not isinstance(data, dict):
             raise UserError(f"sweep spec is {type(data).__name__}: expected a table of sweep settings")
         data = dict(data)
@@ -235,14 +233,15 @@ class SweepSpec:
         return cls(models=[_model_spec(m) for m in models], **data)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "SweepSpec":
+    def from_file(cls, path: str | Path) -> SweepSpec:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"sweep spec {str(path)!r} does not exist or is not a file: expected a TOML, YAML or JSON file")
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise UserError(f"sweep spec {str(path)!r} is not UTF-8 text (byte {exc.start}): expected a TOML, YAML or JSON file") from None
+            raise UserError(f"sweep spec {str(path)!r} is not UTF-8 text (byte {exc.start}): expected a TOML, YAML or JSON "
+                            f"file") from None
         except OSError as exc:
             raise UserError(f"cannot read sweep spec {str(path)!r} ({exc.strerror or exc})") from None
         data = _parse_spec_text(path, text)
@@ -256,7 +255,8 @@ def _parse_spec_text(path: Path, text: str):
         try:
             import yaml
         except ImportError:
-            raise UserError(f"{path} is YAML but pyyaml is not installed: pip install pyyaml, or write the spec as TOML") from None
+            raise UserError(f"{path} is YAML but pyyaml is not installed: pip install pyyaml, or write the spec as "
+                            f"TOML") from None
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -288,23 +288,24 @@ def _model_spec(entry) -> ModelSpec:
     moe = entry.pop("moe", None)
     shape = entry.pop("shape", None) or ({k: entry.pop(k) for k in list(entry)} if entry else None)
     if (params is None) == (shape is None):
-        raise UserError(f"model entry {entry or params!r}: expected either 'params' (a target count) or shape fields (d_model, n_layers, ...)")
-    if params is not None and (isinstance(params, bool) or not (isinstance(params, (int, float)) and math.isfinite(params) and params > 0)):
+        raise UserError(f"model entry {entry or params!r}: expected either 'params' (a target count) or shape fields (d_model, "
+                        f"n_layers, ...)")
+    valid_number = isinstance(params, (int, float)) and not isinstance(params, bool) and math.isfinite(params)
+    if params is not None and not (valid_number and params > 0):
         raise UserError(f"model params={params!r}: expected a finite positive parameter count")
     if shape is not None:
         if not isinstance(shape, dict):
             raise UserError(f"model shape={shape!r}: expected a table of ModelConfig fields")
         unknown = set(shape) - _MODEL_FIELDS
         if unknown:
-            raise UserError(f"model field {sorted(unknown)[0]!r} is not a ModelConfig field: expected one of {sorted(_MODEL_FIELDS)}")
-        _check_dict_types(ModelConfig, shape, "model")
+            raise UserError(f"model field {sorted(unknown)[0]!r} is not a ModelConfig field: expected one of "
+                            f"{sorted(_MODEL_FIELDS)}")
     if moe is not None:
         if not isinstance(moe, dict):
             raise UserError(f"model moe={moe!r}: expected a table of MoE settings (n_experts, top_k, ...)")
         unknown = set(moe) - _MOE_FIELDS
         if unknown:
             raise UserError(f"MoE setting {sorted(unknown)[0]!r} is unknown: expected one of {sorted(_MOE_FIELDS)}")
-        _check_dict_types(MoEConfig, moe, "moe")
     return ModelSpec(params=float(params) if params is not None else None, shape=shape, moe=moe)
 
 
@@ -325,7 +326,8 @@ def batch_grid(center: float, points: int, seq_len: int, tokens: int, min_steps:
     low_exp = math.ceil(math.log2(seq_len))
     high_exp = math.floor(math.log2(max(tokens / max(min_steps, 1), 1)))
     if high_exp < low_exp:
-        raise UserError(f"token budget D={tokens} is too small for seq_len={seq_len} and min_steps={min_steps}: expected D >= seq_len * min_steps")
+        raise UserError(f"token budget D={tokens} is too small for seq_len={seq_len} and min_steps={min_steps}: expected D >= "
+                        f"seq_len * min_steps")
     first = round(math.log2(center)) - (points - 1) // 2
     first = min(max(first, low_exp), max(high_exp - points + 1, low_exp))
     last = min(first + points - 1, high_exp)
@@ -362,77 +364,26 @@ def _type_problem(value, annotation: str) -> str | None:
     return f"expected {wanted}"
 
 
-def _check_dict_types(cls, data: dict, what: str):
-    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        problem = _type_problem(value, annotations.get(key, ""))
-        if problem:
-            raise UserError(f"{what} setting {key}={value!r}: {problem}")
-
-
-def _check_types(obj, what: str, skip=()):
-    _check_dict_types(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in skip}, what)
+def _check_types(spec: SweepSpec, skip=()):
+    """The spec's own plain-typed fields (run and model settings are checked by their
+    configs' validate())."""
+    for f in dataclasses.fields(spec):
+        if f.name not in skip:
+            value = getattr(spec, f.name)
+            problem = _type_problem(value, f.type)
+            if problem:
+                raise UserError(f"sweep spec setting {f.name}={value!r}: {problem}")
 
 
 def validate_runs(configs: list[RunConfig], local: bool = True) -> None:
-    """Check every run config before any run starts (UserError naming the first problem).
-
-    What can be checked without training: field types, the schedule, the optimizer
-    settings, the batch arithmetic (whole sequences, micro-batches, at least one step),
-    seq_len against the model, and with `local` (runs on this machine) the device and the
-    data directory. Configs that differ only in LR and batch size share the slow checks.
-    """
-    from steplaw.optim.schedule import check_schedule
-    from steplaw.train.batching import plan_batches
-
-    seen: set = set()
+    """Check every run config before any run starts: RunConfig.validate() (types, ranges,
+    schedule, batch arithmetic, seq_len against the model), and with `local` (the runs
+    start on this machine) also the device and the data directory, once per distinct
+    (device, data). Raises the first config's UserError."""
+    machine_checked: set = set()
     for config in configs:
-        _check_types(config, "run", skip=("model",))
-        if not config.lr > 0:
-            raise UserError(f"lr={config.lr!r}: expected a finite learning rate above 0")
-        plan_batches(config.tokens, config.batch_tokens, config.seq_len, config.micro_batch_tokens)
-        key = tuple(getattr(config, f) for f in _RUN_FIELDS) + (config.model, config.tokens)
-        if key in seen:
-            continue
-        seen.add(key)
-        check_schedule(config.schedule, config.min_lr_ratio, config.decay_fraction)
-        _check_settings(config)
-        if local:
-            _check_local(config)
-
-
-def _check_settings(config: RunConfig):
-    if not 0 <= config.seed < MAX_SEED:
-        raise UserError(f"seed={config.seed}: expected a whole number in [0, 2^63)")
-    if config.seq_len > config.model.max_seq_len:
-        raise UserError(f"seq_len={config.seq_len} exceeds the model's max_seq_len={config.model.max_seq_len}")
-    checks = [
-        (config.weight_decay >= 0, "weight_decay", "a number >= 0"),
-        (0 <= config.beta1 < 1, "beta1", "a number in [0, 1)"),
-        (0 <= config.beta2 < 1, "beta2", "a number in [0, 1)"),
-        (config.eps > 0, "eps", "a number above 0"),
-        (config.grad_clip is None or config.grad_clip > 0, "grad_clip", "a number above 0, or null for no clipping"),
-        (config.eval_tokens >= 0, "eval_tokens", "a number of tokens >= 0"),
-        (config.warmup_tokens is None or config.warmup_tokens >= 0, "warmup_tokens", "a number of tokens >= 0"),
-        (config.optimizer in ("steplaw", "torch"), "optimizer", "'steplaw' or 'torch'"),
-        (config.precision in ("auto", "fp32", "bf16"), "precision", "'auto', 'fp32' or 'bf16'"),
-    ]
-    for ok, name, expected in checks:
-        if not ok:
-            raise UserError(f"{name}={getattr(config, name)!r}: expected {expected}")
-
-
-def _check_local(config: RunConfig):
-    device = config.device
-    if device not in ("auto", "cpu"):
-        index = device.partition(":")[2]
-        if not (device == "cuda" or (device.startswith("cuda:") and index.isdigit())):
-            raise UserError(f"device={device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        import torch
-
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if available <= (int(index) if index else 0):
-            raise UserError(f"device={device!r}: this machine has {available} CUDA device(s): expected 'cpu' or 'auto' here "
-                            f"(or --executor ray with GPU nodes)")
-    if config.data is not None and not os.path.isdir(config.data):
-        raise UserError(f"data={config.data!r} is not a directory: expected a token directory from `steplaw data prepare`")
+        where = (repr(config.device), repr(config.data))
+        on_this_machine = local and where not in machine_checked
+        config.validate(on_this_machine=on_this_machine)
+        if on_this_machine:
+            machine_checked.add(where)

@@ -130,7 +130,8 @@ class ResultStore:
         if self.sweep_dir.exists() and not self.sweep_dir.is_dir():
             raise UserError(f"{str(self.sweep_dir)!r} is a file: expected a sweep directory written by `steplaw sweep`")
         if not self.path.exists():
-            raise UserError(f"{str(self.sweep_dir)!r} holds no sweep store ({DB_NAME}): expected a directory written by `steplaw sweep`")
+            raise UserError(f"{str(self.sweep_dir)!r} holds no sweep store ({DB_NAME}): expected a directory written by "
+                            f"`steplaw sweep`")
         damage = storefile.damage(self.path, thorough=False)
         if damage:
             raise UserError(f"{str(self.path)!r} is {damage}, not a sweep store: rerun `steplaw sweep` on "
@@ -139,7 +140,8 @@ class ResultStore:
         with readable(self.path):
             self.version = self._version()
         if self.version not in _EXPORT_SQL:
-            raise UserError(f"{str(self.path)!r} has store schema {self.version}: expected at most {SCHEMA_VERSION} (written by a newer steplaw?)")
+            raise UserError(f"{str(self.path)!r} has store schema {self.version}: expected at most {SCHEMA_VERSION} (written by "
+                            f"a newer steplaw?)")
 
     def _open_for_driver(self):
         if self.sweep_dir.exists() and not self.sweep_dir.is_dir():
@@ -147,7 +149,8 @@ class ResultStore:
         try:
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"cannot create sweep directory {str(self.sweep_dir)!r} ({exc.strerror or exc}): expected a writable place") from None
+            raise UserError(f"cannot create sweep directory {str(self.sweep_dir)!r} ({exc.strerror or exc}): expected a "
+                            f"writable place") from None
         if not os.access(self.sweep_dir, os.W_OK):
             raise UserError(f"sweep directory {str(self.sweep_dir)!r} is not writable: expected a directory this user can write")
         existed = self.path.exists()
@@ -162,7 +165,8 @@ class ResultStore:
         if version == 1:
             migrate_v1(self.conn, spec_id_of, SCHEMA_VERSION)
         elif version != SCHEMA_VERSION:
-            raise UserError(f"{str(self.path)!r} has store schema {version}: expected at most {SCHEMA_VERSION} (written by a newer steplaw?)")
+            raise UserError(f"{str(self.path)!r} has store schema {version}: expected at most {SCHEMA_VERSION} (written by a "
+                            f"newer steplaw?)")
         self.conn.executescript(_SCHEMA)
         self.set_meta("schema_version", SCHEMA_VERSION)
         self.version = SCHEMA_VERSION
@@ -188,7 +192,8 @@ class ResultStore:
         self.record_results([(run_id, result, None, None, None) for run_id, _, result in results])
         if results or replaced:
             self.notices.append(f"rebuilt the store of {str(self.sweep_dir)!r} from {len(results)} finished run "
-                                f"director{'y' if len(results) == 1 else 'ies'} (runs/*/result.json); those runs are not trained again")
+                                f"director{'y' if len(results) == 1 else 'ies'} (runs/*/result.json); those runs are not "
+                                f"trained again")
 
     def close(self):
         self.conn.close()
@@ -451,12 +456,14 @@ class DriverLock:
             directory.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a+")
         except OSError as exc:
-            raise UserError(f"cannot write in sweep directory {str(directory)!r} ({exc.strerror or exc}): expected a writable place") from None
+            raise UserError(f"cannot write in sweep directory {str(directory)!r} ({exc.strerror or exc}): expected a writable "
+                            f"place") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
-            raise UserError(f"another `steplaw sweep` is running on {str(directory)!r}: expected one driver per sweep directory (wait for it or stop it)") from None
+            raise UserError(f"another `steplaw sweep` is running on {str(directory)!r}: expected one driver per sweep directory "
+                            f"(wait for it or stop it)") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"{os.getpid()}\n")

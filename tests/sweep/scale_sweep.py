@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from steplaw.models.config import ModelConfig  # noqa: E402
-from steplaw.sweep.driver import run_sweep  # noqa: E402
-from steplaw.sweep.executors import InlineExecutor  # noqa: E402
-from steplaw.train.config import RunConfig, RunResult  # noqa: E402
+from steplaw.models.config import ModelConfig
+from steplaw.sweep.driver import run_sweep
+from steplaw.sweep.executors import InlineExecutor
+from steplaw.train.config import RunConfig, RunResult
 
 _LOG = None
 

@@ -7,9 +7,9 @@ import pytest
 import sweep_fakes  # noqa: F401  (the run function the commands name)
 
 from steplaw.cli import main
+from steplaw.models.config import ModelConfig
 from steplaw.sweep.store import ResultStore
 from steplaw.train.config import RunConfig
-from steplaw.models.config import ModelConfig
 
 BASE = ["--params", "20K", "--tokens", "65536", "--lrs", "0.005", "0.01", "--batch-sizes", "512", "--seq-len", "64",
         "--run-fn", "sweep_fakes:fake_run", "--workers", "1", "--threads-per-worker", "1", "--quiet"]
@@ -98,11 +98,13 @@ SPEC_CASES = {
     "fixed seed wrong type": ("toml", 'models = [1e6]\ntokens = [65536]\n[fixed]\nseed = "abc"\n'),
     "fixed not a table": ("toml", "models = [1e6]\ntokens = [65536]\nfixed = 3\n"),
     "unknown key": ("toml", "models = [1e6]\ntokens = [65536]\nfoo = 1\n"),
-    "unknown model field": ("toml", "models = [{d_model = 32, n_layers = 2, n_heads = 2, d_ff = 64, colour = 1}]\ntokens = [65536]\n"),
+    "unknown model "
+    "field": ("toml", "models = [{d_model = 32, n_layers = 2, n_heads = 2, d_ff = 64, colour = 1}]\ntokens = [65536]\n"),
     "unknown moe key": ("toml", "models = [{params = 1e6, moe = {n_experts = 4, bogus = 1}}]\ntokens = [65536]\n"),
     "top_k above n_experts": ("toml", "models = [{params = 1e6, moe = {n_experts = 2, top_k = 4}}]\ntokens = [65536]\n"),
     "moe wrong type": ("toml", 'models = [{params = 1e6, moe = {n_experts = "many"}}]\ntokens = [65536]\n'),
-    "d_model not divisible by heads": ("toml", "models = [{d_model = 30, n_layers = 2, n_heads = 4, d_ff = 64}]\ntokens = [65536]\n"),
+    "d_model not divisible by "
+    "heads": ("toml", "models = [{d_model = 30, n_layers = 2, n_heads = 4, d_ff = 64}]\ntokens = [65536]\n"),
     "shape wrong type": ("toml", 'models = [{d_model = "wide", n_layers = 2, n_heads = 2, d_ff = 64}]\ntokens = [65536]\n'),
     "seq_len above max_seq_len": ("toml", "models = [{d_model = 32, n_layers = 2, n_heads = 2, d_ff = 64, max_seq_len = 64}]\n"
                                           "tokens = [65536]\nbatch_sizes = [1024]\n[fixed]\nseq_len = 128\n"),
@@ -199,7 +201,8 @@ def test_store_that_is_a_directory(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["runs", "{out}"], ["runs", "{out}/nosuch"], ["runs", "{out}/file"],
-                                  ["runs", "{out}/s", "-o", "{out}"], ["runs", "{out}/s", "-o", "{out}/nodir/x.csv"]])
+                                  ["runs", "{out}/s", "-o", "{out}"], ["runs", "{out}/s", "-o", "{out}/file/x.csv"],
+                                  ["runs", "{out}/s", "-o", "/proc/steplaw-runs.csv"]])
 def test_bad_runs_arguments(argv, tmp_path, capsys):
     small_store(tmp_path / "s", runs=2)
     (tmp_path / "file").write_text("x")
@@ -212,6 +215,7 @@ def test_runs_output_is_written_atomically(tmp_path, capsys):
     target = tmp_path / "runs.csv"
     assert main(["runs", str(tmp_path / "s"), "--csv", "-o", str(target)]) == 0
     assert target.read_text().startswith("run_id,status,spec_id,N,")
+    assert main(["runs", str(tmp_path / "s"), "--json", "-o", str(tmp_path / "new" / "dir" / "runs.json")]) == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 

@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 

@@ -2,8 +2,8 @@ import io
 
 import pytest
 
-from steplaw.sweep.driver import describe_progress
 from steplaw.progress import ProgressLine, format_duration
+from steplaw.sweep.driver import describe_progress
 
 
 @pytest.mark.parametrize("seconds, text", [(None, "?"), (float("inf"), "?"), (5.4, "5s"), (75, "1m15s"), (7260, "2h01m")])

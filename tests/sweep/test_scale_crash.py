@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 import scale_sweep
 
 HERE = Path(__file__).parent

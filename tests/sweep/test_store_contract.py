@@ -30,7 +30,8 @@ def inline(run_dirs=True):
 
 
 def test_row_mapping_from_config_result_and_counts():
-    moe = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64, moe=MoEConfig(n_experts=4, top_k=2, d_expert=32))
+    moe = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64,
+                      moe=MoEConfig(n_experts=4, top_k=2, d_expert=32))
     config = RunConfig(model=moe, tokens=2**16, lr=0.01, batch_tokens=512, seq_len=64)
     counts = param_counts(moe)
     result = RunResult(status="ok", final_train_loss=3.25, final_val_loss=float("nan"), compute_flops=1e12,
