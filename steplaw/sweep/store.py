@@ -134,7 +134,7 @@ class ResultStore:
                             f"`steplaw sweep`")
         damage = storefile.damage(self.path, thorough=False)
         if damage:
-            raise UserError(f"{str(self.path)!r} is {damage}, not a sweep store: rerun `steplaw sweep` on "
+            raise UserError(f"{str(self.path)!r} is {damage}: not a readable sweep store; rerun `steplaw sweep` on "
                             f"{str(self.sweep_dir)!r} to rebuild it from its run directories")
         self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
         with readable(self.path):
