@@ -58,6 +58,7 @@ def add_commands(subparsers) -> None:
     grid.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                       help="a fixed RunConfig setting for every run (repeatable), e.g. --set schedule=wsd --set seed=1")
     _add_execution_flags(sweep)
+    add_planner_flags(sweep)
     sweep.add_argument("--dry-run", action="store_true", help="print the cells and grids, run nothing")
     sweep.set_defaults(func=cmd_sweep)
 
@@ -177,14 +178,19 @@ def run_spec(spec, args) -> "object":
 
     _check_execution_args(args)
     run_fn = load_run_fn(args.run_fn)
-    runs = spec.expand()
+    planner = make_planner(spec, args)
+    runs = spec.expand() if planner is None else []
     line = ProgressLine(len(runs), enabled=not args.quiet)
     return run_sweep(runs, args.out, make_executor_factory(args, run_fn), max_attempts=args.max_attempts,
-                     spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed)
+                     spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed, planner=planner)
 
 
 def cmd_sweep(args) -> int:
+    if getattr(args, "replay", None):
+        return cmd_replay(args)
     spec = spec_from_args(args)
+    if args.dry_run and getattr(args, "planner", "grid") == "adaptive":
+        return dry_run_adaptive(spec, args)
     if args.dry_run:
         cells = spec.cells()
         for cell in cells:
@@ -245,6 +251,7 @@ def cmd_demo(args) -> int:
     args.executor = "local"
     args.address = None
     spec = demo_spec(args.scale)
+    args.planner, args.cell_budget, args.total_budget, args.max_batch = "adaptive", None, None, None
     summary = run_spec(spec, args)
     if args.no_report:
         return 0
@@ -255,3 +262,88 @@ def cmd_demo(args) -> int:
     for path in paths:
         print(path)
     return 0 if summary.counts.get("ok") else 1
+
+
+# -- planners and replay (steplaw.sweep.planner, steplaw.sweep.replay) ------------------------
+
+def add_planner_flags(parser) -> None:
+    """--planner, the run budgets, and --replay TABLE with the table flags of `steplaw fit`."""
+    from steplaw.laws.cli import add_table_args
+
+    group = parser.add_argument_group("planner")
+    group.add_argument("--planner", choices=["grid", "adaptive"], default="grid",
+                       help="grid: every run of the LR x batch grid (default); adaptive: search each cell's optimum "
+                            "from the finished runs (the grid flags then only set the starting point)")
+    group.add_argument("--cell-budget", type=int, default=None, metavar="RUNS",
+                       help="adaptive: runs per cell at most (default 32; replay: no limit)")
+    group.add_argument("--total-budget", type=int, default=None, metavar="RUNS",
+                       help="adaptive: runs in all, split evenly over the cells (default: no limit)")
+    group.add_argument("--max-batch", type=lambda s: int(_count_arg(s)), default=None, metavar="TOKENS",
+                       help="adaptive: largest batch size in tokens the search may try")
+    replay = parser.add_argument_group("replay a table of finished runs (read as `steplaw fit` reads it; "
+                                       "--seq-len is the table's sequence length)")
+    replay.add_argument("--replay", metavar="TABLE", help="CSV / JSONL / Parquet table or sweep directory to replay")
+    scratch = argparse.ArgumentParser(add_help=False)
+    add_table_args(scratch)
+    for action in scratch._actions:  # the column flags of `steplaw fit`, minus its positional and --seq-len
+        if action.option_strings and action.dest not in ("help", "seq_len"):
+            replay._group_actions.append(parser._add_action(action))
+
+
+def planner_settings(args, replay: bool = False):
+    from steplaw.sweep.planner import AdaptiveSettings
+
+    budget = args.cell_budget if args.cell_budget is not None else (None if replay else AdaptiveSettings.cell_budget)
+    return AdaptiveSettings(cell_budget=budget, total_budget=args.total_budget)
+
+
+def make_planner(spec, args):
+    """None for the grid (run_sweep runs spec.expand()), else the adaptive planner."""
+    if getattr(args, "planner", "grid") != "adaptive":
+        return None
+    from steplaw.sweep.planner import AdaptivePlanner, spec_cells
+
+    return AdaptivePlanner(spec_cells(spec, getattr(args, "max_batch", None)), planner_settings(args))
+
+
+def dry_run_adaptive(spec, args) -> int:
+    from steplaw.sweep.planner import spec_cells
+
+    cells = spec_cells(spec, args.max_batch)
+    for cell in cells:
+        print(f"{cell.label}: N={cell.N:,.0f} D={cell.D:,.0f}  start at lr {cell.prior[0]:.3g}, batch "
+              f"{cell.prior[1]:.4g} tokens; batch sizes {cell.batch_sizes[0]:.0f}..{cell.batch_sizes[-1]:.0f} tokens")
+    settings = planner_settings(args)
+    print(f"adaptive planner: {len(cells)} cells, runs chosen as the sweep goes "
+          f"(at most {settings.cell_budget or 'unlimited'} per cell)")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from steplaw.laws.cli import load_table
+    from steplaw.sweep.driver import run_sweep
+    from steplaw.sweep.planner import AdaptivePlanner
+    from steplaw.sweep.progress import ProgressLine
+    from steplaw.sweep.replay import ReplayExecutor, replay_table
+
+    if args.spec:
+        raise UserError(f"--replay {args.replay!r} and a spec file {args.spec!r}: expected one of them")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UserError(f"--seq-len {args.seq_len}: expected a positive number of tokens per sequence")
+    args.runs = args.replay
+    table = load_table(args)
+    replay = replay_table(table, table.source)
+    for warning in table.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for problem in replay.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if not replay.cells:
+        raise UserError(f"{table.source}: no cell can be replayed ({len(replay.problems)} problem(s) above)")
+    planner = AdaptivePlanner(replay.cells, planner_settings(args, replay=True)) if args.planner == "adaptive" else None
+    if args.dry_run:
+        print(f"replay of {table.source}: {len(replay.cells)} cells, {len(replay.runs)} runs in the table")
+        return 0
+    summary = run_sweep(replay.runs if planner is None else [], args.out, lambda: ReplayExecutor(replay.outcomes),
+                        progress=ProgressLine(0, enabled=not args.quiet), planner=planner,
+                        spec={"replay": str(table.source), "problems": replay.problems})
+    return 0 if not summary.counts.get("pending") else 1

@@ -1,6 +1,12 @@
 """The sweep driver: the one process that hands runs to an executor and writes the store.
 
-    run_sweep(runs, sweep_dir, make_executor) -> SweepSummary
+    run_sweep(runs, sweep_dir, make_executor, planner=None) -> SweepSummary
+
+The planner (steplaw.sweep.planner) says which runs the sweep has: the grid's, all at
+once, or the adaptive search's, a few at a time as earlier runs finish. The driver asks it
+again after each completion, with every stored run (`RunView`); runs it proposes that the
+store does not hold are registered `pending` before any of them runs, so an interrupted
+batch is found again and finished first.
 
 Order of events for a run, each one SQLite transaction: registered `pending` ->
 `running` when handed to a worker -> `ok` / `diverged` / `failed` when its result comes
@@ -12,11 +18,14 @@ that row's attempt.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steplaw.sweep.planner import GridPlanner, RunView
 from steplaw.sweep.progress import ProgressLine, format_duration
+from steplaw.sweep.spec import count_params
 from steplaw.sweep.store import DriverLock, ResultStore
 from steplaw.train.config import RunConfig
 
@@ -29,96 +38,197 @@ class SweepSummary:
     ran: int = 0  # attempts made by this invocation
     reused: int = 0  # runs found finished in the store
     wall_s: float = 0.0
+    planner: str = "grid"
+    cells: list = field(default_factory=list)  # adaptive: one report per cell (AdaptivePlanner.cell_reports)
 
     def line(self) -> str:
         parts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
-        return (f"sweep {self.sweep_dir}: {self.total} runs ({parts}); ran {self.ran}, reused {self.reused}, "
-                f"{format_duration(self.wall_s)}")
+        text = (f"sweep {self.sweep_dir}: {self.total} runs ({parts}); ran {self.ran}, reused {self.reused}, "
+                f"{format_duration(self.wall_s)}; planner {self.planner}")
+        if self.cells:
+            states: dict[str, int] = {}
+            for cell in self.cells:
+                states[cell["state"]] = states.get(cell["state"], 0) + 1
+            text += " (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + " cells)"
+            for cell in self.cells:
+                best = ""
+                if cell["best_lr"] is not None:
+                    best = f"  best lr {cell['best_lr']:.4g}, batch {cell['best_batch_tokens']:.6g} tokens"
+                limits = [side for side, verdict in cell["sides"].items() if verdict == "limit"]
+                note = f" (at the hard limit: {', '.join(limits)})" if limits else ""
+                text += f"\n  {cell['cell']}: {cell['runs']} runs, {cell['state']}{note}{best}"
+        return text
 
 
-def _counts(config: RunConfig) -> dict | None:
-    try:
-        from steplaw.sweep.spec import count_params
-
+def _counts(config) -> dict | None:
+    if isinstance(config, RunConfig):
         return count_params(config.model)
-    except ImportError:
-        return None
+    return config.counts()  # a replayed run carries its table's counts
 
 
 def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, max_attempts: int = 2,
-              spec: dict | None = None, progress: ProgressLine | bool = True, retry_failed: bool = False) -> SweepSummary:
-    """Run every config not yet finished in the store of `sweep_dir`.
+              spec: dict | None = None, progress: ProgressLine | bool = True, retry_failed: bool = False,
+              planner=None) -> SweepSummary:
+    """Run the sweep's runs not yet finished in the store of `sweep_dir`.
 
-    `make_executor()` builds the executor (called only when there is something to run).
-    Failed runs are tried at most `max_attempts` times over all invocations
-    (`retry_failed` grants them `max_attempts` more); diverged runs are results.
+    `planner` (steplaw.sweep.planner) proposes the runs from the finished ones; None runs
+    `runs`, all of them (the grid). `make_executor()` builds the executor (called only when
+    there is something to run). Failed runs are tried at most `max_attempts` times over all
+    invocations (`retry_failed` grants them `max_attempts` more); diverged runs are results.
     """
     sweep_dir = Path(sweep_dir)
     started = time.time()
-    run_ids = [config.run_id() for config in runs]
-    configs = {run_id: config for run_id, config in zip(run_ids, runs)}
-    if len(configs) != len(runs):
-        raise ValueError("run_sweep got duplicate configs")
+    if planner is None:
+        if len({config.run_id() for config in runs}) != len(runs):
+            raise ValueError("run_sweep got duplicate configs")
+        planner = GridPlanner(runs)
     with DriverLock(sweep_dir), ResultStore(sweep_dir) as store:
         store.recover_interrupted()
-        counts = {run_id: _counts(config) for run_id, config in configs.items()}
-        store.add_runs([{**config.to_dict(), "run_id": run_id} for run_id, config in configs.items()],
-                       [counts[run_id] for run_id in configs])
         if spec is not None:
             store.set_meta("spec", spec)
             (sweep_dir / "spec.json").write_text(json.dumps(spec, indent=1) + "\n")
+        store.set_meta("planner", planner.name)
         if retry_failed:
             store.reset_failed()
-        todo = store.todo(run_ids, max_attempts)
-        # Largest runs first: the pool's last minutes are not spent waiting on one big run.
-        todo.sort(key=lambda r: -_cost(configs[r], counts[r]))
-        summary = SweepSummary(sweep_dir, len(run_ids))
-        summary.reused = sum(store.status_counts(run_ids).get(s, 0) for s in ("ok", "diverged")) + sum(
-            1 for row in store.rows(run_ids) if row["status"] == "failed" and row["attempts"] >= max_attempts)
-        line = progress if isinstance(progress, ProgressLine) else ProgressLine(len(run_ids), enabled=bool(progress))
-        if todo:
-            _drive(store, configs, counts, todo, make_executor(), max_attempts, line, summary, sweep_dir, started)
-        summary.counts = store.status_counts(run_ids)
+        sweep = _Sweep(store, planner, max_attempts)
+        sweep.register(planner.propose(sweep.views))
+        summary = SweepSummary(sweep_dir, 0, planner=planner.name)
+        summary.reused = sum(1 for view in sweep.views.values() if view.state != "open" and planner.owns(view))
+        line = progress if isinstance(progress, ProgressLine) else ProgressLine(0, enabled=bool(progress))
+        line.total = sweep.total()
+        if sweep.queue():
+            _drive(sweep, make_executor(), line, summary, sweep_dir, started)
+        owned = sweep.owned_ids()
+        summary.total = len(owned)
+        summary.counts = store.status_counts(owned)
+        summary.cells = planner.cell_reports(sweep.views)
+        if summary.cells:
+            store.set_meta("planner_cells", summary.cells)
         summary.wall_s = time.time() - started
         line.finish(summary.line())
         return summary
 
 
-def _cost(config: RunConfig, counts: dict | None) -> float:
+class _Sweep:
+    """The driver's view of the store: RunViews for the planner, configs and the queue."""
+
+    def __init__(self, store: ResultStore, planner, max_attempts: int):
+        self.store, self.planner, self.max_attempts = store, planner, max_attempts
+        self.configs: dict[str, object] = {}
+        self.costs: dict[str, float] = {}
+        self.attempts: dict[str, int] = {}
+        self.views: dict[str, RunView] = {}
+        for row in store.rows():
+            self.attempts[row["run_id"]] = row["attempts"]
+            self.views[row["run_id"]] = self._view(row["run_id"], json.loads(row["config"]), row["status"],
+                                                   row["final_train_loss"])
+        self.in_flight: set[str] = set()
+
+    def _view(self, run_id: str, config: dict, status: str, loss) -> RunView:
+        if status == "failed" and self.attempts.get(run_id, 0) < self.max_attempts:
+            status = "open"  # it will be tried again
+        elif status not in ("ok", "diverged", "failed"):
+            status = "open"
+        return RunView(run_id, config, status, loss)
+
+    def register(self, proposals: list) -> int:
+        """Store the planner's proposals (new ones as pending); remember their configs."""
+        new, counts = [], []
+        for config in proposals:
+            run_id = config.run_id()
+            if run_id in self.configs:
+                continue
+            self.configs[run_id] = config
+            count = _counts(config)
+            self.costs[run_id] = _cost(config, count)
+            if run_id not in self.views:
+                new.append({**config.to_dict(), "run_id": run_id})
+                counts.append(count)
+        if new:
+            self.store.add_runs(new, counts)
+            for entry in new:
+                config = {k: v for k, v in entry.items() if k != "run_id"}
+                self.views[entry["run_id"]] = self._view(entry["run_id"], config, "pending", None)
+        return len(new)
+
+    def owned_ids(self) -> list[str]:
+        return [run_id for run_id, view in self.views.items() if self.planner.owns(view)]
+
+    def total(self) -> int:
+        return len(self.owned_ids())
+
+    def queue(self) -> list[str]:
+        """Open runs of this sweep not in flight; largest first, so that the pool's last
+        minutes are not spent waiting on one big run (adaptive: in proposal order)."""
+        todo = [run_id for run_id, view in self.views.items()
+                if view.state == "open" and run_id not in self.in_flight and self.planner.owns(view)]
+        for run_id in todo:
+            if run_id not in self.configs:  # an open run of an interrupted batch: rebuild it
+                self.configs[run_id] = _config_of(self.views[run_id].config)
+                self.costs[run_id] = _cost(self.configs[run_id], None)
+        if self.planner.name == "grid":
+            todo.sort(key=lambda r: -self.costs[r])
+        return todo
+
+    def record(self, completion) -> str:
+        run_id = completion.run_id
+        result = {**completion.result, "run_id": run_id}
+        self.store.record_result(run_id, result, completion.host, completion.versions)
+        self.in_flight.discard(run_id)
+        status = result.get("status")
+        if status not in ("ok", "diverged"):
+            status = "failed"
+            self.attempts[run_id] = self.attempts.get(run_id, 0) + 1
+        loss = result.get("final_train_loss")
+        loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+        self.views[run_id] = self._view(run_id, self.views[run_id].config, status, loss)
+        return status
+
+
+def _config_of(config: dict):
+    if "replay" in config:
+        from steplaw.sweep.replay import ReplayRun
+
+        return ReplayRun.from_dict(config)
+    return RunConfig.from_dict(config)
+
+
+def _cost(config, counts: dict | None) -> float:
+    if not isinstance(config, RunConfig):
+        return 0.0
     params = (counts or {}).get("active") or (config.model.d_model**2 * 12 * config.model.n_layers)
     return float(params) * config.tokens
 
 
-def _drive(store, configs, counts, todo, executor, max_attempts, line, summary, sweep_dir, started):
-    queue = list(todo)
+def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started):
     failed_seen = 0
-    attempts = {row["run_id"]: row["attempts"] for row in store.rows(todo)}
-    remaining_cost = {run_id: _cost(configs[run_id], counts[run_id]) for run_id in todo}
-    total_cost = sum(remaining_cost.values())
+    total_cost = sum(sweep.costs.get(r, 0.0) for r in sweep.queue())
     done_cost = 0.0
     finished = summary.reused
     latest = ""
+    queue = sweep.queue()
     try:
         while queue or executor.running():
             while queue and executor.idle() > 0:
                 run_id = queue.pop(0)
-                store.mark_running(run_id)
+                sweep.store.mark_running(run_id)
+                sweep.in_flight.add(run_id)
                 run_dir = str(sweep_dir / "runs" / run_id)
-                executor.submit(run_id, configs[run_id].to_dict(), run_dir)
+                executor.submit(run_id, sweep.configs[run_id].to_dict(), run_dir)
             completions, updates = executor.poll(0.25)
             for completion in completions:
-                result = {**completion.result, "run_id": completion.run_id}
-                store.record_result(completion.run_id, result, completion.host, completion.versions)
+                status = sweep.record(completion)
                 summary.ran += 1
-                status = result.get("status")
                 if status == "failed":
                     failed_seen += 1
-                    attempts[completion.run_id] = attempts.get(completion.run_id, 0) + 1
-                    if attempts[completion.run_id] < max_attempts:
-                        queue.append(completion.run_id)
-                        continue
-                finished += 1
-                done_cost += remaining_cost.pop(completion.run_id, 0.0)
+                if sweep.views[completion.run_id].state != "open":
+                    finished += 1
+                    done_cost += sweep.costs.get(completion.run_id, 0.0)
+            if completions:
+                if sweep.register(sweep.planner.propose(sweep.views)):
+                    line.total = sweep.total()
+                    total_cost = done_cost + sum(sweep.costs.get(r, 0.0) for r in sweep.queue() + list(sweep.in_flight))
+                queue = sweep.queue()
             for update in updates:
                 latest = describe_progress(update.run_id, update.info)
             eta = _eta(time.time() - started, finished - summary.reused, len(queue) + len(executor.running()),
@@ -130,7 +240,7 @@ def _drive(store, configs, counts, todo, executor, max_attempts, line, summary, 
         interrupted = list(executor.running())
         executor.close(force=True)
         for run_id in interrupted:
-            store.mark_pending(run_id)
+            sweep.store.mark_pending(run_id)
         raise
 
 
