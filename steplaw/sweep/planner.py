@@ -68,7 +68,10 @@ class AdaptiveSettings:
     total_budget: int | None = None  # runs in all; split evenly over the cells
     lr_coarse: float = 4.0  # first and extension step in LR (a factor)
     bs_coarse: float = 2.0  # first and extension step in batch size (a factor)
+    lr_resolution: float = 2.0  # bisect no finer than this factor in LR (nor the lattice's spacing)
+    bs_resolution: float = 2.0  # ... in batch size
     first_wave: int = 3  # cells that start from the Step Law; the others from their fit
+    fill: int = 2  # 0: bracket only; 1: also run the near-optimal stretch of both lines; 2: and the LR lines of every near-optimal batch size
 
     def __post_init__(self):
         if not (0 <= self.gap < 1):
@@ -141,11 +144,15 @@ def _nearest(candidates: list[int], values: list[float], target: float, anchor: 
 
 
 def _side(line: list[int], values: list[float], at: int, step: int, results: dict, make_point, threshold: float,
-          coarse: float) -> tuple[str, int | None]:
-    """One side of the best point along one line: ('bracketed'|'limit', None) or ('want', position).
+          coarse: float, resolution: float) -> tuple[str, int | None, int]:
+    """One side of an anchor point along one line, as (verdict, position to run, bound).
 
-    line: lattice indices of the runnable points on the line (ascending); at: the best
-    point's position in it; step: +1 or -1.
+    verdict: 'bracketed' (a run beyond the gap is the lattice neighbour of the last
+    near-optimal run), 'limit' (no runnable point is left beyond the near-optimal runs) or
+    'want' (run `position` next: an extension or a bisection). bound: the position of the
+    bounding run ('bracketed'), or of the last point on this side. line: lattice indices
+    of the runnable points on the line (ascending); at: the anchor's position in it;
+    step: +1 or -1.
     """
     inside, outside = at, None
     q = at + step
@@ -161,18 +168,43 @@ def _side(line: list[int], values: list[float], at: int, step: int, results: dic
         q += step
     logs = [values[i] for i in line]
     if outside is None:
-        beyond = [p for p in range(inside + step, len(line) if step > 0 else -1, step)
-                  if make_point(line[p]) not in results]
+        end = len(line) - 1 if step > 0 else 0
+        beyond = [p for p in range(inside + step, end + step, step) if make_point(line[p]) not in results]
         if not beyond:
-            return "limit", None
+            return "limit", None, end
         target = math.log(logs[inside]) + step * math.log(coarse)
-        return "want", _nearest(beyond, logs, target, inside)
+        return "want", _nearest(beyond, logs, target, inside), end
     lo, hi = sorted((inside, outside))
     between = [p for p in range(lo + 1, hi) if make_point(line[p]) not in results]
-    if not between:
-        return "bracketed", None
+    if not between or math.log(logs[hi] / logs[lo]) <= math.log(resolution) * 1.01:
+        return "bracketed", None, outside
     target = 0.5 * (math.log(logs[inside]) + math.log(logs[outside]))
-    return "want", _nearest(between, logs, target, inside)
+    return "want", _nearest(between, logs, target, inside), outside
+
+
+def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool):
+    """Wants and side verdicts of one line through an anchor; with `fill`, once both
+    sides are bounded, also the points between the bounds not yet run, `resolution`
+    apart (the line's near-optimal stretch evenly covered, so that its geometric mean is
+    not lopsided)."""
+    wants, verdicts, bounds = [], {}, []
+    for label, step in (("low", -1), ("high", 1)):
+        verdict, position, bound = _side(line, values, at, step, results, make_point, threshold, coarse, resolution)
+        verdicts[label] = "open" if verdict == "want" else verdict
+        bounds.append(bound)
+        if verdict == "want":
+            wants.append(make_point(line[position]))
+    if fill and not wants:
+        kept = [math.log(values[line[p]]) for p in range(bounds[0], bounds[1] + 1) if make_point(line[p]) in results]
+        for step in (-1, 1):
+            p = at + step
+            while bounds[0] < p < bounds[1]:
+                point, here = make_point(line[p]), math.log(values[line[p]])
+                if point not in results and min(abs(here - k) for k in kept) >= math.log(resolution) * 0.99:
+                    wants.append(point)
+                    kept.append(here)
+                p += step
+    return wants, verdicts
 
 
 def _snap(cell: SearchCell, lr: float, bs: float) -> tuple[int, int]:
@@ -217,17 +249,24 @@ def plan_cell(cell: SearchCell, results: dict, prior: tuple[float, float], setti
     lr_line = [i for i in range(len(cell.lrs)) if cell.available(i, jb)]
     bs_line = [j for j in range(len(cell.batch_sizes)) if cell.available(ib, j)]
     wants, sides = [], {}
-    for name, line, values, at, make_point, coarse in (
-        ("lr", lr_line, cell.lrs, lr_line.index(ib), lambda i: (i, jb), settings.lr_coarse),
-        ("bs", bs_line, cell.batch_sizes, bs_line.index(jb), lambda j: (ib, j), settings.bs_coarse),
+    for name, line, values, at, make_point, coarse, resolution in (
+        ("lr", lr_line, cell.lrs, lr_line.index(ib), lambda i: (i, jb), settings.lr_coarse, settings.lr_resolution),
+        ("bs", bs_line, cell.batch_sizes, bs_line.index(jb), lambda j: (ib, j), settings.bs_coarse, settings.bs_resolution),
     ):
-        for label, step in (("low", -1), ("high", 1)):
-            verdict, position = _side(line, values, at, step, results, make_point, threshold, coarse)
-            sides[f"{name}_{label}"] = "open" if verdict == "want" else verdict
-            if verdict == "want":
-                point = make_point(line[position])
-                if point not in wants:
-                    wants.append(point)
+        line_wants, verdicts = _line(line, values, at, results, make_point, threshold, coarse, resolution,
+                                     settings.fill >= 1)
+        sides.update({f"{name}_{label}": verdict for label, verdict in verdicts.items()})
+        wants += [p for p in line_wants if p not in wants]
+    if not wants and settings.fill >= 2:
+        # The LR lines of the other near-optimal batch sizes too: the near-optimal set is a
+        # tilted ellipse (the optimal LR grows with the batch), not a cross.
+        for j in bs_line:
+            if j == jb or _classify(results.get((ib, j), ("open", None)), threshold) != _INSIDE:
+                continue
+            row = [i for i in range(len(cell.lrs)) if cell.available(i, j)]
+            line_wants, _ = _line(row, cell.lrs, row.index(ib), results, lambda i, j=j: (i, j), threshold,
+                                  settings.lr_coarse, settings.lr_resolution, True)
+            wants += [p for p in line_wants if p not in wants]
     if wants:
         return _capped(CellPlan("searching", wants, best, sides, runs), budget)
     state = "edge" if "limit" in sides.values() else "bracketed"
