@@ -72,7 +72,7 @@ def add_commands(subparsers) -> None:
 
     demo = subparsers.add_parser("demo", help="tiny CPU sweep on the embedded corpus, then fit and report (make demo)")
     demo.add_argument("--out", "-o", default="steplaw-demo", help="sweep directory (default ./steplaw-demo)")
-    demo.add_argument("--scale", choices=["full", "small"], default="full", help="full: 72 runs; small: 8 runs")
+    demo.add_argument("--scale", choices=["full", "small"], default="full", help="full: 9 cells at 32K-128K tokens; small: the same at 4K-16K (adaptive planner)")
     demo.add_argument("--no-report", action="store_true", help="only run the sweep")
     _add_execution_flags(demo, ray=False)
     demo.set_defaults(func=cmd_demo)
@@ -245,13 +245,13 @@ def _fmt(value) -> str:
 def cmd_demo(args) -> int:
     import time
 
-    from steplaw.sweep.presets import demo_spec
+    from steplaw.sweep.presets import DEMO_CELL_BUDGET, demo_spec
 
     started = time.time()
     args.executor = "local"
     args.address = None
     spec = demo_spec(args.scale)
-    args.planner, args.cell_budget, args.total_budget, args.max_batch = "adaptive", None, None, None
+    args.planner, args.cell_budget, args.total_budget, args.max_batch = "adaptive", DEMO_CELL_BUDGET, None, None
     summary = run_spec(spec, args)
     if args.no_report:
         return 0

@@ -47,6 +47,7 @@ import numpy as np
 from steplaw.errors import UserError
 
 TERMINAL = ("bracketed", "edge", "unbracketed", "no_result")
+PRIOR_TRUST = 4.0  # the fitted law may move a cell's start this far (a factor) from the shifted prior
 
 
 @dataclass(frozen=True)
@@ -144,15 +145,17 @@ def _nearest(candidates: list[int], values: list[float], target: float, anchor: 
 
 
 def _side(line: list[int], values: list[float], at: int, step: int, results: dict, make_point, threshold: float,
-          coarse: float, resolution: float) -> tuple[str, int | None, int]:
-    """One side of an anchor point along one line, as (verdict, position to run, bound).
+          coarse: float, resolution: float) -> tuple[str, int | None, int, bool]:
+    """One side of an anchor point along one line: (verdict, position to run, bound, extends).
 
     verdict: 'bracketed' (a run beyond the gap is the lattice neighbour of the last
     near-optimal run), 'limit' (no runnable point is left beyond the near-optimal runs) or
     'want' (run `position` next: an extension or a bisection). bound: the position of the
     bounding run ('bracketed'), or of the last point on this side. line: lattice indices
     of the runnable points on the line (ascending); at: the anchor's position in it;
-    step: +1 or -1.
+    step: +1 or -1. extends: the position is an extension (no run bounds this side yet);
+    it steps `coarse`, or the geometric mean of `coarse` and the distance walked from the
+    far side when longer (a prior far off is left at a growing pace).
     """
     inside, outside = at, None
     q = at + step
@@ -171,15 +174,17 @@ def _side(line: list[int], values: list[float], at: int, step: int, results: dic
         end = len(line) - 1 if step > 0 else 0
         beyond = [p for p in range(inside + step, end + step, step) if make_point(line[p]) not in results]
         if not beyond:
-            return "limit", None, end
-        target = math.log(logs[inside]) + step * math.log(coarse)
-        return "want", _nearest(beyond, logs, target, inside), end
+            return "limit", None, end, False
+        behind = [p for p in range(0, len(line)) if (p - at) * step < 0 and make_point(line[p]) in results]
+        walked = max((abs(math.log(logs[at] / logs[p])) for p in behind), default=0.0)
+        target = math.log(logs[inside]) + step * max(math.log(coarse), 0.5 * (math.log(coarse) + walked))
+        return "want", _nearest(beyond, logs, target, inside), end, True
     lo, hi = sorted((inside, outside))
     between = [p for p in range(lo + 1, hi) if make_point(line[p]) not in results]
     if not between or math.log(logs[hi] / logs[lo]) <= math.log(resolution) * 1.01:
-        return "bracketed", None, outside
+        return "bracketed", None, outside, False
     target = 0.5 * (math.log(logs[inside]) + math.log(logs[outside]))
-    return "want", _nearest(between, logs, target, inside), outside
+    return "want", _nearest(between, logs, target, inside), outside, False
 
 
 def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool):
@@ -187,13 +192,17 @@ def _line(line, values, at, results, make_point, threshold, coarse, resolution, 
     sides are bounded, also the points between the bounds not yet run, `resolution`
     apart (the line's near-optimal stretch evenly covered, so that its geometric mean is
     not lopsided)."""
-    wants, verdicts, bounds = [], {}, []
+    wants, verdicts, bounds, sides = [], {}, [], []
     for label, step in (("low", -1), ("high", 1)):
-        verdict, position, bound = _side(line, values, at, step, results, make_point, threshold, coarse, resolution)
-        verdicts[label] = "open" if verdict == "want" else verdict
-        bounds.append(bound)
-        if verdict == "want":
-            wants.append(make_point(line[position]))
+        side = _side(line, values, at, step, results, make_point, threshold, coarse, resolution)
+        verdicts[label] = "open" if side[0] == "want" else side[0]
+        bounds.append(side[2])
+        sides.append(side)
+    walking = [side[0] == "want" and side[3] for side in sides]
+    for side, other_walks in zip(sides, walking[::-1]):
+        # While the line still walks downhill one way, the other side is not refined yet.
+        if side[0] == "want" and (side[3] or not other_walks):
+            wants.append(make_point(line[side[1]]))
     if fill and not wants:
         kept = [math.log(values[line[p]]) for p in range(bounds[0], bounds[1] + 1) if make_point(line[p]) in results]
         for step in (-1, 1):
@@ -274,7 +283,10 @@ def plan_cell(cell: SearchCell, results: dict, prior: tuple[float, float], setti
 
 
 def _below_everything(cell, results, prior, settings) -> CellPlan:
-    """No finite loss yet (every run diverged or failed): try LRs far below the lowest tried."""
+    """No finite loss yet: when runs diverged, try LRs far below the lowest tried; when
+    they only failed (crashed), there is nothing to learn from: stop."""
+    if not any(state == "diverged" for state, _ in results.values()):
+        return CellPlan("no_result", [], None, {}, len(results))
     _, j0 = _snap(cell, *prior)
     tried = [i for (i, j) in results if j == j0] or [i for (i, _) in results]
     lowest = min(tried)
@@ -431,10 +443,18 @@ def first_wave(cells: list[SearchCell], count: int) -> list[SearchCell]:
             x, y = coords[c.key]
             near = min((x - coords[o.key][0]) ** 2 + (y - coords[o.key][1]) ** 2 for o in chosen)
             fresh = (c.N not in {o.N for o in chosen}) + (c.D not in {o.D for o in chosen})
-            return (fresh, near)
+            return (fresh, not _collinear([coords[o.key] for o in chosen] + [(x, y)]), near)
         rest = [c for c in ordered if c not in chosen]
         chosen.append(max(rest, key=spread))  # max keeps the first of equals: deterministic
     return chosen
+
+
+def _collinear(points) -> bool:
+    """True when 3 or more points lie on one line (their log N, log D cannot separate the exponents)."""
+    if len(points) < 3:
+        return False
+    xy = np.asarray(points, float)
+    return np.linalg.matrix_rank(np.column_stack([np.ones(len(xy)), xy]), tol=1e-9) < 3
 
 
 def fitted_prior(cells: list[SearchCell], results: dict, gap: float):
@@ -462,11 +482,16 @@ def fitted_prior(cells: list[SearchCell], results: dict, gap: float):
     shift = np.mean(offsets, axis=0) if offsets else np.zeros(2)
 
     def prior(cell: SearchCell) -> tuple[float, float]:
-        if fit is not None:
-            lr, bs = fit.predict(cell.N, cell.D)
-            if np.isfinite(lr) and np.isfinite(bs) and lr > 0 and bs > 0:
-                return float(lr), float(bs)
-        return cell.prior[0] * math.exp(shift[0]), cell.prior[1] * math.exp(shift[1])
+        moved = cell.prior[0] * math.exp(shift[0]), cell.prior[1] * math.exp(shift[1])
+        if fit is None:
+            return moved
+        lr, bs = (float(x) for x in fit.predict(cell.N, cell.D))
+        if not (np.isfinite(lr) and np.isfinite(bs) and lr > 0 and bs > 0):
+            return moved
+        # A law fitted to three cells extrapolates wildly when one of them is off: stay
+        # within PRIOR_TRUST of the shifted prior.
+        return (min(max(lr, moved[0] / PRIOR_TRUST), moved[0] * PRIOR_TRUST),
+                min(max(bs, moved[1] / PRIOR_TRUST), moved[1] * PRIOR_TRUST))
 
     return prior
 

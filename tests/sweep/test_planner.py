@@ -1,0 +1,156 @@
+"""The adaptive planner on a known landscape (tests/sweep/planner_fakes.py), in process."""
+import json
+import math
+import random
+
+import pytest
+from planner_fakes import InlineExecutor, landscape_loss, landscape_run, optimum
+
+from steplaw.errors import UserError
+from steplaw.laws.fit import fit_hparams
+from steplaw.laws.table import read_runs
+from steplaw.sweep.driver import run_sweep
+from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings, RunView, first_wave, spec_cells
+from steplaw.sweep.spec import ModelSpec, SweepSpec
+from steplaw.sweep.store import ResultStore, export_rows
+
+SHAPES = [{"d_model": d, "n_layers": 1, "n_heads": 2, "d_ff": 2 * d, "max_seq_len": 64} for d in (16, 32, 64)]
+
+
+def spec(tokens=(65536, 262144, 1048576), lr_scale=1.0, bs_scale=1.0, shapes=SHAPES, min_steps=16):
+    # the centre scales move the prior: the Step Law is far from this landscape's optimum
+    return SweepSpec(models=[ModelSpec(shape=s) for s in shapes], tokens=list(tokens), lr_center_scale=lr_scale,
+                     batch_center_scale=bs_scale, min_steps=min_steps, fixed={"seq_len": 64, "device": "cpu"})
+
+
+def sweep(tmp_path, the_spec, settings=AdaptiveSettings(), name="s"):
+    planner = AdaptivePlanner(spec_cells(the_spec), settings)
+    summary = run_sweep([], tmp_path / name, lambda: InlineExecutor(landscape_run), progress=False, planner=planner)
+    return summary, planner
+
+
+def views_of(out, planner_max_attempts=2):
+    with ResultStore(out, readonly=True) as store:
+        return {row["run_id"]: RunView(row["run_id"], json.loads(row["config"]), row["status"],
+                                       row["final_train_loss"]) for row in store.rows()}
+
+
+def test_every_cell_ends_bracketed_with_an_interior_optimum(tmp_path):
+    summary, _ = sweep(tmp_path, spec(lr_scale=0.05, bs_scale=0.3))
+    assert {c["state"] for c in summary.cells} == {"bracketed"}
+    assert summary.planner == "adaptive" and "planner adaptive (9 bracketed cells)" in summary.line()
+    fit = fit_hparams(read_runs(export_rows(tmp_path / "s")), n_boot=0)
+    for cell in fit.cells:
+        assert cell.lr_edge is None and cell.bs_edge is None
+        d_model = {c["N"]: c for c in summary.cells}
+        lr_star, bs_star = optimum(_d_model(cell.N), cell.D)
+        # the near-optimal set's centre is within a lattice step or so of the true optimum
+        assert abs(math.log(cell.opt_bs / bs_star)) < 0.8 and abs(math.log(cell.best_lr / lr_star)) < 1.0
+    with ResultStore(tmp_path / "s", readonly=True) as store:
+        assert store.meta("planner") == "adaptive"
+        assert [c["runs"] for c in store.meta("planner_cells")] == [c["runs"] for c in summary.cells]
+    assert sum(c["runs"] for c in summary.cells) == summary.total
+
+
+def _d_model(n_params):
+    from steplaw.sweep.spec import count_params
+    from steplaw.models.config import ModelConfig
+
+    for shape in SHAPES:
+        if count_params(ModelConfig(**shape, vocab_size=256))["non_embedding"] == n_params:
+            return shape["d_model"]
+    raise AssertionError(n_params)
+
+
+def test_extends_past_a_far_prior_and_stops_only_at_hard_limits(tmp_path):
+    # prior 100x above the optimal LR (runs there diverge) and at the largest batch: the
+    # search walks down; in the smallest cell the optimal batch is below one sequence, so
+    # that side ends at the hard limit (an 'edge' cell), never at an extendable edge.
+    the_spec = spec(tokens=(4096, 262144, 1048576), lr_scale=6.0, bs_scale=30.0)
+    summary, _ = sweep(tmp_path, the_spec)
+    seq_len = 64
+    for cell in summary.cells:
+        assert cell["state"] in ("bracketed", "edge")
+        for side, verdict in cell["sides"].items():
+            if verdict == "limit":
+                assert cell["state"] == "edge"
+                assert side == "bs_low" and cell["best_batch_tokens"] == seq_len
+    assert any(cell["state"] == "edge" for cell in summary.cells)  # D=4096 wants B < 64 tokens
+    fit = fit_hparams(read_runs(export_rows(tmp_path / "s")), n_boot=0)
+    for cell in fit.cells:
+        assert cell.lr_edge is None
+        assert cell.bs_edge is None or (cell.bs_edge == "low" and cell.best_bs == seq_len)
+
+
+def test_diverged_runs_bound_the_lr_side(tmp_path, monkeypatch):
+    # An optimum right under the divergence cliff: the higher-LR side is bounded by diverged runs.
+    summary, _ = sweep(tmp_path, spec(tokens=(65536,), shapes=SHAPES[:1], lr_scale=0.05, bs_scale=0.3),
+                       AdaptiveSettings(first_wave=1))
+    rows = export_rows(tmp_path / "s")
+    assert any(r["status"] == "diverged" for r in rows)
+    best = min((r for r in rows if r["status"] == "ok"), key=lambda r: r["loss"])
+    assert any(r["status"] == "diverged" and r["batch_tokens"] == best["batch_tokens"] and r["lr"] > best["lr"]
+               for r in rows) or summary.cells[0]["sides"]["lr_high"] == "bracketed"
+
+
+def test_budget_out_cell_is_unbracketed_and_said_so(tmp_path):
+    summary, _ = sweep(tmp_path, spec(tokens=(65536,), shapes=SHAPES[:1], lr_scale=3.0),
+                       AdaptiveSettings(cell_budget=6, first_wave=1))
+    (cell,) = summary.cells
+    assert cell["state"] == "unbracketed" and cell["runs"] == 6 and summary.total == 6
+    assert "1 unbracketed cells" in summary.line() and "6 runs, unbracketed" in summary.line()
+
+
+def test_total_budget_is_split_evenly_and_validated(tmp_path):
+    summary, _ = sweep(tmp_path, spec(), AdaptiveSettings(cell_budget=None, total_budget=45))
+    assert all(cell["runs"] <= 5 for cell in summary.cells)
+    with pytest.raises(UserError, match="less than one run per cell"):
+        AdaptivePlanner(spec_cells(spec()), AdaptiveSettings(total_budget=4))
+    with pytest.raises(UserError, match="cell-budget 0"):
+        AdaptiveSettings(cell_budget=0)
+
+
+def test_proposals_depend_only_on_the_finished_runs(tmp_path):
+    summary, planner = sweep(tmp_path, spec(lr_scale=0.05))
+    views = views_of(tmp_path / "s")
+    items = list(views.items())
+    rng = random.Random(0)
+    for _ in range(5):
+        # any subset of the finished runs, in any order, to a fresh planner: same proposals
+        subset = dict(rng.sample(items, rng.randrange(1, len(items))))
+        shuffled = dict(rng.sample(list(subset.items()), len(subset)))
+        first = [c.run_id() for c in planner.propose(subset)]
+        fresh = AdaptivePlanner(spec_cells(spec(lr_scale=0.05)), AdaptiveSettings())
+        assert [c.run_id() for c in fresh.propose(shuffled)] == first
+    assert planner.propose(views) == []  # a finished sweep proposes nothing
+
+
+def test_a_cell_waits_while_it_has_open_runs_and_later_cells_wait_for_the_first_wave():
+    cells = spec_cells(spec(lr_scale=0.05))
+    planner = AdaptivePlanner(cells, AdaptiveSettings())
+    first = planner.propose({})
+    wave = {c.key for c in first_wave(cells, 3)}
+    assert len(wave) == 3 and {c.N for c in first_wave(cells, 3)} == {c.N for c in cells}
+    assert len({c.D for c in first_wave(cells, 3)}) == 3
+    by_cell = {}
+    for config in first:
+        by_cell.setdefault(config.model.d_model, []).append(config)
+    assert len(first) == 15  # 3 cells x (3 LRs at one batch size + 2 batch neighbours)
+    # the three LRs of a cell's first batch share a batch size (they can train as a stack)
+    lrs_at_prior = [c for c in first[:5] if c.batch_tokens == first[0].batch_tokens]
+    assert len(lrs_at_prior) == 3
+    open_views = {c.run_id(): RunView(c.run_id(), c.to_dict(), "open") for c in first}
+    assert planner.propose(open_views) == []
+    # one run of a batch finished: the cell still waits for the rest
+    done = dict(open_views)
+    loss = landscape_loss(first[0].lr, first[0].batch_tokens, first[0].model.d_model, first[0].tokens)
+    done[first[0].run_id()] = RunView(first[0].run_id(), first[0].to_dict(), "ok", loss)
+    assert planner.propose(done) == []
+
+
+def test_grid_planner_is_todays_behaviour(tmp_path):
+    runs = spec(lr_scale=0.05).expand()
+    summary = run_sweep(runs, tmp_path / "g", lambda: InlineExecutor(landscape_run), progress=False)
+    assert summary.planner == "grid" and summary.total == len(runs) and summary.cells == []
+    with ResultStore(tmp_path / "g", readonly=True) as store:
+        assert store.meta("planner") == "grid"
