@@ -485,7 +485,8 @@ def fitted_prior(cells: list[SearchCell], results: dict, gap: float):
         moved = cell.prior[0] * math.exp(shift[0]), cell.prior[1] * math.exp(shift[1])
         if fit is None:
             return moved
-        lr, bs = (float(x) for x in fit.predict(cell.N, cell.D))
+        with np.errstate(over="ignore", invalid="ignore"):
+            lr, bs = (float(x) for x in fit.predict(cell.N, cell.D))
         if not (np.isfinite(lr) and np.isfinite(bs) and lr > 0 and bs > 0):
             return moved
         # A law fitted to three cells extrapolates wildly when one of them is off: stay
