@@ -227,6 +227,8 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started):
             if completions:
                 if sweep.register(sweep.planner.propose(sweep.views)):
                     line.total = sweep.total()
+                    if sweep.planner.name != "grid":  # the cells' states as they stand, for a report mid-sweep
+                        sweep.store.set_meta("planner_cells", sweep.planner.cell_reports(sweep.views))
                     total_cost = done_cost + sum(sweep.costs.get(r, 0.0) for r in sweep.queue() + list(sweep.in_flight))
                 queue = sweep.queue()
             for update in updates:

@@ -22,6 +22,7 @@ at once, which keeps the workers busy. A total run budget is split evenly over t
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -176,31 +177,34 @@ class AdaptivePlanner:
 
 
 def first_wave(cells: list[SearchCell], count: int) -> list[SearchCell]:
-    """`count` cells spread over the (rank N, rank D) square: farthest-point from the
-    smallest cell, so that three of them can identify both exponents of the LR law."""
+    """`count` cells spread over the (rank N, rank D) square. The first three are the
+    triple with the most distinct N and D values that is not on one line, then the
+    largest triangle: three such cells identify both exponents of the LR law. More are
+    added farthest-point first. Ties go to the earlier cells (by N, then D)."""
+    ordered = sorted(cells, key=lambda c: (c.N, c.D))
+    if count < 3 or len(ordered) <= 3:
+        return ordered[:max(count, 0)]
     n_rank = {n: r for r, n in enumerate(sorted({c.N for c in cells}))}
     d_rank = {d: r for r, d in enumerate(sorted({c.D for c in cells}))}
     scale_n, scale_d = max(len(n_rank) - 1, 1), max(len(d_rank) - 1, 1)
-    coords = {c.key: (n_rank[c.N] / scale_n, d_rank[c.D] / scale_d) for c in cells}
-    ordered = sorted(cells, key=lambda c: (c.N, c.D))
-    chosen = [ordered[0]]
+    xy = {c.key: (n_rank[c.N] / scale_n, d_rank[c.D] / scale_d) for c in cells}
+    pool = ordered
+    if len(pool) > 60:  # corners and middles of the square are enough candidates
+        keep_n = {0, scale_n // 2, scale_n}
+        keep_d = {0, scale_d // 2, scale_d}
+        pool = [c for c in ordered if n_rank[c.N] in keep_n and d_rank[c.D] in keep_d]
+
+    def score(triple):
+        (x1, y1), (x2, y2), (x3, y3) = (xy[c.key] for c in triple)
+        area = abs((x2 - x1) * (y3 - y1) - (x3 - x1) * (y2 - y1))
+        return (area > 1e-9, len({c.N for c in triple}) + len({c.D for c in triple}), area)
+
+    chosen = list(max(itertools.combinations(pool, 3), key=score))  # max keeps the first of equals
     while len(chosen) < min(count, len(cells)):
-        def spread(c):
-            x, y = coords[c.key]
-            near = min((x - coords[o.key][0]) ** 2 + (y - coords[o.key][1]) ** 2 for o in chosen)
-            fresh = (c.N not in {o.N for o in chosen}) + (c.D not in {o.D for o in chosen})
-            return (fresh, not _collinear([coords[o.key] for o in chosen] + [(x, y)]), near)
         rest = [c for c in ordered if c not in chosen]
-        chosen.append(max(rest, key=spread))  # max keeps the first of equals: deterministic
+        chosen.append(max(rest, key=lambda c: min((xy[c.key][0] - xy[o.key][0]) ** 2 + (xy[c.key][1] - xy[o.key][1]) ** 2
+                                                  for o in chosen)))
     return chosen
-
-
-def _collinear(points) -> bool:
-    """True when 3 or more points lie on one line (their log N, log D cannot separate the exponents)."""
-    if len(points) < 3:
-        return False
-    xy = np.asarray(points, float)
-    return np.linalg.matrix_rank(np.column_stack([np.ones(len(xy)), xy]), tol=1e-9) < 3
 
 
 def fitted_prior(cells: list[SearchCell], results: dict, gap: float):

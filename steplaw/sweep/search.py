@@ -114,7 +114,7 @@ def _nearest(candidates: list[int], values: list[float], target: float, anchor: 
 
 
 def _side(line: list[int], values: list[float], at: int, step: int, results: dict, make_point, threshold: float,
-          coarse: float, resolution: float) -> tuple[str, int | None, int, bool]:
+          coarse: float, resolution: float, accelerate: bool = True) -> tuple[str, int | None, int, bool]:
     """One side of an anchor point along one line: (verdict, position to run, bound, extends).
 
     verdict: 'bracketed' (a run beyond the gap is the lattice neighbour of the last
@@ -123,8 +123,9 @@ def _side(line: list[int], values: list[float], at: int, step: int, results: dic
     bounding run ('bracketed'), or of the last point on this side. line: lattice indices
     of the runnable points on the line (ascending); at: the anchor's position in it;
     step: +1 or -1. extends: the position is an extension (no run bounds this side yet);
-    it steps `coarse`, or the geometric mean of `coarse` and the distance walked from the
-    far side when longer (a prior far off is left at a growing pace).
+    it steps `coarse`, or with `accelerate` the geometric mean of `coarse` and the distance
+    walked from the far side when longer (a prior far off is left at a growing pace; not
+    for batch sizes, where a jump to a small batch is a jump to many optimizer steps).
     """
     inside, outside = at, None
     q = at + step
@@ -144,8 +145,10 @@ def _side(line: list[int], values: list[float], at: int, step: int, results: dic
         beyond = [p for p in range(inside + step, end + step, step) if make_point(line[p]) not in results]
         if not beyond:
             return "limit", None, end, False
-        behind = [p for p in range(0, len(line)) if (p - at) * step < 0 and make_point(line[p]) in results]
-        walked = max((abs(math.log(logs[at] / logs[p])) for p in behind), default=0.0)
+        walked = 0.0
+        if accelerate:
+            behind = [p for p in range(0, len(line)) if (p - at) * step < 0 and make_point(line[p]) in results]
+            walked = max((abs(math.log(logs[at] / logs[p])) for p in behind), default=0.0)
         target = math.log(logs[inside]) + step * max(math.log(coarse), 0.5 * (math.log(coarse) + walked))
         return "want", _nearest(beyond, logs, target, inside), end, True
     lo, hi = sorted((inside, outside))
@@ -156,14 +159,14 @@ def _side(line: list[int], values: list[float], at: int, step: int, results: dic
     return "want", _nearest(between, logs, target, inside), outside, False
 
 
-def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool):
+def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool, accelerate: bool = True):
     """Wants and side verdicts of one line through an anchor; with `fill`, once both
     sides are bounded, also the points between the bounds not yet run, `resolution`
     apart (the line's near-optimal stretch evenly covered, so that its geometric mean is
     not lopsided)."""
     wants, verdicts, bounds, sides = [], {}, [], []
     for label, step in (("low", -1), ("high", 1)):
-        side = _side(line, values, at, step, results, make_point, threshold, coarse, resolution)
+        side = _side(line, values, at, step, results, make_point, threshold, coarse, resolution, accelerate)
         verdicts[label] = "open" if side[0] == "want" else side[0]
         bounds.append(side[2])
         sides.append(side)
@@ -232,7 +235,7 @@ def plan_cell(cell: SearchCell, results: dict, prior: tuple[float, float], setti
         ("bs", bs_line, cell.batch_sizes, bs_line.index(jb), lambda j: (ib, j), settings.bs_coarse, settings.bs_resolution),
     ):
         line_wants, verdicts = _line(line, values, at, results, make_point, threshold, coarse, resolution,
-                                     settings.fill >= 1)
+                                     settings.fill >= 1, accelerate=name == "lr")
         sides.update({f"{name}_{label}": verdict for label, verdict in verdicts.items()})
         wants += [p for p in line_wants if p not in wants]
     if not wants and settings.fill >= 2:
