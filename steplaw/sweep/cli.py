@@ -72,7 +72,7 @@ def add_commands(subparsers) -> None:
 
     demo = subparsers.add_parser("demo", help="tiny CPU sweep on the embedded corpus, then fit and report (make demo)")
     demo.add_argument("--out", "-o", default="steplaw-demo", help="sweep directory (default ./steplaw-demo)")
-    demo.add_argument("--scale", choices=["full", "small"], default="full", help="full: 9 cells at 32K-128K tokens; small: the same at 4K-16K (adaptive planner)")
+    demo.add_argument("--scale", choices=["full", "small"], default="full", help="full: 9 cells at 32K-128K tokens; small: the same at 1K-4K, a smoke run")
     demo.add_argument("--no-report", action="store_true", help="only run the sweep")
     _add_execution_flags(demo, ray=False)
     demo.set_defaults(func=cmd_demo)
@@ -251,7 +251,7 @@ def cmd_demo(args) -> int:
     args.executor = "local"
     args.address = None
     spec = demo_spec(args.scale)
-    args.planner, args.cell_budget, args.total_budget, args.max_batch = "adaptive", DEMO_CELL_BUDGET, None, None
+    args.planner, args.cell_budget, args.total_budget, args.max_batch = "adaptive", DEMO_CELL_BUDGET[args.scale], None, None
     summary = run_spec(spec, args)
     if args.no_report:
         return 0

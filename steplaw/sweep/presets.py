@@ -33,12 +33,13 @@ from steplaw.sweep.spec import ModelSpec, SweepSpec
 DEMO_SEQ_LEN = 8
 DEMO_LR_SCALE = 0.1  # the planner's first LR: a tenth of the Step Law's (these models prefer ~10x less)
 DEMO_BATCH_SCALE = 0.4  # and 0.4x its batch size
-DEMO_CELL_BUDGET = 24  # runs per cell at most
+DEMO_CELL_BUDGET = {"full": 24, "small": 8}  # runs per cell at most (small: the test suite's smoke run)
 
 
 def demo_spec(scale: str = "full") -> SweepSpec:
     """The demo preset for the adaptive planner. scale="full": 3 model sizes x 3 budgets
-    (32K..128K tokens); "small": the same models at 4K..16K tokens (for the test suite)."""
+    (32K..128K tokens); "small": the same models at 1K..4K tokens and at most 8 runs a
+    cell (a smoke run for the test suite: its cells may end unbracketed)."""
     fixed = {
         "seq_len": DEMO_SEQ_LEN,
         "schedule": "cosine",
@@ -53,7 +54,7 @@ def demo_spec(scale: str = "full") -> SweepSpec:
     if scale == "full":
         tokens = [32768, 65536, 131072]
     elif scale == "small":
-        tokens = [4096, 8192, 16384]
+        tokens = [1024, 2048, 4096]
     else:
         raise UserError(f"demo scale {scale!r}: expected 'full' or 'small'")
     return SweepSpec(models=[ModelSpec(shape=s) for s in shapes], tokens=tokens, lr_center_scale=DEMO_LR_SCALE,
