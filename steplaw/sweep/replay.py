@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from steplaw.laws.published import step_law
+from steplaw.laws.table import OK_STATUSES
 from steplaw.sweep.executors import Completion
 from steplaw.sweep.planner import SearchCell, cell_key
 
@@ -151,8 +152,6 @@ def _outcome(table, row, run: ReplayRun) -> dict:
             "params_total": counts["total"], "wall_s": 0.0}
     if table.valid[row]:
         return {**base, "status": "ok", "final_train_loss": loss}
-    from steplaw.laws.table import OK_STATUSES
-
     if status in OK_STATUSES or status == "diverged":
         return {**base, "status": "diverged", "reason": f"replayed: status {status!r}, loss {loss}"}
     return {**base, "status": "failed", "reason": f"replayed: status {status!r}"}
