@@ -24,6 +24,7 @@ def test_demo_full_preset_design():
     assert len(first) == 15  # the first wave: 3 cells x 5 runs; the rest start from their fit
 
 
+@pytest.mark.slow
 def test_small_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--scale", "small", "--out", str(out), "--quiet"]) == 0, failures(out)

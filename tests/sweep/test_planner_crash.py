@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.table import read_runs
 from steplaw.sweep.store import ResultStore, export_rows
@@ -47,6 +49,7 @@ def outcome(out):
     return runs, {law: fit[law] for law in ("lr_law", "bs_law")}, cells
 
 
+@pytest.mark.slow
 def test_kill_adaptive_sweep_then_rerun_gives_the_uninterrupted_result(tmp_path):
     reference = tmp_path / "reference"
     done = subprocess.run(command(reference), env=environment(tmp_path, 0, 0), cwd=tmp_path, capture_output=True,
