@@ -3,6 +3,8 @@
     steplaw sweep SPEC.toml --out DIR                # a spec file (TOML, YAML, JSON)
     steplaw sweep --params 1M 3M --tokens 1e8 --out DIR   # or flags (they override a file)
     steplaw sweep --out DIR                          # resume DIR with its stored spec
+    steplaw sweep ... --planner adaptive [--cell-budget 32 --total-budget R]   # search each cell's optimum
+    steplaw sweep --replay TABLE [--col-N ... --bs-unit sequences --seq-len L] --planner adaptive --out DIR
     steplaw runs DIR [--csv | --json] [-o FILE]      # the runs table
     steplaw demo [--out DIR]                         # tiny CPU sweep, fit, report
 """

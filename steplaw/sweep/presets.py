@@ -70,7 +70,7 @@ def demo_spec(scale: str = "full") -> SweepSpec:
         for d, heads in ((16, 1), (32, 2), (64, 4))
     ]
     if scale == "full":
-        tokens = [32768, 65536, 131072]
+        tokens = [16384, 49152, 147456]
     elif scale == "small":
         tokens = [1024, 2048, 4096]
     else:
