@@ -41,7 +41,7 @@ class AdaptiveSettings:
     gap: float = 0.0025  # near-optimal gap, as in steplaw.laws.fit_hparams
     cell_budget: int | None = 32  # runs per cell at most (None: no limit)
     total_budget: int | None = None  # runs in all; split evenly over the cells
-    lr_coarse: float = 4.0  # first and extension step in LR (a factor)
+    lr_coarse: float = 2.0  # first and extension step in LR (a factor)
     bs_coarse: float = 2.0  # first and extension step in batch size (a factor)
     lr_resolution: float = 2.0  # bisect no finer than this factor in LR (nor the lattice's spacing)
     bs_resolution: float = 2.0  # ... in batch size

@@ -10,7 +10,8 @@ from steplaw.errors import UserError
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.table import read_runs
 from steplaw.sweep.driver import run_sweep
-from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings, RunView, first_wave, spec_cells
+from steplaw.sweep.planner import (AdaptivePlanner, AdaptiveSettings, RunView, SearchCell, first_wave, plan_cell,
+                                   spec_cells)
 from steplaw.sweep.spec import ModelSpec, SweepSpec
 from steplaw.sweep.store import ResultStore, export_rows
 
@@ -82,15 +83,23 @@ def test_extends_past_a_far_prior_and_stops_only_at_hard_limits(tmp_path):
         assert cell.bs_edge is None or (cell.bs_edge == "low" and cell.best_bs == seq_len)
 
 
-def test_diverged_runs_bound_the_lr_side(tmp_path, monkeypatch):
-    # An optimum right under the divergence cliff: the higher-LR side is bounded by diverged runs.
-    summary, _ = sweep(tmp_path, spec(tokens=(65536,), shapes=SHAPES[:1], lr_scale=0.05, bs_scale=0.3),
-                       AdaptiveSettings(first_wave=1))
-    rows = export_rows(tmp_path / "s")
-    assert any(r["status"] == "diverged" for r in rows)
-    best = min((r for r in rows if r["status"] == "ok"), key=lambda r: r["loss"])
-    assert any(r["status"] == "diverged" and r["batch_tokens"] == best["batch_tokens"] and r["lr"] > best["lr"]
-               for r in rows) or summary.cells[0]["sides"]["lr_high"] == "bracketed"
+def test_diverged_runs_bound_the_lr_side():
+    # A lattice of 8 LRs x 4 batch sizes; the best run has only diverged runs above it.
+    lrs, batch_sizes = [0.001 * 2**k for k in range(8)], [256.0, 512.0, 1024.0, 2048.0]
+    cell = SearchCell("k", "cell", 1e6, 1e8, lrs, batch_sizes, (0.004, 512.0), make=lambda i, j: (i, j),
+                      locate=lambda config: None)
+    results = {(1, 1): ("ok", 2.10), (2, 1): ("ok", 2.00), (3, 1): ("diverged", None), (4, 1): ("diverged", None),
+               (2, 0): ("ok", 2.05), (2, 2): ("ok", 2.04)}
+    plan = plan_cell(cell, results, cell.prior, AdaptiveSettings(), None)
+    assert plan.best == (2, 1) and plan.sides["lr_high"] == "bracketed" and plan.state == "bracketed"
+    # without the diverged runs the same side is open: the search extends past it
+    del results[(3, 1)], results[(4, 1)]
+    plan = plan_cell(cell, results, cell.prior, AdaptiveSettings(), None)
+    assert plan.sides["lr_high"] == "open" and (3, 1) in plan.points
+    # failed runs carry no information: stepped over, the next LR is tried
+    results[(3, 1)] = ("failed", None)
+    plan = plan_cell(cell, results, cell.prior, AdaptiveSettings(), None)
+    assert (4, 1) in plan.points
 
 
 def test_budget_out_cell_is_unbracketed_and_said_so(tmp_path):
