@@ -247,13 +247,13 @@ def _fmt(value) -> str:
 def cmd_demo(args) -> int:
     import time
 
-    from steplaw.sweep.presets import DEMO_CELL_BUDGET, demo_spec
+    from steplaw.sweep.presets import DEMO_PLANNER, demo_spec
 
     started = time.time()
     args.executor = "local"
     args.address = None
     spec = demo_spec(args.scale)
-    args.planner, args.cell_budget, args.total_budget, args.max_batch = "adaptive", DEMO_CELL_BUDGET[args.scale], None, None
+    args.planner, args.planner_settings, args.max_batch = "adaptive", DEMO_PLANNER[args.scale], None
     summary = run_spec(spec, args)
     if args.no_report:
         return 0
@@ -305,7 +305,8 @@ def make_planner(spec, args):
         return None
     from steplaw.sweep.planner import AdaptivePlanner, spec_cells
 
-    return AdaptivePlanner(spec_cells(spec, getattr(args, "max_batch", None)), planner_settings(args))
+    settings = getattr(args, "planner_settings", None) or planner_settings(args)
+    return AdaptivePlanner(spec_cells(spec, getattr(args, "max_batch", None)), settings)
 
 
 def dry_run_adaptive(spec, args) -> int:
