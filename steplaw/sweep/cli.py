@@ -3,7 +3,9 @@
     steplaw sweep SPEC.toml --out DIR                # a spec file (TOML, YAML, JSON)
     steplaw sweep --params 1M 3M --tokens 1e8 --out DIR   # or flags (they override a file)
     steplaw sweep --out DIR                          # resume DIR with its stored spec
-    steplaw sweep ... --out DIR --new-spec           # a changed spec on DIR (history kept)
+    steplaw sweep ... --new-spec                     # a changed spec on DIR (history kept)
+    steplaw sweep ... --planner adaptive [--cell-budget 32 --total-budget R]   # search each cell's optimum
+    steplaw sweep --replay TABLE [--col-N ... --bs-unit sequences --seq-len L] --planner adaptive --out DIR
     steplaw runs DIR [--csv | --json] [-o FILE]      # the runs table (steplaw.runtable)
     steplaw runs DIR --specs                         # the specs DIR was swept with
     steplaw runs --columns                           # what each run-table column means
@@ -60,6 +62,7 @@ def add_commands(subparsers) -> None:
     grid.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                       help="a fixed RunConfig setting for every run (repeatable), e.g. --set schedule=wsd --set seed=1")
     _add_execution_flags(sweep)
+    add_planner_flags(sweep)
     sweep.add_argument("--dry-run", action="store_true", help="check every run, print the cells and grids, run nothing")
     sweep.add_argument("--new-spec", action="store_true",
                        help="allow a spec that differs from the one --out was swept with: its runs join the old "
@@ -78,7 +81,8 @@ def add_commands(subparsers) -> None:
 
     demo = subparsers.add_parser("demo", help="tiny CPU sweep on the embedded corpus, then fit and report (make demo)")
     demo.add_argument("--out", "-o", default="steplaw-demo", help="sweep directory (default ./steplaw-demo)")
-    demo.add_argument("--scale", choices=["full", "small"], default="full", help="full: 72 runs; small: 8 runs")
+    demo.add_argument("--scale", choices=["full", "small"], default="full",
+                      help="full: 9 cells at 32K-128K tokens; small: the same at 1K-4K, a smoke run")
     demo.add_argument("--no-report", action="store_true", help="only run the sweep")
     demo.add_argument("--new-spec", action="store_true", help="allow a different demo scale on an existing --out")
     _add_execution_flags(demo, ray=False)
@@ -226,11 +230,16 @@ def run_spec(spec, args):
 
     _check_out(args.out)
     run_fn = load_run_fn(args.run_fn)
-    runs = spec.expand()
-    validate_runs(runs, local=getattr(args, "executor", "local") != "ray")
+    planner = make_planner(spec, args)
+    grid_runs = spec.expand()
+    # The adaptive planner proposes runs as it goes, all with the spec's fixed settings:
+    # checking the grid's runs checks every setting its proposals can carry.
+    validate_runs(grid_runs, local=getattr(args, "executor", "local") != "ray")
+    runs = grid_runs if planner is None else []
     line = ProgressLine(len(runs), enabled=not args.quiet)
     return run_sweep(runs, args.out, make_executor_factory(args, run_fn), max_attempts=args.max_attempts,
-                     spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed, new_spec=args.new_spec)
+                     spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed, new_spec=args.new_spec,
+                     planner=planner)
 
 
 def report_failures(summary, out) -> int:
@@ -254,13 +263,17 @@ def report_failures(summary, out) -> int:
 def cmd_sweep(args) -> int:
     from steplaw.sweep.spec import validate_runs
 
+    if getattr(args, "replay", None):
+        return cmd_replay(args)
     _check_out(args.out)
     load_run_fn(args.run_fn)
     spec = spec_from_args(args)
     if args.dry_run:
-        cells = spec.cells()
         runs = spec.expand()
         validate_runs(runs, local=args.executor != "ray")
+        if getattr(args, "planner", "grid") == "adaptive":
+            return dry_run_adaptive(spec, args)
+        cells = spec.cells()
         for cell in cells:
             print(f"{cell.label}: N={cell.n_params:,} D={cell.tokens:,}  lr {', '.join(f'{x:.3g}' for x in cell.lrs)}"
                   f"  batch {', '.join(str(b) for b in cell.batch_sizes)} tokens")
@@ -329,12 +342,13 @@ def _fmt(value) -> str:
 def cmd_demo(args) -> int:
     import time
 
-    from steplaw.sweep.presets import demo_spec
+    from steplaw.sweep.presets import DEMO_PLANNER, demo_spec
 
     started = time.time()
     args.executor = "local"
     args.address = None
     spec = demo_spec(args.scale)
+    args.planner, args.planner_settings, args.max_batch = "adaptive", DEMO_PLANNER[args.scale], None
     summary = run_spec(spec, args)
     if args.no_report:
         return 0
@@ -345,3 +359,87 @@ def cmd_demo(args) -> int:
     for path in paths:
         print(path)
     return 0 if summary.counts.get("ok") else 1
+
+
+# -- planners and replay (steplaw.sweep.planner, steplaw.sweep.replay) ------------------------
+
+def add_planner_flags(parser) -> None:
+    """--planner, the run budgets, and --replay TABLE with the table flags of `steplaw fit`."""
+    from steplaw.laws.cli import add_table_args
+
+    group = parser.add_argument_group("planner")
+    group.add_argument("--planner", choices=["grid", "adaptive"], default="grid",
+                       help="grid: every run of the LR x batch grid (default); adaptive: search each cell's optimum "
+                            "from the finished runs (the grid flags then only set the starting point)")
+    group.add_argument("--cell-budget", type=positive_int, default=None, metavar="RUNS",
+                       help="adaptive: runs per cell at most (default 32; replay: no limit)")
+    group.add_argument("--total-budget", type=positive_int, default=None, metavar="RUNS",
+                       help="adaptive: runs in all, split evenly over the cells (default: no limit)")
+    group.add_argument("--max-batch", type=count, default=None, metavar="TOKENS",
+                       help="adaptive: largest batch size in tokens the search may try")
+    replay = parser.add_argument_group("replay a table of finished runs (read as `steplaw fit` reads it; "
+                                       "--seq-len is the table's sequence length)")
+    replay.add_argument("--replay", metavar="TABLE", help="CSV / JSONL / Parquet table or sweep directory to replay")
+    scratch = argparse.ArgumentParser(add_help=False)
+    add_table_args(scratch)
+    for action in scratch._actions:  # the column flags of `steplaw fit`, minus its positional and --seq-len
+        if action.option_strings and action.dest not in ("help", "seq_len"):
+            replay._group_actions.append(parser._add_action(action))
+
+
+def planner_settings(args, replay: bool = False):
+    from steplaw.sweep.planner import AdaptiveSettings
+
+    budget = args.cell_budget if args.cell_budget is not None else (None if replay else AdaptiveSettings.cell_budget)
+    return AdaptiveSettings(cell_budget=budget, total_budget=args.total_budget)
+
+
+def make_planner(spec, args):
+    """None for the grid (run_sweep runs spec.expand()), else the adaptive planner."""
+    if getattr(args, "planner", "grid") != "adaptive":
+        return None
+    from steplaw.sweep.planner import AdaptivePlanner, spec_cells
+
+    settings = getattr(args, "planner_settings", None) or planner_settings(args)
+    return AdaptivePlanner(spec_cells(spec, getattr(args, "max_batch", None)), settings)
+
+
+def dry_run_adaptive(spec, args) -> int:
+    from steplaw.sweep.planner import spec_cells
+
+    cells = spec_cells(spec, args.max_batch)
+    for cell in cells:
+        print(f"{cell.label}: N={cell.N:,.0f} D={cell.D:,.0f}  start at lr {cell.prior[0]:.3g}, batch "
+              f"{cell.prior[1]:.4g} tokens; batch sizes {cell.batch_sizes[0]:.0f}..{cell.batch_sizes[-1]:.0f} tokens")
+    settings = planner_settings(args)
+    print(f"adaptive planner: {len(cells)} cells, runs chosen as the sweep goes "
+          f"(at most {settings.cell_budget or 'unlimited'} per cell)")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from steplaw.laws.cli import load_table
+    from steplaw.progress import ProgressLine
+    from steplaw.sweep.driver import run_sweep
+    from steplaw.sweep.planner import AdaptivePlanner
+    from steplaw.sweep.replay import ReplayExecutor, replay_table
+
+    if args.spec:
+        raise UserError(f"--replay {args.replay!r} and a spec file {args.spec!r}: expected one of them")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UserError(f"--seq-len {args.seq_len}: expected a positive number of tokens per sequence")
+    args.runs = args.replay
+    table = load_table(args)
+    replay = replay_table(table, table.source)
+    for warning in table.warnings + replay.problems:
+        cliargs.warn(warning, getattr(args, "command_prog", "steplaw sweep"))
+    if not replay.cells:
+        raise UserError(f"{table.source}: no cell can be replayed ({len(replay.problems)} problem(s) above)")
+    planner = AdaptivePlanner(replay.cells, planner_settings(args, replay=True)) if args.planner == "adaptive" else None
+    if args.dry_run:
+        print(f"replay of {table.source}: {len(replay.cells)} cells, {len(replay.runs)} runs in the table")
+        return 0
+    summary = run_sweep(replay.runs if planner is None else [], args.out, lambda: ReplayExecutor(replay.outcomes),
+                        progress=ProgressLine(0, enabled=not args.quiet), planner=planner, new_spec=args.new_spec,
+                        spec={"replay": str(table.source), "problems": replay.problems})
+    return report_failures(summary, args.out)

@@ -1,6 +1,12 @@
 """The sweep driver: the one process that hands runs to an executor and writes the store.
 
-    run_sweep(runs, sweep_dir, make_executor) -> SweepSummary
+    run_sweep(runs, sweep_dir, make_executor, planner=None) -> SweepSummary
+
+The planner (steplaw.sweep.planner) says which runs the sweep has: the grid's, all at
+once, or the adaptive search's, a few at a time as earlier runs finish. The driver asks it
+again after each completion, with every stored run (`RunView`); runs it proposes that the
+store does not hold are registered `pending` before any of them runs, so an interrupted
+batch is found again and finished first.
 
 Order of events for a run, each one SQLite transaction: registered `pending` ->
 `running` when handed to a worker -> `ok` / `diverged` / `failed` when its result comes
@@ -11,13 +17,15 @@ that row's attempt.
 """
 from __future__ import annotations
 
+import json
+import math
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from steplaw.progress import ProgressLine, format_duration
+from steplaw.sweep.planner import GridPlanner, RunView
 from steplaw.sweep.spec import count_params
 from steplaw.sweep.store import DriverLock, ResultStore
 from steplaw.train.config import RunConfig
@@ -31,96 +39,211 @@ class SweepSummary:
     ran: int = 0  # attempts made by this invocation
     reused: int = 0  # runs found finished in the store
     wall_s: float = 0.0
+    planner: str = "grid"
+    cells: list = field(default_factory=list)  # adaptive: one report per cell (AdaptivePlanner.cell_reports)
 
     def line(self) -> str:
         parts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
-        return (f"sweep {self.sweep_dir}: {self.total} runs ({parts}); ran {self.ran}, reused {self.reused}, "
-                f"{format_duration(self.wall_s)}")
+        text = (f"sweep {self.sweep_dir}: {self.total} runs ({parts}); ran {self.ran}, reused {self.reused}, "
+                f"{format_duration(self.wall_s)}; planner {self.planner}")
+        if self.cells:
+            states: dict[str, int] = {}
+            for cell in self.cells:
+                states[cell["state"]] = states.get(cell["state"], 0) + 1
+            text += " (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + " cells)"
+            for cell in self.cells:
+                best = ""
+                if cell["best_lr"] is not None:
+                    best = f"  best lr {cell['best_lr']:.4g}, batch {cell['best_batch_tokens']:.6g} tokens"
+                limits = [side for side, verdict in cell["sides"].items() if verdict == "limit"]
+                note = f" (at the hard limit: {', '.join(limits)})" if limits else ""
+                text += f"\n  {cell['cell']}: {cell['runs']} runs, {cell['state']}{note}{best}"
+        return text
+
+
+def _counts(config, by_model: dict) -> dict | None:
+    """Parameter counts of a proposed run, counted once per model shape (a large sweep
+    proposes thousands of runs of a few shapes)."""
+    if isinstance(config, RunConfig):
+        if config.model not in by_model:
+            by_model[config.model] = count_params(config.model)
+        return by_model[config.model]
+    return config.counts()  # a replayed run carries its table's counts
 
 
 def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, max_attempts: int = 2,
               spec: dict | None = None, progress: ProgressLine | bool = True, retry_failed: bool = False,
-              new_spec: bool = False) -> SweepSummary:
-    """Run every config not yet finished in the store of `sweep_dir`.
+              planner=None, new_spec: bool = False) -> SweepSummary:
+    """Run the sweep's runs not yet finished in the store of `sweep_dir`.
 
-    `make_executor()` builds the executor (called only when there is something to run).
-    Failed runs are tried at most `max_attempts` times over all invocations
-    (`retry_failed` grants them `max_attempts` more); diverged runs are results.
+    `planner` (steplaw.sweep.planner) proposes the runs from the finished ones; None runs
+    `runs`, all of them (the grid). `make_executor()` builds the executor (called only when
+    there is something to run). Failed runs are tried at most `max_attempts` times over all
+    invocations (`retry_failed` grants them `max_attempts` more); diverged runs are results.
     `spec` (a dict) is recorded as the directory's spec (ResultStore.record_spec): one that
     differs from the stored spec is refused unless `new_spec`.
     """
     sweep_dir = Path(sweep_dir)
     started = time.time()
-    run_ids = [config.run_id() for config in runs]
-    configs = {run_id: config for run_id, config in zip(run_ids, runs)}
-    if len(configs) != len(runs):
-        raise ValueError("run_sweep got duplicate configs")
+    if planner is None:
+        if len({config.run_id() for config in runs}) != len(runs):
+            raise ValueError("run_sweep got duplicate configs")
+        planner = GridPlanner(runs)
     with DriverLock(sweep_dir), ResultStore(sweep_dir) as store:
         for notice in store.notices:
             print(f"steplaw sweep: warning: {notice}", file=sys.stderr)
         spec_id = store.record_spec(spec, allow_change=new_spec) if spec is not None else None
         store.recover_interrupted()
-        counts = _register(store, configs, spec_id)
+        store.set_meta("planner", planner.name)
         if retry_failed:
             store.reset_failed()
-        todo = store.todo(run_ids, max_attempts)
-        # Largest runs first: the pool's last minutes are not spent waiting on one big run.
-        todo.sort(key=lambda r: -_cost(configs[r], counts[r]))
-        summary = SweepSummary(sweep_dir, len(run_ids))
-        summary.reused = len(run_ids) - len(todo)  # finished, or failed with no attempts left
-        line = progress if isinstance(progress, ProgressLine) else ProgressLine(len(run_ids), enabled=bool(progress))
-        if todo:
-            _drive(store, configs, counts, todo, make_executor(), max_attempts, line, summary, sweep_dir, started)
-        summary.counts = store.status_counts(run_ids)
+        sweep = _Sweep(store, planner, max_attempts, spec_id)
+        sweep.register(planner.propose(sweep.views))
+        summary = SweepSummary(sweep_dir, 0, planner=planner.name)
+        summary.reused = sum(1 for view in sweep.views.values() if view.state != "open" and planner.owns(view))
+        line = progress if isinstance(progress, ProgressLine) else ProgressLine(0, enabled=bool(progress))
+        line.total = sweep.total()
+        if sweep.queue():
+            _drive(sweep, make_executor(), line, summary, sweep_dir, started)
+        owned = sweep.owned_ids()
+        summary.total = len(owned)
+        summary.counts = store.status_counts(owned)
+        summary.cells = planner.cell_reports(sweep.views)
+        if summary.cells:
+            store.set_meta("planner_cells", summary.cells)
         summary.wall_s = time.time() - started
         line.finish(summary.line())
         return summary
 
 
-def _register(store, configs: dict, spec_id: str | None) -> dict:
-    """Add the runs the store does not hold yet (each with its parameter counts and spec
-    id); returns the counts of every run. Counted once per model shape, serialized only
-    for new runs: a rerun of a large finished sweep stays cheap."""
-    by_model: dict = {}
-    counts = {run_id: by_model.get(c.model) or by_model.setdefault(c.model, count_params(c.model))
-              for run_id, c in configs.items()}
-    new = store.missing(list(configs))
-    store.add_runs([{**configs[r].to_dict(), "run_id": r} for r in new], [counts[r] for r in new], spec_id=spec_id)
-    if spec_id is not None:
-        store.adopt(list(configs), spec_id)
-    return counts
+class _Sweep:
+    """The driver's view of the store: RunViews for the planner, configs and the queue."""
+
+    def __init__(self, store: ResultStore, planner, max_attempts: int, spec_id: str | None = None):
+        self.store, self.planner, self.max_attempts, self.spec_id = store, planner, max_attempts, spec_id
+        self.by_model: dict = {}
+        self.configs: dict[str, object] = {}
+        self.costs: dict[str, float] = {}
+        self.attempts: dict[str, int] = {}
+        self.views: dict[str, RunView] = {}
+        for row in store.rows():
+            self.attempts[row["run_id"]] = row["attempts"]
+            self.views[row["run_id"]] = self._view(row["run_id"], json.loads(row["config"]), row["status"],
+                                                   row["loss"])
+        self.in_flight: set[str] = set()
+
+    def _view(self, run_id: str, config: dict, status: str, loss) -> RunView:
+        if status == "failed" and self.attempts.get(run_id, 0) < self.max_attempts:
+            status = "open"  # it will be tried again
+        elif status not in ("ok", "diverged", "failed"):
+            status = "open"
+        return RunView(run_id, config, status, loss)
+
+    def register(self, proposals: list) -> int:
+        """Store the planner's proposals (new ones as pending); remember their configs."""
+        new, counts = [], []
+        for config in proposals:
+            run_id = config.run_id()
+            if run_id in self.configs:
+                continue
+            self.configs[run_id] = config
+            count = _counts(config, self.by_model)
+            self.costs[run_id] = _cost(config, count)
+            if run_id not in self.views:
+                new.append({**config.to_dict(), "run_id": run_id})
+                counts.append(count)
+        if self.spec_id is not None:
+            self.store.adopt(list(self.configs), self.spec_id)
+        if new:
+            self.store.add_runs(new, counts, spec_id=self.spec_id)
+            for entry in new:
+                config = {k: v for k, v in entry.items() if k != "run_id"}
+                self.views[entry["run_id"]] = self._view(entry["run_id"], config, "pending", None)
+        return len(new)
+
+    def owned_ids(self) -> list[str]:
+        return [run_id for run_id, view in self.views.items() if self.planner.owns(view)]
+
+    def total(self) -> int:
+        return len(self.owned_ids())
+
+    def queue(self) -> list[str]:
+        """Open runs of this sweep not in flight; largest first, so that the pool's last
+        minutes are not spent waiting on one big run (adaptive: in proposal order)."""
+        todo = [run_id for run_id, view in self.views.items()
+                if view.state == "open" and run_id not in self.in_flight and self.planner.owns(view)]
+        for run_id in todo:
+            if run_id not in self.configs:  # an open run of an interrupted batch: rebuild it
+                self.configs[run_id] = _config_of(self.views[run_id].config)
+                self.costs[run_id] = _cost(self.configs[run_id], None)
+        if self.planner.name == "grid":
+            todo.sort(key=lambda r: -self.costs[r])
+        return todo
+
+    def record(self, completions) -> list[str]:
+        """Store finished attempts (one transaction) and update the planner's views;
+        returns each completion's status."""
+        self.store.record_results([(c.run_id, c.result, c.host, c.versions, c.traceback) for c in completions])
+        statuses = []
+        for completion in completions:
+            run_id, result = completion.run_id, completion.result
+            self.in_flight.discard(run_id)
+            status = result.status if result.status in ("ok", "diverged") else "failed"
+            if status == "failed":
+                self.attempts[run_id] = self.attempts.get(run_id, 0) + 1
+            loss = result.final_train_loss
+            loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+            self.views[run_id] = self._view(run_id, self.views[run_id].config, status, loss)
+            statuses.append(status)
+        return statuses
 
 
-def _cost(config: RunConfig, counts: dict | None) -> float:
+def _config_of(config: dict):
+    if "replay" in config:
+        from steplaw.sweep.replay import ReplayRun
+
+        return ReplayRun.from_dict(config)
+    return RunConfig.from_dict(config)
+
+
+def _cost(config, counts: dict | None) -> float:
+    if not isinstance(config, RunConfig):
+        return 0.0
     params = (counts or {}).get("active") or (config.model.d_model**2 * 12 * config.model.n_layers)
     return float(params) * config.tokens
 
 
-def _drive(store, configs, counts, todo, executor, max_attempts, line, summary, sweep_dir, started):
-    queue = deque(todo)
+def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started):
     failed_seen = 0
-    attempts = store.attempts(todo)
-    remaining_cost = {run_id: _cost(configs[run_id], counts[run_id]) for run_id in todo}
-    total_cost = sum(remaining_cost.values())
+    total_cost = sum(sweep.costs.get(r, 0.0) for r in sweep.queue())
     done_cost = 0.0
     finished = summary.reused
     latest = ""
+    queue = sweep.queue()
     try:
         while queue or executor.running():
-            handing = []
-            while queue and executor.idle() > len(handing):
-                handing.append(queue.popleft())
+            handing = queue[:max(0, executor.idle())]
+            queue = queue[len(handing):]
             if handing:
-                store.mark_running(*handing)  # one transaction for the batch
+                sweep.store.mark_running(*handing)  # one transaction for the batch
                 for run_id in handing:
-                    executor.submit(run_id, configs[run_id], str(sweep_dir / "runs" / run_id))
+                    sweep.in_flight.add(run_id)
+                    executor.submit(run_id, sweep.configs[run_id], str(sweep_dir / "runs" / run_id))
             completions, updates = executor.poll(0.25)
-            newly_finished, newly_failed, cost = _record_completions(store, completions, attempts, max_attempts, queue,
-                                                                      remaining_cost)
-            summary.ran += len(completions)
-            finished += newly_finished
-            failed_seen += newly_failed
-            done_cost += cost
+            for completion, status in zip(completions, sweep.record(completions)):
+                summary.ran += 1
+                if status == "failed":
+                    failed_seen += 1
+                if sweep.views[completion.run_id].state != "open":
+                    finished += 1
+                    done_cost += sweep.costs.get(completion.run_id, 0.0)
+            if completions:
+                if sweep.register(sweep.planner.propose(sweep.views)):
+                    line.total = sweep.total()
+                    if sweep.planner.name != "grid":  # the cells' states as they stand, for a report mid-sweep
+                        sweep.store.set_meta("planner_cells", sweep.planner.cell_reports(sweep.views))
+                    total_cost = done_cost + sum(sweep.costs.get(r, 0.0) for r in sweep.queue() + list(sweep.in_flight))
+                queue = sweep.queue()
             for update in updates:
                 latest = describe_progress(update.run_id, update.info)
             eta = _eta(time.time() - started, finished - summary.reused, len(queue) + len(executor.running()),
@@ -131,25 +254,8 @@ def _drive(store, configs, counts, todo, executor, max_attempts, line, summary, 
         # Ctrl-C or a driver bug: stop the workers, leave unfinished runs pending.
         interrupted = list(executor.running())
         executor.close(force=True)
-        store.mark_pending(*interrupted)
+        sweep.store.mark_pending(*interrupted)
         raise
-
-
-def _record_completions(store, completions, attempts, max_attempts, queue, remaining_cost) -> tuple[int, int, float]:
-    """Store finished attempts (one transaction) and requeue failed runs with attempts
-    left. Returns (runs finished for good, failed attempts, cost of the finished runs)."""
-    store.record_results([(c.run_id, c.result, c.host, c.versions, c.traceback) for c in completions])
-    finished, failed, cost = 0, 0, 0.0
-    for completion in completions:
-        if completion.result.status == "failed":
-            failed += 1
-            attempts[completion.run_id] = attempts.get(completion.run_id, 0) + 1
-            if attempts[completion.run_id] < max_attempts:
-                queue.append(completion.run_id)
-                continue
-        finished += 1
-        cost += remaining_cost.pop(completion.run_id, 0.0)
-    return finished, failed, cost
 
 
 def _eta(elapsed: float, finished: int, remaining: int, done_cost: float, total_cost: float) -> float | None:

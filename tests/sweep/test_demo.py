@@ -1,4 +1,4 @@
-"""The demo preset end to end with real training, at its small scale (36 runs)."""
+"""The demo preset: its design, and end to end with real training at its small scale."""
 import json
 
 import pytest
@@ -6,16 +6,22 @@ import pytest
 from steplaw.cli import main
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.table import read_runs
-from steplaw.sweep.presets import demo_spec
+from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings, spec_cells
+from steplaw.sweep.presets import DEMO_SEQ_LEN, demo_spec
 from steplaw.sweep.store import ResultStore, export_rows
 
 
-def test_demo_full_preset_shape():
+def test_demo_full_preset_design():
     spec = demo_spec("full")
-    cells = spec.cells()
-    assert len({c.n_params for c in cells}) >= 3 and len({c.tokens for c in cells}) >= 2
-    assert all(len(c.lrs) == 4 and len(c.batch_sizes) == 3 for c in cells)
-    assert len(spec.expand()) >= 72
+    cells = spec_cells(spec)
+    assert len(cells) == 9 and len({c.N for c in cells}) == 3 and len({c.D for c in cells}) == 3
+    assert max(c.N for c in cells) / min(c.N for c in cells) > 10  # N spans more than a decade
+    for cell in cells:
+        # room below the starting batch size: the batch optimum can be bracketed from below
+        assert cell.batch_sizes[0] == DEMO_SEQ_LEN and cell.prior[1] >= 4 * DEMO_SEQ_LEN
+        assert cell.batch_sizes[-1] >= 8 * cell.prior[1]
+    first = AdaptivePlanner(cells, AdaptiveSettings()).propose({})
+    assert len(first) == 15  # the first wave: 3 cells x 5 runs; the rest start from their fit
 
 
 @pytest.mark.slow
@@ -27,22 +33,24 @@ def test_small_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert [str(report_md), str(report_html)] == printed
     text = report_md.read_text()
     assert "Fitted laws beside the Step Law" in text and "No law was fitted" not in text
-    assert "| 36 " not in text and text.count("| ok |") == 36
-    assert (out / "report" / "figures").is_dir() and "](figures/" in text
-    page = report_html.read_text()
-    assert "data:image/png;base64," in page and "src=\"figures/" not in page
+    with ResultStore(out, readonly=True) as store:
+        assert store.meta("planner") == "adaptive"
+        cells = store.meta("planner_cells")
+        runs = len(store.rows())
+    assert len(cells) == 9 and sum(c["runs"] for c in cells) == runs
+    assert all(c["state"] in ("bracketed", "edge", "unbracketed") for c in cells)
 
     # the same command again reuses every run
     before = finished_at(out)
     assert main(["demo", "--scale", "small", "--out", str(out), "--no-report"]) == 0
-    assert "ran 0, reused 36" in capsys.readouterr().err
+    assert f"ran 0, reused {runs}" in capsys.readouterr().err
     assert finished_at(out) == before
 
     # `steplaw fit DIR` and `steplaw fit exported.csv` see the same runs
     csv_path, json_path = tmp_path / "runs.csv", tmp_path / "runs.json"
     assert main(["runs", str(out), "--csv", "-o", str(csv_path)]) == 0
     assert main(["runs", str(out), "--json", "-o", str(json_path)]) == 0
-    assert len(json.loads(json_path.read_text())) == 36
+    assert len(json.loads(json_path.read_text())) == runs
     fits = [fit_hparams(read_runs(source), n_boot=50).to_dict() for source in (export_rows(out), csv_path)]
     for law in ("lr_law", "bs_law"):
         numbers = [{k: v for k, v in fit[law].items() if k != "ci"} for fit in fits]
