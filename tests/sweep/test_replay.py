@@ -71,7 +71,7 @@ def test_grid_replay_fits_exactly_as_the_table_and_units_follow_the_fit_flags(tm
     flags = ["--col-N", "params", "--col-loss", "final", "--col-bs", "batch_seqs", "--bs-unit", "sequences",
              "--seq-len", "64"]
     assert main(["sweep", "--replay", str(source), *flags, "--out", str(out), "-q"]) == 0
-    replayed = fit_hparams(read_runs(out), n_boot=50).to_dict()
+    replayed = fit_hparams(read_runs(export_rows(out)), n_boot=50).to_dict()
     direct = fit_hparams(table, n_boot=50).to_dict()
     for law in ("lr_law", "bs_law"):
         for key, value in direct[law].items():
@@ -94,7 +94,7 @@ def test_bad_cells_are_named_one_sentence_each_and_the_rest_goes_on(tmp_path, ta
     out = tmp_path / "r"
     flags = ["--col-N", "params", "--col-loss", "final"]
     assert main(["sweep", "--replay", str(source), *flags, "--planner", "adaptive", "--out", str(out), "-q"]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: replay cell")]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("steplaw sweep: warning: replay cell")]
     assert len(warnings) == 3
     assert any("N=1e+07 D=1e+09 has 2 run(s): expected at least 3" in w for w in warnings)
     assert any("N=2e+07 D=1e+09 has no finished run with a finite loss" in w for w in warnings)
