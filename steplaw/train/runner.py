@@ -265,8 +265,7 @@ def prepare(config: RunConfig, world_size: int = 1, local_rank: int = 0) -> Setu
     )
     if config.seq_len > config.model.max_seq_len:
         raise UserError(f"seq_len={config.seq_len} exceeds the model's max_seq_len={config.model.max_seq_len}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise UserError(f"lr={config.lr!r}: expected a positive learning rate")
+    check_lr(config.lr)
     if config.optimizer not in ("steplaw", "torch"):
         raise UserError(f"optimizer={config.optimizer!r}: expected 'steplaw' or 'torch'")
     autocast_dtype = resolve_precision(config.precision, device)
@@ -279,6 +278,11 @@ def prepare(config: RunConfig, world_size: int = 1, local_rank: int = 0) -> Setu
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Setup(config, plan, device, autocast_dtype, min(warmup, plan.steps), data)
+
+
+def check_lr(lr: float) -> None:
+    if not (lr > 0 and math.isfinite(lr)):
+        raise UserError(f"lr={lr!r}: expected a positive learning rate")
 
 
 def new_result(config: RunConfig) -> RunResult:
