@@ -32,20 +32,24 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(steplaw, m) {
   // ---- fused AdamW (csrc/adamw) ----
   // One in-place AdamW step over many parameters of any number of param groups: every
-  // list holds one entry per parameter; group_index[i] picks parameter i's row of
-  // `hparams` (float64 [groups, 6]: lr, beta1, beta2, weight_decay, eps, maximize), so all
-  // groups go in one call and one launch per dtype, and a tensor lr is copied into the
-  // table on the device (no host sync). `steps` (0-d float32 per param) are incremented
-  // by the op and read on the device. max_exp_avg_sqs is empty unless amsgrad and
-  // master_params empty unless fp32 master weights are kept; both are whole-call flags
-  // because a list entry cannot be "absent" in a schema with alias annotations. Grads
-  // are read only (GradScaler's scale is divided out in registers, never written back).
-  // grad_scale/found_inf are GradScaler's tensors; found_inf != 0 makes the call a no-op.
+  // list holds one entry per parameter; group_index[i] picks parameter i's first row of
+  // `hparams` (float64 [rows, 7]: lr, beta1, beta2, weight_decay, eps, maximize,
+  // is_member), so all groups go in one call and one launch per dtype, and a tensor lr
+  // is copied into the table on the device (no host sync). `members[i]` (default all 1)
+  // is the number K of stacked members of parameter i: its leading dimension has size K
+  // and member k = param[k] is updated with row group_index[i] + k; a member row
+  // (is_member = 1) whose lr is exactly 0 is left untouched (csrc/adamw/adamw_math.h).
+  // `steps` (0-d float32 per param) are incremented by the op and read on the device.
+  // max_exp_avg_sqs is empty unless amsgrad and master_params empty unless fp32 master
+  // weights are kept; both are whole-call flags because a list entry cannot be "absent"
+  // in a schema with alias annotations. Grads are read only (GradScaler's scale is
+  // divided out in registers, never written back). grad_scale/found_inf are
+  // GradScaler's tensors; found_inf != 0 makes the call a no-op.
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
       "Tensor(f!)[] steps, Tensor hparams, int[] group_index, bool amsgrad, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, int[]? members=None) -> ()");
 
   // ---- MoE token dispatch (csrc/moe) ----
   // Semantics and shapes: steplaw/ops/moe.py. R (rows of `permuted`) follows from the

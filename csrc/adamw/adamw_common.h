@@ -1,5 +1,6 @@
 // Host-side pieces shared by the CPU and CUDA AdamW kernels: argument checks and the
-// staging of tensors that the kernels cannot update in place (non-dense layouts).
+// staging of tensors that the kernels cannot update in place (non-dense layouts, and
+// stacked params whose members are not contiguous blocks of memory).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,7 +18,8 @@ namespace adamw {
 // tensors that were copied because their layout was not usable in place.
 struct ParamSlot {
   at::Tensor param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master;
-  int64_t group = 0;
+  int64_t group = 0;    // first hparams row
+  int64_t members = 1;  // K: member k owns elements [k * numel / K, (k + 1) * numel / K)
 };
 
 struct StagedLists {
@@ -35,13 +37,25 @@ inline bool same_dense_layout(const at::Tensor& ref, const at::Tensor& other) {
       other.is_non_overlapping_and_dense();
 }
 
+// Whether the dense tensor `t` of K members keeps each member t[k] in one contiguous
+// block of numel / K elements (dim 0 outermost in memory), as the kernels assume.
+inline bool member_major(const at::Tensor& t, int64_t members) {
+  if (members == 1 || t.numel() == 0) return true;
+  return t.is_non_overlapping_and_dense() && t.stride(0) == t.numel() / members &&
+      t.select(0, 0).is_non_overlapping_and_dense();
+}
+
 // Validates the op's arguments and returns one slot per parameter whose tensors can be
 // walked as flat arrays of numel elements in the same order.
 inline StagedLists stage_lists(
     at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList master_params,
-    at::TensorList steps, const at::Tensor& hparams, at::IntArrayRef group_index, bool amsgrad) {
+    at::TensorList steps, const at::Tensor& hparams, at::IntArrayRef group_index, bool amsgrad,
+    at::OptionalIntArrayRef members) {
   const size_t n = params.size();
+  STEPLAW_CHECK(!members.has_value() || members->size() == n,
+                "fused_adamw_ expects one members entry per param, got ", members.has_value() ? members->size() : 0,
+                " for ", n, " params");
   STEPLAW_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                     steps.size() == n && group_index.size() == n,
                 "fused_adamw_ expects params, grads, exp_avgs, exp_avg_sqs, steps and "
@@ -61,9 +75,14 @@ inline StagedLists stage_lists(
   out.slots.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    STEPLAW_CHECK(group_index[i] >= 0 && group_index[i] < hparams.size(0),
-                  "group_index[", i, "] = ", group_index[i], " is outside the ", hparams.size(0),
-                  " rows of hparams");
+    const int64_t k = members.has_value() ? (*members)[i] : 1;
+    STEPLAW_CHECK(k >= 1, "members[", i, "] = ", k, ": expected at least 1");
+    STEPLAW_CHECK(group_index[i] >= 0 && group_index[i] + k <= hparams.size(0),
+                  "group_index[", i, "] = ", group_index[i], " with ", k, " member(s) is outside the ",
+                  hparams.size(0), " rows of hparams");
+    STEPLAW_CHECK(k == 1 || (p.dim() >= 1 && p.size(0) == k),
+                  "param ", i, " of shape ", p.sizes(), " has ", k,
+                  " stacked members: expected a leading member dimension of size ", k);
     STEPLAW_CHECK(!p.is_complex() && at::isFloatingType(p.scalar_type()),
                   "fused_adamw_ supports real floating-point params, got ", p.scalar_type());
     STEPLAW_CHECK(grads[i].layout() == at::kStrided,
@@ -97,7 +116,9 @@ inline StagedLists stage_lists(
 
     ParamSlot slot;
     slot.group = group_index[i];
-    // The param's layout is the reference; every other tensor must match it or be staged.
+    slot.members = k;
+    // The param's layout is the reference (made member-major for a stacked param);
+    // every other tensor must match it or be staged.
     auto use = [&](const at::Tensor& t, const at::Tensor& ref, bool writes) -> at::Tensor {
       if (same_dense_layout(ref, t)) return t;
       at::Tensor staged = at::empty_like(ref, t.options());
@@ -105,7 +126,7 @@ inline StagedLists stage_lists(
       if (writes) out.write_back.emplace_back(t, staged);
       return staged;
     };
-    at::Tensor ref = p.is_non_overlapping_and_dense() ? p : p.contiguous();
+    at::Tensor ref = p.is_non_overlapping_and_dense() && member_major(p, k) ? p : p.contiguous();
     slot.param = use(p, ref, true);
     slot.grad = use(grads[i], ref, false);
     slot.exp_avg = use(exp_avgs[i], ref, true);

@@ -1,5 +1,6 @@
 // C++ CPU kernel of steplaw::fused_adamw_: one parallel region over fixed-size chunks of
-// all parameters; each chunk runs the shared per-element math of adamw_math.h on AVX-512
+// all parameters (cut at member boundaries of stacked params, frozen members left out);
+// each chunk runs the shared per-element math of adamw_math.h on AVX-512
 // or AVX2 lanes (adamw_cpu_avx512.cpp / adamw_cpu_avx2.cpp, chosen at run time) or on
 // scalars elsewhere.
 #include <ATen/ATen.h>
@@ -90,7 +91,8 @@ void fused_adamw_cpu(
     at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList master_params,
     at::TensorList steps, const at::Tensor& hparams, at::IntArrayRef group_index, bool amsgrad,
-    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+    at::OptionalIntArrayRef members) {
   STEPLAW_CHECK(hparams.device().is_cpu(), "fused_adamw_ on CPU expects hparams on the CPU");
   for (const auto& t : params) {
     STEPLAW_CHECK(t.device().is_cpu(), "fused_adamw_ on CPU got a param on ", t.device());
@@ -101,7 +103,7 @@ void fused_adamw_cpu(
   const float scale = has_scale ? grad_scale->item<float>() : 1.0f;
 
   StagedLists staged = stage_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                   master_params, steps, hparams, group_index, amsgrad);
+                                   master_params, steps, hparams, group_index, amsgrad, members);
   const double* hp = hparams.const_data_ptr<double>();
   std::vector<RangeRequest> chunks;
   int64_t total = 0;
@@ -115,17 +117,22 @@ void fused_adamw_cpu(
     base.exp_avg_sq = s.exp_avg_sq.data_ptr();
     base.max_exp_avg_sq = s.max_exp_avg_sq.defined() ? s.max_exp_avg_sq.data_ptr() : nullptr;
     base.master = s.master.defined() ? s.master.data_ptr() : nullptr;
-    base.hparams_row = hp + s.group * kNumHparams;
     base.step = double(*steps[i].const_data_ptr<float>()) + 1.0;
     base.has_scale = has_scale;
     base.scale = scale;
-    const int64_t numel = s.param.numel();
-    total += numel;
-    for (int64_t b = 0; b < numel; b += kChunk) {
-      RangeRequest chunk = base;
-      chunk.begin = b;
-      chunk.end = std::min(numel, b + kChunk);
-      chunks.push_back(chunk);
+    const int64_t member_numel = s.param.numel() / s.members;
+    for (int64_t k = 0; k < s.members; ++k) {
+      const double* row = hp + (s.group + k) * kNumHparams;
+      if (row_frozen(row)) continue;
+      total += member_numel;
+      const int64_t first = k * member_numel, last = first + member_numel;
+      for (int64_t b = first; b < last; b += kChunk) {
+        RangeRequest chunk = base;
+        chunk.hparams_row = row;
+        chunk.begin = b;
+        chunk.end = std::min(last, b + kChunk);
+        chunks.push_back(chunk);
+      }
     }
   }
   static const Isa isa = chosen_isa();

@@ -1,5 +1,6 @@
 // CUDA kernel of steplaw::fused_adamw_: multi-tensor apply (csrc/common/multi_tensor.cuh),
-// one block per 64Ki-element chunk, 16-byte loads of fp32 (4 elements per thread and
+// one block per 64Ki-element chunk (chunks cut at the member boundaries of a stacked
+// param, so a block reads one hparams row; a frozen member's blocks return at once), 16-byte loads of fp32 (4 elements per thread and
 // iteration) where every pointer of a chunk is aligned, a scalar loop otherwise, and the
 // per-element math of adamw_math.h with round-to-nearest intrinsics.
 #include <ATen/ATen.h>
@@ -79,10 +80,12 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(
     const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   const int t = table.block_tensor[blockIdx.x];
-  const int64_t begin = int64_t(table.block_chunk[blockIdx.x]) * mta::kChunk;
-  const int64_t end = min(table.numel[t], begin + mta::kChunk);
-  const Coeffs<T> c = make_coeffs<T>(hparams + table.tag[t] * kNumHparams,
-                                     double(*table.scalar[t]) + 1.0);
+  const mta::ChunkBounds bounds = mta::chunk_bounds(table.numel[t], table.segments[t], table.block_chunk[blockIdx.x]);
+  const double* row = hparams + (table.tag[t] + bounds.segment) * kNumHparams;
+  if (row_frozen(row)) return;
+  const int64_t begin = bounds.begin;
+  const int64_t end = bounds.end;
+  const Coeffs<T> c = make_coeffs<T>(row, double(*table.scalar[t]) + 1.0);
   const bool has_scale = grad_scale != nullptr;
   const T scale = has_scale ? T(*grad_scale) : T(1);
   param_t* p = static_cast<param_t*>(table.ptr[kParam][t]);
@@ -146,9 +149,10 @@ void launch_bucket(const std::vector<const ParamSlot*>& slots, const std::vector
         table.ptr[kMaster][slot] = s.master.defined() ? s.master.data_ptr() : nullptr;
         table.numel[slot] = s.param.numel();
         table.tag[slot] = int32_t(s.group);
+        table.segments[slot] = int32_t(s.members);
         table.scalar[slot] = steps[i]->const_data_ptr<float>();
       },
-      [&](int i) { return slots[i]->param.numel(); },
+      [&](int i) { return mta::chunk_count(slots[i]->param.numel(), slots[i]->members); },
       [&](const Table& table, int n_blocks) {
         adamw_kernel<param_t, T><<<n_blocks, kThreads, 0, stream>>>(
             table, hparams.const_data_ptr<double>(), grad_scale, found_inf);
@@ -160,7 +164,8 @@ void fused_adamw_cuda(
     at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList master_params,
     at::TensorList steps, const at::Tensor& hparams, at::IntArrayRef group_index, bool amsgrad,
-    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+    at::OptionalIntArrayRef members) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -180,7 +185,7 @@ void fused_adamw_cuda(
   const float* found_inf_ptr = scalar_ptr(found_inf, "found_inf");
 
   StagedLists staged = stage_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                   master_params, steps, hparams, group_index, amsgrad);
+                                   master_params, steps, hparams, group_index, amsgrad, members);
   // One launch sequence per parameter dtype (mixed dtypes in a group are allowed).
   std::map<at::ScalarType, std::pair<std::vector<const ParamSlot*>, std::vector<const at::Tensor*>>> buckets;
   for (size_t i = 0; i < staged.slots.size(); ++i) {

@@ -15,6 +15,18 @@
 // CPU can run it on SIMD lanes and CUDA can use the round-to-nearest intrinsics, which
 // never contract into other FMAs nor follow fast-math approximations, should anyone
 // build with --use_fast_math: every device then rounds at the same points.
+//
+// Stacked parameters (K runs of a sweep trained as one model, issue 10). A param of K
+// members has a leading member dimension of size K; member k is param[k]. The kernels
+// walk every param as flat memory in the param's own dense layout, which the host
+// staging (adamw_common.h) makes member-major for a stacked param: member k owns the
+// elements [k * member_numel, (k + 1) * member_numel), member_numel = numel / K. Member
+// k of a param whose first hparams row is `group` is updated with row group + k, and no
+// unit of kernel work (a CPU range, a CUDA block) crosses a member boundary, so each
+// unit computes its coefficients once from one row. A row flagged kIsMember with lr
+// exactly 0 is frozen: nothing of that member is read or written (a diverged member's
+// NaN gradients touch nothing). Unstacked params have K = 1 and rows without the flag,
+// so lr = 0 there behaves as torch's AdamW (moments still move).
 #pragma once
 
 #include <cmath>
@@ -32,8 +44,14 @@ enum HparamColumn : int {
   kWeightDecay = 3,
   kEps = 4,
   kMaximize = 5,  // 0.0 or 1.0
-  kNumHparams = 6,
+  kIsMember = 6,  // 1.0 for the rows of a stacked param group's members: lr 0 freezes them
+  kNumHparams = 7,
 };
+
+// Whether a row's elements are left untouched this step (a frozen stacked member).
+STEPLAW_HOST_DEVICE inline bool row_frozen(const double* hp) {
+  return hp[kIsMember] != 0.0 && hp[kLr] == 0.0;
+}
 
 // Per-tensor coefficients, already rounded to the math type T (float or double).
 template <typename T>

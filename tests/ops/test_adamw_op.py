@@ -8,7 +8,11 @@ from steplaw.ops.adamw import SCHEMA, reference_fused_adamw_
 
 
 def op_args(device="cpu", dtype=torch.float32, amsgrad=False, master=False, shapes=((5, 7), (0,), (33,)),
-            grad_scale=None, found_inf=None, seed=0):
+            grad_scale=None, found_inf=None, seed=0, members=None):
+    """The op's arguments. With `members` (one K per shape; shapes then lead with K) the
+    hparams table holds the two plain rows and then, per stacked param, K member rows
+    with lrs of their own; member 1 of the first stacked param is frozen (lr 0) and gets
+    NaN/inf gradients, which must touch nothing."""
     g = torch.Generator().manual_seed(seed)
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -22,14 +26,32 @@ def op_args(device="cpu", dtype=torch.float32, amsgrad=False, master=False, shap
     max_sqs = [t * 1.5 for t in exp_avg_sqs] if amsgrad else []
     masters = [p.float() for p in params] if master else []
     steps = [torch.full((), float(k + 1), device=device) for k in range(len(shapes))]
-    hparams = torch.tensor([[1e-2, 0.9, 0.999, 1e-2, 1e-8, 0.0], [3e-3, 0.3, 0.99, 0.0, 1e-6, 1.0]],
-                           dtype=torch.float64, device=device)
+    rows = [[1e-2, 0.9, 0.999, 1e-2, 1e-8, 0.0, 0.0], [3e-3, 0.3, 0.99, 0.0, 1e-6, 1.0, 0.0]]
     group_index = [k % 2 for k in range(len(shapes))]
+    frozen_done = False
+    for i, k in enumerate(members or []):
+        if k == 1 and not members_stacked_k1(shapes[i], k):
+            continue
+        group_index[i] = len(rows)
+        for member in range(k):
+            lr = 1e-2 * (member + 1) / k
+            if member == 1 and not frozen_done:
+                lr = 0.0
+                grads[i][1] = float("nan")
+                grads[i][1].view(-1)[:1] = float("inf")
+            rows.append([lr, 0.9, 0.95, 0.1 * member, 1e-8, float(member % 2), 1.0])
+        frozen_done = frozen_done or k > 1
+    hparams = torch.tensor(rows, dtype=torch.float64, device=device)
     # The CUDA kernel reads grad_scale / found_inf on the device (as torch's fused AdamW).
     grad_scale = None if grad_scale is None else grad_scale.to(device)
     found_inf = None if found_inf is None else found_inf.to(device)
     return (params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps, hparams, group_index, amsgrad,
-            grad_scale, found_inf)
+            grad_scale, found_inf, members)
+
+
+def members_stacked_k1(shape, k):
+    """A K = 1 stack (a 1-D lr of one value) is stacked too: a leading dimension of 1."""
+    return k == 1 and len(shape) >= 1 and shape[0] == 1
 
 
 def clone_args(args):
@@ -49,13 +71,27 @@ def test_opcheck(amsgrad, dtype, master):
     torch.library.opcheck(torch.ops.steplaw.fused_adamw_.default, args)
 
 
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)])
+def test_opcheck_stacked(dtype, master):
+    args = op_args(dtype=dtype, master=master, amsgrad=True, shapes=((3, 5, 7), (1, 9), (16, 5), (6,)),
+                   members=[3, 1, 16, 1])
+    torch.library.opcheck(torch.ops.steplaw.fused_adamw_.default, args)
+
+
 def test_opcheck_with_grad_scaler_tensors():
     args = op_args(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
     torch.library.opcheck(torch.ops.steplaw.fused_adamw_.default, args)
 
 
+# Members of several CPU chunks (2^18) and CUDA blocks (2^16), tiny members (many per
+# chunk), a K = 1 stack, an empty param, and a plain param in the same call.
+STACKED = dict(shapes=((3, 5, 7), (4, 70_001), (2, 270_001), (1, 9), (16, 5), (2, 0, 4), (6,)),
+               members=[3, 4, 2, 1, 16, 2, 1])
 CASES = {
     "fp32": dict(),
+    "fp32_stacked_amsgrad": dict(amsgrad=True, **STACKED),
+    "bf16_stacked_master_scaled": dict(dtype=torch.bfloat16, master=True, grad_scale=torch.tensor(4.0), **STACKED),
+    "fp64_stacked": dict(dtype=torch.float64, **STACKED),
     "fp32_amsgrad_scaled": dict(amsgrad=True, grad_scale=torch.tensor(8.0)),
     "fp64": dict(dtype=torch.float64),
     "bf16_master": dict(dtype=torch.bfloat16, master=True),
@@ -76,13 +112,14 @@ def _assert_matches(device, kernel_args, reference_args):
     for got_list, want_list in zip(kernel_args[:7], reference_args[:7]):
         for got, want in zip(got_list, want_list):
             if dtype == torch.float32 and device == "cpu":
-                torch.testing.assert_close(got, want, rtol=0, atol=0)
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
             elif dtype in (torch.float32, torch.float64):
                 # float64: the reference rounds a*b+c twice where the kernel uses fma;
                 # CUDA: the kernel's pow/sqrt of the coefficients may differ in the last bit.
-                torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)
+                torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7,
+                                           equal_nan=True)
             else:
-                torch.testing.assert_close(got.float(), want.float(), rtol=5e-3, atol=5e-3)
+                torch.testing.assert_close(got.float(), want.float(), rtol=5e-3, atol=5e-3, equal_nan=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -96,6 +133,21 @@ def test_cpu_kernel_matches_reference(case):
 def test_cuda_kernel_matches_reference(case):
     assert has_kernel("fused_adamw_", "cuda"), "the CUDA kernel was not built"
     _compare("cuda", case)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_frozen_member_is_untouched_by_its_nan_grads(device, impl):
+    args = op_args(device=device, amsgrad=True, **STACKED)
+    before = clone_args(args)
+    (torch.ops.steplaw.fused_adamw_ if impl == "kernel" else reference_fused_adamw_)(*args)
+    for which in (0, 2, 3, 4, 5):  # params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters
+        if args[which]:  # param 0, member 1
+            assert torch.equal(args[which][0][1], before[which][0][1])
+    for got, want in zip(args[0], before[0]):
+        if got.numel():
+            assert torch.isfinite(got).all()
+            assert not torch.equal(got, want)
 
 
 def _misaligned(t, offset=1):
@@ -194,6 +246,17 @@ def test_grads_are_not_modified():
         assert torch.equal(got, want)
 
 
+def test_stacked_shape_and_rows_are_checked():
+    args = list(op_args(shapes=((3, 4), (5,)), members=[3, 1]))
+    args[12] = [2, 1]
+    with pytest.raises(RuntimeError, match=r"param 0 of shape \[3, 4\] has 2 stacked members"):
+        torch.ops.steplaw.fused_adamw_(*args)
+    args = list(op_args(shapes=((3, 4), (5,)), members=[3, 1]))
+    args[8] = [3, 0]  # rows 3..5 of a 5-row table
+    with pytest.raises(RuntimeError, match="outside the 5 rows"):
+        torch.ops.steplaw.fused_adamw_(*args)
+
+
 def test_mismatched_lists_are_rejected():
     args = list(op_args())
     args[2] = args[2][:-1]
@@ -278,7 +341,7 @@ def test_every_cpu_path_gives_the_same_bits():
         "vs = [torch.rand(n, generator=g) for n in sizes]\n"
         "vmax = [v.clone() for v in vs]\n"
         "steps = [torch.tensor(4.0) for _ in sizes]\n"
-        "hp = torch.tensor([[1e-3, 0.9, 0.95, 0.1, 1e-8, 0.0]], dtype=torch.float64)\n"
+        "hp = torch.tensor([[1e-3, 0.9, 0.95, 0.1, 1e-8, 0.0, 0.0]], dtype=torch.float64)\n"
         "fused_adamw_(ps, gs, ms, vs, vmax, [], steps, hp, [0] * len(sizes), True, grad_scale=torch.tensor(64.0))\n"
         "torch.save([ps, ms, vs, vmax], __import__('sys').argv[1])\n"
     )

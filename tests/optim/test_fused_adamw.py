@@ -408,3 +408,22 @@ def test_large_step_takes_the_parallel_path_and_matches_torch_fused():
     for p, q in zip(ours, theirs):
         assert_matches_torch_fused(p, q)
         assert_matches_torch_fused(opt.state[p]["max_exp_avg_sq"], ref.state[q]["max_exp_avg_sq"])
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", -1e-3, r"lr=-0.001"), ("lr", float("nan"), r"lr=nan"), ("lr", float("inf"), r"lr=inf"),
+    ("eps", -1.0, r"eps=-1.0"), ("betas", (0.9, 1.0), r"betas\[1\]=1.0"), ("betas", (-0.1, 0.9), r"betas\[0\]=-0.1"),
+    ("weight_decay", float("nan"), r"weight_decay=nan"), ("weight_decay", -0.1, r"weight_decay=-0.1"),
+])
+def test_group_values_changed_after_construction_are_checked_at_the_step(key, value, match):
+    """Checked on the host at the next step (float values only: no device sync), before
+    anything is updated, with the group named."""
+    p, q = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = FusedAdamW([{"params": [p]}, {"params": [q]}], lr=1e-3)
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    before = p.detach().clone()
+    opt.param_groups[1][key] = value
+    with pytest.raises(UserError, match=r"param group 1: " + match):
+        opt.step()
+    assert torch.equal(p.detach(), before)

@@ -107,3 +107,63 @@ def test_capturable_step_in_cuda_graph():
         eager_opt.step()
     torch.cuda.synchronize()
     torch.testing.assert_close(params[0], eager[0], rtol=0, atol=0)
+
+
+# ---- stacked groups (per-member lr / weight decay) on CUDA ----
+
+def test_stacked_cuda_equals_separate_runs_bitwise_and_cpu_closely():
+    from test_stacked_adamw import LRS, K, assert_state_equal, run_separate, run_stacked, stacked_params
+
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    stacked = stacked_params(dtypes, device="cuda")
+    opt = run_stacked(stacked, amsgrad=True, master_weights=True)
+    for k, (singles, single_opt) in enumerate(run_separate(stacked_params(dtypes, device="cuda"), FusedAdamW,
+                                                           amsgrad=True, master_weights=True)):
+        assert_state_equal(opt, stacked, k, single_opt, singles)
+    on_cpu = stacked_params(dtypes)
+    run_stacked(on_cpu, amsgrad=True, master_weights=True)
+    for p, q in zip(stacked, on_cpu):
+        torch.testing.assert_close(p.cpu().float(), q.float(), rtol=1e-5, atol=1e-5)
+    assert len(LRS) == K
+
+
+def test_stacked_cuda_frozen_member_with_nan_grads_is_untouched():
+    from test_stacked_adamw import LRS, grads, run_stacked, stacked_params
+
+    stacked = stacked_params(device="cuda")
+    lr = torch.tensor(LRS, device="cuda")
+    opt = run_stacked(stacked, steps=2, lr=lr, amsgrad=True)
+    before = [(p.detach().clone(), {key: v.clone() for key, v in opt.state[p].items() if key != "step"})
+              for p in stacked]
+    lr[1] = 0.0
+    for step in range(2, 5):
+        for p, grad in zip(stacked, grads(stacked, step, nan_member=1)):
+            p.grad = grad
+        opt.step()
+    for p, (old, state) in zip(stacked, before):
+        assert torch.equal(p.detach()[1], old[1])
+        for key, value in state.items():
+            assert torch.equal(opt.state[p][key][1], value[1]), key
+        if p.numel():
+            assert torch.isfinite(p.detach()).all()
+
+
+def test_stacked_step_with_device_lr_never_syncs():
+    from test_stacked_adamw import LRS, stacked_params
+
+    stacked = stacked_params(device="cuda")
+    lr = torch.tensor(LRS, device="cuda")
+    opt = FusedAdamW(stacked, lr=lr, weight_decay=torch.full((len(LRS),), 0.1, device="cuda"))
+    for p in stacked:
+        p.grad = torch.randn_like(p)
+    opt.step()  # state created
+    peaks = lr.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mult in (0.5, 0.25):
+            opt.param_groups[0]["lr"].copy_(peaks * mult)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
