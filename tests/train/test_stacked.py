@@ -23,20 +23,6 @@ def config(lr: float, model=DENSE, **overrides) -> RunConfig:
     return RunConfig(**fields)
 
 
-@pytest.fixture(autouse=True)
-def per_member_optimizer(monkeypatch):
-    """FusedAdamW's per-member learning rates land from the ops branch; until then the
-    trainer is tested with the same API in plain torch (tests/train/stacked_helpers.py)."""
-    from steplaw.optim import FusedAdamW
-
-    try:
-        FusedAdamW([torch.zeros(2, 3, requires_grad=True)], lr=torch.ones(2))
-    except UserError:
-        from stacked_helpers import PerMemberAdamW
-
-        monkeypatch.setattr(stacked, "FusedAdamW", PerMemberAdamW)
-
-
 def assert_same_as_alone(member, alone):
     assert member.status == alone.status, (member.reason, alone.reason)
     assert member.steps == alone.steps and member.tokens == alone.tokens
