@@ -213,6 +213,21 @@ class StackedTransformer(nn.Module):
     def moe_layers(self) -> list[StackedMoE]:
         return [layer.ffn for layer in self.layers if layer.is_moe]
 
+    @torch.no_grad()
+    def keep_members(self, keep: list[int]) -> None:
+        """Drop every member not in `keep` (their slots, in place: parameters keep their
+        identity, so an optimizer's state can follow with the same index)."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.tok_emb.device)
+        for param in self.parameters():
+            param.data = param.data.index_select(0, index)
+        for layer in self.moe_layers():
+            layer.expert_bias = layer.expert_bias.index_select(0, index)
+            layer._load_since_update = layer._load_since_update.index_select(0, index)
+            layer.members = len(keep)
+            # The last forward's outputs hold autograd nodes that remember the old shapes.
+            layer.aux_loss, layer.stats = torch.zeros(len(keep), device=index.device), {}
+        self.members = len(keep)
+
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member k as a Transformer state dict (views of the stacked weights)."""
         state = {"tok_emb.weight": self.tok_emb[k], "norm.weight": self.norm[k]}

@@ -14,9 +14,10 @@ Each member sees exactly the batches it would see alone, and nothing mixes membe
 forward, the per-member gradient clipping and the optimizer act on member k's slice
 alone. So a member's result is its single run's (to rounding: batched matmuls may
 round differently from unbatched ones). A member whose loss turns non-finite or passes
-the divergence rule is marked `diverged` at that step and frozen (learning rate 0:
-FusedAdamW leaves its weights and state untouched, NaN gradients and all); the others
-go on exactly as they would without it. Results are RunResults as `run` returns them,
+the divergence rule is marked `diverged` at that step, frozen (learning rate 0: FusedAdamW
+leaves its weights and state untouched, NaN gradients and all) and taken out of the
+stack, so that it stops costing compute; the others go on exactly as they would without
+it. Results are RunResults as `run` returns them,
 one per config in order, with `stack` naming the stack; their `wall_s` and
 `tokens_per_s` are each member's share (1/K) of the stack's time.
 
@@ -159,6 +160,7 @@ class Member:
     status: str = "ok"
     reason: str | None = None
     steps: int = 0  # steps trained (a diverged member stops counting at its divergence)
+    moe_load: float | None = None  # MoE: max/mean expert load of its last training batch
 
     @property
     def live(self) -> bool:
@@ -169,8 +171,10 @@ class Member:
 class StackState:
     model: torch.nn.Module  # steplaw.models.stacked.StackedTransformer
     optimizer: FusedAdamW
-    peaks: torch.Tensor  # [K] peak learning rates on the device; 0 for a frozen member
+    peaks: torch.Tensor  # [slots] peak learning rates on the device; 0 for a frozen member
     members: list[Member]
+    params: list[torch.Tensor]  # the trained parameters, in the optimizer's order
+    slots: list[int]  # the member in each slot of the stacked model (diverged ones leave)
     step: int = 0
 
 
@@ -242,14 +246,15 @@ def _train(configs: list[RunConfig], progress) -> list[RunResult]:
     try:
         state = build_stack(setup, configs)
         train_s = stack_loop(setup, state, progress)
-        ok = [k for k, m in enumerate(state.members) if m.live]
-        val = evaluate(state.model, setup, _Distributed()).tolist() if ok else []
-        for k, (member, result) in enumerate(zip(state.members, results)):
+        live = [(slot, k) for slot, k in enumerate(state.slots) if state.members[k].live]
+        val = evaluate(state.model, setup, _Distributed()).tolist() if live else []
+        for slot, k in live:
+            state.members[k].moe_load = mean_moe_load(state.model.moe_layers(), slot)
+            results[k].final_val_loss = val[slot]
+        for member, result in zip(state.members, results):
             result.status, result.reason = member.status, member.reason
             record_training(result, member.tracker, member.steps, setup.plan, train_s / len(configs))
-            result.moe_max_mean_load = mean_moe_load(state.model.moe_layers(), k)
-            if member.live:
-                result.final_val_loss = val[k]
+            result.moe_max_mean_load = member.moe_load
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as exc:
@@ -273,12 +278,37 @@ def build_stack(setup: Setup, configs: list[RunConfig]) -> StackState:
     model = StackedTransformer(config.model, len(configs), init=Transformer(config.model)).to(device)
     peaks = torch.tensor([c.lr for c in configs], dtype=torch.float32, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, peaks, config)
+    return StackState(model, optimizer, peaks, [Member(c) for c in configs], params, list(range(len(configs))))
+
+
+def _optimizer(params: list[torch.Tensor], peaks: torch.Tensor, config: RunConfig) -> FusedAdamW:
     groups = [  # a member's matrices have ndim >= 2, so the stacked ones >= 3
         {"params": [p for p in params if p.ndim >= 3], "weight_decay": config.weight_decay, "lr": peaks.clone()},
         {"params": [p for p in params if p.ndim < 3], "weight_decay": 0.0, "lr": peaks.clone()},
     ]
-    optimizer = FusedAdamW(groups, betas=(config.beta1, config.beta2), eps=config.eps)
-    return StackState(model, optimizer, peaks, [Member(c) for c in configs])
+    return FusedAdamW(groups, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+def drop_frozen(state: StackState, config: RunConfig) -> None:
+    """Take the diverged members out of the stack so that they stop costing compute: the
+    others' weights and optimizer state move to fewer slots, unchanged (no gradients are
+    held between steps)."""
+    keep = [slot for slot, k in enumerate(state.slots) if state.members[k].live]
+    if not keep or len(keep) == len(state.slots):
+        return
+    old = state.optimizer
+    state.model.keep_members(keep)
+    index = torch.tensor(keep, dtype=torch.long, device=state.peaks.device)
+    state.peaks = state.peaks.index_select(0, index)
+    state.optimizer = _optimizer(state.params, state.peaks, config)
+    for param in state.params:
+        moved = {}
+        for key, value in old.state.get(param, {}).items():
+            moved[key] = value.index_select(0, index) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+        if moved:
+            state.optimizer.state[param] = moved
+    state.slots = [state.slots[slot] for slot in keep]
 
 
 def clip_member_grads(params: list[torch.Tensor], max_norm: float) -> None:
@@ -288,11 +318,11 @@ def clip_member_grads(params: list[torch.Tensor], max_norm: float) -> None:
     if not grads:
         return
     members = grads[0].shape[0]
+    # The norm of the per-tensor norms, as torch computes it (same rounding as a run alone).
     norms = torch.stack([torch.linalg.vector_norm(g.reshape(members, -1), dim=1) for g in grads])  # [P, K]
     total = torch.linalg.vector_norm(norms, dim=0)
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.view(members, *([1] * (g.dim() - 1))))
+    torch._foreach_mul_(grads, [scale.view(members, *([1] * (g.dim() - 1))) for g in grads])
 
 
 def stack_step(setup: Setup, state: StackState) -> torch.Tensor:
@@ -301,7 +331,7 @@ def stack_step(setup: Setup, state: StackState) -> torch.Tensor:
     lrs = state.peaks * setup.lr_multiplier(state.step)
     for group in state.optimizer.param_groups:
         group["lr"].copy_(lrs)
-    step_loss = torch.zeros(len(state.members), device=setup.device)
+    step_loss = torch.zeros(len(state.slots), device=setup.device)
     for micro in range(plan.accumulation):
         x, y = setup.batch(state.step, slice(0, plan.rank_seqs), micro)
         with _autocast(setup.device, setup.autocast_dtype):
@@ -310,7 +340,7 @@ def stack_step(setup: Setup, state: StackState) -> torch.Tensor:
         (total / plan.accumulation).backward()
         step_loss += losses.detach() / plan.accumulation
     if config.grad_clip is not None:
-        clip_member_grads([p for p in state.model.parameters() if p.requires_grad], config.grad_clip)
+        clip_member_grads(state.params, config.grad_clip)
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     for layer in state.model.moe_layers():
@@ -333,20 +363,28 @@ def stack_loop(setup: Setup, state: StackState, progress) -> float:
         rows = torch.stack(pending).tolist()
         first_step = state.step - len(pending)
         pending.clear()
+        diverged = False
         for offset, row in enumerate(rows):
-            for k, member in enumerate(state.members):
+            for slot, k in enumerate(state.slots):
+                member = state.members[k]
                 if member.live:
-                    _member_step(state, k, member, row[k], first_step + offset + 1)
+                    diverged |= _member_step(state, slot, member, row[slot], first_step + offset + 1)
+        if diverged:
+            drop_frozen(state, setup.config)
         live = [m.tracker.losses[-1] for m in state.members if m.live]
         if live:
             reporter.maybe_report(state.step, min(live), losses=[m.tracker.losses[-1] for m in state.members])
     return time.perf_counter() - reporter.t0
 
 
-def _member_step(state: StackState, k: int, member: Member, loss: float, step: int) -> None:
-    """Record member k's loss of `step`; freeze it (lr 0) when it diverges."""
+def _member_step(state: StackState, slot: int, member: Member, loss: float, step: int) -> bool:
+    """Record the loss of `step` of the member in `slot`; freeze it (lr 0) when it
+    diverges, and say so."""
     reason = member.tracker.add(loss)
     member.steps = step
-    if reason is not None:
-        member.status, member.reason = "diverged", reason
-        state.peaks[k] = 0.0
+    if reason is None:
+        return False
+    member.status, member.reason = "diverged", reason
+    member.moe_load = mean_moe_load(state.model.moe_layers(), slot)
+    state.peaks[slot] = 0.0
+    return True

@@ -48,9 +48,10 @@ def test_members_end_as_their_runs_alone(model):
     assert len({r.final_train_loss for r in results}) == 3  # each followed its own lr
 
 
-def test_a_diverging_member_is_frozen_and_the_others_do_not_notice():
-    good = [config(0.003, grad_clip=None, warmup_tokens=256), config(0.01, grad_clip=None, warmup_tokens=256)]
-    absurd = config(50.0, grad_clip=None, warmup_tokens=256)
+@pytest.mark.parametrize("model", [DENSE, MOE], ids=["dense", "moe"])
+def test_a_diverging_member_is_frozen_and_the_others_do_not_notice(model):
+    good = [config(0.003, model, grad_clip=None, warmup_tokens=256), config(0.01, model, grad_clip=None, warmup_tokens=256)]
+    absurd = config(50.0, model, grad_clip=None, warmup_tokens=256)
     with_it = run_stack([good[0], absurd, good[1]])
     without = run_stack(good)
     assert with_it[1].status == "diverged" and with_it[1].steps < 40
@@ -61,6 +62,7 @@ def test_a_diverging_member_is_frozen_and_the_others_do_not_notice():
     for a, b in zip((with_it[0], with_it[2]), without):
         assert a.status == b.status == "ok"
         assert a.curve == b.curve and a.final_train_loss == b.final_train_loss and a.final_val_loss == b.final_val_loss
+        assert a.moe_max_mean_load == b.moe_max_mean_load
 
 
 def test_a_nan_member_is_frozen(monkeypatch):
