@@ -149,6 +149,20 @@ def plan_stacks(configs: list[RunConfig], stack: str | int = "auto", budget_byte
     return out
 
 
+def run_group(
+    configs: list[RunConfig],
+    run_dirs: list[str | Path | None] | None = None,
+    progress: bool | ProgressFn | None = None,
+) -> list[RunResult]:
+    """What an executor runs for one group of `plan_stacks`: `run` for a group of one
+    (checkpoints and resume as usual), `run_stack` for more. RunResults in order."""
+    if len(configs) == 1:
+        from steplaw.train.runner import run
+
+        return [run(configs[0], run_dir=None if not run_dirs else run_dirs[0], progress=progress)]
+    return run_stack(configs, run_dirs, progress)
+
+
 # ---------------------------------------------------------------- the stack
 
 @dataclass

@@ -174,3 +174,13 @@ def test_progress_reports_every_members_loss():
     seen = []
     run_stack([config(lr, tokens=4 * 256) for lr in (0.001, 0.002)], progress=seen.append)
     assert seen and seen[-1]["done"] and len(seen[-1]["losses"]) == 2
+
+
+def test_run_group_runs_a_group_of_one_alone(tmp_path):
+    from steplaw.train.stacked import run_group
+
+    alone = config(0.002, tokens=2 * 256, optimizer="torch")
+    [result] = run_group([alone], [tmp_path / "a"])
+    assert result.stack is None and result.status == "ok" and (tmp_path / "a" / "result.json").exists()
+    results = run_group([config(0.002, tokens=2 * 256), config(0.004, tokens=2 * 256)])
+    assert results[0].stack == results[1].stack is not None
