@@ -48,7 +48,7 @@ def cases(device: str, quick: bool) -> list[dict]:
                      batch_tokens=128, seq_len=64, steps=4, eval_tokens=512)]
     if device.startswith("cuda"):
         out = []
-        for n, members, seq_len, batch_tokens, steps in ((1e6, 16, 256, 8192, 40), (1e7, 16, 512, 16384, 30), (1e8, 8, 1024, 32768, 12)):
+        for n, members, seq_len, batch_tokens, steps in ((1e6, 16, 256, 8192, 40), (1e7, 16, 512, 8192, 30), (1e8, 8, 1024, 4096, 12)):
             vocab = 50304 if n >= 1e8 else 256
             model = model_for_params(n, vocab_size=vocab, max_seq_len=seq_len)
             out.append(dict(name=f"dense ~{n / 1e6:.0f}M K={members} B={batch_tokens} bf16", model=model, members=members,
@@ -63,7 +63,7 @@ def cases(device: str, quick: bool) -> list[dict]:
         dict(name="dense ~1M K=8 B=2048", model=model_for_params(1e6, max_seq_len=128), members=8, batch_tokens=2048,
              seq_len=128, steps=12),
         dict(name="dense ~10M K=4 B=4096", model=model_for_params(1e7, max_seq_len=256), members=4, batch_tokens=4096,
-             seq_len=256, steps=4),
+             seq_len=256, steps=2, eval_tokens=1024),
     ]
 
 

@@ -62,7 +62,13 @@ from steplaw.train.runner import (
 )
 
 # Largest stack `auto` picks, by device: past it a stack gains little (the step is compute-bound).
-AUTO_STACK_LIMIT = {"cpu": 16, "cuda": 32}
+AUTO_STACK_LIMIT = {"cpu": 8, "cuda": 32}
+# CPU: `auto` stacks only runs whose step costs at most this many FLOPs per member. Stacking
+# saves per-op overhead; bigger steps are compute-bound and K members' larger activations
+# fall out of cache. Measured (bench/results/sweep_2026-11-29_cpu-1thread.json, under
+# load): 2e7..3e8 FLOPs per step (the demo's models) gained 1.2-2.6x, 1.2e10 (~1M
+# parameters, 2048-token batches) lost (0.7x).
+CPU_AUTO_MAX_STEP_FLOPS = 1e9
 _warned: set[str] = set()
 
 
@@ -124,11 +130,23 @@ def max_stack(config: RunConfig, budget_bytes: int | None = None) -> int:
     return max(1, min(AUTO_STACK_LIMIT[device_type], budget // member_bytes(config, device_type)))
 
 
+def worth_stacking(config: RunConfig) -> bool:
+    """Whether `auto` should stack this run: always on a GPU (kernel launches dominate
+    small models there), on a CPU only below CPU_AUTO_MAX_STEP_FLOPS per member step."""
+    from steplaw.models.accounting import flops_per_token
+    from steplaw.train.runner import resolve_device
+
+    if resolve_device(config.device).type == "cuda":
+        return True
+    return flops_per_token(config.model, config.seq_len) * config.batch_tokens <= CPU_AUTO_MAX_STEP_FLOPS
+
+
 def plan_stacks(configs: list[RunConfig], stack: str | int = "auto", budget_bytes: int | None = None) -> list[list[RunConfig]]:
     """Group `configs` into stacks to train with `run_stack` (groups of one: `run`).
 
-    stack: "auto" (as many as fit the memory budget), a positive int K (at most K per
-    stack; fewer, said once, when K does not fit), or "off" (every run alone). Runs keep
+    stack: "auto" (as many as fit the memory budget, up to AUTO_STACK_LIMIT, for runs
+    `worth_stacking`), a positive int K (at most K per stack; fewer, said once, when K
+    does not fit), or "off" (every run alone). Runs keep
     their order within a group; groups come in the order of their first run.
     """
     if stack == "off":
@@ -142,7 +160,7 @@ def plan_stacks(configs: list[RunConfig], stack: str | int = "auto", budget_byte
     out: list[list[RunConfig]] = []
     for members in groups.values():
         fits = max_stack(members[0], budget_bytes)
-        size = fits if stack == "auto" else min(stack, fits)
+        size = (fits if worth_stacking(members[0]) else 1) if stack == "auto" else min(stack, fits)
         if stack != "auto" and stack > fits and len(members) > fits:
             _warn_once(f"stacks of {stack} runs do not fit the memory budget; using stacks of {fits}")
         out.extend(members[i:i + size] for i in range(0, len(members), size))

@@ -150,6 +150,11 @@ def test_plan_stacks_sizes_and_bad_values(recwarn):
         groups = plan_stacks(configs, 4, budget_bytes=2 * one_member)
     assert [len(g) for g in groups] == [2, 2, 1]
     assert [len(g) for g in plan_stacks(configs, "auto", budget_bytes=3 * one_member)] == [3, 2]
+    big = [config(lr, ModelConfig(d_model=256, n_layers=4, n_heads=4, d_ff=768, max_seq_len=64), batch_tokens=4096)
+           for lr in (0.001, 0.002)]
+    assert not stacked.worth_stacking(big[0]) and stacked.worth_stacking(configs[0])
+    assert [len(g) for g in plan_stacks(big, "auto")] == [1, 1]  # compute-bound on a CPU: alone
+    assert [len(g) for g in plan_stacks(big, 2)] == [2]  # asked for: stacked
 
 
 def test_a_stack_out_of_memory_splits(monkeypatch):
