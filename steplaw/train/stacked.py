@@ -65,9 +65,9 @@ from steplaw.train.runner import (
 AUTO_STACK_LIMIT = {"cpu": 8, "cuda": 32}
 # CPU: `auto` stacks only runs whose step costs at most this many FLOPs per member. Stacking
 # saves per-op overhead; bigger steps are compute-bound and K members' larger activations
-# fall out of cache. Measured (bench/results/sweep_2026-11-29_cpu-1thread.json, under
-# load): 2e7..3e8 FLOPs per step (the demo's models) gained 1.2-2.6x, 1.2e10 (~1M
-# parameters, 2048-token batches) lost (0.7x).
+# fall out of cache. Measured (bench/results/sweep_2026-11-29_cpu-1thread*.json, under
+# load): 3e7..4e8 FLOPs per member step (the demo's models) gained 1.1-2.6x, 1.2e10
+# (~1M parameters, 2048-token batches) lost (0.7x).
 CPU_AUTO_MAX_STEP_FLOPS = 1e9
 _warned: set[str] = set()
 
