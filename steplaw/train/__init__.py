@@ -1,11 +1,13 @@
-"""One training run: `run(RunConfig) -> RunResult` (implementation in steplaw.train.runner).
+"""Training runs: `run(RunConfig) -> RunResult` (steplaw.train.runner), and stacks of runs
+that differ only in lr trained as one model: `run_stack(configs) -> list[RunResult]`,
+grouped by `plan_stacks(configs, stack="auto"|K|"off")` (steplaw.train.stacked).
 
 Names are resolved lazily, so that importing steplaw.train.config (the sweep, the CLI's
 parser) does not import torch.
 """
 from __future__ import annotations
 
-__all__ = ["RunConfig", "RunResult", "run"]
+__all__ = ["RunConfig", "RunResult", "plan_stacks", "run", "run_stack", "stack_key"]
 
 
 def __getattr__(name: str):
@@ -13,6 +15,10 @@ def __getattr__(name: str):
         from steplaw.train.runner import run
 
         return run
+    if name in ("run_stack", "plan_stacks", "stack_key"):
+        from steplaw.train import stacked
+
+        return getattr(stacked, name)
     if name in ("RunConfig", "RunResult"):
         from steplaw.train import config
 

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +27,7 @@ from steplaw.errors import UserError
 from steplaw.models.accounting import flops_per_token, param_counts
 from steplaw.optim.schedule import check_schedule, default_warmup_steps, lr_multiplier
 from steplaw.train import checkpoint as ckpt
-from steplaw.train.batching import auto_micro_batch_tokens, eval_offsets, gather_windows, plan_batches, step_offsets
+from steplaw.train.batching import BatchPlan, auto_micro_batch_tokens, eval_offsets, gather_windows, plan_batches, step_offsets
 from steplaw.train.config import RunConfig, RunResult
 
 EMA_STEPS = 10
@@ -112,26 +112,17 @@ class _Distributed:
             self.owns_group = False
 
 
-_warned_fallback = False
-
-
 def make_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices (ndim >= 2, embeddings included) and none on
-    norm weights. "steplaw": steplaw.optim.FusedAdamW, falling back to torch's fused AdamW
-    (one warning) while it is not there; "torch": torch.optim.AdamW with its defaults."""
-    global _warned_fallback
+    norm weights. "steplaw": steplaw.optim.FusedAdamW; "torch": torch.optim.AdamW with its
+    defaults."""
+    from steplaw.optim import FusedAdamW
+
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     if config.optimizer == "steplaw":
-        try:
-            from steplaw.optim import FusedAdamW
-        except ImportError:
-            if not _warned_fallback:
-                warnings.warn("steplaw.optim.FusedAdamW is not available; using torch.optim.AdamW(fused=True)", stacklevel=2)
-                _warned_fallback = True
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
         return FusedAdamW(groups, **kwargs)
     if config.optimizer == "torch":
         return torch.optim.AdamW(groups, **kwargs)
@@ -151,15 +142,46 @@ def _stderr_progress(info: dict) -> None:
     sys.stderr.flush()
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- losses
+
+class LossTracker:
+    """The step losses of one run, their bias-corrected EMA (time constant EMA_STEPS
+    steps) and the divergence rule, kept up to date one loss at a time."""
+
+    def __init__(self, losses: list[float] | None = None):
+        self.losses: list[float] = []
+        self._beta = 1 - 1 / EMA_STEPS
+        self._ema, self._finite = 0.0, 0
+        for value in losses or ():
+            self.add(value)
+
+    @property
+    def smoothed(self) -> float:
+        """Bias-corrected EMA of the finite losses so far (NaN before the first)."""
+        n = self._finite
+        return self._ema / (1 - self._beta ** n) if n else float("nan")
+
+    def add(self, value: float) -> str | None:
+        """Record one step's loss; the reason the run has diverged, or None."""
+        self.losses.append(value)
+        if not math.isfinite(value):
+            return f"loss became {value} at step {len(self.losses)}"
+        self._ema = self._beta * self._ema + (1 - self._beta) * value
+        self._finite += 1
+        smooth, first = self.smoothed, self.losses[0]
+        if smooth > DIVERGENCE_FACTOR * first:
+            return (f"smoothed loss {smooth:.3f} rose above {DIVERGENCE_FACTOR} x the first loss {first:.3f} "
+                    f"at step {len(self.losses)}")
+        return None
+
+    def finite(self) -> list[float]:
+        """The losses before the first non-finite one (a diverged run stops there)."""
+        return [x for x in self.losses if math.isfinite(x)]
+
 
 def smoothed(losses: list[float]) -> float:
     """Bias-corrected EMA of the step losses (time constant EMA_STEPS steps)."""
-    beta = 1 - 1 / EMA_STEPS
-    value = 0.0
-    for loss in losses:
-        value = beta * value + (1 - beta) * loss
-    return value / (1 - beta ** len(losses)) if losses else float("nan")
+    return LossTracker(losses).smoothed
 
 
 def loss_curve(losses: list[float], batch_tokens: int, points: int = CURVE_POINTS) -> list[tuple[int, float]]:
@@ -174,24 +196,30 @@ def loss_curve(losses: list[float], batch_tokens: int, points: int = CURVE_POINT
     return curve
 
 
-@torch.no_grad()
-def evaluate(model, stream, plan, eval_tokens, device, autocast_dtype, dist: _Distributed) -> float:
-    """Mean validation loss (nats/token) over evenly spaced windows, split over ranks.
-    Runs the plain module (not the compiled or DDP-wrapped one): no gradients to sync,
-    and no recompilation for eval mode."""
-    model.eval()
-    offsets = eval_offsets(len(stream), plan.seq_len, eval_tokens)
-    mine = offsets[dist.rank::dist.world_size]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(0, len(mine), plan.micro_seqs):
-        x, y = gather_windows(stream, mine[start:start + plan.micro_seqs], plan.seq_len, device)
-        with _autocast(device, autocast_dtype):
-            loss = model(x, y)
-        total[0] += loss.double() * y.numel()
-        total[1] += y.numel()
-    model.train()
-    total = dist.mean(total)  # the ratio of sums is what matters; mean keeps it
-    return float(total[0] / total[1])
+class ProgressReporter:
+    """Calls `report` (a progress function, True for the stderr line, or None) about once
+    a second with tokens, total_tokens, step, steps, loss, tokens_per_s, eta_s, done."""
+
+    def __init__(self, report: bool | ProgressFn | None, plan: BatchPlan):
+        self.report = _stderr_progress if report is True else (report or None)
+        self.plan = plan
+        self.t0 = self.last = time.perf_counter()
+        self.tokens = 0  # trained in this session (a resumed run's rate counts only these)
+
+    def step_done(self) -> None:
+        self.tokens += self.plan.batch_tokens
+
+    def maybe_report(self, step: int, loss: float, **extra) -> None:
+        now = time.perf_counter()
+        if self.report is None or (now - self.last < PROGRESS_INTERVAL_S and step != self.plan.steps):
+            return
+        self.last = now
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        self.report({
+            "tokens": step * self.plan.batch_tokens, "total_tokens": self.plan.tokens, "step": step,
+            "steps": self.plan.steps, "loss": loss, "tokens_per_s": rate,
+            "eta_s": (self.plan.steps - step) * self.plan.batch_tokens / rate, "done": step == self.plan.steps, **extra,
+        })
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -200,7 +228,144 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# ---------------------------------------------------------------- setup
+
+@dataclass
+class Setup:
+    """What a run (or a stack of runs) needs once its config is validated."""
+
+    config: RunConfig
+    plan: BatchPlan
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    warmup_steps: int
+    data: object  # steplaw.data.tokens' token data: .train, .val streams
+
+    def lr_multiplier(self, step: int) -> float:
+        c = self.config
+        return lr_multiplier(step, self.plan.steps, self.warmup_steps, c.schedule, c.min_lr_ratio, c.decay_fraction)
+
+    def batch(self, step: int, rank_slice: slice, micro: int):
+        """Inputs and targets of micro-batch `micro` of step `step` on this rank."""
+        plan, stream = self.plan, self.data.train
+        offsets = step_offsets(self.config.seed, step, plan.batch_seqs, len(stream), plan.seq_len)[rank_slice]
+        return gather_windows(stream, offsets[micro * plan.micro_seqs:(micro + 1) * plan.micro_seqs], plan.seq_len, self.device)
+
+
+def prepare(config: RunConfig, world_size: int = 1, local_rank: int = 0) -> Setup:
+    """Validate `config` (UserError naming the bad value) and load its data, before any
+    device work."""
+    from steplaw.data.tokens import load_token_data
+
+    check_schedule(config.schedule, config.min_lr_ratio, config.decay_fraction)
+    device = resolve_device(config.device, local_rank)
+    plan = plan_batches(
+        config.tokens, config.batch_tokens, config.seq_len, config.micro_batch_tokens, world_size,
+        auto_micro_tokens=auto_micro_batch_tokens(config.model, device.type),
+    )
+    if config.seq_len > config.model.max_seq_len:
+        raise UserError(f"seq_len={config.seq_len} exceeds the model's max_seq_len={config.model.max_seq_len}")
+    check_lr(config.lr)
+    if config.optimizer not in ("steplaw", "torch"):
+        raise UserError(f"optimizer={config.optimizer!r}: expected 'steplaw' or 'torch'")
+    autocast_dtype = resolve_precision(config.precision, device)
+    warmup = default_warmup_steps(plan.steps) if config.warmup_tokens is None else max(1, round(config.warmup_tokens / plan.batch_tokens))
+    data = load_token_data(config.data)
+    if config.model.vocab_size < data.vocab_size:
+        raise UserError(f"model vocab_size={config.model.vocab_size} is smaller than the data's vocabulary of {data.vocab_size}")
+    if device.type == "cuda":
+        # fp32 matmuls (an fp32 run, the optimizer's norms) on TF32 tensor cores.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Setup(config, plan, device, autocast_dtype, min(warmup, plan.steps), data)
+
+
+def check_lr(lr: float) -> None:
+    if not (lr > 0 and math.isfinite(lr)):
+        raise UserError(f"lr={lr!r}: expected a positive learning rate")
+
+
+def new_result(config: RunConfig) -> RunResult:
+    """A RunResult with the run's identity and size filled in (status "ok" until told otherwise)."""
+    counts = param_counts(config.model)
+    return RunResult(
+        status="ok", params_total=counts.total, params_non_embedding=counts.non_embedding,
+        params_active=counts.active, flops_per_token=flops_per_token(config.model, config.seq_len),
+        config=config.to_dict(), run_id=config.run_id(),
+    )
+
+
+def record_training(result: RunResult, tracker: LossTracker, steps: int, plan: BatchPlan, train_s: float) -> None:
+    """Fill the training part of a result: steps, tokens, curve, final loss, throughput, compute.
+    A diverged run's curve and smoothed loss keep the finite steps before its first
+    non-finite loss (results stay valid JSON, no NaN)."""
+    finite = tracker.finite()
+    result.steps = steps
+    result.tokens = steps * plan.batch_tokens
+    result.curve = loss_curve(finite, plan.batch_tokens)
+    result.final_train_loss = tracker.smoothed if finite else None
+    result.tokens_per_s = result.tokens / train_s if train_s > 0 else None
+    result.compute_flops = result.flops_per_token * result.tokens
+
+
+def failure_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+@torch.no_grad()
+def evaluate(model, setup: Setup, dist: _Distributed) -> torch.Tensor:
+    """Mean validation loss (nats/token) over evenly spaced windows, split over ranks: a
+    0-d tensor, or one value per member [K] for a stacked model (whose forward returns
+    [K] losses). Runs the plain module (not the compiled or DDP-wrapped one): no
+    gradients to sync, and no recompilation for eval mode."""
+    plan, device = setup.plan, setup.device
+    model.eval()
+    offsets = eval_offsets(len(setup.data.val), plan.seq_len, setup.config.eval_tokens)
+    mine = offsets[dist.rank::dist.world_size]
+    loss_sum, count = None, torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(mine), plan.micro_seqs):
+        x, y = gather_windows(setup.data.val, mine[start:start + plan.micro_seqs], plan.seq_len, device)
+        with _autocast(device, setup.autocast_dtype):
+            loss = model(x, y)
+        term = loss.double() * y.numel()
+        loss_sum = term if loss_sum is None else loss_sum + term
+        count += y.numel()
+    model.train()
+    total = dist.mean(torch.cat([loss_sum.reshape(-1), count.reshape(1)]))  # the ratio of sums is what matters
+    return (total[:-1] / total[-1]).reshape(loss_sum.shape)
+
+
 # ---------------------------------------------------------------- the run
+
+@dataclass
+class TrainState:
+    """The model being trained and how far it has got (restored from a checkpoint on resume)."""
+
+    model: torch.nn.Module  # the plain module (checkpoints, evaluation)
+    train_model: torch.nn.Module  # what the forward runs: compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    tracker: LossTracker
+    step: int = 0
+    prior_train_s: float = 0.0  # time spent in earlier sessions of a resumed run
+    prior_wall_s: float = 0.0
+
+
+@dataclass
+class LoopOptions:
+    run_path: Path | None  # checkpoints go here (rank 0 only)
+    checkpoint_every: int | None
+    stop_after_steps: int | None
+    progress: bool | ProgressFn | None
+    started: float  # perf_counter() when this session of the run began (wall time)
+
+
+@dataclass
+class Outcome:
+    status: str  # "ok", "diverged" or "pending"
+    reason: str | None
+    steps: int
+    train_s: float
+
 
 def run(
     config: RunConfig,
@@ -222,205 +387,149 @@ def run(
     User mistakes in the config raise UserError; a run that breaks while training returns
     status "failed" with the reason.
     """
-    from steplaw.data.tokens import load_token_data
-    from steplaw.models.transformer import Transformer
-
     started = time.perf_counter()
     dist = _Distributed()
-    is_main = dist.rank == 0
     run_path = Path(run_dir) if run_dir is not None else None
-    run_id = config.run_id()
     if (checkpoint_every or stop_after_steps) and run_path is None:
         raise UserError("checkpointing needs a run directory: pass run_dir (--out DIR)")
     if run_path is not None:
-        finished = ckpt.load_result(run_path, run_id)
+        finished = ckpt.load_result(run_path, config.run_id())
         if finished is not None:
             return finished
-
-    # Validate everything before touching data or devices.
-    check_schedule(config.schedule, config.min_lr_ratio, config.decay_fraction)
-    device = resolve_device(config.device, dist.local_rank)
-    plan = plan_batches(
-        config.tokens, config.batch_tokens, config.seq_len, config.micro_batch_tokens, dist.world_size,
-        auto_micro_tokens=auto_micro_batch_tokens(config.model, device.type),
-    )
-    if config.seq_len > config.model.max_seq_len:
-        raise UserError(f"seq_len={config.seq_len} exceeds the model's max_seq_len={config.model.max_seq_len}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise UserError(f"lr={config.lr!r}: expected a positive learning rate")
-    autocast_dtype = resolve_precision(config.precision, device)
-    warmup_steps = default_warmup_steps(plan.steps) if config.warmup_tokens is None else max(1, round(config.warmup_tokens / plan.batch_tokens))
-    warmup_steps = min(warmup_steps, plan.steps)
-    data = load_token_data(config.data)
-    if config.model.vocab_size < data.vocab_size:
-        raise UserError(f"model vocab_size={config.model.vocab_size} is smaller than the data's vocabulary of {data.vocab_size}")
-
-    counts = param_counts(config.model)
-    per_token = flops_per_token(config.model, config.seq_len)
-    result = RunResult(
-        status="ok",
-        params_total=counts.total,
-        params_non_embedding=counts.non_embedding,
-        params_active=counts.active,
-        flops_per_token=per_token,
-        config=config.to_dict(),
-        run_id=run_id,
-    )
-
-    if device.type == "cuda":
-        # fp32 matmuls (an fp32 run, the optimizer's norms) on TF32 tensor cores.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dist.start(device)
+    setup = prepare(config, dist.world_size, dist.local_rank)  # everything validated before devices
+    result = new_result(config)
+    prior_wall_s = 0.0
+    dist.start(setup.device)
+    state = None
     try:
-        torch.manual_seed(config.seed)
-        model = Transformer(config.model).to(device)
-        optimizer = make_optimizer(model, config, device)
-        losses: list[float] = []
-        start_step, prior_wall_s, prior_train_s = 0, 0.0, 0.0
-        if run_path is not None:
-            state = ckpt.load_checkpoint(run_path, run_id, device)
-            if state is not None:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                ckpt.restore_rng(state["rng"])
-                losses = list(state["losses"])
-                start_step = state["step"]
-                prior_wall_s, prior_train_s = state["wall_s"], state["train_s"]
-        train_model = model
-        if config.compile:
-            train_model = torch.compile(train_model)
-        if dist.active:
-            from torch.nn.parallel import DistributedDataParallel
-
-            train_model = DistributedDataParallel(
-                train_model,
-                device_ids=[device.index] if device.type == "cuda" else None,
-            )
-        outcome = _train(
-            config, plan, model, train_model, optimizer, data.train, device, autocast_dtype, dist,
-            losses, start_step, warmup_steps, run_path if is_main else None, checkpoint_every,
-            stop_after_steps, progress if is_main else None, prior_train_s,
-        )
-        status, reason, steps_done, train_s = outcome
-        result.status, result.reason = status, reason
-        result.steps = steps_done
-        result.tokens = steps_done * plan.batch_tokens
-        # A diverged run stops at its first non-finite loss: the curve and smoothed loss
-        # keep the finite steps before it (results stay valid JSON, no NaN).
-        finite = [x for x in losses if math.isfinite(x)]
-        result.curve = loss_curve(finite, plan.batch_tokens)
-        result.final_train_loss = smoothed(finite) if finite else None
-        moe_layers = model.moe_layers()
-        if moe_layers and all("max_mean_load" in layer.stats for layer in moe_layers):
-            load = sum(float(layer.stats["max_mean_load"]) for layer in moe_layers) / len(moe_layers)
-            result.moe_max_mean_load = load if math.isfinite(load) else None
-        if status == "ok":
-            result.final_val_loss = evaluate(model, data.val, plan, config.eval_tokens, device, autocast_dtype, dist)
-        result.tokens_per_s = steps_done * plan.batch_tokens / train_s if train_s > 0 else None
-        result.compute_flops = per_token * result.tokens
+        state = build_state(setup, run_path, dist)
+        prior_wall_s = state.prior_wall_s
+        is_main = dist.rank == 0
+        options = LoopOptions(run_path if is_main else None, checkpoint_every, stop_after_steps,
+                              progress if is_main else None, started)
+        outcome = train_loop(setup, state, dist, options)
+        result.status, result.reason = outcome.status, outcome.reason
+        record_training(result, state.tracker, outcome.steps, setup.plan, outcome.train_s)
+        result.moe_max_mean_load = mean_moe_load(state.model.moe_layers())
+        if outcome.status == "ok":
+            result.final_val_loss = float(evaluate(state.model, setup, dist))
     except (RuntimeError, torch.OutOfMemoryError) as exc:
-        result.status = "failed"
-        result.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        result.status, result.reason = "failed", failure_reason(exc)
     finally:
-        train_model = None  # release the DDP reducer before the group goes
+        state = None  # release the DDP reducer before the group goes
         dist.finish(synchronize=result.status != "failed")
     result.wall_s = prior_wall_s + time.perf_counter() - started
-    if run_path is not None and is_main and result.status != "pending":
+    if run_path is not None and dist.rank == 0 and result.status != "pending":
         ckpt.save_result(run_path, result)
     return result
 
 
-def _train(
-    config, plan, model, train_model, optimizer, stream, device, autocast_dtype, dist,
-    losses, start_step, warmup_steps, run_path, checkpoint_every, stop_after_steps, progress, prior_train_s,
-):
-    """The optimizer-step loop. Returns (status, reason, steps done, training seconds)."""
-    report = _stderr_progress if progress is True else (progress or None)
-    moe_layers = model.moe_layers()
-    params = [p for p in model.parameters() if p.requires_grad]
-    sync_every = 1 if device.type == "cpu" else 16  # GPU: read losses back in batches
-    pending: list[torch.Tensor] = []
-    first_loss = losses[0] if losses else None
-    ema_beta = 1 - 1 / EMA_STEPS
-    ema, ema_n = 0.0, 0
-    for value in losses:
-        ema, ema_n = ema_beta * ema + (1 - ema_beta) * value, ema_n + 1
-    t0 = time.perf_counter()
-    last_report = t0
-    tokens_this_session = 0
-    step = start_step
+def mean_moe_load(moe_layers, member: int | None = None) -> float | None:
+    """max/mean expert load of the last training batch, averaged over the MoE layers (of
+    one member of a stacked model when `member` is given); None for dense models."""
+    if not moe_layers or not all("max_mean_load" in layer.stats for layer in moe_layers):
+        return None
+    values = [layer.stats["max_mean_load"] if member is None else layer.stats["max_mean_load"][member] for layer in moe_layers]
+    load = sum(float(v) for v in values) / len(values)
+    return load if math.isfinite(load) else None
+
+
+def build_state(setup: Setup, run_path: Path | None, dist: _Distributed) -> TrainState:
+    """The seeded model and its optimizer, resumed from run_path's checkpoint when it holds one."""
+    from steplaw.models.transformer import Transformer
+
+    config = setup.config
+    torch.manual_seed(config.seed)
+    model = Transformer(config.model).to(setup.device)
+    state = TrainState(model, model, make_optimizer(model, config, setup.device), LossTracker())
+    saved = ckpt.load_checkpoint(run_path, config.run_id(), setup.device) if run_path is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        ckpt.restore_rng(saved["rng"])
+        state.tracker = LossTracker(list(saved["losses"]))
+        state.step = saved["step"]
+        state.prior_wall_s, state.prior_train_s = saved["wall_s"], saved["train_s"]
+    if config.compile:
+        state.train_model = torch.compile(state.train_model)
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = setup.device
+        state.train_model = DistributedDataParallel(state.train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return state
+
+
+def forward_backward(setup: Setup, state: TrainState, dist: _Distributed, step: int) -> torch.Tensor:
+    """Forward and backward of every micro-batch of one step on this rank (gradients
+    accumulated, synchronised across ranks on the last); the step's mean loss (0-d tensor)."""
+    plan = setup.plan
     rank_slice = slice(dist.rank * plan.rank_seqs, (dist.rank + 1) * plan.rank_seqs)
+    step_loss = torch.zeros((), device=setup.device)
+    for micro in range(plan.accumulation):
+        x, y = setup.batch(step, rank_slice, micro)
+        last = micro == plan.accumulation - 1
+        sync_context = state.train_model.no_sync() if (dist.active and not last) else contextlib.nullcontext()
+        with sync_context:
+            with _autocast(setup.device, setup.autocast_dtype):
+                loss = state.train_model(x, y)
+                total = loss + state.model.aux_loss()
+            (total / plan.accumulation).backward()
+        step_loss += loss.detach() / plan.accumulation
+    return step_loss
+
+
+def train_step(setup: Setup, state: TrainState, dist: _Distributed) -> torch.Tensor:
+    """One optimizer step at state.step: LR, forward/backward, clipping, update, MoE bias."""
+    config = setup.config
+    for group in state.optimizer.param_groups:
+        group["lr"] = config.lr * setup.lr_multiplier(state.step)
+    step_loss = forward_backward(setup, state, dist, state.step)
+    if config.grad_clip is not None:
+        params = [p for p in state.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    for layer in state.model.moe_layers():
+        if dist.active and layer.cfg.bias_update_rate > 0:
+            # Balance on the global batch's load, so every rank moves its bias alike.
+            from torch import distributed as torch_dist
+
+            torch_dist.all_reduce(layer._load_since_update)
+        layer.update_bias()
+    state.step += 1
+    return step_loss
+
+
+def train_loop(setup: Setup, state: TrainState, dist: _Distributed, options: LoopOptions) -> Outcome:
+    """Steps until the plan's end, a divergence, or options.stop_after_steps."""
+    plan, tracker = setup.plan, state.tracker
+    sync_every = 1 if setup.device.type == "cpu" else 16  # GPU: read losses back in batches
+    pending: list[torch.Tensor] = []
+    reporter = ProgressReporter(options.progress, plan)
 
     def train_seconds() -> float:
-        return prior_train_s + time.perf_counter() - t0
+        return state.prior_train_s + time.perf_counter() - reporter.t0
 
-    while step < plan.steps:
-        multiplier = lr_multiplier(step, plan.steps, warmup_steps, config.schedule, config.min_lr_ratio, config.decay_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * multiplier
-        offsets = step_offsets(config.seed, step, plan.batch_seqs, len(stream), plan.seq_len)[rank_slice]
-        step_loss = torch.zeros((), device=device)
-        for micro in range(plan.accumulation):
-            x, y = gather_windows(stream, offsets[micro * plan.micro_seqs:(micro + 1) * plan.micro_seqs], plan.seq_len, device)
-            last = micro == plan.accumulation - 1
-            sync_context = train_model.no_sync() if (dist.active and not last) else contextlib.nullcontext()
-            with sync_context:
-                with _autocast(device, autocast_dtype):
-                    loss = train_model(x, y)
-                    total = loss + model.aux_loss()
-                (total / plan.accumulation).backward()
-            step_loss += loss.detach() / plan.accumulation
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for layer in moe_layers:
-            if dist.active and layer.cfg.bias_update_rate > 0:
-                # Balance on the global batch's load, so every rank moves its bias alike.
-                from torch import distributed as torch_dist
-
-                torch_dist.all_reduce(layer._load_since_update)
-            layer.update_bias()
-        step += 1
-        tokens_this_session += plan.batch_tokens
-        pending.append(step_loss)
-
-        checkpoint_due = bool(checkpoint_every) and step % checkpoint_every == 0
-        if len(pending) >= sync_every or step == plan.steps or step == stop_after_steps or checkpoint_due:
-            new = dist.mean(torch.stack(pending)).tolist()
-            pending.clear()
-            for value in new:
-                losses.append(value)
-                if first_loss is None:
-                    first_loss = value
-                if not math.isfinite(value):
-                    return "diverged", f"loss became {value} at step {len(losses)}", len(losses), train_seconds()
-                ema, ema_n = ema_beta * ema + (1 - ema_beta) * value, ema_n + 1
-                smooth = ema / (1 - ema_beta ** ema_n)
-                if smooth > DIVERGENCE_FACTOR * first_loss:
-                    return (
-                        "diverged",
-                        f"smoothed loss {smooth:.3f} rose above {DIVERGENCE_FACTOR} x the first loss {first_loss:.3f} at step {len(losses)}",
-                        len(losses),
-                        train_seconds(),
-                    )
-            now = time.perf_counter()
-            if report is not None and (now - last_report >= PROGRESS_INTERVAL_S or step == plan.steps):
-                last_report = now
-                rate = tokens_this_session / max(now - t0, 1e-9)
-                report({
-                    "tokens": step * plan.batch_tokens,
-                    "total_tokens": plan.tokens,
-                    "step": step,
-                    "steps": plan.steps,
-                    "loss": losses[-1],
-                    "tokens_per_s": rate,
-                    "eta_s": (plan.steps - step) * plan.batch_tokens / rate,
-                    "done": step == plan.steps,
-                })
-            if run_path is not None and (checkpoint_due or step == stop_after_steps):
-                ckpt.save_checkpoint(run_path, config.run_id(), model, optimizer, step, losses, train_seconds(), train_seconds())
-            if step == stop_after_steps:
-                return "pending", f"stopped after step {step} of {plan.steps}; run again with the same directory to resume", step, train_seconds()
-    return "ok", None, step, train_seconds()
+    while state.step < plan.steps:
+        pending.append(train_step(setup, state, dist))
+        reporter.step_done()
+        step = state.step
+        checkpoint_due = bool(options.checkpoint_every) and step % options.checkpoint_every == 0
+        if not (len(pending) >= sync_every or step == plan.steps or step == options.stop_after_steps or checkpoint_due):
+            continue
+        new = dist.mean(torch.stack(pending)).tolist()
+        pending.clear()
+        for value in new:
+            reason = tracker.add(value)
+            if reason is not None:
+                return Outcome("diverged", reason, len(tracker.losses), train_seconds())
+        reporter.maybe_report(step, tracker.losses[-1])
+        if options.run_path is not None and (checkpoint_due or step == options.stop_after_steps):
+            wall_s = state.prior_wall_s + time.perf_counter() - options.started
+            ckpt.save_checkpoint(options.run_path, setup.config.run_id(), state.model, state.optimizer, step,
+                                 tracker.losses, wall_s, train_seconds())
+        if step == options.stop_after_steps:
+            reason = f"stopped after step {step} of {plan.steps}; run again with the same directory to resume"
+            return Outcome("pending", reason, step, train_seconds())
+    return Outcome("ok", None, state.step, train_seconds())

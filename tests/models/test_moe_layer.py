@@ -185,3 +185,46 @@ def test_cuda_layer_matches_cpu(dtype):
     y_gpu.float().square().sum().backward()
     assert torch.isfinite(x_gpu.grad.float()).all()
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in gpu_layer.experts.parameters())
+
+
+@pytest.mark.parametrize("cfg_kwargs", [
+    dict(n_experts=4, top_k=2, d_expert=16),
+    dict(n_experts=4, top_k=1, d_expert=16, n_shared_experts=1, capacity_factor=1.0, score_func="sigmoid"),
+    dict(n_experts=3, top_k=2, d_expert=12, bias_update_rate=0.01),
+], ids=["plain", "shared-capacity-sigmoid", "bias"])
+def test_stacked_layer_is_k_moe_layers(cfg_kwargs):
+    """StackedMoE: member k's outputs, aux loss, load and gradients are those of MoE k,
+    with K*E experts in one dispatch (and, with a selection bias, each member's own)."""
+    from steplaw.models.stacked import StackedMoE
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(**cfg_kwargs)
+    layers = [MoE(16, cfg) for _ in range(3)]
+    if cfg.bias_update_rate:
+        for k, layer in enumerate(layers):
+            layer.expert_bias.copy_(torch.randn(cfg.n_experts) * 0.1 * k)
+    stacked = StackedMoE(layers[0], 3)
+    with torch.no_grad():
+        for name, p in stacked.named_parameters():
+            single_name = "router.weight" if name == "router" else name if name.startswith("shared.") else f"experts.{name}"
+            for k, layer in enumerate(layers):
+                p[k].copy_(layer.get_parameter(single_name))
+        for k, layer in enumerate(layers):
+            stacked.expert_bias[k].copy_(layer.expert_bias)
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    out = stacked(x)
+    (out.square().sum() + stacked.aux_loss.sum()).backward()
+    for k, layer in enumerate(layers):
+        xk = x[k].detach().clone().requires_grad_()
+        ref = layer(xk)
+        (ref.square().sum() + layer.aux_loss).backward()
+        torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stacked.aux_loss[k], layer.aux_loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(stacked.stats["load"][k], layer.stats["load"])
+        torch.testing.assert_close(x.grad[k], xk.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stacked.router.grad[k], layer.router.weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stacked.w_down.grad[k], layer.experts.w_down.grad, rtol=1e-4, atol=1e-6)
+    stacked.update_bias()
+    for layer in layers:
+        layer.update_bias()
+    torch.testing.assert_close(stacked.expert_bias, torch.stack([layer.expert_bias for layer in layers]))

@@ -55,3 +55,84 @@ def test_too_long_sequence_refused():
 
 def test_dense_aux_loss_is_zero():
     assert Transformer(TINY).aux_loss() == 0.0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tied_embeddings(tied):
+    model = Transformer(ModelConfig(d_model=64, n_layers=1, n_heads=2, d_ff=192, tie_embeddings=tied))
+    assert (model.lm_head is None) == tied
+
+
+def test_too_long_sequence_refused():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Transformer(TINY)(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_dense_aux_loss_is_zero():
+    assert Transformer(TINY).aux_loss() == 0.0
+
+
+def _member_grads(stacked, k):
+    """Member k's gradients, named as the single Transformer's parameters."""
+    grads = {}
+    saved = {name: p.grad for name, p in stacked.named_parameters()}
+    for name, p in stacked.named_parameters():
+        p.grad = None
+    for name, p in stacked.named_parameters():
+        p.grad = saved[name]
+    views = {}
+    for name, p in stacked.named_parameters():
+        views[id(p)] = p.grad[k]
+    # member_state_dict returns views of the weights; map them back to their parameter
+    for member_name, view in stacked.member_state_dict(k).items():
+        for p in stacked.parameters():
+            if view.data_ptr() >= p.data_ptr() and view._base is p or view._base is not None and view._base is p:
+                grads[member_name] = p.grad[k].reshape(view.shape) if p.grad is not None else None
+    return grads
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_stacked_members_are_the_single_model(tied):
+    """Each member of a StackedTransformer computes its own Transformer: same losses,
+    logits and gradients, whatever the other members' weights."""
+    from steplaw.models.stacked import StackedTransformer
+
+    config = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=32, tie_embeddings=tied)
+    torch.manual_seed(0)
+    stacked = StackedTransformer(config, 3)
+    with torch.no_grad():
+        for p in stacked.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # members differ
+    idx, targets = torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))
+    losses = stacked(idx, targets)
+    losses.sum().backward()
+    logits = stacked(idx)
+    assert losses.shape == (3,) and logits.shape == (3, 2, 32, 256)
+    for k in range(3):
+        single = Transformer(config)
+        single.load_state_dict({name: v.detach().clone() for name, v in stacked.member_state_dict(k).items()})
+        loss = single(idx, targets)
+        loss.backward()
+        torch.testing.assert_close(losses[k], loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logits[k], single(idx), rtol=1e-5, atol=1e-5)
+        member = stacked.member_state_dict(k)
+        for name, p in single.named_parameters():
+            stacked_param = member[name]._base  # member_state_dict gives views param[k]
+            torch.testing.assert_close(stacked_param.grad[k], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_stacked_member_nan_stays_in_its_member():
+    from steplaw.models.stacked import StackedTransformer
+
+    torch.manual_seed(0)
+    stacked = StackedTransformer(TINY, 3)
+    idx = torch.randint(0, 256, (2, 16))
+    before = stacked(idx, idx).detach()
+    with torch.no_grad():
+        stacked.layers[0].qkv[1].fill_(float("nan"))
+    losses = stacked(idx, idx)
+    losses.sum().backward()
+    assert torch.isnan(losses[1])
+    assert torch.equal(losses[[0, 2]], before[[0, 2]])
+    for p in stacked.parameters():
+        assert torch.isfinite(p.grad[0]).all() and torch.isfinite(p.grad[2]).all()

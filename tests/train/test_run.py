@@ -201,3 +201,41 @@ def test_periodic_checkpoints_survive_a_crash(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
     monkeypatch.setattr(runner, "lr_multiplier", real_multiplier)
     assert run(config, run_dir=tmp_path, checkpoint_every=4).curve == straight.curve
+
+
+def test_resumed_run_records_wall_time_not_only_training_time(tmp_path, monkeypatch):
+    import importlib
+    import time
+
+    runner = importlib.import_module("steplaw.train.runner")
+    real_build = runner.build_state
+
+    def slow_build(*args):
+        time.sleep(0.5)  # set-up time: on the wall clock, not the training clock
+        return real_build(*args)
+
+    monkeypatch.setattr(runner, "build_state", slow_build)
+    config = tiny_run(tokens=6 * 1024)
+    run(config, run_dir=tmp_path, stop_after_steps=3)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["wall_s"] >= saved["train_s"] + 0.5
+    resumed = run(config, run_dir=tmp_path)
+    assert resumed.wall_s >= 1.0 + saved["train_s"]  # both sessions' set-up and training
+
+
+def test_loss_tracker_smooths_once_and_applies_the_divergence_rule():
+    from steplaw.train.runner import DIVERGENCE_FACTOR, EMA_STEPS, LossTracker, smoothed
+
+    losses = [5.0, 4.0, 3.5, 3.0]
+    beta = 1 - 1 / EMA_STEPS
+    ema = 0.0
+    for x in losses:
+        ema = beta * ema + (1 - beta) * x
+    assert smoothed(losses) == pytest.approx(ema / (1 - beta ** len(losses)))
+    tracker = LossTracker()
+    assert [tracker.add(x) for x in losses] == [None] * 4
+    assert "nan" in tracker.add(float("nan")) and tracker.finite() == losses
+    assert tracker.smoothed == pytest.approx(smoothed(losses))
+    rising = LossTracker([1.0])
+    reasons = [rising.add(10 * DIVERGENCE_FACTOR) for _ in range(3)]
+    assert reasons[0] is not None and "rose above" in reasons[0]

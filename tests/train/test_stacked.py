@@ -1,0 +1,191 @@
+import json
+import math
+
+import pytest
+import torch
+
+from steplaw.errors import UserError
+from steplaw.models import ModelConfig, MoEConfig
+from steplaw.train import RunConfig, run
+from steplaw.train import stacked
+from steplaw.train.stacked import plan_stacks, run_stack, stack_key
+
+DENSE = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=96, max_seq_len=64)
+MOE = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=96, max_seq_len=64,
+                  moe=MoEConfig(n_experts=4, top_k=2, d_expert=32, bias_update_rate=1e-3))
+MOE_SHARED = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=96, max_seq_len=64,
+                         moe=MoEConfig(n_experts=4, top_k=1, d_expert=32, n_shared_experts=1, capacity_factor=1.25))
+
+
+def config(lr: float, model=DENSE, **overrides) -> RunConfig:
+    fields = dict(model=model, tokens=40 * 256, lr=lr, batch_tokens=256, seq_len=64, device="cpu", eval_tokens=1024)
+    fields.update(overrides)
+    return RunConfig(**fields)
+
+
+def assert_same_as_alone(member, alone):
+    assert member.status == alone.status, (member.reason, alone.reason)
+    assert member.steps == alone.steps and member.tokens == alone.tokens
+    assert member.run_id == alone.run_id and member.config == alone.config
+    assert member.final_train_loss == pytest.approx(alone.final_train_loss, rel=1e-3)
+    if alone.final_val_loss is not None:
+        assert member.final_val_loss == pytest.approx(alone.final_val_loss, rel=1e-3)
+    assert [t for t, _ in member.curve] == [t for t, _ in alone.curve]
+    assert (member.params_total, member.params_non_embedding, member.params_active) == (
+        alone.params_total, alone.params_non_embedding, alone.params_active)
+    assert member.compute_flops == alone.compute_flops
+
+
+@pytest.mark.parametrize("model", [DENSE, MOE, MOE_SHARED], ids=["dense", "moe-bias", "moe-shared-capacity"])
+def test_members_end_as_their_runs_alone(model):
+    configs = [config(lr, model) for lr in (0.002, 0.006, 0.02)]
+    results = run_stack(configs)
+    for member, c in zip(results, configs):
+        assert_same_as_alone(member, run(c))
+        assert member.stack == results[0].stack and member.stack is not None
+        if model.moe is not None:
+            assert 1.0 <= member.moe_max_mean_load <= 4.0
+    assert len({r.final_train_loss for r in results}) == 3  # each followed its own lr
+
+
+@pytest.mark.parametrize("model", [DENSE, MOE], ids=["dense", "moe"])
+def test_a_diverging_member_is_frozen_and_the_others_do_not_notice(model):
+    good = [config(0.003, model, grad_clip=None, warmup_tokens=256), config(0.01, model, grad_clip=None, warmup_tokens=256)]
+    absurd = config(50.0, model, grad_clip=None, warmup_tokens=256)
+    with_it = run_stack([good[0], absurd, good[1]])
+    without = run_stack(good)
+    assert with_it[1].status == "diverged" and with_it[1].steps < 40
+    assert with_it[1].final_val_loss is None
+    json.dumps(with_it[1].to_dict(), allow_nan=False)
+    alone = run(absurd)
+    assert alone.status == "diverged" and with_it[1].steps == alone.steps
+    for a, b in zip((with_it[0], with_it[2]), without):
+        assert a.status == b.status == "ok"
+        assert a.curve == b.curve and a.final_train_loss == b.final_train_loss and a.final_val_loss == b.final_val_loss
+        assert a.moe_max_mean_load == b.moe_max_mean_load
+
+
+def test_a_nan_member_is_frozen(monkeypatch):
+    from steplaw.models.stacked import StackedTransformer
+
+    real_forward = StackedTransformer.forward
+    calls = []
+
+    def second_member_turns_nan(self, idx, targets=None):
+        calls.append(1)
+        losses = real_forward(self, idx, targets)
+        if len(calls) == 5:
+            return losses * torch.tensor([1.0, float("nan"), 1.0])
+        return losses
+
+    configs = [config(lr, tokens=10 * 256) for lr in (0.002, 0.004, 0.008)]
+    plain = run_stack([configs[0], configs[2]])
+    monkeypatch.setattr(StackedTransformer, "forward", second_member_turns_nan)
+    results = run_stack(configs)
+    assert results[1].status == "diverged" and "nan" in results[1].reason and results[1].steps == 5
+    assert len(results[1].curve) == 4 and all(math.isfinite(loss) for _, loss in results[1].curve)
+    assert [r.status for r in (results[0], results[2])] == ["ok", "ok"]
+    assert results[0].curve == plain[0].curve and results[2].curve == plain[1].curve
+
+
+def test_grad_clipping_is_per_member():
+    from steplaw.train.stacked import clip_member_grads
+
+    p = torch.zeros(3, 4, 5, requires_grad=True)
+    q = torch.zeros(3, 5, requires_grad=True)
+    p.grad = torch.randn(3, 4, 5) * torch.tensor([0.01, 10.0, 1e3]).view(3, 1, 1)
+    q.grad = torch.randn(3, 5)
+    expected = []
+    for k in range(3):
+        pk, qk = p[k].detach().clone().requires_grad_(), q[k].detach().clone().requires_grad_()
+        pk.grad, qk.grad = p.grad[k].clone(), q.grad[k].clone()
+        torch.nn.utils.clip_grad_norm_([pk, qk], 1.0)
+        expected.append((pk.grad, qk.grad))
+    clip_member_grads([p, q], 1.0)
+    for k in range(3):
+        torch.testing.assert_close(p.grad[k], expected[k][0])
+        torch.testing.assert_close(q.grad[k], expected[k][1])
+
+
+def test_run_dirs_keep_each_members_result(tmp_path):
+    configs = [config(lr, tokens=4 * 256) for lr in (0.002, 0.004)]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    first = run_stack(configs, run_dirs=dirs)
+    saved = json.loads((dirs[1] / "result.json").read_text())
+    assert saved["run_id"] == configs[1].run_id() and saved["stack"] == first[1].stack
+    assert run(configs[0], run_dir=dirs[0]).curve == first[0].curve  # a finished run is not trained again
+    again = run_stack(configs, run_dirs=dirs)
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in first]
+
+
+def test_stack_key_is_everything_but_lr():
+    assert stack_key(config(0.001)) == stack_key(config(0.1))
+    assert stack_key(config(0.001)) != stack_key(config(0.001, batch_tokens=128))
+    assert stack_key(config(0.001)) != stack_key(config(0.001, seed=1))
+
+
+def test_runs_that_cannot_stack_are_refused_or_run_alone():
+    with pytest.raises(UserError, match="more than lr"):
+        run_stack([config(0.001), config(0.002, batch_tokens=128)])
+    with pytest.raises(UserError, match="optimizer"):
+        run_stack([config(0.001, optimizer="torch")])
+    with pytest.raises(UserError, match="lr"):
+        run_stack([config(0.001), config(-1.0)])
+    with pytest.raises(UserError, match="empty"):
+        run_stack([])
+    groups = plan_stacks([config(0.001), config(0.002, optimizer="torch"), config(0.003), config(0.004, batch_tokens=128)])
+    assert [[c.lr for c in g] for g in groups] == [[0.001, 0.003], [0.002], [0.004]]
+
+
+def test_plan_stacks_sizes_and_bad_values(recwarn):
+    configs = [config(0.001 * (i + 1)) for i in range(5)]
+    assert [len(g) for g in plan_stacks(configs, 2)] == [2, 2, 1]
+    assert [len(g) for g in plan_stacks(configs, "off")] == [1] * 5
+    assert [len(g) for g in plan_stacks(configs, "auto")] == [5]
+    for bad in (0, -2, "many", True):
+        with pytest.raises(UserError, match="stack"):
+            plan_stacks(configs, bad)
+    one_member = stacked.member_bytes(configs[0], "cpu")
+    with pytest.warns(UserWarning, match="do not fit"):
+        groups = plan_stacks(configs, 4, budget_bytes=2 * one_member)
+    assert [len(g) for g in groups] == [2, 2, 1]
+    assert [len(g) for g in plan_stacks(configs, "auto", budget_bytes=3 * one_member)] == [3, 2]
+    big = [config(lr, ModelConfig(d_model=256, n_layers=4, n_heads=4, d_ff=768, max_seq_len=64), batch_tokens=4096)
+           for lr in (0.001, 0.002)]
+    assert not stacked.worth_stacking(big[0]) and stacked.worth_stacking(configs[0])
+    assert [len(g) for g in plan_stacks(big, "auto")] == [1, 1]  # compute-bound on a CPU: alone
+    assert [len(g) for g in plan_stacks(big, 2)] == [2]  # asked for: stacked
+
+
+def test_a_stack_out_of_memory_splits(monkeypatch):
+    real_train = stacked._train
+    sizes = []
+
+    def small_memory(configs, progress):
+        sizes.append(len(configs))
+        if len(configs) > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real_train(configs, progress)
+
+    monkeypatch.setattr(stacked, "_train", small_memory)
+    configs = [config(lr, tokens=2 * 256) for lr in (0.001, 0.002, 0.004)]
+    with pytest.warns(UserWarning, match="out of memory"):
+        results = run_stack(configs)
+    assert sizes == [3, 1, 2, 1, 1] and [r.status for r in results] == ["ok"] * 3
+    assert [r.run_id for r in results] == [c.run_id() for c in configs]
+
+
+def test_progress_reports_every_members_loss():
+    seen = []
+    run_stack([config(lr, tokens=4 * 256) for lr in (0.001, 0.002)], progress=seen.append)
+    assert seen and seen[-1]["done"] and len(seen[-1]["losses"]) == 2
+
+
+def test_run_group_runs_a_group_of_one_alone(tmp_path):
+    from steplaw.train.stacked import run_group
+
+    alone = config(0.002, tokens=2 * 256, optimizer="torch")
+    [result] = run_group([alone], [tmp_path / "a"])
+    assert result.stack is None and result.status == "ok" and (tmp_path / "a" / "result.json").exists()
+    results = run_group([config(0.002, tokens=2 * 256), config(0.004, tokens=2 * 256)])
+    assert results[0].stack == results[1].stack is not None
