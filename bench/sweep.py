@@ -26,9 +26,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
-from harness import log, report, speedups, time_interleaved  # noqa: E402
+import torch
+from harness import log, report, speedups, time_interleaved
 
 DEMO_LRS = [0.0015, 0.003, 0.006, 0.012, 0.002, 0.004, 0.008, 0.001, 0.0025, 0.005, 0.01, 0.0035, 0.0045, 0.007, 0.0055, 0.009]
 

@@ -24,9 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
-from harness import log, report, speedups, time_interleaved  # noqa: E402
+import torch
+from harness import log, report, speedups, time_interleaved
 
 # Peak dense bf16 tensor-core FLOP/s (vendor data sheets, SXM parts).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}

@@ -6,8 +6,8 @@ only when a BPE tokenizer is made or loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class BPETokenizer:
         self.vocab_size = backend.get_vocab_size()
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         if not 257 <= vocab_size <= 2**32 - 1:
             raise UserError(f"vocab_size={vocab_size}: expected a BPE vocabulary of at least 257 tokens")
         tk = _import_tokenizers()
@@ -65,7 +65,7 @@ class BPETokenizer:
         return cls(backend)
 
     @classmethod
-    def load(cls, directory: Path) -> "BPETokenizer":
+    def load(cls, directory: Path) -> BPETokenizer:
         tk = _import_tokenizers()
         return cls(tk.Tokenizer.from_file(str(Path(directory) / cls.FILE)))
 

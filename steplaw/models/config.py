@@ -132,7 +132,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         """From to_dict()'s form; unknown keys are a UserError (missing ones take defaults)."""
         data = dict(_known_fields(cls, data, "model"))
         moe = data.pop("moe", None)

@@ -53,7 +53,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
+    def from_dict(cls, data: dict) -> RunConfig:
         """From to_dict()'s form. Unknown or missing required keys are a UserError; the
         values are not validated here (see validate()), so stored runs always load."""
         if not isinstance(data, dict):
@@ -204,7 +204,7 @@ class RunResult:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunResult":
+    def from_dict(cls, data: dict) -> RunResult:
         data = dict(data)
         data["curve"] = [tuple(p) for p in data.get("curve") or []]
         return cls(**data)

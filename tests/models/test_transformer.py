@@ -58,40 +58,6 @@ def test_dense_aux_loss_is_zero():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_tied_embeddings(tied):
-    model = Transformer(ModelConfig(d_model=64, n_layers=1, n_heads=2, d_ff=192, tie_embeddings=tied))
-    assert (model.lm_head is None) == tied
-
-
-def test_too_long_sequence_refused():
-    with pytest.raises(ValueError, match="max_seq_len"):
-        Transformer(TINY)(torch.zeros(1, 65, dtype=torch.long))
-
-
-def test_dense_aux_loss_is_zero():
-    assert Transformer(TINY).aux_loss() == 0.0
-
-
-def _member_grads(stacked, k):
-    """Member k's gradients, named as the single Transformer's parameters."""
-    grads = {}
-    saved = {name: p.grad for name, p in stacked.named_parameters()}
-    for name, p in stacked.named_parameters():
-        p.grad = None
-    for name, p in stacked.named_parameters():
-        p.grad = saved[name]
-    views = {}
-    for name, p in stacked.named_parameters():
-        views[id(p)] = p.grad[k]
-    # member_state_dict returns views of the weights; map them back to their parameter
-    for member_name, view in stacked.member_state_dict(k).items():
-        for p in stacked.parameters():
-            if view.data_ptr() >= p.data_ptr() and view._base is p or view._base is not None and view._base is p:
-                grads[member_name] = p.grad[k].reshape(view.shape) if p.grad is not None else None
-    return grads
-
-
-@pytest.mark.parametrize("tied", [False, True])
 def test_stacked_members_are_the_single_model(tied):
     """Each member of a StackedTransformer computes its own Transformer: same losses,
     logits and gradients, whatever the other members' weights."""

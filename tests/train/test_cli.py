@@ -6,10 +6,12 @@ from steplaw.cli import main
 from steplaw.errors import UserError
 from steplaw.units import parse_count
 
-BASE = ["train", "--params", "100k", "--tokens", "16384", "--lr", "3e-3", "--batch-tokens", "2048", "--device", "cpu", "--optimizer", "torch"]
+BASE = ["train", "--params", "100k", "--tokens", "16384", "--lr", "3e-3", "--batch-tokens", "2048",
+        "--device", "cpu", "--optimizer", "torch"]
 
 
-@pytest.mark.parametrize("text,value", [("2M", 2_000_000), ("1e9", 10**9), ("32768", 32768), ("1.5k", 1500), ("20m", 20_000_000), ("3B", 3 * 10**9), ("2.5e6", 2_500_000)])
+@pytest.mark.parametrize("text,value", [("2M", 2_000_000), ("1e9", 10**9), ("32768", 32768), ("1.5k", 1500),
+                                        ("20m", 20_000_000), ("3B", 3 * 10**9), ("2.5e6", 2_500_000)])
 def test_parse_count(text, value):
     assert parse_count(text, integer=True) == value
 

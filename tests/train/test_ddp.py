@@ -33,5 +33,5 @@ def test_two_gloo_processes_equal_one(tmp_path):
     single = run(config)
     assert distributed["status"] == "ok" and distributed["steps"] == single.steps == 12
     assert [t for t, _ in distributed["curve"]] == [t for t, _ in single.curve]
-    np.testing.assert_allclose([l for _, l in distributed["curve"]], [l for _, l in single.curve], rtol=2e-4)
+    np.testing.assert_allclose([loss for _, loss in distributed["curve"]], [loss for _, loss in single.curve], rtol=2e-4)
     assert distributed["final_val_loss"] == pytest.approx(single.final_val_loss, rel=2e-4)

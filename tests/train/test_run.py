@@ -93,7 +93,7 @@ def test_accumulation_matches_one_big_batch():
     whole = run(tiny_run(tokens=8 * 1024))
     accumulated = run(tiny_run(tokens=8 * 1024, micro_batch_tokens=256))
     assert [t for t, _ in whole.curve] == [t for t, _ in accumulated.curve]
-    np.testing.assert_allclose([l for _, l in whole.curve], [l for _, l in accumulated.curve], rtol=1e-4)
+    np.testing.assert_allclose([loss for _, loss in whole.curve], [loss for _, loss in accumulated.curve], rtol=1e-4)
 
 
 MOE_TINY = ModelConfig(

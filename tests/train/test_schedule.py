@@ -41,7 +41,8 @@ def test_constant():
     assert curve("constant")[WARMUP:] == [1.0] * (TOTAL - WARMUP)
 
 
-@pytest.mark.parametrize("args,match", [(("linear", 0.1, 0.2), "schedule"), (("cosine", 1.5, 0.2), "min_lr_ratio"), (("wsd", 0.1, 0.0), "decay_fraction")])
+@pytest.mark.parametrize("args,match", [(("linear", 0.1, 0.2), "schedule"), (("cosine", 1.5, 0.2), "min_lr_ratio"),
+                                        (("wsd", 0.1, 0.0), "decay_fraction")])
 def test_bad_schedule_settings(args, match):
     with pytest.raises(UserError, match=match):
         check_schedule(*args)

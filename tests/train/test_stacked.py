@@ -6,8 +6,7 @@ import torch
 
 from steplaw.errors import UserError
 from steplaw.models import ModelConfig, MoEConfig
-from steplaw.train import RunConfig, run
-from steplaw.train import stacked
+from steplaw.train import RunConfig, run, stacked
 from steplaw.train.stacked import plan_stacks, run_stack, stack_key
 
 DENSE = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=96, max_seq_len=64)
