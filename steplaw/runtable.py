@@ -22,6 +22,8 @@ import json
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Column:
@@ -64,6 +66,22 @@ def finite_or_none(value):
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def json_safe(obj):
+    """obj with NaN / inf floats (numpy ones too) replaced by None, recursively."""
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return [json_safe(item) for item in obj.tolist()]
+    if isinstance(obj, dict):
+        return {key: json_safe(item) for key, item in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(item) for item in obj]
+    return obj
 
 
 def _int_or_none(value):

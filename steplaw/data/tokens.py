@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 from steplaw.data.corpus import corpus_split, split_blocks
 from steplaw.data.tokenizers import BPETokenizer, ByteTokenizer
 from steplaw.errors import UserError
+from steplaw.fileio import write_atomic
 
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
 
@@ -38,18 +38,9 @@ def write_token_file(path: str | Path, ids: np.ndarray, vocab_size: int, tokeniz
         )
     dtype = dtype_for_vocab(vocab_size)
     meta = {"dtype": dtype, "vocab_size": int(vocab_size), "tokens": int(ids.size), "tokenizer": tokenizer}
-    _write_atomic(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
-    _write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(path, ids.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
+    write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_token_file(path: str | Path) -> tuple[np.ndarray, dict]:

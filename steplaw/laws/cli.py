@@ -14,14 +14,14 @@ from pathlib import Path
 
 from steplaw import cliargs
 from steplaw.errors import UserError
-from steplaw.laws.stats import finite_or_none
+from steplaw.runtable import json_safe
 from steplaw.sweep.store import export_rows
 from steplaw.units import parse_count
 
 
 def _json(obj) -> str:
     """Strict JSON: NaN and infinities (e.g. an unidentifiable fold) become null."""
-    return json.dumps(finite_or_none(obj), indent=2, allow_nan=False)
+    return json.dumps(json_safe(obj), indent=2, allow_nan=False)
 
 
 def _warn(args, lines) -> None:

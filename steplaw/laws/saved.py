@@ -10,17 +10,16 @@ written atomically (temporary file, fsync, rename): a crash leaves the old file 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from steplaw.errors import UserError
+from steplaw.fileio import write_atomic
 from steplaw.laws.fit import HparamFit, PowerLaw
 from steplaw.laws.loss import LossFit, LossFormula, optimal_interval
-from steplaw.laws.stats import finite_or_none
+from steplaw.runtable import json_safe
 
 HPARAM_KIND = "steplaw.hparam_law"
 LOSS_KIND = "steplaw.loss_law"
@@ -31,18 +30,7 @@ def write_json(path, obj) -> Path:
     """Write strict JSON (NaN -> null) atomically, making missing parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(finite_or_none(obj), indent=1, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
 
 
 def hparam_law_record(fit: HparamFit, source: str) -> dict:

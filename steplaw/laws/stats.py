@@ -1,13 +1,10 @@
-"""Small statistics shared by the fitters: bootstrap percentile intervals and strict JSON.
+"""Small statistics shared by the fitters: bootstrap percentile intervals.
 
 - `percentile_interval(samples)`: the 95% percentile interval of bootstrap samples
   (non-finite samples left out; (nan, nan) when none is finite).
-- `finite_or_none(obj)`: the same structure with every NaN or infinity replaced by None,
-  so that `json.dumps(..., allow_nan=False)` writes valid JSON.
+(Strict JSON of results: steplaw.runtable.json_safe.)
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -21,19 +18,3 @@ def percentile_interval(samples, level: float = 0.95) -> tuple[float, float]:
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(values, [tail, 100 - tail])
     return (float(low), float(high))
-
-
-def finite_or_none(obj):
-    """obj with NaN / inf floats (numpy ones too) replaced by None, recursively."""
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return [finite_or_none(item) for item in obj.tolist()]
-    if isinstance(obj, dict):
-        return {key: finite_or_none(item) for key, item in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(item) for item in obj]
-    return obj

@@ -39,7 +39,7 @@ from pathlib import Path
 from steplaw import runtable
 from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
-from steplaw.runtable import finite_or_none, rows_to_csv, rows_to_json
+from steplaw.runtable import finite_or_none, json_safe, rows_to_csv, rows_to_json
 from steplaw.sweep import storefile
 from steplaw.sweep.storefile import finished_results, migrate_v1, move_aside, readable
 
@@ -318,7 +318,7 @@ class ResultStore:
             data.get("tokens"), data.get("steps"), finite_or_none(data.get("tokens_per_s")),
             finite_or_none(data.get("wall_s")),
             json.dumps([[int(t), finite_or_none(loss)] for t, loss in curve]),
-            json.dumps(_sanitize(summary), default=str, allow_nan=False), traceback,
+            json.dumps(json_safe(summary), default=str, allow_nan=False), traceback,
             host, json.dumps(versions) if versions else None, time.time(),
             f["N"], f["N_active"], f["N_total"], run_id,
         )
@@ -473,16 +473,6 @@ class DriverLock:
     def __exit__(self, *exc):
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
-
-
-def _sanitize(data):
-    if isinstance(data, float):
-        return finite_or_none(data)
-    if isinstance(data, dict):
-        return {k: _sanitize(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_sanitize(v) for v in data]
-    return data
 
 
 # -- export: the runs table (rows_to_csv / rows_to_json come from steplaw.runtable) -------------

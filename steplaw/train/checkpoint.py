@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from steplaw.errors import UserError
+from steplaw.fileio import write_atomic
 from steplaw.train.config import RunResult
 
 CHECKPOINT = "checkpoint.pt"
@@ -112,11 +113,7 @@ def load_result(run_dir: Path, run_id: str) -> RunResult | None:
 
 def save_result(run_dir: Path, result: RunResult) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESULT
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    _sync(tmp)
-    os.replace(tmp, path)
+    path = write_atomic(run_dir / RESULT, json.dumps(result.to_dict(), indent=2) + "\n")
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():
         checkpoint.unlink()  # finished: the result replaces it

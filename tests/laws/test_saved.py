@@ -8,8 +8,9 @@ import pytest
 from steplaw.errors import UserError
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.saved import SavedHparamLaw, hparam_law_record, read_law, write_json
-from steplaw.laws.stats import finite_or_none, percentile_interval
+from steplaw.laws.stats import percentile_interval
 from steplaw.laws.synthetic import synthetic_runs
+from steplaw.runtable import json_safe
 
 
 def test_write_json_is_strict(tmp_path):
@@ -19,8 +20,8 @@ def test_write_json_is_strict(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary left behind
 
 
-def test_finite_or_none_and_interval():
-    assert finite_or_none({"x": [math.nan, 1]}) == {"x": [None, 1]}
+def test_json_safe_and_interval():
+    assert json_safe({"x": [math.nan, 1]}) == {"x": [None, 1]}
     assert percentile_interval([1.0, np.nan, 2.0, 3.0]) == pytest.approx((1.05, 2.95))
     assert all(math.isnan(v) for v in percentile_interval([np.nan]))
 
