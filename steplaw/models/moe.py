@@ -87,6 +87,33 @@ class SharedExperts(nn.Module):
         return (F.silu(x @ self.w_gate.to(dt)) * (x @ self.w_up.to(dt))) @ self.w_down.to(dt)
 
 
+def balance_loss(cfg: MoEConfig, logits: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """aux_loss_coef * Switch load-balancing loss + z_loss_coef * router z-loss, per
+    leading index: logits [..., T, E] and counts [..., E] give a loss of shape [...]
+    (a scalar for one layer, [K] for a stack of K members).
+
+    Switch loss (Fedus et al. 2021, eq. 4, extended to top-k): E * sum_e f_e * P_e with
+    f_e the fraction of the T*k routed slots that chose e and P_e the mean router
+    probability of e; it is 1 for a perfectly balanced router. z-loss (Zoph et al.
+    2022, ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
+    """
+    loss = logits.new_zeros(logits.shape[:-2], dtype=torch.float32)
+    if num_tokens == 0:
+        return loss
+    logits32 = logits.float()
+    if cfg.aux_loss_coef > 0:
+        if cfg.score_func == "softmax":
+            probs = torch.softmax(logits32, dim=-1)
+        else:
+            scores = torch.sigmoid(logits32)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        fraction = counts.detach().float() / (num_tokens * cfg.top_k)
+        loss = loss + cfg.aux_loss_coef * cfg.n_experts * (fraction * probs.mean(dim=-2)).sum(dim=-1)
+    if cfg.z_loss_coef > 0:
+        loss = loss + cfg.z_loss_coef * torch.logsumexp(logits32, dim=-1).square().mean(dim=-1)
+    return loss
+
+
 class MoE(nn.Module):
     """MoE feed-forward layer: x [..., d_model] -> same shape and dtype.
 
@@ -140,7 +167,7 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(tokens)
 
-        self.aux_loss = self._balance_loss(logits, counts, num_tokens)
+        self.aux_loss = balance_loss(self.cfg, logits, counts, num_tokens)
         load = counts.detach()
         load_f = load.float()
         self.stats = {
@@ -152,31 +179,6 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self._load_since_update += load_f
         return out.reshape(shape)
-
-    def _balance_loss(self, logits: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """aux_loss_coef * Switch load-balancing loss + z_loss_coef * router z-loss.
-
-        Switch loss (Fedus et al. 2021, eq. 4, extended to top-k): E * sum_e f_e * P_e with
-        f_e the fraction of the T*k routed slots that chose e and P_e the mean router
-        probability of e; it is 1 for a perfectly balanced router. z-loss (Zoph et al.
-        2022, ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
-        """
-        cfg = self.cfg
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if num_tokens == 0:
-            return loss
-        logits32 = logits.float()
-        if cfg.aux_loss_coef > 0:
-            if cfg.score_func == "softmax":
-                probs = torch.softmax(logits32, dim=-1)
-            else:
-                scores = torch.sigmoid(logits32)
-                probs = scores / scores.sum(dim=-1, keepdim=True)
-            fraction = counts.detach().float() / (num_tokens * cfg.top_k)
-            loss = loss + cfg.aux_loss_coef * cfg.n_experts * (fraction * probs.mean(dim=0)).sum()
-        if cfg.z_loss_coef > 0:
-            loss = loss + cfg.z_loss_coef * torch.logsumexp(logits32, dim=-1).square().mean()
-        return loss
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steplaw.models.config import ModelConfig
+from steplaw.models.moe import balance_loss
 from steplaw.models.transformer import Transformer, apply_rotary, rotary_tables
 
 
@@ -131,32 +132,13 @@ class StackedMoE(nn.Module):
             hidden = F.silu(torch.bmm(x, s["w_gate"].to(dt))) * torch.bmm(x, s["w_up"].to(dt))
             out = out + torch.bmm(hidden, s["w_down"].to(dt))
         counts = torch.bincount(ids.reshape(-1).long(), minlength=members * cfg.n_experts).view(members, cfg.n_experts)
-        self.aux_loss = self._balance_loss(logits, counts, tokens)
+        self.aux_loss = balance_loss(self.cfg, logits, counts, tokens)  # [K]: one per member
         load = counts.float()
         self.stats = {"load": counts, "max_mean_load": load.max(1).values / load.mean(1).clamp_min(1e-9)}
         if self.training and cfg.bias_update_rate > 0:
             with torch.no_grad():
                 self._load_since_update += load
         return out
-
-    def _balance_loss(self, logits: torch.Tensor, counts: torch.Tensor, tokens: int) -> torch.Tensor:
-        """Per member [K]: MoE._balance_loss of each member's logits [M, E] and counts [E]."""
-        cfg = self.cfg
-        loss = logits.new_zeros(self.members, dtype=torch.float32)
-        if tokens == 0:
-            return loss
-        logits32 = logits.float()
-        if cfg.aux_loss_coef > 0:
-            if cfg.score_func == "softmax":
-                probs = torch.softmax(logits32, dim=-1)
-            else:
-                scores = torch.sigmoid(logits32)
-                probs = scores / scores.sum(dim=-1, keepdim=True)
-            fraction = counts.float() / (tokens * cfg.top_k)
-            loss = loss + cfg.aux_loss_coef * cfg.n_experts * (fraction * probs.mean(dim=1)).sum(dim=1)
-        if cfg.z_loss_coef > 0:
-            loss = loss + cfg.z_loss_coef * torch.logsumexp(logits32, dim=-1).square().mean(dim=1)
-        return loss
 
     @torch.no_grad()
     def update_bias(self) -> None:
