@@ -134,17 +134,17 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         """From to_dict()'s form; unknown keys are a UserError (missing ones take defaults)."""
-        data = dict(_known_fields(cls, data, "model"))
+        data = dict(known_fields(cls, data, "model"))
         moe = data.pop("moe", None)
         if moe is not None:
-            moe = MoEConfig(**_known_fields(MoEConfig, moe, "moe"))
+            moe = MoEConfig(**known_fields(MoEConfig, moe, "moe"))
         return cls(**data, moe=moe)
 
 
 _SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
 
 
-def _known_fields(cls, data, what: str) -> dict:
+def known_fields(cls, data, what: str) -> dict:
     """`data` as a dict of `cls`'s fields, or a UserError naming the unknown keys."""
     if not isinstance(data, dict):
         raise UserError(f"{what}={data!r}: expected a table of settings (a dict)")

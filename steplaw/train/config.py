@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from steplaw.errors import UserError, number_problem, raise_problems, whole_number_problem
-from steplaw.models.config import ModelConfig
+from steplaw.models.config import ModelConfig, known_fields
 
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on GPU, fp32 on CPU
 OPTIMIZERS = ("steplaw", "torch")  # steplaw.optim.FusedAdamW, torch.optim.AdamW
@@ -56,12 +56,7 @@ class RunConfig:
     def from_dict(cls, data: dict) -> RunConfig:
         """From to_dict()'s form. Unknown or missing required keys are a UserError; the
         values are not validated here (see validate()), so stored runs always load."""
-        if not isinstance(data, dict):
-            raise UserError(f"run config {data!r}: expected a table of settings (a dict)")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [key for key in data if key not in names]
-        if unknown:
-            raise UserError(f"run config: unknown setting(s) {', '.join(map(repr, unknown))}; expected some of {', '.join(names)}")
+        known_fields(cls, data, "run config")
         missing = [name for name in ("model", "tokens", "lr", "batch_tokens") if name not in data]
         if missing:
             raise UserError(f"run config: missing setting(s) {', '.join(missing)}")

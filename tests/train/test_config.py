@@ -73,8 +73,6 @@ def test_every_problem_is_one_sentence_without_newlines():
     assert str(info.value) == "; ".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="steplaw/optim/__init__.py imports FusedAdamW (torch) eagerly, and validate() "
-                   "reads the schedule names from steplaw.optim.schedule: make that package lazy like steplaw.models")
 def test_validate_imports_no_torch():
     code = (
         "import sys; from steplaw.train.config import RunConfig; from steplaw.models.config import ModelConfig; "
