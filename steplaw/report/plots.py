@@ -182,7 +182,7 @@ def optimal_lr(table, fit, out_dir) -> list[Path]:
     d = np.array([c.D for c in fit.cells])
     opt = np.array([c.opt_lr for c in fit.cells])
     fig, (ax_n, ax_d) = plt.subplots(1, 2, figsize=(12, 4.8))
-    fig.subplots_adjust(left=0.07, right=0.97, bottom=0.13, top=0.88, wspace=0.3)
+    fig.subplots_adjust(left=0.075, right=0.97, bottom=0.13, top=0.88, wspace=0.3)
     colors = plt.get_cmap("plasma")
     for ax, x, group, x_name, group_name in ((ax_n, n, d, "N", "D"), (ax_d, d, n, "D", "N")):
         groups = np.unique(group)
