@@ -164,7 +164,8 @@ def main():
                           time_command(["report", d, "--out", report_out, "--no-plots"], args.repeats)))
     # the machine's load average before and after: numbers taken under load are not final
     report("store", "cpu", cases, runs=n, cpus=os.cpu_count(), loadavg_1min=[load_before[0], os.getloadavg()[0]],
-           note="wall time of subprocesses as a user runs them, Python start and imports included")
+           note="wall time of subprocesses as a user runs them, Python start and imports included"
+           + ("; store built before (grid() through the driver, --keep), driver cases left out" if args.store else ""))
 
 
 if __name__ == "__main__":
