@@ -63,9 +63,10 @@ def heatmap_cells(fit, cap: int = MAX_HEATMAP_CELLS) -> tuple[list, str | None]:
     edges = [c for c in cells if (c.lr_edge or c.bs_edge) and c not in chosen]
     chosen += edges[:cap - len(chosen)]
     n_edges = sum(1 for c in cells if c.lr_edge or c.bs_edge)
+    edge_part = (f"and {len(chosen) - spanning} of the {n_edges} cells whose best run is on the grid's edge "
+                 "(in (N, D) order)" if n_edges else "(no cell has its best run on the grid's edge)")
     note = (f"Loss heatmaps of {len(chosen)} of {len(cells)} cells: the {spanning} at the smallest, median and "
-            f"largest N and D, and {len(chosen) - spanning} of the {n_edges} cells whose best run is on the "
-            f"grid's edge (in (N, D) order); every cell is in the cell table and runs.csv.")
+            f"largest N and D {edge_part}; every cell is in the cell table and runs.csv.")
     return sorted(chosen, key=lambda c: (c.N, c.D)), note
 
 
@@ -173,6 +174,7 @@ def loss_heatmaps(table, fit, out_dir, cells_per_figure: int = 16, max_cells: in
 
 def optimal_lr(table, fit, out_dir) -> list[Path]:
     plt = _pyplot()
+    from matplotlib.collections import LineCollection
     from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.lines import Line2D
 
@@ -187,24 +189,31 @@ def optimal_lr(table, fit, out_dir) -> list[Path]:
     for ax, x, group, x_name, group_name in ((ax_n, n, d, "N", "D"), (ax_d, d, n, "D", "N")):
         groups = np.unique(group)
         xs = np.geomspace(x.min(), x.max(), 50)
-        for i, value in enumerate(groups):
-            color = colors(i / max(len(groups) - 1, 1) * 0.85)
-            sel = group == value
-            ax.scatter(x[sel], opt[sel], color=color, label=f"{group_name}={value:.2g}")
+        palette = [colors(i / max(len(groups) - 1, 1) * 0.85) for i in range(len(groups))]
+        rank = np.searchsorted(groups, group)
+        # one artist per kind, not per series: dozens of series must draw in well under a second
+        ax.scatter(x, opt, color=[palette[r] for r in rank])
+        fitted, published = [], []
+        for value in groups:
             nn, dd = (xs, np.full_like(xs, value)) if x_name == "N" else (np.full_like(xs, value), xs)
-            ax.plot(xs, fit.lr_law(nn, dd), color=color)
-            ax.plot(xs, [step_law(a, b)[0] for a, b in zip(nn, dd)], color=color, ls="--", alpha=0.6)
+            fitted.append(np.column_stack([xs, fit.lr_law(nn, dd)]))
+            published.append(np.column_stack([xs, [step_law(a, b)[0] for a, b in zip(nn, dd)]]))
+        ax.add_collection(LineCollection(fitted, colors=palette))
+        ax.add_collection(LineCollection(published, colors=palette, linestyles="--", alpha=0.6))
+        ax.autoscale_view()
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels collide on short decades
         ax.set_xlabel(f"{x_name} ({'parameters: ' + fit.n_column if x_name == 'N' else 'tokens'})")
         ax.set_ylabel("optimal peak LR")
         if len(groups) <= MAX_LEGEND_SERIES:
-            ax.legend(fontsize=7, title="solid: fit, dashed: Step Law", title_fontsize=7)
+            handles = [Line2D([], [], color=c, marker="o") for c in palette]
+            ax.legend(handles, [f"{group_name}={v:.2g}" for v in groups], fontsize=7,
+                      title="solid: fit, dashed: Step Law", title_fontsize=7)
         else:
             styles = [Line2D([], [], color="0.3"), Line2D([], [], color="0.3", ls="--")]
             ax.legend(styles, ["fit", "Step Law"], fontsize=7)
-            series = ListedColormap([colors(i / (len(groups) - 1) * 0.85) for i in range(len(groups))])
+            series = ListedColormap(palette)
             bar = fig.colorbar(plt.cm.ScalarMappable(Normalize(-0.5, len(groups) - 0.5), series), ax=ax, pad=0.01)
             ticks = np.unique(np.linspace(0, len(groups) - 1, 6).round().astype(int))
             bar.set_ticks(ticks, labels=[f"{groups[t]:.2g}" for t in ticks], fontsize=7)

@@ -59,7 +59,7 @@ def test_heatmaps_of_many_cells_are_bounded_and_say_which(tmp_path):
     fit = fit_hparams(table, n_boot=0, score_laws=False)
     assert len(fit.cells) == 30
     chosen, note = heatmap_cells(fit, cap=12)
-    assert len(chosen) == 12 and "12 of 30 cells" in note and "the 9 at the smallest" in note
+    assert len(chosen) == 12 and "12 of 30 cells" in note and "the 9 at the smallest" in note and "3 of the 12 cells" in note
     keys = {(c.N, c.D) for c in chosen}
     ns, ds = sorted({c.N for c in fit.cells}), sorted({c.D for c in fit.cells})
     # the sweep's span is always shown: smallest / median / largest N crossed with D
