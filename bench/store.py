@@ -17,6 +17,10 @@ the median of `--repeats` calls; there is one contender per case (the targets ar
 absolute), so `speedup` is empty and the target is given beside the time.
 
     python bench/store.py [--runs 50000] [--repeats 3] [--keep DIR] [--quick]
+    python bench/store.py --store DIR   # time the commands on a store built before with --keep
+
+With --store the driver cases (build, rerun) are left out: only the commands that read
+the store are timed.
 """
 from __future__ import annotations
 
@@ -127,18 +131,25 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", help="build the store in this directory and keep it")
     parser.add_argument("--quick", action="store_true", help="2,000 runs, one repeat (a smoke test)")
+    parser.add_argument("--store", help="time the reading commands on this store (built before with --keep); "
+                                        "the driver cases are left out")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.repeats = 2_000, 1
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        sweep_dir = Path(args.keep) if args.keep else Path(tmp) / "sweep"
-        runs = grid(args.runs)
-        n = len(runs)
-        build_s = build(sweep_dir, runs)
-        cases = [case(f"driver: run {n} instant runs into a new store", build_s, runs_per_s=n / build_s)]
-        rerun_s = time_call(lambda: run_sweep(runs, sweep_dir, lambda: None, progress=False), args.repeats)
-        cases.append(case(f"driver: rerun of the finished {n}-run sweep (nothing to run)", rerun_s))
+        if args.store:
+            sweep_dir = Path(args.store)
+            n = len(export_rows(sweep_dir))
+            cases = []
+        else:
+            sweep_dir = Path(args.keep) if args.keep else Path(tmp) / "sweep"
+            runs = grid(args.runs)
+            n = len(runs)
+            build_s = build(sweep_dir, runs)
+            cases = [case(f"driver: run {n} instant runs into a new store", build_s, runs_per_s=n / build_s)]
+            rerun_s = time_call(lambda: run_sweep(runs, sweep_dir, lambda: None, progress=False), args.repeats)
+            cases.append(case(f"driver: rerun of the finished {n}-run sweep (nothing to run)", rerun_s))
         cases.append(case(f"export_rows of {n} runs (in-process)", time_call(lambda: export_rows(sweep_dir), args.repeats)))
         d = str(sweep_dir)
         cases.append(case(f"steplaw runs --csv, {n} runs", time_command(["runs", d, "--csv", "-o", str(Path(tmp) / "runs.csv")],
@@ -153,7 +164,8 @@ def main():
                           time_command(["report", d, "--out", report_out, "--no-plots"], args.repeats)))
     # the machine's load average before and after: numbers taken under load are not final
     report("store", "cpu", cases, runs=n, cpus=os.cpu_count(), loadavg_1min=[load_before[0], os.getloadavg()[0]],
-           note="wall time of subprocesses as a user runs them, Python start and imports included")
+           note="wall time of subprocesses as a user runs them, Python start and imports included"
+           + ("; store built before (grid() through the driver, --keep), driver cases left out" if args.store else ""))
 
 
 if __name__ == "__main__":

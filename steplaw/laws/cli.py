@@ -178,12 +178,16 @@ def _write_fit_files(out_dir: Path, result: dict, table, primary, plots: bool) -
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [write_json(out_dir / "fit.json", result)]
     if plots:
-        from steplaw.report.plots import plot_fit
+        from steplaw.report.plots import heatmap_cells, plot_fit
 
         try:
             written += plot_fit(table, primary, out_dir)
         except UserError as exc:  # matplotlib missing: the fit still stands
             print(f"note: no plots: {exc}", file=sys.stderr)
+        else:
+            shown = heatmap_cells(primary)[1]  # many cells: heatmaps of a chosen few, say which
+            if shown:
+                print(f"note: {shown}", file=sys.stderr)
     return written
 
 

@@ -31,7 +31,7 @@ from steplaw.laws.identify import distinct_values
 from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
 from steplaw.laws.saved import write_json
 from steplaw.laws.table import read_runs
-from steplaw.report.plots import plot_fit
+from steplaw.report.plots import heatmap_cells, plot_fit
 from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv
 
 MAX_RUN_ROWS = 5000  # beyond this the table of runs lives in runs.csv only
@@ -93,12 +93,14 @@ def _mixes_sparsity(table) -> bool:
     return distinct_values(shares).size >= 2
 
 
-def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict]:
-    """(rows, planner, failure reasons) from the sweep store; a damaged store is a UserError."""
+def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict, list[dict]]:
+    """(rows, planner, failure reasons, the planner's per-cell reports) from the sweep store;
+    a damaged store is a UserError."""
     try:
         rows = export_rows(sweep_dir)
         with ResultStore(sweep_dir, readonly=True) as store:
             planner = store.meta("planner", None)
+            planner_cells = store.meta("planner_cells", None) or []
             reasons = {}
             failed_ids = [r["run_id"] for r in rows if r["status"] == "failed"]
             if failed_ids:
@@ -106,7 +108,39 @@ def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict]:
     except sqlite3.DatabaseError as exc:
         raise UserError(f"{str(sweep_dir / 'runs.sqlite')!r} is not a readable sweep store ({exc}); "
                         "restore it from a backup or rerun the sweep into a new directory.") from None
-    return rows, str(planner) if planner else DEFAULT_PLANNER, reasons
+    if not isinstance(planner_cells, list):
+        planner_cells = []
+    return rows, str(planner) if planner else DEFAULT_PLANNER, reasons, [c for c in planner_cells if isinstance(c, dict)]
+
+
+def attach_planner_states(cells: list[dict], planner_cells: list[dict]) -> None:
+    """Set each cell summary's "planner_state" and "open_sides" from the adaptive planner's
+    report of the same (N, D) cell (store meta "planner_cells"); None where it has none."""
+    for cell in cells:
+        cell["planner_state"], cell["open_sides"] = None, []
+        for report in planner_cells:
+            n, d = report.get("N"), report.get("D")
+            if n is None or d is None or cell["N"] is None or cell["D"] is None:
+                continue
+            if math.isclose(n, cell["N"], rel_tol=1e-9) and math.isclose(d, cell["D"], rel_tol=1e-9):
+                cell["planner_state"] = report.get("state")
+                cell["open_sides"] = sorted(side for side, verdict in (report.get("sides") or {}).items()
+                                            if verdict == "open")
+                break
+
+
+def _unbracketed_note(cells: list[dict]) -> str | None:
+    """The warning shown beside the law and under the cell table, or None."""
+    loose = [c for c in cells if c.get("planner_state") == "unbracketed"]
+    if not loose:
+        return None
+    names = "; ".join(f"N={_num(c['N'])}, D={_num(c['D'])}"
+                      + (f" (open: {', '.join(c['open_sides'])})" if c["open_sides"] else "") for c in loose[:10])
+    more = f"; and {len(loose) - 10} more (see the cell table)" if len(loose) > 10 else ""
+    return (f"Warning: {len(loose)} of {len(cells)} cells are unbracketed: the adaptive planner reached the "
+            f"cell's run budget before a worse run bounded the best one on every side, so their optimum is a "
+            f"bound, not an answer, and the fitted law leans on them: {names}{more}. Raise the run budget "
+            "and rerun the sweep; finished runs are reused.")
 
 
 # -- blocks and rendering -------------------------------------------------------------------------
@@ -178,12 +212,14 @@ def _score_table(data: dict) -> list[tuple]:
             ("p", f"Scoring: {data.get('scoring', '')}")]
 
 
-def _fit_blocks(fit, fit_error: str | None) -> list[tuple]:
+def _fit_blocks(fit, fit_error: str | None, unbracketed: str | None = None) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Fitted laws beside the Step Law")]
     if fit is None:
         return blocks + [("p", f"No law was fitted: {fit_error}")]
     data = fit.to_dict()
     blocks.append(_law_table(data))
+    if unbracketed:
+        blocks.append(("p", unbracketed))
     blocks.append(("p", f"N column used: `{data['n_column']}`; near-optimal gap {data['gap']:.2%}; "
                         f"95% bootstrap intervals from {data['n_boot']} resamples (runs resampled within cells)."))
     for refused in data["refused_exponents"]:
@@ -199,7 +235,15 @@ def _fit_blocks(fit, fit_error: str | None) -> list[tuple]:
     return blocks + _score_table(data)
 
 
+def _planner_state(cell: dict) -> str:
+    state = cell.get("planner_state") or "–"
+    if state == "unbracketed":
+        return "UNBRACKETED (a bound" + (f"; open: {', '.join(cell['open_sides'])}" if cell["open_sides"] else "") + ")"
+    return state
+
+
 def _cell_blocks(cells: list[dict], fit) -> list[tuple]:
+    with_planner = any(cell.get("planner_state") for cell in cells)
     cell_rows = []
     for cell in cells:
         best = cell["best"]
@@ -216,10 +260,13 @@ def _cell_blocks(cells: list[dict], fit) -> list[tuple]:
             _num(best["loss"]) if best else "–", _num(best["lr"], 3) if best else "–",
             _num(best["batch_tokens"]) if best else "–",
             f"{_num(law_lr, 3)} / {_num(law_bs, 3)}", f"{_num(fit_lr, 3)} / {_num(fit_bs, 3)}", edge or "no",
-        ])
-    blocks = [("h2", "Cells"),
-              ("table", ["N", "D", "runs used", "finished", "best loss", "best lr", "best B", "Step Law lr / B",
-                         "fitted lr / B", "optimum on grid edge"], cell_rows)]
+        ] + ([_planner_state(cell)] if with_planner else []))
+    headers = ["N", "D", "runs used", "finished", "best loss", "best lr", "best B", "Step Law lr / B",
+               "fitted lr / B", "optimum on grid edge"] + (["planner state"] if with_planner else [])
+    blocks = [("h2", "Cells"), ("table", headers, cell_rows)]
+    note = _unbracketed_note(cells)
+    if note:
+        blocks.append(("p", note))
     edges = [c for c in cells if c["lr_edge"] or c["bs_edge"]]
     if edges:
         blocks.append(("p", f"{len(edges)} of {len(cells)} cells have their best run on the edge of the grid (or a "
@@ -252,13 +299,18 @@ def _run_blocks(rows: list[dict], reasons: dict) -> list[tuple]:
 
 
 def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str | None, figures: list[Path],
-                 out_dir: Path, *, planner: str = DEFAULT_PLANNER, reasons: dict | None = None) -> list[tuple]:
+                 out_dir: Path, *, planner: str = DEFAULT_PLANNER, reasons: dict | None = None,
+                 planner_cells: list[dict] | None = None, figures_note: str | None = None) -> list[tuple]:
     """The report as blocks: overview, laws and scores, cells, figures, failed runs, runs."""
+    cells = cell_summaries(rows)
+    attach_planner_states(cells, planner_cells or [])
     blocks = _overview_blocks(sweep_dir, rows, planner)
-    blocks += _fit_blocks(fit, fit_error)
-    blocks += _cell_blocks(cell_summaries(rows), fit)
+    blocks += _fit_blocks(fit, fit_error, _unbracketed_note(cells))
+    blocks += _cell_blocks(cells, fit)
     if figures:
         blocks.append(("h2", "Figures"))
+        if figures_note:
+            blocks.append(("p", figures_note))
         blocks += [("img", path, path.stem.replace("_", " ")) for path in figures]
     return blocks + _run_blocks(rows, reasons or {})
 
@@ -323,7 +375,7 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
     if not (sweep_dir / "runs.sqlite").is_file():
         raise UserError(f"{str(sweep_dir)!r} holds no sweep store (runs.sqlite): expected a directory written by "
                         "`steplaw sweep`")
-    rows, planner, reasons = _store_reads(sweep_dir)
+    rows, planner, reasons, planner_cells = _store_reads(sweep_dir)
     if not rows:
         raise UserError(f"sweep {str(sweep_dir)!r} holds no runs: expected a directory written by `steplaw sweep`")
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
@@ -331,15 +383,17 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
     (out_dir / "runs.csv").write_text(rows_to_csv(rows))
     table, fit, fit_error = fit_sweep(rows, str(sweep_dir), n_boot=n_boot, gap=gap)
     figures: list[Path] = []
-    plots_note = None
+    plots_note = figures_note = None
     if fit is not None:
         write_json(out_dir / "fit.json", fit.to_dict())  # strict JSON: NaN becomes null
         if plots:
             try:  # matplotlib is imported only when a figure is drawn
                 figures = [Path(p) for p in plot_fit(table, fit, out_dir / "figures")]
+                figures_note = heatmap_cells(fit)[1]
             except UserError as exc:
                 plots_note = f"No figures: {exc}"
-    blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons)
+    blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons,
+                          planner_cells=planner_cells, figures_note=figures_note)
     if plots_note:
         blocks.insert(3, ("p", plots_note))
     md_path = out_dir / "report.md"

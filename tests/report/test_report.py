@@ -167,3 +167,35 @@ def test_report_of_dense_and_moe_runs_asks_about_sparsity(tmp_path):
     assert "MoE sparsity S = N_active / N in the learning-rate law" in text
     fit = json.loads((sweep / "report" / "fit.json").read_text(), parse_constant=_no_nan)
     assert fit["sparsity"]["laws"]["learning-rate"]["verdict"]
+
+
+def test_report_flags_cells_the_planner_left_unbracketed(tmp_path):
+    sweep = fill(tmp_path / "sweep")
+    n_small, n_mid = (param_counts(shape).non_embedding for shape in SHAPES[:2])
+
+    def report(n, d, state, sides):
+        return {"cell": f"N={n} D={d}", "N": float(n), "D": float(d), "runs": 25, "state": state,
+                "best_lr": 0.004, "best_batch_tokens": 512, "sides": sides}
+
+    closed = {"lr_low": "bracketed", "lr_high": "bracketed", "bs_low": "bracketed", "bs_high": "bracketed"}
+    with ResultStore(sweep) as store:
+        store.set_meta("planner", "adaptive")
+        store.set_meta("planner_cells", [report(n_small, 2**16, "unbracketed", {**closed, "lr_high": "open"}),
+                                         report(n_mid, 2**18, "bracketed", closed),
+                                         report(n_mid, 2**20, "edge", {**closed, "bs_low": "limit"})])
+    text = write_report(sweep, n_boot=0, plots=False, html_report=False)[0].read_text()
+    laws, cells = text.split("## Cells")
+    cells = cells.split("## ")[0]
+    warning = "1 of 9 cells are unbracketed"
+    # said where the law is shown, and again under the cell table
+    assert warning in laws.split("## Fitted laws beside the Step Law")[1] and warning in cells
+    assert f"N={n_small:,}, D=65,536 (open: lr_high)" in laws
+    assert "| planner state |" in cells
+    assert cells.count("UNBRACKETED (a bound; open: lr_high)") == 1
+    assert cells.count("| bracketed |") == 1 and cells.count("| edge |") == 1
+
+
+def test_report_without_unbracketed_cells_has_no_warning(tmp_path):
+    sweep = fill(tmp_path / "sweep")
+    text = write_report(sweep, n_boot=0, plots=False, html_report=False)[0].read_text()
+    assert "unbracketed" not in text.lower() and "| planner state |" not in text
