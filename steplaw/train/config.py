@@ -86,9 +86,16 @@ class RunConfig:
         raise_problems(self.problems(on_this_machine=on_this_machine))
 
     def run_id(self) -> str:
-        """Deterministic id: a hash of every field (16 hex digits)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        """Deterministic id: a hash of every field (16 hex digits). Computed once per
+        config object (it is frozen): the sweep driver asks for the ids of every proposed
+        run after each batch of completions, and a 50,000-run sweep would otherwise spend
+        minutes deep-copying configs in to_dict()."""
+        cached = self.__dict__.get("_run_id")
+        if cached is None:
+            canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            cached = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+            object.__setattr__(self, "_run_id", cached)  # not a field: equality, asdict and ids ignore it
+        return cached
 
 
 def _run_problems(c: RunConfig) -> list[str]:
