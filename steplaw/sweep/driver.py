@@ -236,8 +236,9 @@ def _groups(sweep: _Sweep, executor, queue: list[str], stack) -> list[list[str]]
         return [[run_id] for run_id in queue[:idle]]
     from steplaw.train.stacked import AUTO_STACK_LIMIT, plan_stacks
 
-    # a window of the queue large enough to fill every idle slot with a full stack
-    window = queue[:idle * (stack if isinstance(stack, int) else max(AUTO_STACK_LIMIT.values()))]
+    # a window of the queue large enough to fill every idle slot with full stacks even when
+    # the runs of a stack are spread out in it (the grid's order interleaves batch sizes)
+    window = queue[:4 * idle * (stack if isinstance(stack, int) else max(AUTO_STACK_LIMIT.values()))]
     trainable = [r for r in window if isinstance(sweep.configs[r], RunConfig)]
     by_config = {id(sweep.configs[r]): r for r in trainable}
     groups = [[by_config[id(c)] for c in group] for group in plan_stacks([sweep.configs[r] for r in trainable], stack)]

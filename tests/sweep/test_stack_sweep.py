@@ -187,4 +187,5 @@ def test_kill_driver_during_a_stacked_sweep_then_rerun(tmp_path):
     rerun = {run_id: row for run_id, row in after.items() if run_id not in finished}
     assert len(rerun) == 4 and all(row[0] == "ok" for row in rerun.values())
     assert len({row[2] for row in rerun.values()}) == 1  # the killed stack's members ran again, as a stack
-    assert "ran 4, reused 4" in done.stderr
+    assert {row[2] for row in rerun.values()} != {row[2] for row in finished.values()}
+    assert all(before[run_id][0] == "running" for run_id in rerun)  # they were the killed stack
