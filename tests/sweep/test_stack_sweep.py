@@ -189,3 +189,30 @@ def test_kill_driver_during_a_stacked_sweep_then_rerun(tmp_path):
     assert len({row[2] for row in rerun.values()}) == 1  # the killed stack's members ran again, as a stack
     assert {row[2] for row in rerun.values()} != {row[2] for row in finished.values()}
     assert all(before[run_id][0] == "running" for run_id in rerun)  # they were the killed stack
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_runs_a_group_as_one_task(tmp_path):
+    ray = pytest.importorskip("ray")
+    from steplaw.sweep.executors import RayExecutor
+
+    module = sys.modules[__name__]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.cloudpickle.register_pickle_by_value(module)  # Ray's workers do not see pytest's sys.path
+    try:
+        executors = []
+
+        def make():
+            executors.append(RayExecutor(instant_run, cpus_per_run=1, group_fn=instant_group))
+            return executors[-1]
+
+        summary = run_sweep(configs(), tmp_path, make, progress=False, stack=4)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(module)
+        ray.shutdown()
+    assert executors[0].capacity == 2 and summary.counts == {"ok": 8}
+    sizes = {}
+    for row in export_rows(tmp_path):
+        sizes[row["stack"]] = sizes.get(row["stack"], 0) + 1
+    assert sorted(sizes.values()) == [4, 4]  # one task per batch size's stack
