@@ -118,11 +118,17 @@ def cli(*args, **kwargs):
 
 
 @pytest.mark.parametrize("value", ["0", "x", "-2", "2.5"])
-def test_bad_stack_values_are_one_line(tmp_path, value):
-    done = cli("sweep", "--out", str(tmp_path), "--params", "20K", "--tokens", "4096", "--stack", value)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--stack" in lines[0] and repr(value) in lines[0], done.stderr
+@pytest.mark.parametrize("command", ["sweep", "demo"])
+def test_bad_stack_values_are_one_line(tmp_path, capsys, value, command):
+    from steplaw.cli import main
+
+    args = ["--params", "20K", "--tokens", "4096"] if command == "sweep" else ["--no-report"]
+    code = main([command, "--out", str(tmp_path / "s"), *args, "--stack", value])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--stack" in lines[0] and repr(value) in lines[0], err
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_stack_too_big_for_memory_is_said_once(tmp_path, monkeypatch):
@@ -216,3 +222,22 @@ def test_ray_runs_a_group_as_one_task(tmp_path):
     for row in export_rows(tmp_path):
         sizes[row["stack"]] = sizes.get(row["stack"], 0) + 1
     assert sorted(sizes.values()) == [4, 4]  # one task per batch size's stack
+
+
+def warning_group(configs, run_dirs=None, progress=None):
+    """A group function that warns as run_stack does when a stack runs out of memory."""
+    from steplaw.train import stacked
+
+    stacked._warn_once("a stack of 4 runs ran out of memory; running it as smaller stacks")
+    return instant_group(configs)
+
+
+def test_a_warning_from_every_worker_is_shown_once(tmp_path, monkeypatch):
+    import steplaw.sweep.driver as driver
+
+    lines = []
+    monkeypatch.setattr(driver, "print", lambda *a, **k: lines.append(" ".join(map(str, a))), raising=False)
+    make = lambda: LocalExecutor(instant_run, group_fn=warning_group, workers=2, threads_per_worker=1)  # noqa: E731
+    summary = run_sweep(configs(), tmp_path, make, progress=False, stack=4)
+    assert summary.counts == {"ok": 8}
+    assert lines == ["steplaw sweep: warning: a stack of 4 runs ran out of memory; running it as smaller stacks"]
