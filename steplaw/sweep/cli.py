@@ -4,6 +4,7 @@
     steplaw sweep --params 1M 3M --tokens 1e8 --out DIR   # or flags (they override a file)
     steplaw sweep --out DIR                          # resume DIR with its stored spec
     steplaw sweep ... --new-spec                     # a changed spec on DIR (history kept)
+    steplaw sweep ... --stack auto|K|off             # runs differing only in lr train as one stacked model
     steplaw sweep ... --planner adaptive [--cell-budget 32 --total-budget R]   # search each cell's optimum
     steplaw sweep --replay TABLE [--col-N ... --bs-unit sequences --seq-len L] --planner adaptive --out DIR
     steplaw runs DIR [--csv | --json] [-o FILE]      # the runs table (steplaw.runtable)

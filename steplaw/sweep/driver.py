@@ -94,9 +94,10 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
     differ only in lr train together ("auto", at most K per stack, or "off"), when the
     executor has a `group_fn`.
     """
-    from steplaw.train.stacked import plan_stacks  # (lazily: it imports torch)
+    if stack not in ("auto", "off"):  # a bad `stack` is a UserError before anything starts
+        from steplaw.train.stacked import plan_stacks  # (lazily: it imports torch, which a replay does without)
 
-    plan_stacks([], stack)  # a bad `stack` is a UserError before anything starts
+        plan_stacks([], stack)
     sweep_dir = Path(sweep_dir)
     started = time.time()
     if planner is None:
@@ -279,9 +280,9 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="au
             for warning in caught:  # e.g. "stacks of K runs do not fit the memory budget"
                 _warn(line, str(warning.message), shown)
             handing = [run_id for group in groups for run_id in group]
-            handed = set(handing)
-            queue = [run_id for run_id in queue if run_id not in handed]
             if handing:
+                handed = set(handing)
+                queue = [run_id for run_id in queue if run_id not in handed]
                 sweep.store.mark_running(*handing)  # one transaction for the batch
                 sweep.in_flight.update(handing)
                 for group in groups:
