@@ -241,3 +241,24 @@ def test_a_warning_from_every_worker_is_shown_once(tmp_path, monkeypatch):
     summary = run_sweep(configs(), tmp_path, make, progress=False, stack=4)
     assert summary.counts == {"ok": 8}
     assert lines == ["steplaw sweep: warning: a stack of 4 runs ran out of memory; running it as smaller stacks"]
+
+
+def dying_group(configs, run_dirs=None, progress=None):
+    """The first call SIGKILLs its own worker (as the out-of-memory killer would)."""
+    marker = Path(os.environ["STACK_TEST_MARKER"])
+    if not marker.exists():
+        marker.write_text("killed once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return instant_group(configs)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_its_whole_stack_and_the_retry_finishes_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("STACK_TEST_MARKER", str(tmp_path / "marker"))
+    make = lambda: LocalExecutor(instant_run, group_fn=dying_group, workers=1, threads_per_worker=1)  # noqa: E731
+    runs = configs(batch_sizes=(32,))
+    summary = run_sweep(runs, tmp_path / "sweep", make, progress=False, stack=4)
+    assert summary.counts == {"ok": 4} and summary.ran == 8  # 4 failed attempts (one killed stack), 4 retried
+    with sqlite3.connect(tmp_path / "sweep" / "runs.sqlite") as db:
+        assert [row[0] for row in db.execute("SELECT attempts FROM runs")] == [1, 1, 1, 1]
+    assert len({r["stack"] for r in export_rows(tmp_path / "sweep")}) == 1
