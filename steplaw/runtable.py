@@ -49,6 +49,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("n_experts", "", "routed experts per MoE layer (empty for dense models)"),
     Column("top_k", "", "experts per token (empty for dense models)"),
     Column("reason", "", "why the run is not ok (failed or diverged); empty otherwise"),
+    Column("stack", "", "the stack (16 hex) that trained this run together with runs differing only in lr; empty: alone"),
 )
 NAMES: list[str] = [column.name for column in COLUMNS]
 BY_NAME: dict[str, Column] = {column.name: column for column in COLUMNS}
@@ -119,6 +120,7 @@ def result_fields(result: dict) -> dict:
         "N": _int_or_none(result.get("params_non_embedding")),
         "N_active": _int_or_none(result.get("params_active")),
         "N_total": _int_or_none(result.get("params_total")),
+        "stack": result.get("stack") if isinstance(result.get("stack"), str) else None,
     }
 
 

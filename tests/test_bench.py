@@ -32,7 +32,7 @@ ops_smoke = _load("ops_smoke")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["adamw.py", "moe.py", "train.py", "fit.py"])
+@pytest.mark.parametrize("script", ["adamw.py", "moe.py", "train.py", "fit.py", "sweep.py"])
 def test_quick_benchmark_prints_json(script):
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True, timeout=300

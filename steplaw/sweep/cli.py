@@ -4,6 +4,7 @@
     steplaw sweep --params 1M 3M --tokens 1e8 --out DIR   # or flags (they override a file)
     steplaw sweep --out DIR                          # resume DIR with its stored spec
     steplaw sweep ... --new-spec                     # a changed spec on DIR (history kept)
+    steplaw sweep ... --stack auto|K|off             # runs differing only in lr train as one stacked model
     steplaw sweep ... --planner adaptive [--cell-budget 32 --total-budget R]   # search each cell's optimum
     steplaw sweep --replay TABLE [--col-N ... --bs-unit sequences --seq-len L] --planner adaptive --out DIR
     steplaw runs DIR [--csv | --json] [-o FILE]      # the runs table (steplaw.runtable)
@@ -89,6 +90,17 @@ def add_commands(subparsers) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def stack_size(text: str):
+    """--stack: "auto", "off" or a whole number of runs per stack >= 1."""
+    word = str(text).strip().lower()
+    if word in ("auto", "off"):
+        return word
+    try:
+        return positive_int(word)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, off or a whole number of runs per stack >= 1") from None
+
+
 def _add_execution_flags(parser, ray: bool = True):
     group = parser.add_argument_group("execution")
     if ray:
@@ -108,6 +120,9 @@ def _add_execution_flags(parser, ray: bool = True):
     group.add_argument("--retry-failed", action="store_true", help="give runs that failed all their attempts new ones")
     group.add_argument("--run-fn", default="steplaw.train:run", metavar="MODULE:FUNCTION",
                        help="the training function, run_fn(RunConfig, run_dir=...) -> RunResult (default steplaw.train:run)")
+    group.add_argument("--stack", type=stack_size, default="auto", metavar="auto|K|off",
+                       help="train runs that differ only in lr together, as one stacked model: auto (as many as fit "
+                            "memory and pay off; default), at most K per stack, or off (with the default --run-fn)")
     group.add_argument("--quiet", "-q", action="store_true", help="no progress line")
 
 
@@ -203,17 +218,31 @@ def _clean_model(entry):
     return entry
 
 
+def group_fn_for(run_fn, stack):
+    """What trains a group of stacked runs: steplaw.train.stacked.run_group for the default
+    training function; None (every run alone) for another --run-fn or --stack off."""
+    from steplaw.train.runner import run
+
+    if stack == "off" or run_fn is not run:
+        return None
+    from steplaw.train.stacked import run_group
+
+    return run_group
+
+
 def make_executor_factory(args, run_fn):
+    group_fn = group_fn_for(run_fn, getattr(args, "stack", "auto"))
     if getattr(args, "executor", "local") == "ray":
         def make():
             from steplaw.sweep.executors import RayExecutor
 
-            return RayExecutor(run_fn, address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+            return RayExecutor(run_fn, address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                               group_fn=group_fn)
     else:
         def make():
             from steplaw.sweep.executors import LocalExecutor
 
-            return LocalExecutor(run_fn, workers=args.workers, threads_per_worker=args.threads_per_worker,
+            return LocalExecutor(run_fn, group_fn=group_fn, workers=args.workers, threads_per_worker=args.threads_per_worker,
                                  workers_per_gpu=args.workers_per_gpu)
     return make
 
@@ -239,7 +268,7 @@ def run_spec(spec, args):
     line = ProgressLine(len(runs), enabled=not args.quiet)
     return run_sweep(runs, args.out, make_executor_factory(args, run_fn), max_attempts=args.max_attempts,
                      spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed, new_spec=args.new_spec,
-                     planner=planner)
+                     planner=planner, stack=getattr(args, "stack", "auto"))
 
 
 def report_failures(summary, out) -> int:

@@ -14,6 +14,14 @@ back. A driver killed at any point leaves at worst some rows `running`; the next
 (same command) puts them back to pending and runs them, and skips every finished run. A
 run is never recorded twice: the row is keyed by run id and a result overwrites only
 that row's attempt.
+
+Stacking (`stack`: "auto", a positive K or "off"; steplaw.train.stacked): when the
+executor can train groups (it has a `group_fn`), the runs handed out at one time that
+differ only in lr go to one worker slot as one group (`plan_stacks` says how many per
+group). Only runs ready now are grouped, never held back to wait for more; groups are
+halved while workers would otherwise sit idle. A group's members are recorded one by
+one like any run: a killed stack leaves them `running`, and the next driver runs them
+again.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +82,7 @@ def _counts(config, by_model: dict) -> dict | None:
 
 def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, max_attempts: int = 2,
               spec: dict | None = None, progress: ProgressLine | bool = True, retry_failed: bool = False,
-              planner=None, new_spec: bool = False) -> SweepSummary:
+              planner=None, new_spec: bool = False, stack: str | int = "auto") -> SweepSummary:
     """Run the sweep's runs not yet finished in the store of `sweep_dir`.
 
     `planner` (steplaw.sweep.planner) proposes the runs from the finished ones; None runs
@@ -81,8 +90,14 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
     there is something to run). Failed runs are tried at most `max_attempts` times over all
     invocations (`retry_failed` grants them `max_attempts` more); diverged runs are results.
     `spec` (a dict) is recorded as the directory's spec (ResultStore.record_spec): one that
-    differs from the stored spec is refused unless `new_spec`.
+    differs from the stored spec is refused unless `new_spec`. `stack`: how runs that
+    differ only in lr train together ("auto", at most K per stack, or "off"), when the
+    executor has a `group_fn`.
     """
+    if stack not in ("auto", "off"):  # a bad `stack` is a UserError before anything starts
+        from steplaw.train.stacked import plan_stacks  # (lazily: it imports torch, which a replay does without)
+
+        plan_stacks([], stack)
     sweep_dir = Path(sweep_dir)
     started = time.time()
     if planner is None:
@@ -104,7 +119,7 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
         line = progress if isinstance(progress, ProgressLine) else ProgressLine(0, enabled=bool(progress))
         line.total = sweep.total()
         if sweep.queue():
-            _drive(sweep, make_executor(), line, summary, sweep_dir, started)
+            _drive(sweep, make_executor(), line, summary, sweep_dir, started, stack)
         owned = sweep.owned_ids()
         summary.total = len(owned)
         summary.counts = store.status_counts(owned)
@@ -213,8 +228,45 @@ def _cost(config, counts: dict | None) -> float:
     return float(params) * config.tokens
 
 
-def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started):
+def _groups(sweep: _Sweep, executor, queue: list[str], stack) -> list[list[str]]:
+    """The groups of run ids to hand out now: at most one per idle worker slot."""
+    idle = max(0, executor.idle())
+    if not idle or not queue:
+        return []
+    if stack == "off" or getattr(executor, "group_fn", None) is None:
+        return [[run_id] for run_id in queue[:idle]]
+    from steplaw.train.stacked import AUTO_STACK_LIMIT, plan_stacks
+
+    # a window of the queue large enough to fill every idle slot with full stacks even when
+    # the runs of a stack are spread out in it (the grid's order interleaves batch sizes)
+    window = queue[:4 * idle * (stack if isinstance(stack, int) else max(AUTO_STACK_LIMIT.values()))]
+    trainable = [r for r in window if isinstance(sweep.configs[r], RunConfig)]
+    by_config = {id(sweep.configs[r]): r for r in trainable}
+    groups = [[by_config[id(c)] for c in group] for group in plan_stacks([sweep.configs[r] for r in trainable], stack)]
+    groups += [[r] for r in window if not isinstance(sweep.configs[r], RunConfig)]  # replayed runs: alone
+    position = {run_id: i for i, run_id in enumerate(window)}
+    groups.sort(key=lambda group: position[group[0]])
+    while len(groups) < idle and max(len(g) for g in groups) > 1:  # a worker idle costs more than a smaller stack
+        big = max(range(len(groups)), key=lambda i: len(groups[i]))
+        half = len(groups[big]) // 2
+        groups[big:big + 1] = [groups[big][:half], groups[big][half:]]
+    return groups[:idle]
+
+
+def _warn(line, message: str, shown: set):
+    """A warning line on stderr, once per sweep, clear of the progress line."""
+    if message in shown:
+        return
+    shown.add(message)
+    if line.enabled and line.live and line.width:
+        line.stream.write("\r" + " " * line.width + "\r")
+        line.width = 0
+    print(f"steplaw sweep: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="auto"):
     failed_seen = 0
+    shown: set = set()
     total_cost = sum(sweep.costs.get(r, 0.0) for r in sweep.queue())
     done_cost = 0.0
     finished = summary.reused
@@ -222,13 +274,23 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started):
     queue = sweep.queue()
     try:
         while queue or executor.running():
-            handing = queue[:max(0, executor.idle())]
-            queue = queue[len(handing):]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                groups = _groups(sweep, executor, queue, stack)
+            for warning in caught:  # e.g. "stacks of K runs do not fit the memory budget"
+                _warn(line, str(warning.message), shown)
+            handing = [run_id for group in groups for run_id in group]
             if handing:
+                handed = set(handing)
+                queue = [run_id for run_id in queue if run_id not in handed]
                 sweep.store.mark_running(*handing)  # one transaction for the batch
-                for run_id in handing:
-                    sweep.in_flight.add(run_id)
-                    executor.submit(run_id, sweep.configs[run_id], str(sweep_dir / "runs" / run_id))
+                sweep.in_flight.update(handing)
+                for group in groups:
+                    members = [(r, sweep.configs[r], str(sweep_dir / "runs" / r)) for r in group]
+                    if len(members) == 1:
+                        executor.submit(*members[0])
+                    else:
+                        executor.submit_group(members)
             completions, updates = executor.poll(0.25)
             for completion, status in zip(completions, sweep.record(completions)):
                 summary.ran += 1
@@ -245,7 +307,10 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started):
                     total_cost = done_cost + sum(sweep.costs.get(r, 0.0) for r in sweep.queue() + list(sweep.in_flight))
                 queue = sweep.queue()
             for update in updates:
-                latest = describe_progress(update.run_id, update.info)
+                if "warning" in update.info:  # from a worker: shown once, however many workers say it
+                    _warn(line, str(update.info["warning"]), shown)
+                else:
+                    latest = describe_progress(update.run_id, update.info)
             eta = _eta(time.time() - started, finished - summary.reused, len(queue) + len(executor.running()),
                        done_cost, total_cost)
             line.update(finished, len(executor.running()), failed_seen, eta, latest)

@@ -7,8 +7,14 @@ holding a `RunResult`: a run that raises is `failed` with the error as its reaso
 worker that dies (out of memory, killed) is `failed` with how it died.
 
 The interface the driver uses: `capacity`, `idle()`, `running()`, `submit(run_id,
-config: RunConfig, run_dir)`, `poll(timeout) -> (completions, progress updates)` and
-`close(force=False)`.
+config: RunConfig, run_dir)`, `submit_group([(run_id, config, run_dir), ...])`,
+`poll(timeout) -> (completions, progress updates)` and `close(force=False)`.
+
+Stacked runs: an executor given a `group_fn` (`group_fn(configs, run_dirs=...,
+progress=...) -> [RunResult]`, e.g. steplaw.train.stacked.run_group) takes a group of
+runs as one unit: one worker slot (one Ray task) trains them together and reports one
+completion per member. A worker that dies fails every member of its group. A group of
+one takes the single-run path (`run_fn`).
 
 Local pool: long-lived `spawn`ed processes (no fork of a process that may hold CUDA or
 OpenMP state), one run at a time each, talking to the driver over a pipe. A dead worker
@@ -32,6 +38,7 @@ import socket
 import sys
 import time
 import traceback as tb
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
@@ -44,6 +51,7 @@ from steplaw.train.config import RunConfig, RunResult
 PROGRESS_INTERVAL_S = 0.5
 RESULT_NAME = "result.json"
 _RESULT_FIELDS = {f.name for f in dataclasses.fields(RunResult)}
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # steplaw/
 
 
 @dataclass
@@ -124,6 +132,49 @@ def execute(run_fn, config: RunConfig, run_dir: str | None, progress=None) -> tu
     return result, trace
 
 
+def execute_group(group_fn, members: list[tuple], progress=None) -> list[tuple[RunResult, str | None]]:
+    """Run the (run_id, config, run_dir) `members` together through `group_fn`: each
+    member's (RunResult, traceback tail), in order. A group that raises fails every member."""
+    started = time.time()
+    configs = [config for _, config, _ in members]
+    run_dirs = []
+    for _, _, run_dir in members:
+        if run_dir is not None:
+            try:
+                os.makedirs(run_dir, exist_ok=True)
+                _drop_failed_result(run_dir)  # a stored failure must not answer its retry
+            except OSError:
+                run_dir = None
+        run_dirs.append(run_dir)
+    trace = None
+    try:
+        values = group_fn(configs, run_dirs=run_dirs, progress=progress)
+        if len(values) != len(members):
+            raise RuntimeError(f"group function returned {len(values)} results for {len(members)} runs")
+        results = [as_result(value) for value in values]
+    except MemoryError:
+        results = [failed("out of memory (MemoryError in the stack)") for _ in members]
+    except Exception as exc:  # noqa: BLE001  (as in execute: a crash is a result)
+        trace = "\n".join(tb.format_exc().strip().splitlines()[-6:])
+        results = [failed(f"{type(exc).__name__}: {exc}") for _ in members]
+    share = (time.time() - started) / len(members)
+    out = []
+    for result, config, run_dir in zip(results, configs, run_dirs):
+        if result.wall_s is None:
+            result.wall_s = share
+        if run_dir is not None and result.status in ("ok", "diverged"):
+            _keep_result(run_dir, result, config)
+        out.append((result, trace if result.status == "failed" else None))
+    return out
+
+
+def run_members(run_fn, group_fn, members: list[tuple], progress=None) -> list[tuple[RunResult, str | None]]:
+    """A group of one through `run_fn` (checkpoints and resume as usual), more through `group_fn`."""
+    if len(members) == 1 or group_fn is None:
+        return [execute(run_fn, config, run_dir, progress) for _, config, run_dir in members]
+    return execute_group(group_fn, members, progress)
+
+
 def _keep_result(run_dir: str, result: RunResult, config: RunConfig):
     """result.json in the run directory, unless the run function wrote it (train.run does)."""
     path = os.path.join(run_dir, RESULT_NAME)
@@ -184,7 +235,7 @@ def _die_with_parent():
         pass
 
 
-def _worker_main(conn, run_fn, threads: int, parent_pid: int):
+def _worker_main(conn, run_fn, threads: int, parent_pid: int, group_fn=None):
     _die_with_parent()
     if os.getppid() != parent_pid:  # the driver died before we could ask
         return
@@ -202,19 +253,27 @@ def _worker_main(conn, run_fn, threads: int, parent_pid: int):
             return
         if message is None:
             return
-        run_id, config, run_dir = message
+        members = message  # [(run_id, config, run_dir), ...]: one run, or a group to stack
         last = [0.0]
 
-        def progress(info, run_id=run_id, last=last):
+        def progress(info, run_id=members[0][0], last=last):
             now = time.monotonic()
             if now - last[0] >= PROGRESS_INTERVAL_S:
                 last[0] = now
                 with contextlib.suppress(Exception):
                     conn.send(("progress", run_id, dict(info)))
 
-        result, trace = execute(run_fn, config, run_dir, progress)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            outcomes = run_members(run_fn, group_fn, members, progress)
         try:
-            conn.send(("done", run_id, result, host, versions(), trace))
+            for warning in caught:
+                if warning.filename.startswith(_PACKAGE_DIR):  # steplaw's own: the driver shows it once
+                    conn.send(("progress", members[0][0], {"warning": str(warning.message)}))
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+            for (run_id, _, _), (result, trace) in zip(members, outcomes):
+                conn.send(("done", run_id, result, host, versions(), trace))
         except (BrokenPipeError, OSError):
             return
 
@@ -225,13 +284,13 @@ class _Slot:
     env: dict
     process: mp.process.BaseProcess | None = None
     conn: object | None = None
-    run_id: str | None = None
+    run_ids: list = field(default_factory=list)  # the runs it trains now (a group: several)
     started: float = 0.0
 
 
 @dataclass
 class LocalExecutor:
-    """`workers` processes on this machine, one run each at a time.
+    """`workers` processes on this machine, one run (or one group) each at a time.
 
     Defaults: with GPUs, `workers_per_gpu` workers per GPU (each sees only its GPU through
     CUDA_VISIBLE_DEVICES); without, as many single-threaded workers as there are cores
@@ -239,6 +298,7 @@ class LocalExecutor:
     """
 
     run_fn: object
+    group_fn: object = None  # trains a group of stackable runs together; None: runs go one by one
     workers: int | None = None
     threads_per_worker: int | None = None
     workers_per_gpu: int = 1
@@ -273,39 +333,44 @@ class LocalExecutor:
         return len(self.slots)
 
     def idle(self) -> int:
-        return sum(slot.run_id is None for slot in self.slots)
+        return sum(not slot.run_ids for slot in self.slots)
 
     def running(self) -> dict[str, float]:
-        return {s.run_id: s.started for s in self.slots if s.run_id is not None}
+        return {run_id: s.started for s in self.slots for run_id in s.run_ids}
 
     def _start(self, slot: _Slot):
         parent_conn, child_conn = self.context.Pipe()
         with _environment(slot.env):
             process = self.context.Process(
-                target=_worker_main, args=(child_conn, self.run_fn, self.threads, os.getpid()),
+                target=_worker_main, args=(child_conn, self.run_fn, self.threads, os.getpid(), self.group_fn),
                 # not a daemon: a run may start processes of its own (torch.compile's
                 # compile workers); PR_SET_PDEATHSIG ends workers whose driver died
                 name=f"steplaw-worker-{slot.index}",
             )
             process.start()
         child_conn.close()
-        slot.process, slot.conn, slot.run_id = process, parent_conn, None
+        slot.process, slot.conn, slot.run_ids = process, parent_conn, []
 
     def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
-        slot = next((s for s in self.slots if s.run_id is None), None)
+        self.submit_group([(run_id, config, run_dir)])
+
+    def submit_group(self, members: list[tuple]):
+        """Hand (run_id, config, run_dir) `members` to one idle worker, to train together."""
+        slot = next((s for s in self.slots if not s.run_ids), None)
         if slot is None:
             raise RuntimeError("submit() with no idle worker")
+        members = [tuple(m) for m in members]
         if slot.process is None or not slot.process.is_alive():
             self._start(slot)
         try:
-            slot.conn.send((run_id, config, run_dir))
+            slot.conn.send(members)
         except (BrokenPipeError, OSError):
             self._start(slot)
-            slot.conn.send((run_id, config, run_dir))
-        slot.run_id, slot.started = run_id, time.time()
+            slot.conn.send(members)
+        slot.run_ids, slot.started = [run_id for run_id, _, _ in members], time.time()
 
     def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
-        busy = [s for s in self.slots if s.run_id is not None]
+        busy = [s for s in self.slots if s.run_ids]
         if not busy:
             time.sleep(min(timeout, 0.05))
             return [], []
@@ -330,14 +395,16 @@ class LocalExecutor:
                 elif message[0] == "done":
                     _, run_id, result, host, vers, trace = message
                     done.append(Completion(run_id, result, host, vers, trace))
-                    slot.run_id = None
-                    break
-            if slot.run_id is not None and (died or not slot.process.is_alive()):
+                    slot.run_ids.remove(run_id)
+                    if not slot.run_ids:
+                        break
+            if slot.run_ids and (died or not slot.process.is_alive()):
                 slot.process.join(timeout=5)
                 reason = describe_exit(slot.process.exitcode)
-                done.append(Completion(slot.run_id, failed(reason, time.time() - slot.started),
-                                       socket.gethostname(), versions()))
-                slot.run_id, slot.process = None, None
+                for run_id in slot.run_ids:  # a dead worker fails its whole group
+                    done.append(Completion(run_id, failed(reason, time.time() - slot.started),
+                                           socket.gethostname(), versions()))
+                slot.run_ids, slot.process = [], None
                 slot.conn.close()
         return done, progress
 
@@ -345,7 +412,7 @@ class LocalExecutor:
         for slot in self.slots:
             if slot.process is None:
                 continue
-            if force or slot.run_id is not None:
+            if force or slot.run_ids:
                 slot.process.kill()
             else:
                 with contextlib.suppress(BrokenPipeError, OSError):
@@ -385,12 +452,12 @@ def _environment(env: dict):
 
 # -- Ray -------------------------------------------------------------------------------------
 
-def _ray_task(run_fn, config: RunConfig, run_dir: str | None, threads: int):
+def _ray_task(run_fn, group_fn, members: list[tuple], threads: int):
     import torch
 
     torch.set_num_threads(max(1, threads))
-    result, trace = execute(run_fn, config, run_dir)
-    return result, socket.gethostname(), versions(), trace
+    outcomes = run_members(run_fn, group_fn, members)
+    return outcomes, socket.gethostname(), versions()
 
 
 def _check_ray_reachable(address: str | None, timeout_s: float = 5.0) -> None:
@@ -418,7 +485,7 @@ class RayExecutor:
     node; the store stays with the driver, so nodes need no shared file system."""
 
     def __init__(self, run_fn, address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
-                 max_in_flight: int | None = None, num_cpus: int | None = None):
+                 max_in_flight: int | None = None, num_cpus: int | None = None, group_fn=None):
         try:
             import ray
         except ImportError:
@@ -444,8 +511,10 @@ class RayExecutor:
         self._capacity = max_in_flight or max(1, int(min(by_cpu, by_gpu)))
         self.task = ray.remote(_ray_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
         self.run_fn_ref = ray.put(run_fn)
+        self.group_fn = group_fn
+        self.group_fn_ref = ray.put(group_fn)
         self.threads = max(1, int(cpus_per_run))
-        self.refs: dict = {}  # ObjectRef -> (run_id, started)
+        self.refs: dict = {}  # ObjectRef -> (run ids of its group, started); a task's resources hold one group
 
     @property
     def capacity(self) -> int:
@@ -455,11 +524,15 @@ class RayExecutor:
         return self._capacity - len(self.refs)
 
     def running(self) -> dict[str, float]:
-        return {run_id: started for run_id, started in self.refs.values()}
+        return {run_id: started for run_ids, started in self.refs.values() for run_id in run_ids}
 
     def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
-        ref = self.task.remote(self.run_fn_ref, config, run_dir, self.threads)
-        self.refs[ref] = (run_id, time.time())
+        self.submit_group([(run_id, config, run_dir)])
+
+    def submit_group(self, members: list[tuple]):
+        members = [tuple(m) for m in members]
+        ref = self.task.remote(self.run_fn_ref, self.group_fn_ref, members, self.threads)
+        self.refs[ref] = ([run_id for run_id, _, _ in members], time.time())
 
     def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
         if not self.refs:
@@ -468,14 +541,16 @@ class RayExecutor:
         ready, _ = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=timeout)
         done = []
         for ref in ready:
-            run_id, started = self.refs.pop(ref)
+            run_ids, started = self.refs.pop(ref)
             try:
-                result, host, vers, trace = self.ray.get(ref)
-            except self.ray.exceptions.RayError as exc:  # worker crashed, OOM-killed, node lost
+                outcomes, host, vers = self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:  # worker crashed, OOM-killed, node lost: the whole group
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                result = failed(f"ray: {type(exc).__name__}: {first}", time.time() - started)
-                host, vers, trace = None, None, None
-            done.append(Completion(run_id, result, host, vers, trace))
+                reason = f"ray: {type(exc).__name__}: {first}"
+                outcomes = [(failed(reason, time.time() - started), None) for _ in run_ids]
+                host, vers = None, None
+            for run_id, (result, trace) in zip(run_ids, outcomes):
+                done.append(Completion(run_id, result, host, vers, trace))
         return done, []
 
     def close(self, force: bool = False):
@@ -495,13 +570,14 @@ class InlineExecutor:
     driver and store). `capacity` runs are handed out at a time so that the driver batches
     its store writes; `run_dirs=False` skips run directories and result.json files."""
 
-    def __init__(self, run_fn, capacity: int = 64, run_dirs: bool = True):
+    def __init__(self, run_fn, capacity: int = 64, run_dirs: bool = True, group_fn=None):
         if capacity < 1:
             raise UserError(f"capacity={capacity}: expected at least 1 run at a time")
         self.run_fn = run_fn
+        self.group_fn = group_fn
         self._capacity = capacity
         self.run_dirs = run_dirs
-        self.queue: deque = deque()  # (run_id, config, run_dir, submitted at)
+        self.queue: deque = deque()  # ([(run_id, config, run_dir), ...], submitted at): one unit each
         self.host = socket.gethostname()
 
     @property
@@ -512,17 +588,21 @@ class InlineExecutor:
         return self._capacity - len(self.queue)
 
     def running(self) -> dict[str, float]:
-        return {run_id: started for run_id, _, _, started in self.queue}
+        return {member[0]: started for members, started in self.queue for member in members}
 
     def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
-        self.queue.append((run_id, config, run_dir if self.run_dirs else None, time.time()))
+        self.submit_group([(run_id, config, run_dir)])
+
+    def submit_group(self, members: list[tuple]):
+        members = [(run_id, config, run_dir if self.run_dirs else None) for run_id, config, run_dir in members]
+        self.queue.append((members, time.time()))
 
     def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
         done = []
         while self.queue:
-            run_id, config, run_dir, _ = self.queue.popleft()
-            result, trace = execute(self.run_fn, config, run_dir)
-            done.append(Completion(run_id, result, self.host, None, trace))
+            members, _ = self.queue.popleft()
+            for (run_id, _, _), (result, trace) in zip(members, run_members(self.run_fn, self.group_fn, members)):
+                done.append(Completion(run_id, result, self.host, None, trace))
         return done, []
 
     def close(self, force: bool = False):

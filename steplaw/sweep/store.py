@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS runs (
     compute REAL,
     n_experts INTEGER,
     top_k INTEGER,
+    stack TEXT,                        -- the stack that trained it with runs differing only in lr (RunResult.stack)
     tokens_trained INTEGER,            -- tokens actually trained on
     steps INTEGER,
     tokens_per_s REAL,
@@ -92,12 +93,13 @@ _STATUS_SQL = "CASE WHEN status IN ('ok', 'diverged', 'failed') THEN status ELSE
 # The run-table columns as a SELECT list, per schema version (schema 1 had other names).
 _EXPORT_SQL = {
     2: ("run_id", _STATUS_SQL, "spec_id", "N", "COALESCE(N_active, N) AS N_active", "N_total", "D", "lr",
-        "batch_tokens", "seq_len", "loss", "val_loss", "compute", "n_experts", "top_k", "reason"),
+        "batch_tokens", "seq_len", "loss", "val_loss", "compute", "n_experts", "top_k", "reason",
+        "json_extract(result, '$.stack') AS stack"),  # from the result: stores made before the column have it there
     1: ("run_id", _STATUS_SQL, "NULL AS spec_id", "n_params AS N", "COALESCE(n_active, n_params) AS N_active",
         "n_total AS N_total", "tokens AS D", "lr", "batch_tokens", "json_extract(config, '$.seq_len') AS seq_len",
         "final_train_loss AS loss", "final_val_loss AS val_loss", "compute_flops AS compute",
         "json_extract(config, '$.model.moe.n_experts') AS n_experts",
-        "json_extract(config, '$.model.moe.top_k') AS top_k", "reason"),
+        "json_extract(config, '$.model.moe.top_k') AS top_k", "reason", "NULL AS stack"),
 }
 _CHUNK = 500  # ids per `IN (...)` query (SQLite caps bound parameters)
 
@@ -168,6 +170,8 @@ class ResultStore:
             raise UserError(f"{str(self.path)!r} has store schema {version}: expected at most {SCHEMA_VERSION} (written by a "
                             f"newer steplaw?)")
         self.conn.executescript(_SCHEMA)
+        if "stack" not in {row[1] for row in self.conn.execute("PRAGMA table_info(runs)")}:  # a store from before stacking
+            self.conn.execute("ALTER TABLE runs ADD COLUMN stack TEXT")
         self.set_meta("schema_version", SCHEMA_VERSION)
         self.version = SCHEMA_VERSION
         if not existed or damage:
@@ -301,7 +305,7 @@ class ResultStore:
             self.conn.executemany(
                 """UPDATE runs SET status=?, attempts=attempts+?, reason=?, loss=?, val_loss=?, compute=?,
                    tokens_trained=?, steps=?, tokens_per_s=?, wall_s=?, curve=?, result=?, traceback=?, host=?,
-                   versions=?, finished_at=?,
+                   versions=?, finished_at=?, stack=?,
                    N=COALESCE(?, N), N_active=COALESCE(?, N_active), N_total=COALESCE(?, N_total)
                    WHERE run_id=?""",
                 rows,
@@ -319,7 +323,7 @@ class ResultStore:
             finite_or_none(data.get("wall_s")),
             json.dumps([[int(t), finite_or_none(loss)] for t, loss in curve]),
             json.dumps(json_safe(summary), default=str, allow_nan=False), traceback,
-            host, json.dumps(versions) if versions else None, time.time(),
+            host, json.dumps(versions) if versions else None, time.time(), f["stack"],
             f["N"], f["N_active"], f["N_total"], run_id,
         )
 

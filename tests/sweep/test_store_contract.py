@@ -40,7 +40,8 @@ def test_row_mapping_from_config_result_and_counts():
     assert list(row) == runtable.NAMES == EXPORT_COLUMNS
     assert row == {"run_id": "abc", "status": "ok", "spec_id": "s1", "N": counts.non_embedding, "N_active": counts.active,
                    "N_total": counts.total, "D": 2**16, "lr": 0.01, "batch_tokens": 512, "seq_len": 64, "loss": 3.25,
-                   "val_loss": None, "compute": 1e12, "n_experts": 4, "top_k": 2, "reason": None}
+                   "val_loss": None, "compute": 1e12, "n_experts": 4, "top_k": 2, "reason": None,
+                   "stack": None}
     assert counts.active < counts.non_embedding
     assert set(runtable.BY_NAME) == set(runtable.NAMES) and all(c.description for c in runtable.COLUMNS)
 
