@@ -299,11 +299,13 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="au
                 if sweep.views[completion.run_id].state != "open":
                     finished += 1
                     done_cost += sweep.costs.get(completion.run_id, 0.0)
+            # The grid registered all its runs at the start: only an adaptive planner has
+            # new runs to propose after completions (asking the grid again costs O(runs)).
             if completions:
-                if sweep.register(sweep.planner.propose(sweep.views)):
+                if sweep.planner.name != "grid" and sweep.register(sweep.planner.propose(sweep.views)):
                     line.total = sweep.total()
-                    if sweep.planner.name != "grid":  # the cells' states as they stand, for a report mid-sweep
-                        sweep.store.set_meta("planner_cells", sweep.planner.cell_reports(sweep.views))
+                    # the cells' states as they stand, for a report mid-sweep
+                    sweep.store.set_meta("planner_cells", sweep.planner.cell_reports(sweep.views))
                     total_cost = done_cost + sum(sweep.costs.get(r, 0.0) for r in sweep.queue() + list(sweep.in_flight))
                 queue = sweep.queue()
             for update in updates:
