@@ -6,6 +6,10 @@ import pytest
 # machine has two cores, and on a bigger machine one thread per core for every test
 # process (and its subprocesses) oversubscribes the cores and makes timings erratic.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Every Ray instance the tests start (local ones and the two-node test cluster) runs in one
+# auth mode: Ray keeps the mode per process, and a token that `ray start` left in ~/.ray
+# must not lock a later test's cluster.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -36,7 +36,7 @@ def readable(path: Path):
     try:
         yield
     except sqlite3.DatabaseError as exc:
-        raise UserError(f"{str(path)!r} is damaged ({exc}): not a readable sweep store; rerun `steplaw sweep` on its "
+        raise UserError(f"{str(path)!r} is not a readable sweep store ({exc}); rerun `steplaw sweep` on its "
                         f"directory to rebuild it from the run directories") from None
 
 
