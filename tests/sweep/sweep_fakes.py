@@ -9,6 +9,9 @@ behaviour from the config's seed:
   seed 4: diverge
 Every run appends "run_id generation" to SWEEP_FAKE_LOG when it finishes, so tests can
 see which runs were executed by which driver. SWEEP_FAKE_SLEEP (seconds) slows runs down.
+With SWEEP_FAKE_VICTIM set to a file path, the first run to start claims that file (writes
+its worker's pid into it) and then hangs, so a test can SIGKILL a worker known to be
+inside a run; every later run, the victim's retry included, runs normally.
 """
 import math
 import os
@@ -23,7 +26,20 @@ def bowl_loss(lr: float, batch_tokens: int) -> float:
     return 2.0 + 0.1 * math.log(lr / 0.01) ** 2 + 0.05 * math.log(batch_tokens / 1024) ** 2
 
 
+def _claim_victim(path: str) -> bool:
+    try:  # the claim file stays: exactly one run ever claims
+        os.close(os.open(path + ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    Path(path + ".tmp").write_text(str(os.getpid()))
+    os.rename(path + ".tmp", path)  # the test sees the pid only once it is complete
+    return True
+
+
 def fake_run(config, run_dir=None):
+    victim = os.environ.get("SWEEP_FAKE_VICTIM")
+    if victim and _claim_victim(victim):
+        time.sleep(600)  # killed by the test long before this ends
     time.sleep(float(os.environ.get("SWEEP_FAKE_SLEEP", "0")))
     if config.seed == 1:
         raise RuntimeError("scripted crash")

@@ -102,14 +102,15 @@ def test_kill_driver_mid_sweep_then_rerun(tmp_path):
 
 
 def test_killed_worker_fails_its_run_and_the_retry_finishes_it(tmp_path):
-    out = tmp_path / "sweep"
-    proc = subprocess.Popen(sweep_command(out), env=environment(tmp_path, 1, 1.0), cwd=tmp_path,
+    out, victim = tmp_path / "sweep", tmp_path / "victim"
+    env = environment(tmp_path, 1, 0.2)
+    env["SWEEP_FAKE_VICTIM"] = str(victim)  # the first run hangs in its worker until killed
+    proc = subprocess.Popen(sweep_command(out), env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: any(row[0] == "running" for row in store_rows(out).values()))
-        victims = wait_for(lambda: workers_of(proc.pid))
-        time.sleep(0.3)  # inside a run (each takes 1 s)
-        os.kill(victims[0], signal.SIGKILL)
+        pid = int(wait_for(lambda: victim.exists() and victim.read_text()))
+        assert pid in workers_of(proc.pid)
+        os.kill(pid, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
