@@ -15,7 +15,7 @@ from pathlib import Path
 from steplaw import cliargs
 from steplaw.errors import UserError
 from steplaw.runtable import json_safe
-from steplaw.sweep.store import export_rows
+from steplaw.sweep.store import export_rows, sweep_objective
 from steplaw.units import parse_count
 
 
@@ -56,7 +56,9 @@ def add_table_args(parser: argparse.ArgumentParser, with_compute: bool = False, 
     group.add_argument("--col-lr", default="lr", metavar="NAME", help=hparams_only("peak learning rate (default lr)"))
     group.add_argument("--col-bs", default=None, metavar="NAME",
                        help=hparams_only("batch size (default: batch_tokens, else batch_seqs / batch_sequences)"))
-    group.add_argument("--col-loss", default="loss", metavar="NAME", help="final smoothed loss (default loss)")
+    group.add_argument("--col-loss", default=None, metavar="NAME",
+                       help="final loss (default loss; for a sweep directory, the loss its sweep minimised: "
+                            "loss or val_loss)")
     if with_compute:
         group.add_argument("--col-C", default=None, metavar="NAME",
                            help="training FLOPs; with no token column, D = C / (6 N)")
@@ -72,12 +74,14 @@ def load_table(args):
     """The RunTable of args.runs (a file or a sweep directory), exactly as `steplaw fit` reads it."""
     from steplaw.laws.table import read_runs
 
-    source, name = args.runs, None
+    source, name, col_loss = args.runs, None, args.col_loss
     if Path(args.runs).is_dir():
         source, name = sweep_rows(args.runs), str(args.runs)
+        if col_loss is None:
+            col_loss = sweep_objective(args.runs)
     return read_runs(
         source, col_N=args.col_N, col_D=args.col_D, col_lr=getattr(args, "col_lr", "lr"),
-        col_bs=getattr(args, "col_bs", None), col_loss=args.col_loss, col_C=getattr(args, "col_C", None),
+        col_bs=getattr(args, "col_bs", None), col_loss=col_loss or "loss", col_C=getattr(args, "col_C", None),
         bs_unit=getattr(args, "bs_unit", None), seq_len=getattr(args, "seq_len", None),
         needs=getattr(args, "table_needs", "hparams"), source_name=name,
     )

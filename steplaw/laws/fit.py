@@ -118,10 +118,12 @@ class HparamFit:
     sparsity: dict | None = None
     fitted_range: dict = field(default_factory=dict)
     law_cells: dict = field(default_factory=dict)  # law -> per-cell scores (not in to_dict: large)
+    loss_column: str = "loss"  # the table column each cell's best and near-optimal runs were judged by
 
     def to_dict(self) -> dict:
         return {
             "n_column": self.n_column,
+            "loss_column": self.loss_column,
             "gap": self.gap,
             "n_boot": self.n_boot,
             "seed": self.seed,
@@ -497,4 +499,5 @@ def fit_hparams(
         warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs),
         law_scores=scored.ranking, scoring=scored.definition, law_cells=scored.per_law, refused=refused,
         sparsity=_sparsity_verdict(laws, refused) if sparsity else None, fitted_range=fitted_range,
+        loss_column=table.loss_column,
     )

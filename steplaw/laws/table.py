@@ -72,6 +72,7 @@ class RunTable:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
     warnings: list[str] = field(default_factory=list)
     has_hparams: bool = True
+    loss_column: str = "loss"  # the column `loss` was read from (e.g. val_loss)
 
     def __len__(self) -> int:
         return int(self.N.shape[0])
@@ -389,6 +390,7 @@ def read_runs(
         N=cols["N"], D=cols["D"], lr=cols["lr"], batch_tokens=cols["batch_tokens"], loss=cols["loss"], valid=valid,
         status=cols["status"], run_id=cols["run_id"], N_active=cols["N_active"], N_total=cols["N_total"],
         compute=cols["compute"], source=name, dropped=dropped, warnings=warnings, has_hparams=has_hparams,
+        loss_column=col_loss,
     )
 
 

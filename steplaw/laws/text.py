@@ -55,7 +55,7 @@ def score_lines(law_scores: list[dict], definition: str) -> list[str]:
 def fit_lines(fit) -> list[str]:
     lines = [f"N = {fit.n_column}: {_N_WORDS.get(fit.n_column, fit.n_column)}; "
              f"{fit.counts['cells_used']} cells, {fit.counts['near_optimal_runs']} near-optimal runs "
-             f"(within {fit.gap:.2%} of each cell's best loss)"]
+             f"(within {fit.gap:.2%} of each cell's best {fit.loss_column})"]
     lines += law_lines("  learning rate", fit.lr_law, "lr")
     lines += law_lines("  batch size   ", fit.bs_law, "B_tokens")
     for refused in fit.refused:

@@ -32,7 +32,7 @@ from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_CO
 from steplaw.laws.saved import write_json
 from steplaw.laws.table import read_runs
 from steplaw.report.plots import heatmap_cells, plot_fit
-from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv
+from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv, sweep_objective
 
 MAX_RUN_ROWS = 5000  # beyond this the table of runs lives in runs.csv only
 DEFAULT_PLANNER = "grid"  # sweeps written before the store recorded its planner
@@ -40,7 +40,7 @@ DEFAULT_PLANNER = "grid"  # sweeps written before the store recorded its planner
 
 # -- analysis ---------------------------------------------------------------------------------
 
-def cell_summaries(rows: list[dict]) -> list[dict]:
+def cell_summaries(rows: list[dict], objective: str = "loss") -> list[dict]:
     """Per (N, D) cell (MoE layouts apart): runs used, best finished run, grid-edge flags.
 
     The edge flags are steplaw.laws.fit.grid_edge of the best run's LR (batch size) on the
@@ -53,8 +53,8 @@ def cell_summaries(rows: list[dict]) -> list[dict]:
     for (n, n_active, n_experts, top_k, d), members in sorted(cells.items(), key=lambda kv: (kv[0][0] or 0, kv[0][4] or 0)):
         lrs = sorted({r["lr"] for r in members if r["lr"] is not None})
         batches = sorted({r["batch_tokens"] for r in members if r["batch_tokens"] is not None})
-        finished = [r for r in members if r["status"] == "ok" and _finite(r["loss"])]
-        best = min(finished, key=lambda r: r["loss"]) if finished else None
+        finished = [r for r in members if r["status"] == "ok" and _finite(r[objective])]
+        best = min(finished, key=lambda r: r[objective]) if finished else None
         counts = defaultdict(int)
         for r in members:
             counts[r["status"]] += 1
@@ -72,10 +72,10 @@ def _finite(value) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def fit_sweep(rows: list[dict], source: str, n_boot: int, gap: float, seed: int = 0):
+def fit_sweep(rows: list[dict], source: str, n_boot: int, gap: float, seed: int = 0, objective: str = "loss"):
     """(table, fit, None) or (table or None, None, why the fit could not be made)."""
     try:
-        table = read_runs(rows, source_name=source)
+        table = read_runs(rows, source_name=source, col_loss=objective)
     except UserError as exc:
         return None, None, str(exc)
     try:
@@ -158,7 +158,11 @@ def _ci(law: dict, key: str) -> str:
     return f" [{_num(ci[0], 3)}, {_num(ci[1], 3)}]" if ci and ci[0] is not None else ""
 
 
-def _overview_blocks(sweep_dir: Path, rows: list[dict], planner: str) -> list[tuple]:
+_OBJECTIVE_WORDS = {"loss": "loss = final smoothed training loss (nats/token)",
+                    "val_loss": "loss = validation loss at the end of the run (nats/token; the loss this sweep minimised)"}
+
+
+def _overview_blocks(sweep_dir: Path, rows: list[dict], planner: str, objective: str = "loss") -> list[tuple]:
     status = defaultdict(int)
     for row in rows:
         status[row["status"]] += 1
@@ -170,8 +174,8 @@ def _overview_blocks(sweep_dir: Path, rows: list[dict], planner: str) -> list[tu
               + f"; training compute {compute:.3g} FLOPs; runs proposed by the `{planner}` planner. "
               f"Generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}."),
         ("p", "Units: N = non-embedding parameters (for MoE all experts counted; N_active = activated per "
-              "token), D = training tokens, lr = peak learning rate, B = batch size in tokens, "
-              "loss = final smoothed training loss (nats/token)."),
+              f"token), D = training tokens, lr = peak learning rate, B = batch size in tokens, "
+              f"{_OBJECTIVE_WORDS[objective]}."),
     ]
 
 
@@ -300,11 +304,12 @@ def _run_blocks(rows: list[dict], reasons: dict) -> list[tuple]:
 
 def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str | None, figures: list[Path],
                  out_dir: Path, *, planner: str = DEFAULT_PLANNER, reasons: dict | None = None,
-                 planner_cells: list[dict] | None = None, figures_note: str | None = None) -> list[tuple]:
+                 planner_cells: list[dict] | None = None, figures_note: str | None = None,
+                 objective: str = "loss") -> list[tuple]:
     """The report as blocks: overview, laws and scores, cells, figures, failed runs, runs."""
-    cells = cell_summaries(rows)
+    cells = cell_summaries(rows, objective)
     attach_planner_states(cells, planner_cells or [])
-    blocks = _overview_blocks(sweep_dir, rows, planner)
+    blocks = _overview_blocks(sweep_dir, rows, planner, objective)
     blocks += _fit_blocks(fit, fit_error, _unbracketed_note(cells))
     blocks += _cell_blocks(cells, fit)
     if figures:
@@ -381,7 +386,8 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs.csv").write_text(rows_to_csv(rows))
-    table, fit, fit_error = fit_sweep(rows, str(sweep_dir), n_boot=n_boot, gap=gap)
+    objective = sweep_objective(sweep_dir)
+    table, fit, fit_error = fit_sweep(rows, str(sweep_dir), n_boot=n_boot, gap=gap, objective=objective)
     figures: list[Path] = []
     plots_note = figures_note = None
     if fit is not None:
@@ -393,7 +399,7 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
             except UserError as exc:
                 plots_note = f"No figures: {exc}"
     blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons,
-                          planner_cells=planner_cells, figures_note=figures_note)
+                          planner_cells=planner_cells, figures_note=figures_note, objective=objective)
     if plots_note:
         blocks.insert(3, ("p", plots_note))
     md_path = out_dir / "report.md"

@@ -60,6 +60,9 @@ def add_commands(subparsers) -> None:
     grid.add_argument("--batch-sizes", nargs="+", type=count, help="explicit batch sizes in tokens")
     grid.add_argument("--min-steps", type=positive_int, help="drop batch sizes leaving fewer optimizer steps (default 16)")
     grid.add_argument("--seq-len", type=positive_int, help="sequence length (tokens)")
+    grid.add_argument("--objective", choices=["loss", "val_loss"], default=None,
+                      help="the loss each cell's optimum minimises: loss (smoothed final training loss; default) or "
+                           "val_loss (validation loss; fairer across tiny batch sizes). fit and report use it too")
     grid.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                       help="a fixed RunConfig setting for every run (repeatable), e.g. --set schedule=wsd --set seed=1")
     _add_execution_flags(sweep)
@@ -160,7 +163,7 @@ def spec_from_args(args):
     overrides = {
         "lr_points": args.lr_points, "lr_span": args.lr_span, "lr_center_scale": args.lr_scale,
         "lrs": args.lrs, "batch_points": args.batch_points, "batch_center_scale": args.batch_scale,
-        "batch_sizes": args.batch_sizes, "min_steps": args.min_steps,
+        "batch_sizes": args.batch_sizes, "min_steps": args.min_steps, "objective": args.objective,
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
     fixed = dict(data.get("fixed") or {})

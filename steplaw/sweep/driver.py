@@ -26,7 +26,6 @@ again.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import warnings
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steplaw.progress import ProgressLine, format_duration
+from steplaw.runtable import result_fields
 from steplaw.sweep.planner import GridPlanner, RunView
 from steplaw.sweep.spec import count_params
 from steplaw.sweep.store import DriverLock, ResultStore
@@ -112,7 +112,8 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
         store.set_meta("planner", planner.name)
         if retry_failed:
             store.reset_failed()
-        sweep = _Sweep(store, planner, max_attempts, spec_id)
+        objective = (spec or {}).get("objective", "loss")
+        sweep = _Sweep(store, planner, max_attempts, spec_id, objective)
         sweep.register(planner.propose(sweep.views))
         summary = SweepSummary(sweep_dir, 0, planner=planner.name)
         summary.reused = sum(1 for view in sweep.views.values() if view.state != "open" and planner.owns(view))
@@ -134,8 +135,10 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
 class _Sweep:
     """The driver's view of the store: RunViews for the planner, configs and the queue."""
 
-    def __init__(self, store: ResultStore, planner, max_attempts: int, spec_id: str | None = None):
+    def __init__(self, store: ResultStore, planner, max_attempts: int, spec_id: str | None = None,
+                 objective: str = "loss"):
         self.store, self.planner, self.max_attempts, self.spec_id = store, planner, max_attempts, spec_id
+        self.objective = objective  # the run-table column the planner sees as a run's loss
         self.by_model: dict = {}
         self.configs: dict[str, object] = {}
         self.costs: dict[str, float] = {}
@@ -144,7 +147,7 @@ class _Sweep:
         for row in store.rows():
             self.attempts[row["run_id"]] = row["attempts"]
             self.views[row["run_id"]] = self._view(row["run_id"], json.loads(row["config"]), row["status"],
-                                                   row["loss"])
+                                                   row[self.objective])
         self.in_flight: set[str] = set()
 
     def _view(self, run_id: str, config: dict, status: str, loss) -> RunView:
@@ -206,8 +209,7 @@ class _Sweep:
             status = result.status if result.status in ("ok", "diverged") else "failed"
             if status == "failed":
                 self.attempts[run_id] = self.attempts.get(run_id, 0) + 1
-            loss = result.final_train_loss
-            loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+            loss = result_fields(result.to_dict())[self.objective]  # finite or None
             self.views[run_id] = self._view(run_id, self.views[run_id].config, status, loss)
             statuses.append(status)
         return statuses

@@ -56,6 +56,7 @@ from steplaw.sweep.spec import ModelSpec, SweepSpec
 DEMO_SEQ_LEN = 8
 DEMO_LR_SCALE = 0.1  # the planner's first LR: a tenth of the Step Law's (these models prefer ~10x less)
 DEMO_BATCH_SCALE = 0.4  # and 0.4x its batch size
+DEMO_EVAL_TOKENS = 4096  # held-out tokens per run: the loss the demo minimises (objective val_loss)
 # The planner's settings: at most 24 runs a cell (8 for the small smoke run), and LR steps
 # of x/÷ 4 bisected to x/÷ 2 (the default starts at x/÷ 2): on this rough landscape the
 # wider first look found the optimum at a lower cost (see "Measured" above).
@@ -72,20 +73,20 @@ def demo_spec(scale: str = "full") -> SweepSpec:
         "schedule": "cosine",
         "seed": 0,
         "device": "cpu",
-        "eval_tokens": 1024,
+        "eval_tokens": DEMO_EVAL_TOKENS,
     }
     shapes = [
         {"d_model": d, "n_layers": 2, "n_heads": heads, "d_ff": 3 * d, "max_seq_len": DEMO_SEQ_LEN}
         for d, heads in ((16, 1), (32, 2), (64, 4))
     ]
     if scale == "full":
-        tokens = [32768, 65536, 131072]
+        tokens = [16384, 49152, 147456]
     elif scale == "small":
         tokens = [1024, 2048, 4096]
     else:
         raise UserError(f"demo scale {scale!r}: expected 'full' or 'small'")
     return SweepSpec(models=[ModelSpec(shape=s) for s in shapes], tokens=tokens, lr_center_scale=DEMO_LR_SCALE,
-                     batch_center_scale=DEMO_BATCH_SCALE, min_steps=16, fixed=fixed)
+                     batch_center_scale=DEMO_BATCH_SCALE, min_steps=16, fixed=fixed, objective="val_loss")
 
 
 PRESETS = {"demo": demo_spec}

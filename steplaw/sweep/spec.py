@@ -37,6 +37,14 @@ from steplaw.laws.published import step_law
 from steplaw.models.config import ModelConfig, MoEConfig
 from steplaw.train.config import RunConfig
 
+# What a sweep may minimise, run-table columns (steplaw.runtable): "loss", the smoothed
+# final training loss (the Step Law's measure: at real batch sizes it is the lowest-noise
+# estimate), or "val_loss", the loss on the held-out tokens every run is evaluated on.
+# At batches of a few dozen sequences the training loss's last steps see different tokens
+# at each batch size and average only a few hundred of them; the validation loss is one
+# fixed set for every run, so it compares batch sizes on equal terms.
+OBJECTIVES = ("loss", "val_loss")
+
 __all__ = ["ModelSpec", "SweepSpec", "Cell", "step_law", "count_params", "lr_grid", "batch_grid", "validate_runs"]
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "tokens", "lr", "batch_tokens"}
@@ -132,9 +140,15 @@ class SweepSpec:
     min_steps: int = 16  # no batch size with fewer optimizer steps than this
     vocab_size: int = 256
     fixed: dict = field(default_factory=dict)  # other RunConfig fields (seq_len, schedule, seed, ...)
+    # The loss a cell's optimum minimises, a run-table column (OBJECTIVES): the adaptive
+    # planner searches it, and `steplaw fit DIR` / `steplaw report DIR` fit it by default.
+    objective: str = "loss"
 
     def __post_init__(self):
         _check_types(self, skip=("models", "tokens", "fixed", "lrs", "batch_sizes"))
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)} "
+                            "(the smoothed final training loss or the validation loss)")
         for name in ("lr_span", "lr_center_scale", "batch_center_scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -216,7 +230,10 @@ class SweepSpec:
         return runs
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["objective"] == "loss":  # the default: left out, so specs written before it keep their spec_id
+            del data["objective"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> SweepSpec:

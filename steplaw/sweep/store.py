@@ -490,4 +490,13 @@ def export_rows(sweep_dir: str | Path) -> list[dict]:
         return store.export()
 
 
-__all__ = ["ResultStore", "DriverLock", "export_rows", "rows_to_csv", "rows_to_json", "EXPORT_COLUMNS", "db_path"]
+def sweep_objective(sweep_dir: str | Path) -> str:
+    """The run-table column the sweep in `sweep_dir` minimises: its current spec's
+    `objective` ("loss", the smoothed training loss, unless the spec says otherwise)."""
+    with ResultStore(sweep_dir, readonly=True) as store:
+        spec = store.meta("spec")
+    objective = spec.get("objective", "loss") if isinstance(spec, dict) else "loss"
+    return objective if objective in ("loss", "val_loss") else "loss"
+
+
+__all__ = ["ResultStore", "sweep_objective", "DriverLock", "export_rows", "rows_to_csv", "rows_to_json", "EXPORT_COLUMNS", "db_path"]
