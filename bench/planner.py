@@ -44,7 +44,7 @@ from steplaw.laws.fit import fit_hparams
 from steplaw.laws.table import read_runs, table_from_arrays
 from steplaw.sweep.driver import run_sweep
 from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings
-from steplaw.sweep.replay import ReplayExecutor, replay_table
+from steplaw.sweep.replay import replay_executor, replay_table
 from steplaw.sweep.store import export_rows
 
 TARGET_FRACTION, STRETCH_FRACTION, TARGET_EXP, TARGET_GAP = 0.20, 0.10, 0.05, 0.003
@@ -122,7 +122,7 @@ def synthetic_cases(quick: bool):
 def replay(table, planner_kind: str, out: Path):
     data = replay_table(table, "bench.csv")
     planner = AdaptivePlanner(data.cells, AdaptiveSettings(cell_budget=None)) if planner_kind == "adaptive" else None
-    summary = run_sweep(data.runs if planner is None else [], out, lambda: ReplayExecutor(data.outcomes),
+    summary = run_sweep(data.runs if planner is None else [], out, lambda: replay_executor(data.outcomes),
                         progress=False, planner=planner)
     return summary, read_runs(export_rows(out))
 

@@ -454,7 +454,7 @@ def cmd_replay(args) -> int:
     from steplaw.progress import ProgressLine
     from steplaw.sweep.driver import run_sweep
     from steplaw.sweep.planner import AdaptivePlanner
-    from steplaw.sweep.replay import ReplayExecutor, replay_table
+    from steplaw.sweep.replay import replay_executor, replay_table
 
     if args.spec:
         raise UserError(f"--replay {args.replay!r} and a spec file {args.spec!r}: expected one of them")
@@ -471,7 +471,7 @@ def cmd_replay(args) -> int:
     if args.dry_run:
         print(f"replay of {table.source}: {len(replay.cells)} cells, {len(replay.runs)} runs in the table")
         return 0
-    summary = run_sweep(replay.runs if planner is None else [], args.out, lambda: ReplayExecutor(replay.outcomes),
+    summary = run_sweep(replay.runs if planner is None else [], args.out, lambda: replay_executor(replay.outcomes),
                         progress=ProgressLine(0, enabled=not args.quiet), planner=planner, new_spec=args.new_spec,
                         spec={"replay": str(table.source), "problems": replay.problems})
     # A replayed failure is a row of the table, not a failure of this sweep.

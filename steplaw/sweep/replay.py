@@ -5,7 +5,7 @@
 The table is read as `steplaw fit` reads it (steplaw.laws.cli.load_table: same flags,
 same units). Its (N, D) cells become the sweep's cells; a planner may propose only the
 (lr, B) points the table holds for a cell, and a "run" returns that row's loss and
-status at once (`ReplayExecutor`). The sweep directory that results is an ordinary one:
+status at once (`replay_executor`). The sweep directory that results is an ordinary one:
 `steplaw runs`, `fit` and `report` read it, and it holds only the runs the planner chose.
 
 A row that finished with a non-finite loss is replayed as diverged (the usual way a
@@ -25,7 +25,7 @@ import numpy as np
 
 from steplaw.laws.published import step_law
 from steplaw.laws.table import OK_STATUSES
-from steplaw.sweep.executors import Completion, as_result
+from steplaw.sweep.executors import InlineExecutor, as_result
 from steplaw.sweep.planner import SearchCell, cell_key
 
 MIN_CELL_RUNS = 3
@@ -157,33 +157,14 @@ def _outcome(table, row, run: ReplayRun) -> dict:
     return {**base, "status": "failed", "reason": f"replayed: status {status!r}"}
 
 
-class ReplayExecutor:
-    """An executor whose runs return their table row at once (the executor interface of
-    steplaw.sweep.executors: submit / poll / idle / running / close)."""
+def replay_executor(outcomes: dict[str, dict]) -> InlineExecutor:
+    """The executor of a replay: an InlineExecutor whose run returns, at once, the table
+    row of the run's (lr, B) (`outcomes`, by run id)."""
 
-    def __init__(self, outcomes: dict[str, dict]):
-        self.outcomes = outcomes
-        self.done: list[Completion] = []
-
-    @property
-    def capacity(self) -> int:
-        return 1 << 20
-
-    def idle(self) -> int:
-        return self.capacity - len(self.done)
-
-    def running(self) -> dict[str, float]:
-        return {completion.run_id: 0.0 for completion in self.done}
-
-    def submit(self, run_id: str, config: dict, run_dir: str | None):
-        result = self.outcomes.get(run_id)
+    def run_row(config: ReplayRun, run_dir=None):
+        result = outcomes.get(config.run_id())
         if result is None:
             result = {"status": "failed", "reason": "replay: no row of the table has this run's (lr, B)"}
-        self.done.append(Completion(run_id, as_result(result), host="replay"))
+        return as_result(result)
 
-    def poll(self, timeout: float):
-        done, self.done = self.done, []
-        return done, []
-
-    def close(self, force: bool = False):
-        self.done = []
+    return InlineExecutor(run_row, capacity=1 << 20, run_dirs=False)
