@@ -8,17 +8,25 @@ also the ratio of runs per hour. Each case also reports the process CPU seconds 
 contender (`cpu_s`, `speedup_cpu_time`: on a machine shared with other jobs the CPU time
 is the steadier measure of the work done) and the largest relative difference between a
 stacked member's final training loss and its run alone (`max_rel_loss_diff`, which
-should stay below 1e-3).
+should stay below 1e-3), with the rounding floor it is to be read against:
+`alone_rounding_rel_diff` is how far that same run's final loss moves when it is trained
+alone once more with its batch split into smaller micro-batches (mathematically the same
+run; only the rounding of the accumulated gradients differs). A stacked difference of
+that size or less is the run's own sensitivity to rounding, not a fault of stacking
+(null where the batch is a single sequence and cannot be split).
 
-Cases: CPU at the demo's sizes (names contain "demo"; steplaw.sweep.presets), and about
-1M and 10M parameters; CUDA (only when a GPU is visible): about 1M, 10M and 100M
-parameters in bf16, K = 16 (K = 8 at 100M).
+Cases: CPU at the demo's shapes (names contain "demo": steplaw.sweep.presets.demo_spec's
+models, 8-token sequences, eval tokens and schedule; batches of 32-128 tokens over 32K-64K
+of its token budgets; LRs spread over the cell's grid, centre/4 .. centre*4), an MoE model
+at the demo's sequence length, and about 1M and 10M parameters; CUDA (only when a GPU is
+visible): about 1M, 10M and 100M parameters in bf16, K = 16 (K = 8 at 100M).
 
-    python bench/sweep.py [--quick] [--device cpu|cuda] [--threads N] [--repeats N]
+    python bench/sweep.py [--quick] [--device cpu|cuda] [--threads N] [--repeats N] [--only TEXT]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -30,21 +38,48 @@ import torch
 from harness import log, report, speedups, time_interleaved
 
 DEMO_LRS = [0.0015, 0.003, 0.006, 0.012, 0.002, 0.004, 0.008, 0.001, 0.0025, 0.005, 0.01, 0.0035, 0.0045, 0.007, 0.0055, 0.009]
+# The demo cases: (d_model, the demo budget D in tokens, batch tokens, K). Steps = D / batch.
+# The demo's smallest budget (32K tokens) throughout keeps the demo cases near 2.5 minutes on one quiet core.
+DEMO_CASES = [(16, 32768, 32, 4), (32, 32768, 64, 8), (64, 32768, 128, 8), (64, 32768, 64, 4)]
+WARMUP_STEPS = 4  # each contender trains its runs this many steps once before the timed rounds
 
 
-def demo_shape(d_model: int, n_heads: int, d_ff: int, moe=None):
-    from steplaw.models import ModelConfig
+def demo_lrs(center: float, members: int) -> list[float]:
+    """`members` LRs evenly spaced in log over the demo grid's span, center/4 .. center*4."""
+    if members == 1:
+        return [center]
+    return [center * 4.0 ** (2 * i / (members - 1) - 1) for i in range(members)]
 
-    return ModelConfig(d_model=d_model, n_layers=2, n_heads=n_heads, d_ff=d_ff, max_seq_len=64, moe=moe)
+
+def demo_cases(quick: bool = False) -> list[dict]:
+    """The demo's own cells (steplaw.sweep.presets.demo_spec): its shapes, sequence
+    length, eval tokens and schedule, and LRs around the cell's centre."""
+    from steplaw.sweep.presets import demo_spec
+
+    spec = demo_spec()
+    cells = {(cell.model.d_model, cell.tokens): cell for cell in spec.cells()}
+    fixed = {k: v for k, v in spec.fixed.items() if k != "device"}
+    picks = [(32, 32768, 128, 4)] if quick else DEMO_CASES
+    out = []
+    for d_model, budget, batch_tokens, members in picks:
+        cell = cells[(d_model, budget)]
+        steps = 4 if quick else budget // batch_tokens
+        model = cell.model
+        out.append(dict(
+            name=f"dense demo d={d_model} K={members} B={batch_tokens} D={budget // 1024}K" + (" (quick)" if quick else ""),
+            model=model, members=members, batch_tokens=batch_tokens, steps=steps, lrs=demo_lrs(cell.lr_center, members),
+            **fixed))
+    return out
 
 
 def cases(device: str, quick: bool) -> list[dict]:
-    """(name, model, K, batch_tokens, seq_len, steps, precision) of each case."""
-    from steplaw.models import MoEConfig, model_for_params
+    """(name, model, K, batch_tokens, seq_len, steps, precision, ...) of each case; other
+    keys are RunConfig fields."""
+    from steplaw.models import ModelConfig, MoEConfig, model_for_params
+    from steplaw.sweep.presets import DEMO_SEQ_LEN
 
     if quick:
-        return [dict(name="dense demo d=32 K=4 B=128 (quick)", model=demo_shape(32, 2, 96), members=4,
-                     batch_tokens=128, seq_len=64, steps=4, eval_tokens=512)]
+        return demo_cases(quick=True)
     if device.startswith("cuda"):
         out = []
         for n, members, seq_len, batch_tokens, steps in ((1e6, 16, 256, 8192, 40), (1e7, 16, 512, 8192, 30), (1e8, 8, 1024, 4096, 12)):
@@ -53,12 +88,11 @@ def cases(device: str, quick: bool) -> list[dict]:
             out.append(dict(name=f"dense ~{n / 1e6:.0f}M K={members} B={batch_tokens} bf16", model=model, members=members,
                             batch_tokens=batch_tokens, seq_len=seq_len, steps=steps, eval_tokens=8 * seq_len, precision="bf16"))
         return out
-    moe = MoEConfig(n_experts=4, top_k=2, d_expert=48)
-    return [
-        dict(name="dense demo d=32 K=4 B=128", model=demo_shape(32, 2, 96), members=4, batch_tokens=128, seq_len=64, steps=64),
-        dict(name="dense demo d=48 K=8 B=256", model=demo_shape(48, 4, 128), members=8, batch_tokens=256, seq_len=64, steps=64),
-        dict(name="dense demo d=64 K=8 B=512", model=demo_shape(64, 4, 192), members=8, batch_tokens=512, seq_len=64, steps=64),
-        dict(name="moe demo d=48 E=4 K=8 B=256", model=demo_shape(48, 4, 128, moe), members=8, batch_tokens=256, seq_len=64, steps=64),
+    moe = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=96, max_seq_len=DEMO_SEQ_LEN,
+                      moe=MoEConfig(n_experts=4, top_k=2, d_expert=32))
+    return demo_cases() + [
+        dict(name="moe d=32 E=4 K=8 B=64 seq 8", model=moe, members=8, batch_tokens=64, seq_len=DEMO_SEQ_LEN, steps=128,
+             eval_tokens=1024),
         dict(name="dense ~1M K=8 B=2048", model=model_for_params(1e6, max_seq_len=128), members=8, batch_tokens=2048,
              seq_len=128, steps=12),
         dict(name="dense ~10M K=4 B=4096", model=model_for_params(1e7, max_seq_len=256), members=4, batch_tokens=4096,
@@ -66,15 +100,37 @@ def cases(device: str, quick: bool) -> list[dict]:
     ]
 
 
+_CASE_KEYS = {"name", "model", "members", "steps", "lrs"}
+
+
 def run_configs(case: dict, device: str):
     from steplaw.train import RunConfig
 
+    fields = {k: v for k, v in case.items() if k not in _CASE_KEYS}
+    fields.setdefault("eval_tokens", 4096)
     return [
-        RunConfig(model=case["model"], tokens=case["steps"] * case["batch_tokens"], lr=lr, batch_tokens=case["batch_tokens"],
-                  seq_len=case["seq_len"], device=device, precision=case.get("precision", "auto"),
-                  eval_tokens=case.get("eval_tokens", 4096))
-        for lr in DEMO_LRS[:case["members"]]
+        RunConfig(model=case["model"], tokens=case["steps"] * case["batch_tokens"], lr=lr, device=device, **fields)
+        for lr in case.get("lrs") or DEMO_LRS[:case["members"]]
     ]
+
+
+def rounding_twin(config):
+    """`config` with each batch split into smaller micro-batches (gradients accumulated):
+    mathematically the same run, rounded differently. None when its micro-batch is a
+    single sequence already."""
+    from steplaw.train.batching import auto_micro_batch_tokens, plan_batches
+    from steplaw.train.runner import resolve_device
+
+    auto = auto_micro_batch_tokens(config.model, resolve_device(config.device).type)
+    plan = plan_batches(config.tokens, config.batch_tokens, config.seq_len, config.micro_batch_tokens, auto_micro_tokens=auto)
+    smaller = [n for n in range(1, plan.micro_seqs) if plan.rank_seqs % n == 0]
+    if not smaller:
+        return None
+    return dataclasses.replace(config, micro_batch_tokens=smaller[-1] * config.seq_len)
+
+
+def rel_diff(a: float | None, b: float | None) -> float | None:
+    return abs(a - b) / abs(b) if a and b else None
 
 
 def timed_cpu(fn, samples: list[float]):
@@ -102,11 +158,20 @@ def measure(case: dict, device: str, repeats: int) -> dict:
     def one_at_a_time():
         last["one_at_a_time"] = [run(c) for c in configs]
 
+    # Warm-up (code paths, allocator, data) on short runs rather than one more round of the case.
+    short = [dataclasses.replace(c, tokens=min(c.tokens, WARMUP_STEPS * c.batch_tokens)) for c in configs]
+    run_stack(short)
+    for config in short:
+        run(config)
     contenders = {"stacked": timed_cpu(stacked, cpu["stacked"]), "one_at_a_time": timed_cpu(one_at_a_time, cpu["one_at_a_time"])}
-    median_s = time_interleaved(contenders, device=device, warmup=1, repeats=repeats)
-    cpu_s = {name: statistics.median(values[1:] or values) for name, values in cpu.items()}  # less the warm-up call
-    diffs = [abs(a.final_train_loss - b.final_train_loss) / abs(b.final_train_loss)
-             for a, b in zip(last["stacked"], last["one_at_a_time"]) if a.final_train_loss and b.final_train_loss]
+    median_s = time_interleaved(contenders, device=device, warmup=0, repeats=repeats)
+    cpu_s = {name: statistics.median(values) for name, values in cpu.items()}
+    diffs = [rel_diff(a.final_train_loss, b.final_train_loss) for a, b in zip(last["stacked"], last["one_at_a_time"])]
+    known = [(d, i) for i, d in enumerate(diffs) if d is not None]
+    worst = max(known)[1] if known else None
+    floor = None
+    if worst is not None and (twin := rounding_twin(configs[worst])) is not None:
+        floor = rel_diff(run(twin).final_train_loss, last["one_at_a_time"][worst].final_train_loss)
     counts = param_counts(case["model"])
     return {
         "case": case["name"],
@@ -121,7 +186,9 @@ def measure(case: dict, device: str, repeats: int) -> dict:
         "params_non_embedding": counts.non_embedding,
         "params_total": counts.total,
         "statuses_equal": [a.status for a in last["stacked"]] == [b.status for b in last["one_at_a_time"]],
-        "max_rel_loss_diff": max(diffs) if diffs else None,
+        "max_rel_loss_diff": diffs[worst] if worst is not None else None,
+        "max_rel_loss_diff_lr": configs[worst].lr if worst is not None else None,
+        "alone_rounding_rel_diff": floor,
     }
 
 
@@ -142,7 +209,8 @@ def main() -> None:
             continue
         log(f"bench sweep: {case['name']}")
         result = measure(case, args.device, repeats)
-        log(f"  speedup {result['speedup']['vs_one_at_a_time']:.2f}x wall, {result['speedup_cpu_time']:.2f}x cpu time")
+        log(f"  speedup {result['speedup']['vs_one_at_a_time']:.2f}x wall, {result['speedup_cpu_time']:.2f}x cpu time; "
+            f"max stacked-vs-alone loss diff {result['max_rel_loss_diff']}, alone's rounding floor {result['alone_rounding_rel_diff']}")
         out.append(result)
     report("sweep", args.device, out, quick=args.quick, repeats=repeats)
 

@@ -29,6 +29,7 @@ def _load(script: str):
 
 gpu_check = _load("gpu_check")
 ops_smoke = _load("ops_smoke")
+sweep = _load("sweep")
 
 
 @pytest.mark.slow
@@ -47,6 +48,41 @@ def test_quick_benchmark_prints_json(script):
         assert case["median_s"] and all(t > 0 for t in case["median_s"].values())
         # speedup = contender time / our time, for every contender but ours
         assert len(case["speedup"]) == len(case["median_s"]) - 1
+
+
+def test_sweep_rounding_twin_splits_the_micro_batch():
+    """The rounding floor's twin run: the same run with a smaller micro-batch that divides
+    the batch (so the same sequences per step), or None when nothing smaller exists."""
+    from steplaw.models import ModelConfig
+    from steplaw.train import RunConfig
+
+    model = ModelConfig(d_model=16, n_layers=1, n_heads=1, d_ff=48, max_seq_len=8)
+
+    def twin(batch_tokens, micro=None):
+        config = RunConfig(model=model, tokens=1024, lr=1e-3, batch_tokens=batch_tokens, seq_len=8, device="cpu",
+                           micro_batch_tokens=micro)
+        found = sweep.rounding_twin(config)
+        if found is not None:
+            assert found.to_dict() | {"micro_batch_tokens": None} == config.to_dict() | {"micro_batch_tokens": None}
+        return None if found is None else found.micro_batch_tokens
+
+    assert twin(64) == 32  # 8 sequences -> micro-batches of 4
+    assert twin(48) == 24  # 6 -> 3
+    assert twin(40) == 8  # 5 (prime) -> 1
+    assert twin(64, micro=16) == 8  # already micro-batches of 2 -> 1
+    assert twin(8) is None and twin(64, micro=8) is None
+
+
+def test_sweep_demo_lrs_span_the_demo_grid():
+    assert sweep.demo_lrs(0.01, 1) == [0.01]
+    for members in (4, 8):
+        lrs = sweep.demo_lrs(0.01, members)
+        assert len(lrs) == members and lrs[0] == pytest.approx(0.0025) and lrs[-1] == pytest.approx(0.04)
+        ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+        assert ratios == pytest.approx([ratios[0]] * (members - 1))
+    cases = sweep.demo_cases()
+    assert {c["model"].d_model for c in cases} == {16, 32, 64} and {c["members"] for c in cases} == {4, 8}
+    assert all(c["seq_len"] == 8 and 32 <= c["batch_tokens"] <= 128 for c in cases)
 
 
 def _gpu_check(tmp_path, *args):

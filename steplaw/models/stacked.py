@@ -19,6 +19,13 @@ model at a time: 250 ms and 548 ms): vmap has no batching rule for CPU flash att
 (it loops over members), adds per-op batching work, and would need vmap rules for every
 custom MoE op besides. Here the code is plain PyTorch (autocast works as in the single model) and
 the MoE dispatch is the existing ops over K*E experts.
+
+At the demo's sizes (d_model 16-64, 8-token sequences, 4-32 per batch) a step is mostly
+per-op overhead, so float32 steps without autocast take a few hand-written autograd
+Functions (_MemberLinear, _MemberRMSNorm, _CrossEntropy) that do the same arithmetic in
+fewer ops and autograd nodes; their forwards give the same values bit for bit and their
+gradients agree with autograd's to rounding. Rotary embeddings rotate q and k together in
+the qkv projection's layout (apply_rotary_rolled: apply_rotary's values bit for bit).
 """
 from __future__ import annotations
 
@@ -28,16 +35,90 @@ from torch import nn
 
 from steplaw.models.config import ModelConfig
 from steplaw.models.moe import balance_loss
-from steplaw.models.transformer import Transformer, apply_rotary, rotary_tables
+from steplaw.models.transformer import Transformer, apply_rotary_rolled, rotary_pair_tables, rotary_tables
+
+
+class _MemberLinear(torch.autograd.Function):
+    """bmm(x, weight.transpose(1, 2)) whose backward gives the weight's gradient in the
+    weight's own layout (bmm(grad.T, x)): autograd's gives it transposed, which costs a
+    TransposeBackward node and a copy per weight and step. Same values bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.bmm(x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
+def _plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the hand-written autograd Functions apply: float32 tensors, no autocast
+    (whose dtype rules they do not follow; those cases take plain torch ops)."""
+    return x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-member x [K, M, d_in] @ weight[k].T with weight [K, d_out, d_in] (nn.Linear's layout)."""
+    if _plain(x, weight):
+        return _MemberLinear.apply(x, weight)
     return torch.bmm(x, weight.to(x.dtype).transpose(1, 2))
+
+
+class _MemberRMSNorm(torch.autograd.Function):
+    """float32 x [K, M, d] normalised over d and scaled by weight [K, d] per member, with a
+    hand-written backward: one autograd node instead of the composite's six (pow, mean,
+    add, rsqrt, mul, mul), which at the demo's sizes cost more than their arithmetic.
+    The forward is F.rms_norm's float32 composite (x * rsqrt(mean(x^2) + eps)) times the
+    weight, the same values bit for bit; the backward agrees with autograd's to rounding."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))  # [K, M, 1]
+        normed = x * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        return normed * weight.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normed, rstd, weight = ctx.saved_tensors
+        grad_weight = (grad * normed).sum(1) if ctx.needs_input_grad[1] else None
+        grad_normed = grad * weight.unsqueeze(1)
+        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)).
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = grad_normed.sub_(normed * dot).mul_(rstd) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_weight, None
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of float32 logits [K, N, V] against target [K, N, 1] (int64):
+    F.cross_entropy(reduction="none")'s values bit for bit (the negated log_softmax at the
+    target), with a backward of three passes over the logits (exp of the saved
+    log-probabilities times the upstream gradient, less it at the target) where autograd's
+    takes five (nll_loss's zero-filled gradient, its scatter, log_softmax's backward);
+    the gradients agree to rounding."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(log_probs, target)
+        return log_probs.gather(-1, target).squeeze(-1).neg_()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        log_probs, target = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        return torch.exp(log_probs).mul_(grad).scatter_add_(-1, target, grad.neg()), None
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [K, M, d] normalised over d and scaled by weight [K, d] per member."""
+    if _plain(x, weight):
+        return _MemberRMSNorm.apply(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), None, eps) * weight.to(x.dtype).unsqueeze(1)
 
 
@@ -189,9 +270,10 @@ class StackedTransformer(nn.Module):
                 layer.gate_up = _member_param(block.ffn.gate_up.weight, members)
                 layer.down = _member_param(block.ffn.down.weight, members)
             self.layers.append(layer)
-        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        cos2, sin2 = rotary_pair_tables(*rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta))
+        self.register_buffer("rope_cos2", cos2, persistent=False)
+        self.register_buffer("rope_sin2", sin2, persistent=False)
+        self._row_offsets: torch.Tensor | None = None  # [K, 1]: k * vocab_size, member k's rows of the embedding
 
     def moe_layers(self) -> list[StackedMoE]:
         return [layer.ffn for layer in self.layers if layer.is_moe]
@@ -209,7 +291,7 @@ class StackedTransformer(nn.Module):
             layer.members = len(keep)
             # The last forward's outputs hold autograd nodes that remember the old shapes.
             layer.aux_loss, layer.stats = torch.zeros(len(keep), device=index.device), {}
-        self.members = len(keep)
+        self.members, self._row_offsets = len(keep), None
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member k as a Transformer state dict (views of the stacked weights)."""
@@ -226,13 +308,19 @@ class StackedTransformer(nn.Module):
                 state.update({f"{p}ffn.gate_up.weight": layer.gate_up[k], f"{p}ffn.down.weight": layer.down[k]})
         return state
 
-    def _attention(self, layer, x: torch.Tensor, batch: int, seq: int, cos, sin) -> torch.Tensor:
+    def _attention(self, layer, x: torch.Tensor, batch: int, seq: int, cos2, sin2) -> torch.Tensor:
         members, d_model = self.members, self.config.d_model
         heads, head_dim = self.config.n_heads, self.config.head_dim
-        qkv = _linear(x, layer.qkv).view(members * batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        y = F.scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, is_causal=True)
+        qkv = _linear(x, layer.qkv).view(members * batch, seq, 3, heads, head_dim)
+        # q and k rotated together in qkv's layout (cos2, sin2 [T, 1, 1, h]), then [N, H, T, h] views.
+        q, k = apply_rotary_rolled(qkv[:, :, :2], cos2, sin2).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, qkv[:, :, 2].transpose(1, 2), is_causal=True)
         return _linear(y.transpose(1, 2).reshape(members, batch * seq, d_model), layer.out)
+
+    def _member_rows(self, device: torch.device) -> torch.Tensor:
+        if self._row_offsets is None or self._row_offsets.device != device or self._row_offsets.shape[0] != self.members:
+            self._row_offsets = torch.arange(self.members, device=device).unsqueeze(1) * self.config.vocab_size
+        return self._row_offsets
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """idx [B, T] token ids (the same batch for every member) -> logits [K, B, T, V],
@@ -242,12 +330,12 @@ class StackedTransformer(nn.Module):
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
         members, vocab, eps = self.members, self.config.vocab_size, self.config.norm_eps
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        cos2, sin2 = (table[:seq].view(seq, 1, 1, -1) for table in (self.rope_cos2, self.rope_sin2))
         # Member k's rows of the flattened [K*V, d] table start at k*V.
-        shifted = idx.reshape(1, -1) + torch.arange(members, device=idx.device).unsqueeze(1) * vocab
+        shifted = idx.reshape(1, -1) + self._member_rows(idx.device)
         x = F.embedding(shifted, self.tok_emb.reshape(members * vocab, -1))  # [K, B*T, d]
         for layer in self.layers:
-            x = x + self._attention(layer, _rms_norm(x, layer.attn_norm, eps), batch, seq, cos, sin)
+            x = x + self._attention(layer, _rms_norm(x, layer.attn_norm, eps), batch, seq, cos2, sin2)
             h = _rms_norm(x, layer.ffn_norm, eps)
             if layer.is_moe:
                 x = x + layer.ffn(h)
@@ -258,6 +346,8 @@ class StackedTransformer(nn.Module):
         logits = _linear(x, self.tok_emb if self.lm_head is None else self.lm_head)  # [K, B*T, V]
         if targets is None:
             return logits.view(members, batch, seq, vocab)
+        if _plain(logits, logits):
+            return _CrossEntropy.apply(logits, targets.reshape(1, -1, 1).expand(members, -1, 1)).mean(dim=1)
         losses = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1).repeat(members), reduction="none")
         return losses.view(members, -1).mean(dim=1)
 

@@ -49,6 +49,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def rotary_pair_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cat(cos, cos) and cat(-sin, sin) [.., head_dim]: the tables of `apply_rotary_rolled`."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def apply_rotary_rolled(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """apply_rotary in three elementwise ops, for x [..., h] of any layout (cos2, sin2 from
+    rotary_pair_tables, broadcast to x): x * cat(cos, cos) + cat(x2, x1) * cat(-sin, sin).
+    The same values bit for bit, also in the backward (a - b is a + (-b) in IEEE
+    arithmetic, and each sum has two terms), so it can rotate q and k together straight
+    from the qkv projection, before any permute."""
+    return x * cos2.to(x.dtype) + x.roll(x.shape[-1] // 2, dims=-1) * sin2.to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

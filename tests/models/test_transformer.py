@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from steplaw.models import ModelConfig, Transformer
-from steplaw.models.transformer import apply_rotary, rotary_tables
+from steplaw.models.transformer import apply_rotary, apply_rotary_rolled, rotary_pair_tables, rotary_tables
 
 TINY = ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=192, max_seq_len=64)
 
@@ -40,6 +40,25 @@ def test_rotary_is_relative():
         return (qm * kn).sum()
 
     torch.testing.assert_close(score(5, 2), score(13, 10), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rolled_rotary_is_apply_rotary_bit_for_bit(dtype):
+    """The stacked model rotates q and k together in qkv's layout [N, T, 2, H, h]; values
+    and gradients must equal apply_rotary's on the permuted [N, H, T, h] views exactly."""
+    torch.manual_seed(0)
+    cos, sin = rotary_tables(16, 8, 10000.0)
+    cos2, sin2 = rotary_pair_tables(cos, sin)
+    qkv = torch.randn(4, 8, 3, 2, 16, dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, 4, 2, 8, 16, dtype=dtype)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    ref = torch.stack([apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)])
+    (ref * grad).sum().backward()
+    ref_grad, qkv.grad = qkv.grad, None
+    rolled = apply_rotary_rolled(qkv[:, :, :2], cos2.view(8, 1, 1, 16), sin2.view(8, 1, 1, 16)).permute(2, 0, 3, 1, 4)
+    (rolled * grad).sum().backward()
+    assert torch.equal(rolled, ref)
+    assert torch.equal(qkv.grad, ref_grad)
 
 
 @pytest.mark.parametrize("tied", [False, True])

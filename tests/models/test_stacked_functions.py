@@ -1,0 +1,62 @@
+"""The stacked model's hand-written autograd Functions (steplaw.models.stacked): forward
+values as the torch ops they replace, gradients as autograd's (gradcheck in float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from steplaw.models import ModelConfig
+from steplaw.models.stacked import StackedTransformer, _CrossEntropy, _linear, _MemberLinear, _MemberRMSNorm, _rms_norm
+
+
+def test_member_linear():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 4), torch.randn(3, 6, 4)
+    assert torch.equal(_MemberLinear.apply(x, w), torch.bmm(x, w.transpose(1, 2)))
+    x, w = x.double().requires_grad_(), w.double().requires_grad_()
+    assert torch.autograd.gradcheck(_MemberLinear.apply, (x, w))
+
+
+def test_member_rms_norm():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 8), torch.randn(3, 8)
+    expected = F.rms_norm(x, (8,), None, 1e-5) * w.unsqueeze(1)
+    assert torch.equal(_MemberRMSNorm.apply(x, w, 1e-5), expected)
+    x, w = x.double().requires_grad_(), w.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _MemberRMSNorm.apply(a, b, 1e-5), (x, w))
+
+
+def test_cross_entropy():
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 5, 11) * 3, torch.randint(0, 11, (5,))
+    index = target.view(1, 5, 1).expand(3, 5, 1)
+    expected = F.cross_entropy(logits.reshape(-1, 11), target.repeat(3), reduction="none").view(3, 5)
+    assert torch.equal(_CrossEntropy.apply(logits, index), expected)
+    logits = logits.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: _CrossEntropy.apply(a, index), (logits,))
+
+
+def test_autocast_takes_the_plain_ops():
+    """Under autocast the Functions step aside (they do not follow its dtype rules)."""
+    x, w = torch.randn(2, 4, 8), torch.randn(2, 6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _linear(x, w).dtype == torch.bfloat16
+        assert _rms_norm(x, torch.ones(2, 8), 1e-5).dtype == torch.float32
+        config = ModelConfig(d_model=16, n_layers=1, n_heads=1, d_ff=32, max_seq_len=8)
+        idx = torch.randint(0, 256, (2, 8))
+        loss = StackedTransformer(config, 2)(idx, idx)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("members", [3, 1])
+def test_kept_members_read_their_own_embedding_rows(members):
+    """The cached member row offsets follow keep_members."""
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=16, n_layers=1, n_heads=1, d_ff=32, max_seq_len=8)
+    model = StackedTransformer(config, 3)
+    with torch.no_grad():
+        model.tok_emb.add_(torch.randn_like(model.tok_emb))
+    idx = torch.randint(0, 256, (2, 8))
+    before = model(idx, idx).detach()
+    keep = [2, 0, 1][:members]
+    model.keep_members(keep)
+    assert torch.equal(model(idx, idx), before[keep])
