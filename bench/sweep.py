@@ -38,9 +38,9 @@ import torch
 from harness import log, report, speedups, time_interleaved
 
 DEMO_LRS = [0.0015, 0.003, 0.006, 0.012, 0.002, 0.004, 0.008, 0.001, 0.0025, 0.005, 0.01, 0.0035, 0.0045, 0.007, 0.0055, 0.009]
-# The demo cases: (d_model, the demo budget D in tokens, batch tokens, K). Steps = D / batch.
-# The demo's smallest budget (32K tokens) throughout keeps the demo cases near 2.5 minutes on one quiet core.
-DEMO_CASES = [(16, 32768, 32, 4), (32, 32768, 64, 8), (64, 32768, 128, 8), (64, 32768, 64, 4)]
+# The demo cases: (d_model, batch tokens, K), each at the demo's middle budget D (its cells'
+# budgets are steplaw.sweep.presets.demo_spec().tokens). Steps = D / batch.
+DEMO_CASES = [(16, 32, 4), (32, 64, 8), (64, 128, 8), (64, 64, 4)]
 WARMUP_STEPS = 4  # each contender trains its runs this many steps once before the timed rounds
 
 
@@ -59,9 +59,10 @@ def demo_cases(quick: bool = False) -> list[dict]:
     spec = demo_spec()
     cells = {(cell.model.d_model, cell.tokens): cell for cell in spec.cells()}
     fixed = {k: v for k, v in spec.fixed.items() if k != "device"}
-    picks = [(32, 32768, 128, 4)] if quick else DEMO_CASES
+    picks = [(32, 128, 4)] if quick else DEMO_CASES
+    budget = sorted(spec.tokens)[len(spec.tokens) // 2]
     out = []
-    for d_model, budget, batch_tokens, members in picks:
+    for d_model, batch_tokens, members in picks:
         cell = cells[(d_model, budget)]
         steps = 4 if quick else budget // batch_tokens
         model = cell.model
