@@ -30,6 +30,7 @@ def _load(script: str):
 gpu_check = _load("gpu_check")
 ops_smoke = _load("ops_smoke")
 sweep = _load("sweep")
+demo = _load("demo")
 
 
 @pytest.mark.slow
@@ -159,3 +160,17 @@ def test_ops_smoke_on_cpu_matches_the_references():
     for name, op in result["ops"].items():
         assert op["pass"] and op["compiled_kernel"] and op["cases"], name
         assert op["max_abs_error"] is not None and op["max_abs_error"] < 1e-3, name
+
+
+def test_demo_law_difference_and_summary():
+    law = {"coef": 2.0, "exp_N": -0.5, "exp_D": 0.25, "ci": {"exp_N": [-0.6, -0.4], "exp_D": [0.1, 0.4]}}
+    assert demo.predict(law, 16.0, 16.0) == pytest.approx(2.0 * 16 ** -0.5 * 16 ** 0.25)
+    cells = [{"N": 1e4, "D": 1e5, "lr_edge": None, "bs_edge": None}, {"N": 1e5, "D": 1e6, "lr_edge": "low", "bs_edge": None}]
+    scores = [{"law": "step_law", "gap_mean": 0.05}, {"law": "fit_loco", "gap_mean": 0.004, "bowl_gap_mean": 0.002}]
+    a = {"lr_law": law, "bs_law": {"coef": 1.0, "exp_D": 0.5, "ci": {}}, "cells": cells, "law_scores": scores}
+    b = {**a, "lr_law": {**law, "coef": 2.0 * 1.01}}  # every predicted lr 1% higher, the batch law the same
+    assert demo.law_difference(a, b) == pytest.approx({"lr": 1 - 1 / 1.01, "batch_tokens": 0.0})
+    summary = demo.law_summary(a)
+    assert summary["interior_cells"] == 1 and summary["cells"] == 2
+    assert summary["lr_law"]["exp_N"]["ci_width"] == pytest.approx(0.2)
+    assert summary["loco_gap_mean"] == {"nearest_run": 0.004, "bowl": 0.002}

@@ -2,50 +2,44 @@
 
 What the demo shows. Nine cells (3 model sizes x 3 token budgets, so that both
 exponents of the LR law can be fitted), each searched by the adaptive planner
-(steplaw.sweep.planner) until its near-optimal set is bracketed in LR and in batch size;
-then the Step Law's method fits lr(N, D) and B(D) to those runs, with bootstrap intervals
-and leave-one-cell-out validation, beside the published Step Law.
+(steplaw.sweep.planner) until its optimum is bracketed in LR and in batch size; then the
+Step Law's method fits lr(N, D) and B(D) to those runs, with bootstrap intervals and
+leave-one-cell-out validation, beside the published Step Law.
 
-Its design is forced by the CPU budget (about 150 s on 2 cores) and by one fact: at the
-old design's budgets (64-token sequences, 32K-128K tokens) these tiny models are limited
-by optimizer steps, so every cell preferred the smallest batch the grid allowed, and no
-batch optimum could be located. What moves the batch optimum inside the range is the
-hard limit on the small side: a batch is at least one sequence, so short sequences (8
-tokens) leave room below the optimum, which at these budgets lies at 4-16 sequences
-(32-128 tokens). A step costs about the same whatever the model's width
-at these batch sizes (per-step overhead dominates), so the models span 16x in
-non-embedding parameters (d_model 16, 32, 64) at little extra cost, and the budgets span
-4x (32K-128K tokens, 256-2048 steps at the optimal batch).
+Its design is forced by the CPU budget (150 s on 2 cores) and by three facts.
+  * A batch optimum needs room below it: at these budgets tiny models want batches of a
+    few sequences, so sequences are short (8 tokens) and the smallest batch (one
+    sequence) lies below the optimum (2-16 sequences).
+  * The loss it minimises is the validation loss on 4096 held-out tokens (objective
+    val_loss), not the smoothed training loss: at batches of 16-128 tokens the training
+    loss's last ~10 steps see a few hundred tokens, different ones at each batch size,
+    and on the same runs it ranked batch sizes differently from the validation loss by up
+    to 3%; fitting it gave a
+    leave-one-cell-out loss gap of 1.7%, the validation loss 0.25%.
+  * The D exponent needs a wide lever: budgets span 9x (16K, 48K, 144K tokens; the old
+    32K-128K gave an interval 0.6-0.8 wide), for fewer tokens in all than before.
+A step costs about the same whatever the width at these sizes (per-step overhead
+dominates), so the models span 16x in non-embedding parameters (d_model 16, 32, 64) at
+little extra cost, and the runs of one batch size train as one stack (steplaw.train.stacked).
 
-Measured (2026-11-29, 2 cores shared with six other jobs, so times are inflated): 88
-runs (7-19 a cell), 98K optimizer steps, 516 CPU-seconds (about 5 ms a step; the sweep
-alone is the demo's cost). Every cell bracketed, with its best run inside the LR and the
-batch range it tried (9 of 9). LR law lr = a N^alpha D^beta: alpha -0.55 [-0.69, -0.33]
-(interval 0.36 wide), beta -0.26 [-0.47, +0.25] (0.72 wide); leave-one-cell-out
-relative loss gap 1.7% mean (Step Law 5.0%). Against issue 9's bar: interior optima
-met; beta's interval (0.5) and the loss gap (0.5%) not met; 150 s on 2 cores not met at
-that step cost. (That run was resumed once: 23 of its runs came from a planner revision
-whose first wave lay on the N-D diagonal.) Budgets of 16K-144K tokens instead (a wider
-lever for beta) did worse: beta's interval 0.56 wide, loss gap 4.2%, 121K steps, 618
-CPU-seconds, as the batch optimum stayed at 4-16 sequences and the large budget's runs
-took thousands of steps.
+Measured (2026-12-05, 2 quiet cores, bench/results/demo_2026-12-05_cpu-2core.json): 114 runs,
+about 130 s for sweep, fit and report (170 s with --stack off, the same runs and law).
+Every cell bracketed with its best run inside the LR and batch range it tried (9 of 9).
+LR law lr = a N^alpha D^beta: alpha -0.62 [-0.70, -0.52] (interval 0.18 wide), beta +0.26
+[+0.13, +0.39] (0.26 wide); batch law B = c D^gamma, gamma 0.94 [0.68, 0.98];
+leave-one-cell-out relative loss gap 0.39% mean (Step Law 6.0%).
 
 What it cannot show. The models are 6K-100K non-embedding parameters trained on the
 embedded corpus with an 8-token context, far below the Step Law's fitted range (60M-1B
 parameters): the fitted exponents describe these toy models, not LLMs, and the Step Law
 column is there to show the method, not to validate the law (its LR is about 10x too
-high here, which is why the planner starts from a tenth of it). At these sizes the loss
-landscape is rough: the final loss of neighbouring LRs (a factor sqrt(2) apart, same
-batch) differs by 1-3% in no smooth pattern (2.103, 2.155, 2.205, 2.136 at lr 0.0078 ..
-0.022, d_model 16, 64K tokens), and the validation loss follows the training loss, so it
-is the trained model that varies, not the measurement. That roughness is ten times the
-near-optimal gap (0.25%): a cell's near-optimal set is mostly its single best run, the
-optimum is known to a factor of 2 in LR and batch, and the law's intervals and loss gaps
-are wide next to a real sweep's. Shrinking it needs larger models or batches (less
-gradient noise) or several seeds per point, which this CPU budget does not buy; stacked
-runs (several LRs trained as one model) are the way to afford them. The batch optimum
-moves little with D over this 4x range of budgets, so the batch law's exponent is weakly
-determined.
+high here, which is why the planner starts from a tenth of it). At these sizes the
+trained model itself is noisy: the validation loss of neighbouring LRs (a factor sqrt(2)
+apart, same batch) can differ by ~1% in no smooth pattern, and the same run with its
+batch split into smaller micro-batches (mathematically the same run) can end 0.3-3% apart
+at high LRs (bench/results/sweep_2026-12-05_cpu-1thread_demo.json): so a cell's
+near-optimal set is mostly its single best run, and the optimum is known to a factor of
+sqrt(2) in LR and 2 in batch.
 """
 from __future__ import annotations
 

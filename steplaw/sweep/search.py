@@ -49,6 +49,11 @@ class AdaptiveSettings:
     # 0: bracket only; 1: also run the near-optimal stretch of both lines;
     # 2: and the LR lines of every near-optimal batch size
     fill: int = 2
+    # LR bisection: False halves the bracket one run at a time; True proposes every
+    # lattice point of the bracket `lr_resolution` apart at once: a run or two more per
+    # side, but one round instead of several, at one batch size, so they train as one
+    # stack (steplaw.train.stacked), where runs cost a fraction of one alone.
+    lr_eager: bool = False
 
     def __post_init__(self):
         if not (0 <= self.gap < 1):
@@ -116,12 +121,13 @@ def _nearest(candidates: list[int], values: list[float], target: float, anchor: 
 
 
 def _side(line: list[int], values: list[float], at: int, step: int, results: dict, make_point, threshold: float,
-          coarse: float, resolution: float, accelerate: bool = True) -> tuple[str, int | None, int, bool]:
+          coarse: float, resolution: float, accelerate: bool = True, eager: bool = False) -> tuple[str, list[int], int, bool]:
     """One side of an anchor point along one line: (verdict, position to run, bound, extends).
 
     verdict: 'bracketed' (a run beyond the gap is the lattice neighbour of the last
     near-optimal run), 'limit' (no runnable point is left beyond the near-optimal runs) or
-    'want' (run `position` next: an extension or a bisection). bound: the position of the
+    'want' (run `positions` next: an extension, a bisection, or with `eager` every point
+    of the bracket `resolution` apart). bound: the position of the
     bounding run ('bracketed'), or of the last point on this side. line: lattice indices
     of the runnable points on the line (ascending); at: the anchor's position in it;
     step: +1 or -1. extends: the position is an extension (no run bounds this side yet);
@@ -146,29 +152,52 @@ def _side(line: list[int], values: list[float], at: int, step: int, results: dic
         end = len(line) - 1 if step > 0 else 0
         beyond = [p for p in range(inside + step, end + step, step) if make_point(line[p]) not in results]
         if not beyond:
-            return "limit", None, end, False
+            return "limit", [], end, False
         walked = 0.0
         if accelerate:
             behind = [p for p in range(0, len(line)) if (p - at) * step < 0 and make_point(line[p]) in results]
             walked = max((abs(math.log(logs[at] / logs[p])) for p in behind), default=0.0)
         target = math.log(logs[inside]) + step * max(math.log(coarse), 0.5 * (math.log(coarse) + walked))
-        return "want", _nearest(beyond, logs, target, inside), end, True
+        return "want", [_nearest(beyond, logs, target, inside)], end, True
     lo, hi = sorted((inside, outside))
     between = [p for p in range(lo + 1, hi) if make_point(line[p]) not in results]
     if not between or math.log(logs[hi] / logs[lo]) <= math.log(resolution) * 1.01:
-        return "bracketed", None, outside, False
+        return "bracketed", [], outside, False
+    if eager:
+        kept = _covered(line, values, lo, hi, results, make_point)
+        return "want", _spaced(line, values, inside, outside, step, results, make_point, resolution, kept), outside, False
     target = 0.5 * (math.log(logs[inside]) + math.log(logs[outside]))
-    return "want", _nearest(between, logs, target, inside), outside, False
+    return "want", [_nearest(between, logs, target, inside)], outside, False
 
 
-def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool, accelerate: bool = True):
+def _spaced(line, values, start: int, stop: int, step: int, results: dict, make_point, resolution: float,
+            kept: list[float]) -> list[int]:
+    """Positions from `start` (exclusive) towards `stop` (exclusive) not yet run that keep
+    every point at least `resolution` apart from `kept` (the log values already covered;
+    extended with the ones chosen)."""
+    out = []
+    for p in range(start + step, stop, step):
+        here = math.log(values[line[p]])
+        if make_point(line[p]) not in results and min(abs(here - k) for k in kept) >= math.log(resolution) * 0.99:
+            out.append(p)
+            kept.append(here)
+    return out
+
+
+def _covered(line, values, lo: int, hi: int, results: dict, make_point) -> list[float]:
+    """Log values of the points run between positions lo and hi (inclusive)."""
+    return [math.log(values[line[p]]) for p in range(lo, hi + 1) if make_point(line[p]) in results]
+
+
+def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool, accelerate: bool = True,
+          eager: bool = False):
     """Wants and side verdicts of one line through an anchor; with `fill`, once both
     sides are bounded, also the points between the bounds not yet run, `resolution`
     apart (the line's near-optimal stretch evenly covered, so that its geometric mean is
     not lopsided)."""
     wants, verdicts, bounds, sides = [], {}, [], []
     for label, step in (("low", -1), ("high", 1)):
-        side = _side(line, values, at, step, results, make_point, threshold, coarse, resolution, accelerate)
+        side = _side(line, values, at, step, results, make_point, threshold, coarse, resolution, accelerate, eager)
         verdicts[label] = "open" if side[0] == "want" else side[0]
         bounds.append(side[2])
         sides.append(side)
@@ -176,17 +205,11 @@ def _line(line, values, at, results, make_point, threshold, coarse, resolution, 
     for side, other_walks in zip(sides, walking[::-1]):
         # While the line still walks downhill one way, the other side is not refined yet.
         if side[0] == "want" and (side[3] or not other_walks):
-            wants.append(make_point(line[side[1]]))
+            wants += [make_point(line[p]) for p in side[1]]
     if fill and not wants:
-        kept = [math.log(values[line[p]]) for p in range(bounds[0], bounds[1] + 1) if make_point(line[p]) in results]
-        for step in (-1, 1):
-            p = at + step
-            while bounds[0] < p < bounds[1]:
-                point, here = make_point(line[p]), math.log(values[line[p]])
-                if point not in results and min(abs(here - k) for k in kept) >= math.log(resolution) * 0.99:
-                    wants.append(point)
-                    kept.append(here)
-                p += step
+        kept = _covered(line, values, bounds[0], bounds[1], results, make_point)
+        for step, stop in ((-1, bounds[0]), (1, bounds[1])):
+            wants += [make_point(line[p]) for p in _spaced(line, values, at, stop, step, results, make_point, resolution, kept)]
     return wants, verdicts
 
 
@@ -237,7 +260,7 @@ def plan_cell(cell: SearchCell, results: dict, prior: tuple[float, float], setti
         ("bs", bs_line, cell.batch_sizes, bs_line.index(jb), lambda j: (ib, j), settings.bs_coarse, settings.bs_resolution),
     ):
         line_wants, verdicts = _line(line, values, at, results, make_point, threshold, coarse, resolution,
-                                     settings.fill >= 1, accelerate=name == "lr")
+                                     settings.fill >= 1, accelerate=name == "lr", eager=name == "lr" and settings.lr_eager)
         sides.update({f"{name}_{label}": verdict for label, verdict in verdicts.items()})
         wants += [p for p in line_wants if p not in wants]
     if not wants and settings.fill >= 2:
@@ -248,7 +271,7 @@ def plan_cell(cell: SearchCell, results: dict, prior: tuple[float, float], setti
                 continue
             row = [i for i in range(len(cell.lrs)) if cell.available(i, j)]
             line_wants, _ = _line(row, cell.lrs, row.index(ib), results, lambda i, j=j: (i, j), threshold,
-                                  settings.lr_coarse, settings.lr_resolution, True)
+                                  settings.lr_coarse, settings.lr_resolution, True, eager=settings.lr_eager)
             wants += [p for p in line_wants if p not in wants]
     if wants:
         return _capped(CellPlan("searching", wants, best, sides, runs), budget)
