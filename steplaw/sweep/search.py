@@ -49,11 +49,6 @@ class AdaptiveSettings:
     # 0: bracket only; 1: also run the near-optimal stretch of both lines;
     # 2: and the LR lines of every near-optimal batch size
     fill: int = 2
-    # LR bisection: False halves the bracket one run at a time; True proposes every
-    # lattice point of the bracket `lr_resolution` apart at once: a run or two more per
-    # side, but one round instead of several, at one batch size, so they train as one
-    # stack (steplaw.train.stacked), where runs cost a fraction of one alone.
-    lr_eager: bool = False
 
     def __post_init__(self):
         if not (0 <= self.gap < 1):
@@ -121,13 +116,12 @@ def _nearest(candidates: list[int], values: list[float], target: float, anchor: 
 
 
 def _side(line: list[int], values: list[float], at: int, step: int, results: dict, make_point, threshold: float,
-          coarse: float, resolution: float, accelerate: bool = True, eager: bool = False) -> tuple[str, list[int], int, bool]:
+          coarse: float, resolution: float, accelerate: bool = True) -> tuple[str, list[int], int, bool]:
     """One side of an anchor point along one line: (verdict, position to run, bound, extends).
 
     verdict: 'bracketed' (a run beyond the gap is the lattice neighbour of the last
     near-optimal run), 'limit' (no runnable point is left beyond the near-optimal runs) or
-    'want' (run `positions` next: an extension, a bisection, or with `eager` every point
-    of the bracket `resolution` apart). bound: the position of the
+    'want' (run `positions` next: an extension or a bisection). bound: the position of the
     bounding run ('bracketed'), or of the last point on this side. line: lattice indices
     of the runnable points on the line (ascending); at: the anchor's position in it;
     step: +1 or -1. extends: the position is an extension (no run bounds this side yet);
@@ -163,9 +157,6 @@ def _side(line: list[int], values: list[float], at: int, step: int, results: dic
     between = [p for p in range(lo + 1, hi) if make_point(line[p]) not in results]
     if not between or math.log(logs[hi] / logs[lo]) <= math.log(resolution) * 1.01:
         return "bracketed", [], outside, False
-    if eager:
-        kept = _covered(line, values, lo, hi, results, make_point)
-        return "want", _spaced(line, values, inside, outside, step, results, make_point, resolution, kept), outside, False
     target = 0.5 * (math.log(logs[inside]) + math.log(logs[outside]))
     return "want", [_nearest(between, logs, target, inside)], outside, False
 
@@ -189,15 +180,14 @@ def _covered(line, values, lo: int, hi: int, results: dict, make_point) -> list[
     return [math.log(values[line[p]]) for p in range(lo, hi + 1) if make_point(line[p]) in results]
 
 
-def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool, accelerate: bool = True,
-          eager: bool = False):
+def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool, accelerate: bool = True):
     """Wants and side verdicts of one line through an anchor; with `fill`, once both
     sides are bounded, also the points between the bounds not yet run, `resolution`
     apart (the line's near-optimal stretch evenly covered, so that its geometric mean is
     not lopsided)."""
     wants, verdicts, bounds, sides = [], {}, [], []
     for label, step in (("low", -1), ("high", 1)):
-        side = _side(line, values, at, step, results, make_point, threshold, coarse, resolution, accelerate, eager)
+        side = _side(line, values, at, step, results, make_point, threshold, coarse, resolution, accelerate)
         verdicts[label] = "open" if side[0] == "want" else side[0]
         bounds.append(side[2])
         sides.append(side)
@@ -260,7 +250,7 @@ def plan_cell(cell: SearchCell, results: dict, prior: tuple[float, float], setti
         ("bs", bs_line, cell.batch_sizes, bs_line.index(jb), lambda j: (ib, j), settings.bs_coarse, settings.bs_resolution),
     ):
         line_wants, verdicts = _line(line, values, at, results, make_point, threshold, coarse, resolution,
-                                     settings.fill >= 1, accelerate=name == "lr", eager=name == "lr" and settings.lr_eager)
+                                     settings.fill >= 1, accelerate=name == "lr")
         sides.update({f"{name}_{label}": verdict for label, verdict in verdicts.items()})
         wants += [p for p in line_wants if p not in wants]
     if not wants and settings.fill >= 2:
@@ -271,7 +261,7 @@ def plan_cell(cell: SearchCell, results: dict, prior: tuple[float, float], setti
                 continue
             row = [i for i in range(len(cell.lrs)) if cell.available(i, j)]
             line_wants, _ = _line(row, cell.lrs, row.index(ib), results, lambda i, j=j: (i, j), threshold,
-                                  settings.lr_coarse, settings.lr_resolution, True, eager=settings.lr_eager)
+                                  settings.lr_coarse, settings.lr_resolution, True)
             wants += [p for p in line_wants if p not in wants]
     if wants:
         return _capped(CellPlan("searching", wants, best, sides, runs), budget)

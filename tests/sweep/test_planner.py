@@ -172,22 +172,10 @@ def _lattice_cell():
                       make=lambda i, j: None, locate=lambda config: None)
 
 
-@pytest.mark.parametrize("eager, expected", [(False, [(2, 1), (6, 1)]), (True, [(3, 1), (2, 1), (1, 1), (5, 1), (6, 1), (7, 1)])])
-def test_eager_lr_bisection_proposes_the_whole_bracket_at_one_batch_size(eager, expected):
+
+def test_an_lr_bracket_is_bisected_one_run_per_side():
     # best at lr index 4; runs beyond the gap 4 lattice steps (4x) away on both sides; the
-    # batch line is bracketed by its neighbours
+    # batch line is bracketed by its neighbours: the midpoints (2x) come next, not the whole bracket
     results = {(4, 1): ("ok", 2.0), (0, 1): ("ok", 2.3), (8, 1): ("ok", 2.2), (4, 0): ("ok", 2.1), (4, 2): ("ok", 2.1)}
-    settings = AdaptiveSettings(lr_resolution=2 ** 0.5, lr_eager=eager)
-    plan = plan_cell(_lattice_cell(), results, (0.004, 128.0), settings, None)
-    assert plan.state == "searching" and plan.points == expected
-
-
-def test_eager_lr_bisection_still_brackets_every_cell(tmp_path):
-    settings = AdaptiveSettings(lr_resolution=2 ** 0.5, lr_eager=True)
-    summary, _ = sweep(tmp_path, spec(lr_scale=0.05, bs_scale=0.3), settings)
-    assert {c["state"] for c in summary.cells} == {"bracketed"}
-    fit = fit_hparams(read_runs(export_rows(tmp_path / "s")), n_boot=0)
-    for cell in fit.cells:
-        lr_star, bs_star = optimum(_d_model(cell.N), cell.D)
-        assert cell.lr_edge is None and cell.bs_edge is None
-        assert abs(math.log(cell.best_lr / lr_star)) < 0.5 and abs(math.log(cell.opt_bs / bs_star)) < 0.8
+    plan = plan_cell(_lattice_cell(), results, (0.004, 128.0), AdaptiveSettings(lr_resolution=2 ** 0.5), None)
+    assert plan.state == "searching" and plan.points == [(2, 1), (6, 1)]
