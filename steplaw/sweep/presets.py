@@ -13,8 +13,8 @@ Its design is forced by the CPU budget (150 s on 2 cores) and by three facts.
   * The loss it minimises is the validation loss on 4096 held-out tokens (objective
     val_loss), not the smoothed training loss: at batches of 16-128 tokens the training
     loss's last ~10 steps see a few hundred tokens, different ones at each batch size,
-    and on the same runs it ranked batch sizes differently from the validation loss by up
-    to 3%; fitting it gave a
+    and where it ranked batch sizes differently from the validation loss its pick was up
+    to 2.5% worse on the validation loss; on the same runs, fitting it gave a
     leave-one-cell-out loss gap of 1.7%, the validation loss 0.25%.
   * The D exponent needs a wide lever: budgets span 9x (16K, 48K, 144K tokens; the old
     32K-128K gave an interval 0.6-0.8 wide), for fewer tokens in all than before.
