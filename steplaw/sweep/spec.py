@@ -187,6 +187,10 @@ class SweepSpec:
         if unknown:
             raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of "
                             f"{sorted(_RUN_FIELDS)}")
+        eval_tokens = self.fixed.get("eval_tokens", RunConfig.__dataclass_fields__["eval_tokens"].default)
+        if self.objective == "val_loss" and eval_tokens == 0:
+            raise UserError("objective val_loss with eval_tokens=0: the runs would measure no validation loss; "
+                            "expected eval_tokens above 0 (e.g. --set eval_tokens=4096) or objective loss")
         seq_len = self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default)
         if isinstance(seq_len, bool) or not (isinstance(seq_len, int) and seq_len >= 1):
             raise UserError(f"seq_len={seq_len!r}: expected a positive whole number of tokens")

@@ -58,6 +58,8 @@ FLAG_CASES = {
     "set device=tpu": ["--set", "device=tpu"],
     "set unknown key": ["--set", "nosuch=1"],
     "set min_lr_ratio=2": ["--set", "min_lr_ratio=2"],
+    "objective bogus": ["--objective", "bogus"],
+    "objective val_loss, no eval tokens": ["--objective", "val_loss", "--set", "eval_tokens=0"],
     "set data missing": ["--set", "data=/nonexistent/tokens"],
     "workers 0": ["--workers", "0"],
     "max-attempts 0": ["--max-attempts", "0"],

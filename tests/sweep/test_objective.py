@@ -96,3 +96,9 @@ def test_the_default_objective_is_the_training_loss_and_keeps_old_spec_ids(tmp_p
 def test_a_bad_objective_is_refused(value):
     with pytest.raises(UserError, match="objective"):
         spec(value)
+
+
+def test_a_validation_objective_needs_validation_tokens():
+    with pytest.raises(UserError, match="eval_tokens=0"):
+        SweepSpec(models=[ModelSpec(shape=SHAPES[0])], tokens=[65536], fixed={"eval_tokens": 0}, objective="val_loss")
+    SweepSpec(models=[ModelSpec(shape=SHAPES[0])], tokens=[65536], fixed={"eval_tokens": 0})  # the training loss needs none
