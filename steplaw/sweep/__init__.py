@@ -6,7 +6,8 @@
     rows = export_rows("sweeps/a")   # the runs table that steplaw.laws fits
 """
 from steplaw.sweep.driver import SweepSummary, run_sweep
-from steplaw.sweep.executors import LocalExecutor, RayExecutor
+from steplaw.sweep.executors import LocalExecutor
+from steplaw.sweep.ray_executor import RayExecutor
 from steplaw.sweep.spec import ModelSpec, SweepSpec
 from steplaw.sweep.store import ResultStore, export_rows
 

@@ -237,7 +237,7 @@ def make_executor_factory(args, run_fn):
     group_fn = group_fn_for(run_fn, getattr(args, "stack", "auto"))
     if getattr(args, "executor", "local") == "ray":
         def make():
-            from steplaw.sweep.executors import RayExecutor
+            from steplaw.sweep.ray_executor import RayExecutor
 
             return RayExecutor(run_fn, address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
                                group_fn=group_fn)

@@ -1,4 +1,5 @@
-"""Where runs execute: a local pool of worker processes, Ray tasks on a cluster, or inline.
+"""Where runs execute: a local pool of worker processes, or inline (Ray tasks on a
+cluster: steplaw.sweep.ray_executor; what they share: steplaw.sweep.execution).
 
 All take the run function as a parameter (`run_fn(config: RunConfig, run_dir=...,
 [progress=...]) -> RunResult`, importable by name so that it pickles), so the driver and
@@ -20,207 +21,36 @@ Local pool: long-lived `spawn`ed processes (no fork of a process that may hold C
 OpenMP state), one run at a time each, talking to the driver over a pipe. A dead worker
 is noticed through its process sentinel and replaced. Workers die with the driver
 (PR_SET_PDEATHSIG on Linux), so a killed driver leaves no orphans training on.
-
-Every finished result (ok or diverged) is also kept in its run directory as result.json
-(written atomically), so a lost store can be rebuilt from the run directories.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
-import json
 import multiprocessing as mp
 import os
-import platform
 import signal
 import socket
 import sys
 import time
-import traceback as tb
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 
-from steplaw import __version__
 from steplaw.errors import UserError
-from steplaw.fileio import write_atomic
-from steplaw.train.config import RunConfig, RunResult
+from steplaw.sweep.execution import (
+    PROGRESS_INTERVAL_S,
+    Completion,
+    Progress,
+    cpu_count,
+    describe_exit,
+    failed,
+    run_members,
+    versions,
+)
+from steplaw.train.config import RunConfig
 
-PROGRESS_INTERVAL_S = 0.5
-RESULT_NAME = "result.json"
-_RESULT_FIELDS = {f.name for f in dataclasses.fields(RunResult)}
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # steplaw/
 
-
-@dataclass
-class Completion:
-    run_id: str
-    result: RunResult  # status ok / diverged / failed (with its reason), losses, curve, ...
-    host: str | None = None
-    versions: dict | None = None
-    traceback: str | None = None  # last lines of the traceback of a run that raised
-
-
-@dataclass
-class Progress:
-    run_id: str
-    info: dict  # whatever the run function reports (e.g. step, tokens, loss)
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "steplaw": __version__}
-    if "torch" in sys.modules:
-        out["torch"] = sys.modules["torch"].__version__
-    return out
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def failed(reason: str, wall_s: float | None = None) -> RunResult:
-    """The RunResult of an attempt that did not finish."""
-    return RunResult(status="failed", reason=reason, wall_s=wall_s)
-
-
-def as_result(value) -> RunResult:
-    """A run function's return value as a RunResult: a RunResult as is, a dict of
-    RunResult fields (others are dropped), anything else a failure saying what it was."""
-    if isinstance(value, RunResult):
-        result = value
-    elif isinstance(value, dict):
-        data = {k: v for k, v in value.items() if k in _RESULT_FIELDS}
-        data["curve"] = [tuple(p) for p in data.get("curve") or []]
-        result = RunResult(**data)
-    else:
-        return failed(f"run function returned {type(value).__name__}: expected a RunResult")
-    if result.status not in ("ok", "diverged", "failed"):  # e.g. "pending" from a preempted run
-        return dataclasses.replace(result, status="failed",
-                                   reason=f"run function returned status {result.status!r}: expected ok, diverged or failed")
-    return result
-
-
-def execute(run_fn, config: RunConfig, run_dir: str | None, progress=None) -> tuple[RunResult, str | None]:
-    """Run one config through `run_fn`: (its RunResult, the traceback tail if it raised)."""
-    started = time.time()
-    trace = None
-    try:
-        if run_dir is not None:
-            try:
-                os.makedirs(run_dir, exist_ok=True)
-                _drop_failed_result(run_dir)
-            except OSError:
-                run_dir = None  # e.g. a Ray node without the driver's file system
-        kwargs = {"run_dir": run_dir}
-        if progress is not None and "progress" in _parameters(run_fn):
-            kwargs["progress"] = progress
-        result = as_result(run_fn(config, **kwargs))
-    except MemoryError:
-        result = failed("out of memory (MemoryError in the run)")
-    except Exception as exc:  # noqa: BLE001  (a crashing run is a result of the sweep, not of the driver)
-        trace = "\n".join(tb.format_exc().strip().splitlines()[-6:])
-        result = failed(f"{type(exc).__name__}: {exc}")
-    if result.wall_s is None:
-        result.wall_s = time.time() - started
-    if run_dir is not None and result.status in ("ok", "diverged"):
-        _keep_result(run_dir, result, config)
-    return result, trace
-
-
-def execute_group(group_fn, members: list[tuple], progress=None) -> list[tuple[RunResult, str | None]]:
-    """Run the (run_id, config, run_dir) `members` together through `group_fn`: each
-    member's (RunResult, traceback tail), in order. A group that raises fails every member."""
-    started = time.time()
-    configs = [config for _, config, _ in members]
-    run_dirs = []
-    for _, _, run_dir in members:
-        if run_dir is not None:
-            try:
-                os.makedirs(run_dir, exist_ok=True)
-                _drop_failed_result(run_dir)  # a stored failure must not answer its retry
-            except OSError:
-                run_dir = None
-        run_dirs.append(run_dir)
-    trace = None
-    try:
-        values = group_fn(configs, run_dirs=run_dirs, progress=progress)
-        if len(values) != len(members):
-            raise RuntimeError(f"group function returned {len(values)} results for {len(members)} runs")
-        results = [as_result(value) for value in values]
-    except MemoryError:
-        results = [failed("out of memory (MemoryError in the stack)") for _ in members]
-    except Exception as exc:  # noqa: BLE001  (as in execute: a crash is a result)
-        trace = "\n".join(tb.format_exc().strip().splitlines()[-6:])
-        results = [failed(f"{type(exc).__name__}: {exc}") for _ in members]
-    share = (time.time() - started) / len(members)
-    out = []
-    for result, config, run_dir in zip(results, configs, run_dirs):
-        if result.wall_s is None:
-            result.wall_s = share
-        if run_dir is not None and result.status in ("ok", "diverged"):
-            _keep_result(run_dir, result, config)
-        out.append((result, trace if result.status == "failed" else None))
-    return out
-
-
-def run_members(run_fn, group_fn, members: list[tuple], progress=None) -> list[tuple[RunResult, str | None]]:
-    """A group of one through `run_fn` (checkpoints and resume as usual), more through `group_fn`."""
-    if len(members) == 1 or group_fn is None:
-        return [execute(run_fn, config, run_dir, progress) for _, config, run_dir in members]
-    return execute_group(group_fn, members, progress)
-
-
-def _keep_result(run_dir: str, result: RunResult, config: RunConfig):
-    """result.json in the run directory, unless the run function wrote it (train.run does)."""
-    path = os.path.join(run_dir, RESULT_NAME)
-    if os.path.exists(path):
-        return
-    data = result.to_dict()
-    data["run_id"] = data.get("run_id") or config.run_id()
-    data["config"] = data.get("config") or config.to_dict()
-    with contextlib.suppress(OSError, TypeError, ValueError):
-        write_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
-
-
-def _drop_failed_result(run_dir: str):
-    """steplaw.train.run returns the result a run directory already holds; a failed one
-    must not answer the retry of that run."""
-    path = os.path.join(run_dir, RESULT_NAME)
-    try:
-        with open(path) as f:
-            status = json.load(f).get("status")
-    except (OSError, ValueError, AttributeError):
-        return
-    if status == "failed":
-        os.unlink(path)
-
-
-def _parameters(fn) -> set[str]:
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "worker process vanished"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        hint = " (the out-of-memory killer, or killed by hand)" if -exitcode == signal.SIGKILL else ""
-        return f"worker process was killed by {name}{hint}"
-    return f"worker process exited with code {exitcode} while running"
-
-
-# -- local pool ------------------------------------------------------------------------------
 
 def _die_with_parent():
     """Ask Linux to SIGKILL this process when its parent (the driver) dies."""
@@ -450,119 +280,6 @@ def _environment(env: dict):
                 os.environ[key] = value
 
 
-# -- Ray -------------------------------------------------------------------------------------
-
-def _ray_task(run_fn, group_fn, members: list[tuple], threads: int):
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-    outcomes = run_members(run_fn, group_fn, members)
-    return outcomes, socket.gethostname(), versions()
-
-
-def _check_ray_reachable(address: str | None, timeout_s: float = 5.0) -> None:
-    """Fail fast on an unreachable cluster: ray.init retries a dead `host:port` for
-    minutes before it gives up. 'auto', None and ray:// addresses are left to Ray."""
-    if not address or address == "auto" or "://" in address:
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UserError(f"Ray address {address!r}: expected HOST:PORT, 'auto' or ray://HOST:PORT")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot reach Ray at {address!r} ({exc.strerror or exc}); is `ray start --head` running "
-                        f"there?") from None
-
-
-class RayExecutor:
-    """Runs as Ray tasks, each asking for `cpus_per_run` CPUs and `gpus_per_run` GPUs
-    (fractions allowed: 0.25 packs four small runs on a GPU). `address`: a running
-    cluster ("auto", "ray://host:10001"); None starts a local Ray instance. Ray's own task
-    retries are off: the driver retries failed runs itself, against the store. The run
-    function travels by reference: steplaw (and its module) must be installed on every
-    node; the store stays with the driver, so nodes need no shared file system."""
-
-    def __init__(self, run_fn, address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
-                 max_in_flight: int | None = None, num_cpus: int | None = None, group_fn=None):
-        try:
-            import ray
-        except ImportError:
-            raise UserError("--executor ray needs the ray package: pip install 'steplaw[ray]'") from None
-        self.ray = ray
-        self.started_ray = not ray.is_initialized()
-        if self.started_ray:
-            _check_ray_reachable(address)
-            kwargs = {"address": address, "include_dashboard": False, "log_to_driver": False,
-                      "configure_logging": False}
-            if address is None:
-                kwargs["num_cpus"] = num_cpus or cpu_count()
-            try:
-                ray.init(**kwargs)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"cannot start or reach Ray at address {address!r}: {first}") from None
-        resources = ray.cluster_resources()
-        by_cpu = resources.get("CPU", 1) / cpus_per_run if cpus_per_run else float("inf")
-        by_gpu = resources.get("GPU", 0) / gpus_per_run if gpus_per_run else float("inf")
-        if gpus_per_run and not resources.get("GPU"):
-            raise UserError(f"gpus_per_run={gpus_per_run} but the Ray cluster has no GPU: expected 0 GPUs per run here")
-        self._capacity = max_in_flight or max(1, int(min(by_cpu, by_gpu)))
-        self.task = ray.remote(_ray_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
-        self.run_fn_ref = ray.put(run_fn)
-        self.group_fn = group_fn
-        self.group_fn_ref = ray.put(group_fn)
-        self.threads = max(1, int(cpus_per_run))
-        self.refs: dict = {}  # ObjectRef -> (run ids of its group, started); a task's resources hold one group
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    def idle(self) -> int:
-        return self._capacity - len(self.refs)
-
-    def running(self) -> dict[str, float]:
-        return {run_id: started for run_ids, started in self.refs.values() for run_id in run_ids}
-
-    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
-        self.submit_group([(run_id, config, run_dir)])
-
-    def submit_group(self, members: list[tuple]):
-        members = [tuple(m) for m in members]
-        ref = self.task.remote(self.run_fn_ref, self.group_fn_ref, members, self.threads)
-        self.refs[ref] = ([run_id for run_id, _, _ in members], time.time())
-
-    def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
-        if not self.refs:
-            time.sleep(min(timeout, 0.05))
-            return [], []
-        ready, _ = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=timeout)
-        done = []
-        for ref in ready:
-            run_ids, started = self.refs.pop(ref)
-            try:
-                outcomes, host, vers = self.ray.get(ref)
-            except self.ray.exceptions.RayError as exc:  # worker crashed, OOM-killed, node lost: the whole group
-                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                reason = f"ray: {type(exc).__name__}: {first}"
-                outcomes = [(failed(reason, time.time() - started), None) for _ in run_ids]
-                host, vers = None, None
-            for run_id, (result, trace) in zip(run_ids, outcomes):
-                done.append(Completion(run_id, result, host, vers, trace))
-        return done, []
-
-    def close(self, force: bool = False):
-        for ref in list(self.refs):
-            with contextlib.suppress(Exception):
-                self.ray.cancel(ref, force=True)
-        self.refs.clear()
-        if self.started_ray:
-            self.ray.shutdown()
-
-
-# -- inline ----------------------------------------------------------------------------------
 
 class InlineExecutor:
     """Runs each run in the driver's own process, one after another, when polled: for run

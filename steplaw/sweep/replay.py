@@ -25,7 +25,8 @@ import numpy as np
 
 from steplaw.laws.published import step_law
 from steplaw.laws.table import OK_STATUSES
-from steplaw.sweep.executors import InlineExecutor, as_result
+from steplaw.sweep.execution import as_result
+from steplaw.sweep.executors import InlineExecutor
 from steplaw.sweep.planner import SearchCell, cell_key
 
 MIN_CELL_RUNS = 3

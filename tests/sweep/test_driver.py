@@ -7,7 +7,8 @@ import sweep_fakes
 
 from steplaw.models.config import ModelConfig
 from steplaw.sweep.driver import run_sweep
-from steplaw.sweep.executors import LocalExecutor, describe_exit
+from steplaw.sweep.execution import describe_exit
+from steplaw.sweep.executors import LocalExecutor
 from steplaw.sweep.store import EXPORT_COLUMNS, ResultStore, export_rows, rows_to_csv
 from steplaw.train.config import RunConfig
 
@@ -102,7 +103,7 @@ def test_retry_is_not_answered_by_a_stale_failed_result(tmp_path):
     dropped before a retry, a finished one reused."""
     import json as _json
 
-    from steplaw.sweep.executors import execute
+    from steplaw.sweep.execution import execute
     from steplaw.train import run
 
     config = RunConfig(model=MODEL, tokens=2048, lr=0.01, batch_tokens=256, seq_len=64, device="cpu", eval_tokens=256)

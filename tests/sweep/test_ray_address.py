@@ -5,7 +5,7 @@ import time
 import pytest
 
 from steplaw.errors import UserError
-from steplaw.sweep.executors import _check_ray_reachable
+from steplaw.sweep.ray_executor import _check_ray_reachable
 
 
 def _closed_port() -> int:

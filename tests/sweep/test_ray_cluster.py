@@ -20,7 +20,7 @@ import sweep_fakes  # noqa: E402
 
 from steplaw.models.config import ModelConfig  # noqa: E402
 from steplaw.sweep.driver import run_sweep  # noqa: E402
-from steplaw.sweep.executors import RayExecutor  # noqa: E402
+from steplaw.sweep.ray_executor import RayExecutor  # noqa: E402
 from steplaw.sweep.store import ResultStore  # noqa: E402
 from steplaw.train.config import RunConfig  # noqa: E402
 

@@ -201,7 +201,7 @@ def test_kill_driver_during_a_stacked_sweep_then_rerun(tmp_path):
 @pytest.mark.ray
 def test_ray_runs_a_group_as_one_task(tmp_path):
     ray = pytest.importorskip("ray")
-    from steplaw.sweep.executors import RayExecutor
+    from steplaw.sweep.ray_executor import RayExecutor
 
     module = sys.modules[__name__]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -11,7 +11,8 @@ from steplaw.cli import main
 from steplaw.models.accounting import param_counts
 from steplaw.models.config import ModelConfig, MoEConfig
 from steplaw.sweep.driver import run_sweep
-from steplaw.sweep.executors import InlineExecutor, as_result
+from steplaw.sweep.execution import as_result
+from steplaw.sweep.executors import InlineExecutor
 from steplaw.sweep.store import EXPORT_COLUMNS, ResultStore, export_rows
 from steplaw.train.config import RunConfig, RunResult
 
