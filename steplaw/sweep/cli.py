@@ -86,7 +86,7 @@ def add_commands(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="tiny CPU sweep on the embedded corpus, then fit and report (make demo)")
     demo.add_argument("--out", "-o", default="steplaw-demo", help="sweep directory (default ./steplaw-demo)")
     demo.add_argument("--scale", choices=["full", "small"], default="full",
-                      help="full: 9 cells at 32K-128K tokens; small: the same at 1K-4K, a smoke run")
+                      help="full: 9 cells at 16K-144K tokens; small: the same models at 1K-4K, a smoke run")
     demo.add_argument("--no-report", action="store_true", help="only run the sweep")
     demo.add_argument("--new-spec", action="store_true", help="allow a different demo scale on an existing --out")
     _add_execution_flags(demo, ray=False)

@@ -62,7 +62,7 @@ DEMO_PLANNER = {"full": AdaptiveSettings(cell_budget=24, lr_coarse=4.0, lr_resol
 
 def demo_spec(scale: str = "full") -> SweepSpec:
     """The demo preset for the adaptive planner. scale="full": 3 model sizes x 3 budgets
-    (32K..128K tokens); "small": the same models at 1K..4K tokens and at most 8 runs a
+    (16K, 48K and 144K tokens); "small": the same models at 1K..4K tokens and at most 8 runs a
     cell (a smoke run for the test suite: its cells may end unbracketed)."""
     fixed = {
         "seq_len": DEMO_SEQ_LEN,
