@@ -2,22 +2,16 @@
 
 On one CPU, one GPU, or several processes under torchrun (DDP; gloo on CPU, NCCL on
 GPU). Batch arithmetic and data order: steplaw.train.batching. Checkpoints:
-steplaw.train.checkpoint. Results: final smoothed training loss (bias-corrected EMA of
-the step losses, time constant `EMA_STEPS` steps), validation loss on `eval_tokens`
-held-out tokens, a loss curve of at most `CURVE_POINTS` points (mean loss of each interval,
-at the tokens seen at its end), throughput and compute.
-
-Divergence: a non-finite loss, or a smoothed loss above DIVERGENCE_FACTOR x the first
-step's loss, ends the run with status "diverged" (a result, not an exception).
+steplaw.train.checkpoint. The smoothed loss, the divergence rule, the loss curve and
+progress: steplaw.train.tracking. Results: final smoothed training loss, validation loss
+on `eval_tokens` held-out tokens, the loss curve, throughput and compute.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +23,7 @@ from steplaw.optim.schedule import check_schedule, default_warmup_steps, lr_mult
 from steplaw.train import checkpoint as ckpt
 from steplaw.train.batching import BatchPlan, auto_micro_batch_tokens, eval_offsets, gather_windows, plan_batches, step_offsets
 from steplaw.train.config import RunConfig, RunResult
-
-EMA_STEPS = 10
-CURVE_POINTS = 256
-DIVERGENCE_FACTOR = 1.5
-PROGRESS_INTERVAL_S = 1.0
-
-ProgressFn = Callable[[dict], None]
-
+from steplaw.train.tracking import LossTracker, ProgressFn, ProgressReporter, loss_curve
 
 # ---------------------------------------------------------------- environment
 
@@ -127,99 +114,6 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.devi
     if config.optimizer == "torch":
         return torch.optim.AdamW(groups, **kwargs)
     raise UserError(f"optimizer={config.optimizer!r}: expected 'steplaw' or 'torch'")
-
-
-def _stderr_progress(info: dict) -> None:
-    eta = info["eta_s"]
-    eta_text = f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s"
-    line = (
-        f"\r{info['tokens'] / 1e6:8.2f}M / {info['total_tokens'] / 1e6:.2f}M tokens"
-        f"  loss {info['loss']:.4f}  {info['tokens_per_s']:,.0f} tok/s  ETA {eta_text}   "
-    )
-    sys.stderr.write(line)
-    if info.get("done"):
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
-# ---------------------------------------------------------------- losses
-
-class LossTracker:
-    """The step losses of one run, their bias-corrected EMA (time constant EMA_STEPS
-    steps) and the divergence rule, kept up to date one loss at a time."""
-
-    def __init__(self, losses: list[float] | None = None):
-        self.losses: list[float] = []
-        self._beta = 1 - 1 / EMA_STEPS
-        self._ema, self._finite = 0.0, 0
-        for value in losses or ():
-            self.add(value)
-
-    @property
-    def smoothed(self) -> float:
-        """Bias-corrected EMA of the finite losses so far (NaN before the first)."""
-        n = self._finite
-        return self._ema / (1 - self._beta ** n) if n else float("nan")
-
-    def add(self, value: float) -> str | None:
-        """Record one step's loss; the reason the run has diverged, or None."""
-        self.losses.append(value)
-        if not math.isfinite(value):
-            return f"loss became {value} at step {len(self.losses)}"
-        self._ema = self._beta * self._ema + (1 - self._beta) * value
-        self._finite += 1
-        smooth, first = self.smoothed, self.losses[0]
-        if smooth > DIVERGENCE_FACTOR * first:
-            return (f"smoothed loss {smooth:.3f} rose above {DIVERGENCE_FACTOR} x the first loss {first:.3f} "
-                    f"at step {len(self.losses)}")
-        return None
-
-    def finite(self) -> list[float]:
-        """The losses before the first non-finite one (a diverged run stops there)."""
-        return [x for x in self.losses if math.isfinite(x)]
-
-
-def smoothed(losses: list[float]) -> float:
-    """Bias-corrected EMA of the step losses (time constant EMA_STEPS steps)."""
-    return LossTracker(losses).smoothed
-
-
-def loss_curve(losses: list[float], batch_tokens: int, points: int = CURVE_POINTS) -> list[tuple[int, float]]:
-    """(tokens seen, mean step loss) over at most `points` equal intervals of the steps."""
-    if not losses:
-        return []
-    every = max(1, math.ceil(len(losses) / points))
-    curve = []
-    for start in range(0, len(losses), every):
-        chunk = losses[start:start + every]
-        curve.append(((start + len(chunk)) * batch_tokens, float(sum(chunk) / len(chunk))))
-    return curve
-
-
-class ProgressReporter:
-    """Calls `report` (a progress function, True for the stderr line, or None) about once
-    a second with tokens, total_tokens, step, steps, loss, tokens_per_s, eta_s, done."""
-
-    def __init__(self, report: bool | ProgressFn | None, plan: BatchPlan):
-        self.report = _stderr_progress if report is True else (report or None)
-        self.plan = plan
-        self.t0 = self.last = time.perf_counter()
-        self.tokens = 0  # trained in this session (a resumed run's rate counts only these)
-
-    def step_done(self) -> None:
-        self.tokens += self.plan.batch_tokens
-
-    def maybe_report(self, step: int, loss: float, **extra) -> None:
-        now = time.perf_counter()
-        if self.report is None or (now - self.last < PROGRESS_INTERVAL_S and step != self.plan.steps):
-            return
-        self.last = now
-        rate = self.tokens / max(now - self.t0, 1e-9)
-        self.report({
-            "tokens": step * self.plan.batch_tokens, "total_tokens": self.plan.tokens, "step": step,
-            "steps": self.plan.steps, "loss": loss, "tokens_per_s": rate,
-            "eta_s": (self.plan.steps - step) * self.plan.batch_tokens / rate, "done": step == self.plan.steps, **extra,
-        })
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -46,9 +46,6 @@ from steplaw.optim import FusedAdamW
 from steplaw.train import checkpoint as ckpt
 from steplaw.train.config import RunConfig, RunResult
 from steplaw.train.runner import (
-    LossTracker,
-    ProgressFn,
-    ProgressReporter,
     Setup,
     _autocast,
     _Distributed,
@@ -60,6 +57,7 @@ from steplaw.train.runner import (
     prepare,
     record_training,
 )
+from steplaw.train.tracking import LossTracker, ProgressFn, ProgressReporter
 
 # Largest stack `auto` picks, by device: past it a stack gains little (the step is compute-bound).
 AUTO_STACK_LIMIT = {"cpu": 8, "cuda": 32}

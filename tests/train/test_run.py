@@ -224,7 +224,7 @@ def test_resumed_run_records_wall_time_not_only_training_time(tmp_path, monkeypa
 
 
 def test_loss_tracker_smooths_once_and_applies_the_divergence_rule():
-    from steplaw.train.runner import DIVERGENCE_FACTOR, EMA_STEPS, LossTracker, smoothed
+    from steplaw.train.tracking import DIVERGENCE_FACTOR, EMA_STEPS, LossTracker, smoothed
 
     losses = [5.0, 4.0, 3.5, 3.0]
     beta = 1 - 1 / EMA_STEPS
