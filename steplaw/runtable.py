@@ -52,6 +52,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("stack", "", "the stack (16 hex) that trained this run together with runs differing only in lr; empty: alone"),
 )
 NAMES: list[str] = [column.name for column in COLUMNS]
+# The loss columns a sweep may minimise (a spec's `objective`): "loss", the smoothed final
+# training loss (the Step Law's measure: at real batch sizes it is the lowest-noise
+# estimate), or "val_loss", the loss on the held-out tokens every run is evaluated on.
+# At batches of a few dozen sequences the training loss's last steps see different tokens
+# at each batch size and average only a few hundred of them; the validation loss is one
+# fixed set for every run, so it compares batch sizes on equal terms.
+OBJECTIVES: tuple[str, ...] = ("loss", "val_loss")
 BY_NAME: dict[str, Column] = {column.name: column for column in COLUMNS}
 
 STATUSES = ("ok", "diverged", "failed", "pending")

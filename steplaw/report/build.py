@@ -32,7 +32,7 @@ from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_CO
 from steplaw.laws.saved import write_json
 from steplaw.laws.table import read_runs
 from steplaw.report.plots import heatmap_cells, plot_fit
-from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv, sweep_objective
+from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv
 
 MAX_RUN_ROWS = 5000  # beyond this the table of runs lives in runs.csv only
 DEFAULT_PLANNER = "grid"  # sweeps written before the store recorded its planner
@@ -93,14 +93,15 @@ def _mixes_sparsity(table) -> bool:
     return distinct_values(shares).size >= 2
 
 
-def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict, list[dict]]:
-    """(rows, planner, failure reasons, the planner's per-cell reports) from the sweep store;
-    a damaged store is a UserError."""
+def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict, list[dict], str]:
+    """(rows, planner, failure reasons, the planner's per-cell reports, the loss column the
+    sweep minimises) from the sweep store; a damaged store is a UserError."""
     try:
         rows = export_rows(sweep_dir)
         with ResultStore(sweep_dir, readonly=True) as store:
             planner = store.meta("planner", None)
             planner_cells = store.meta("planner_cells", None) or []
+            objective = store.objective()
             reasons = {}
             failed_ids = [r["run_id"] for r in rows if r["status"] == "failed"]
             if failed_ids:
@@ -110,7 +111,8 @@ def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict, list[dict]]:
                         "restore it from a backup or rerun the sweep into a new directory.") from None
     if not isinstance(planner_cells, list):
         planner_cells = []
-    return rows, str(planner) if planner else DEFAULT_PLANNER, reasons, [c for c in planner_cells if isinstance(c, dict)]
+    planner_cells = [c for c in planner_cells if isinstance(c, dict)]
+    return rows, str(planner) if planner else DEFAULT_PLANNER, reasons, planner_cells, objective
 
 
 def attach_planner_states(cells: list[dict], planner_cells: list[dict]) -> None:
@@ -380,13 +382,12 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
     if not (sweep_dir / "runs.sqlite").is_file():
         raise UserError(f"{str(sweep_dir)!r} holds no sweep store (runs.sqlite): expected a directory written by "
                         "`steplaw sweep`")
-    rows, planner, reasons, planner_cells = _store_reads(sweep_dir)
+    rows, planner, reasons, planner_cells, objective = _store_reads(sweep_dir)
     if not rows:
         raise UserError(f"sweep {str(sweep_dir)!r} holds no runs: expected a directory written by `steplaw sweep`")
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs.csv").write_text(rows_to_csv(rows))
-    objective = sweep_objective(sweep_dir)
     table, fit, fit_error = fit_sweep(rows, str(sweep_dir), n_boot=n_boot, gap=gap, objective=objective)
     figures: list[Path] = []
     plots_note = figures_note = None

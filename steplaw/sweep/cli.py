@@ -28,6 +28,7 @@ from steplaw import cliargs
 from steplaw.cliargs import count, nonnegative_float, positive_float, positive_int
 from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
+from steplaw.runtable import OBJECTIVES
 
 
 def _setting(text: str) -> tuple[str, object]:
@@ -60,7 +61,7 @@ def add_commands(subparsers) -> None:
     grid.add_argument("--batch-sizes", nargs="+", type=count, help="explicit batch sizes in tokens")
     grid.add_argument("--min-steps", type=positive_int, help="drop batch sizes leaving fewer optimizer steps (default 16)")
     grid.add_argument("--seq-len", type=positive_int, help="sequence length (tokens)")
-    grid.add_argument("--objective", choices=["loss", "val_loss"], default=None,
+    grid.add_argument("--objective", choices=OBJECTIVES, default=None,
                       help="the loss each cell's optimum minimises: loss (smoothed final training loss; default) or "
                            "val_loss (validation loss; fairer across tiny batch sizes). fit and report use it too")
     grid.add_argument("--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",

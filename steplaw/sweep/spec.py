@@ -35,15 +35,8 @@ from pathlib import Path
 from steplaw.errors import UserError
 from steplaw.laws.published import step_law
 from steplaw.models.config import ModelConfig, MoEConfig
+from steplaw.runtable import OBJECTIVES
 from steplaw.train.config import RunConfig
-
-# What a sweep may minimise, run-table columns (steplaw.runtable): "loss", the smoothed
-# final training loss (the Step Law's measure: at real batch sizes it is the lowest-noise
-# estimate), or "val_loss", the loss on the held-out tokens every run is evaluated on.
-# At batches of a few dozen sequences the training loss's last steps see different tokens
-# at each batch size and average only a few hundred of them; the validation loss is one
-# fixed set for every run, so it compares batch sizes on equal terms.
-OBJECTIVES = ("loss", "val_loss")
 
 __all__ = ["ModelSpec", "SweepSpec", "Cell", "step_law", "count_params", "lr_grid", "batch_grid", "validate_runs"]
 
@@ -140,7 +133,7 @@ class SweepSpec:
     min_steps: int = 16  # no batch size with fewer optimizer steps than this
     vocab_size: int = 256
     fixed: dict = field(default_factory=dict)  # other RunConfig fields (seq_len, schedule, seed, ...)
-    # The loss a cell's optimum minimises, a run-table column (OBJECTIVES): the adaptive
+    # The loss a cell's optimum minimises, a run-table column (steplaw.runtable.OBJECTIVES): the adaptive
     # planner searches it, and `steplaw fit DIR` / `steplaw report DIR` fit it by default.
     objective: str = "loss"
 

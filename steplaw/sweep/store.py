@@ -338,6 +338,13 @@ class ResultStore:
             row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(row[0]) if row and row[0] is not None else default
 
+    def objective(self) -> str:
+        """The run-table column this sweep minimises: its current spec's `objective`
+        ("loss", the smoothed training loss, unless the spec says otherwise)."""
+        spec = self.meta("spec")
+        objective = spec.get("objective", "loss") if isinstance(spec, dict) else "loss"
+        return objective if objective in runtable.OBJECTIVES else "loss"
+
     def spec(self, spec_id: str) -> dict | None:
         if self.version < 2:
             return self.meta("spec")
@@ -491,12 +498,9 @@ def export_rows(sweep_dir: str | Path) -> list[dict]:
 
 
 def sweep_objective(sweep_dir: str | Path) -> str:
-    """The run-table column the sweep in `sweep_dir` minimises: its current spec's
-    `objective` ("loss", the smoothed training loss, unless the spec says otherwise)."""
+    """`ResultStore.objective()` of the sweep in `sweep_dir`."""
     with ResultStore(sweep_dir, readonly=True) as store:
-        spec = store.meta("spec")
-    objective = spec.get("objective", "loss") if isinstance(spec, dict) else "loss"
-    return objective if objective in ("loss", "val_loss") else "loss"
+        return store.objective()
 
 
 __all__ = ["ResultStore", "sweep_objective", "DriverLock", "export_rows", "rows_to_csv", "rows_to_json", "EXPORT_COLUMNS", "db_path"]
