@@ -116,12 +116,12 @@ def _nearest(candidates: list[int], values: list[float], target: float, anchor: 
 
 
 def _side(line: list[int], values: list[float], at: int, step: int, results: dict, make_point, threshold: float,
-          coarse: float, resolution: float, accelerate: bool = True) -> tuple[str, list[int], int, bool]:
+          coarse: float, resolution: float, accelerate: bool = True) -> tuple[str, int | None, int, bool]:
     """One side of an anchor point along one line: (verdict, position to run, bound, extends).
 
     verdict: 'bracketed' (a run beyond the gap is the lattice neighbour of the last
     near-optimal run), 'limit' (no runnable point is left beyond the near-optimal runs) or
-    'want' (run `positions` next: an extension or a bisection). bound: the position of the
+    'want' (run `position` next: an extension or a bisection). bound: the position of the
     bounding run ('bracketed'), or of the last point on this side. line: lattice indices
     of the runnable points on the line (ascending); at: the anchor's position in it;
     step: +1 or -1. extends: the position is an extension (no run bounds this side yet);
@@ -146,38 +146,19 @@ def _side(line: list[int], values: list[float], at: int, step: int, results: dic
         end = len(line) - 1 if step > 0 else 0
         beyond = [p for p in range(inside + step, end + step, step) if make_point(line[p]) not in results]
         if not beyond:
-            return "limit", [], end, False
+            return "limit", None, end, False
         walked = 0.0
         if accelerate:
             behind = [p for p in range(0, len(line)) if (p - at) * step < 0 and make_point(line[p]) in results]
             walked = max((abs(math.log(logs[at] / logs[p])) for p in behind), default=0.0)
         target = math.log(logs[inside]) + step * max(math.log(coarse), 0.5 * (math.log(coarse) + walked))
-        return "want", [_nearest(beyond, logs, target, inside)], end, True
+        return "want", _nearest(beyond, logs, target, inside), end, True
     lo, hi = sorted((inside, outside))
     between = [p for p in range(lo + 1, hi) if make_point(line[p]) not in results]
     if not between or math.log(logs[hi] / logs[lo]) <= math.log(resolution) * 1.01:
-        return "bracketed", [], outside, False
+        return "bracketed", None, outside, False
     target = 0.5 * (math.log(logs[inside]) + math.log(logs[outside]))
-    return "want", [_nearest(between, logs, target, inside)], outside, False
-
-
-def _spaced(line, values, start: int, stop: int, step: int, results: dict, make_point, resolution: float,
-            kept: list[float]) -> list[int]:
-    """Positions from `start` (exclusive) towards `stop` (exclusive) not yet run that keep
-    every point at least `resolution` apart from `kept` (the log values already covered;
-    extended with the ones chosen)."""
-    out = []
-    for p in range(start + step, stop, step):
-        here = math.log(values[line[p]])
-        if make_point(line[p]) not in results and min(abs(here - k) for k in kept) >= math.log(resolution) * 0.99:
-            out.append(p)
-            kept.append(here)
-    return out
-
-
-def _covered(line, values, lo: int, hi: int, results: dict, make_point) -> list[float]:
-    """Log values of the points run between positions lo and hi (inclusive)."""
-    return [math.log(values[line[p]]) for p in range(lo, hi + 1) if make_point(line[p]) in results]
+    return "want", _nearest(between, logs, target, inside), outside, False
 
 
 def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool, accelerate: bool = True):
@@ -195,11 +176,17 @@ def _line(line, values, at, results, make_point, threshold, coarse, resolution, 
     for side, other_walks in zip(sides, walking[::-1]):
         # While the line still walks downhill one way, the other side is not refined yet.
         if side[0] == "want" and (side[3] or not other_walks):
-            wants += [make_point(line[p]) for p in side[1]]
+            wants.append(make_point(line[side[1]]))
     if fill and not wants:
-        kept = _covered(line, values, bounds[0], bounds[1], results, make_point)
-        for step, stop in ((-1, bounds[0]), (1, bounds[1])):
-            wants += [make_point(line[p]) for p in _spaced(line, values, at, stop, step, results, make_point, resolution, kept)]
+        kept = [math.log(values[line[p]]) for p in range(bounds[0], bounds[1] + 1) if make_point(line[p]) in results]
+        for step in (-1, 1):
+            p = at + step
+            while bounds[0] < p < bounds[1]:
+                point, here = make_point(line[p]), math.log(values[line[p]])
+                if point not in results and min(abs(here - k) for k in kept) >= math.log(resolution) * 0.99:
+                    wants.append(point)
+                    kept.append(here)
+                p += step
     return wants, verdicts
 
 
