@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import log, report
 
+from steplaw.laws.fit import PowerLaw
+
 
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -83,20 +85,12 @@ def _width(ci):
     return None if not ci or ci[0] is None or ci[1] is None else ci[1] - ci[0]
 
 
-def predict(law: dict, N: float, D: float) -> float:
-    value = law["coef"]
-    for name, exp in law.items():
-        if name.startswith("exp_"):
-            value *= {"N": N, "D": D}[name[4:]] ** exp
-    return value
-
-
 def law_difference(a: dict, b: dict) -> dict:
     """Largest relative difference of a's and b's predicted lr and batch over a's cells."""
     worst = {"lr": 0.0, "batch_tokens": 0.0}
     for cell in a["cells"]:
         for key, law in (("lr", "lr_law"), ("batch_tokens", "bs_law")):
-            ratio = predict(a[law], cell["N"], cell["D"]) / predict(b[law], cell["N"], cell["D"])
+            ratio = float(PowerLaw.from_dict(a[law])(cell["N"], cell["D"]) / PowerLaw.from_dict(b[law])(cell["N"], cell["D"]))
             worst[key] = max(worst[key], abs(ratio - 1))
     return worst
 

@@ -16,8 +16,8 @@ that size or less is the run's own sensitivity to rounding, not a fault of stack
 (null where the batch is a single sequence and cannot be split).
 
 Cases: CPU at the demo's shapes (names contain "demo": steplaw.sweep.presets.demo_spec's
-models, 8-token sequences, eval tokens and schedule; batches of 32-128 tokens over 32K-64K
-of its token budgets; LRs spread over the cell's grid, centre/4 .. centre*4), an MoE model
+models, 8-token sequences, eval tokens and schedule; batches of 32-128 tokens at its
+middle token budget; LRs spread over the cell's grid, centre/4 .. centre*4), an MoE model
 at the demo's sequence length, and about 1M and 10M parameters; CUDA (only when a GPU is
 visible): about 1M, 10M and 100M parameters in bf16, K = 16 (K = 8 at 100M).
 

@@ -56,10 +56,10 @@ class _MemberLinear(torch.autograd.Function):
         return grad_x, grad_weight
 
 
-def _plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _plain(*tensors: torch.Tensor) -> bool:
     """Whether the hand-written autograd Functions apply: float32 tensors, no autocast
     (whose dtype rules they do not follow; those cases take plain torch ops)."""
-    return x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+    return all(t.dtype == torch.float32 for t in tensors) and not torch.is_autocast_enabled(tensors[0].device.type)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -346,7 +346,7 @@ class StackedTransformer(nn.Module):
         logits = _linear(x, self.tok_emb if self.lm_head is None else self.lm_head)  # [K, B*T, V]
         if targets is None:
             return logits.view(members, batch, seq, vocab)
-        if _plain(logits, logits):
+        if _plain(logits):
             return _CrossEntropy.apply(logits, targets.reshape(1, -1, 1).expand(members, -1, 1)).mean(dim=1)
         losses = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1).repeat(members), reduction="none")
         return losses.view(members, -1).mean(dim=1)
