@@ -6,10 +6,8 @@ Output paths are checked before any work, so a bad --out costs no fit.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
-import sys
 from pathlib import Path
 
 from steplaw import cliargs
@@ -41,33 +39,6 @@ def sweep_rows(sweep_dir) -> list[dict]:
     except sqlite3.DatabaseError as exc:
         raise UserError(f"{str(sweep_dir / 'runs.sqlite')!r} is not a readable sweep store ({exc}); "
                         "restore it from a backup or rerun the sweep into a new directory.") from None
-
-
-def add_table_args(parser: argparse.ArgumentParser, with_compute: bool = False, needs: str = "hparams") -> None:
-    """The runs argument and the column flags a command needs ('hparams': N, D, lr, batch,
-    loss; 'loss': N, D or compute, loss)."""
-    parser.add_argument("runs", help="CSV, JSONL or Parquet table of runs, or a sweep directory (runs.sqlite)")
-    group = parser.add_argument_group("column mapping (defaults: the runs-table names)")
-    # The loss law reads no LR or batch column; its parser still takes their flags (hidden)
-    # so that one column mapping serves both fit and fit-loss.
-    hparams_only = (lambda text: text) if needs == "hparams" else (lambda text: argparse.SUPPRESS)
-    group.add_argument("--col-N", default="N", metavar="NAME", help="non-embedding parameters (default N)")
-    group.add_argument("--col-D", default=None, metavar="NAME", help="training tokens (default D)")
-    group.add_argument("--col-lr", default="lr", metavar="NAME", help=hparams_only("peak learning rate (default lr)"))
-    group.add_argument("--col-bs", default=None, metavar="NAME",
-                       help=hparams_only("batch size (default: batch_tokens, else batch_seqs / batch_sequences)"))
-    group.add_argument("--col-loss", default=None, metavar="NAME",
-                       help="final loss (default loss; for a sweep directory, the loss its sweep minimised: "
-                            "loss or val_loss)")
-    if with_compute:
-        group.add_argument("--col-C", default=None, metavar="NAME",
-                           help="training FLOPs; with no token column, D = C / (6 N)")
-    group.add_argument("--bs-unit", choices=["tokens", "sequences"], default=None,
-                       help=hparams_only("unit of the batch-size column; required when its name (e.g. bs, "
-                                         "batch_size) does not say it (batch_tokens: tokens; batch_seqs: sequences)"))
-    group.add_argument("--seq-len", type=cliargs.positive_int, default=None, metavar="L",
-                       help=hparams_only("tokens per sequence, for a batch in sequences (else a seq_len column)"))
-    parser.set_defaults(table_needs=needs)
 
 
 def load_table(args):
@@ -176,7 +147,7 @@ def _fit_out_dir(args) -> Path | None:
     return cliargs.check_output_dir(out, "the fit directory")
 
 
-def _write_fit_files(out_dir: Path, result: dict, table, primary, plots: bool) -> list[Path]:
+def _write_fit_files(args, out_dir: Path, result: dict, table, primary, plots: bool) -> list[Path]:
     from steplaw.laws.saved import write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,11 +158,11 @@ def _write_fit_files(out_dir: Path, result: dict, table, primary, plots: bool) -
         try:
             written += plot_fit(table, primary, out_dir)
         except UserError as exc:  # matplotlib missing: the fit still stands
-            print(f"note: no plots: {exc}", file=sys.stderr)
+            _warn(args, [f"no plots: {exc}"])
         else:
             shown = heatmap_cells(primary)[1]  # many cells: heatmaps of a chosen few, say which
             if shown:
-                print(f"note: {shown}", file=sys.stderr)
+                _warn(args, [shown])
     return written
 
 
@@ -210,7 +181,7 @@ def cmd_fit(args) -> int:
     result = {**primary.to_dict(), "source": table.source}
     if len(fits) > 1:
         result["by_n_column"] = {column: fit.to_dict() for column, fit in fits.items() if column != columns[0]}
-    written = _write_fit_files(out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
+    written = _write_fit_files(args, out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
     if save is not None:
         written.append(write_json(save, hparam_law_record(primary, table.source)))
     if args.json:
@@ -302,7 +273,7 @@ def _add_fit(subparsers) -> None:
         description="Fit lr = coef*N^exp_N*D^exp_D and B = coef*D^exp_D (the Step Law's method) with bootstrap "
                     "intervals, leave-one-cell-out validation and every published law scored on the same cells.",
     )
-    add_table_args(fit)
+    cliargs.add_table_args(fit)
     fit.add_argument("--gap", type=cliargs.nonnegative_float, default=0.0025,
                      help="relative loss gap of the near-optimal set (default 0.0025)")
     fit.add_argument("--n-boot", type=cliargs.nonnegative_int, default=1000, help="bootstrap resamples (default 1000)")
@@ -325,7 +296,7 @@ def _add_fit(subparsers) -> None:
         description="Fit the loss law (Huber on log-loss, BFGS from a grid of starts; Hoffmann et al. 2022). "
                     "Needs only N, D (or compute) and the loss.",
     )
-    add_table_args(fit_loss_parser, with_compute=True, needs="loss")
+    cliargs.add_table_args(fit_loss_parser, with_compute=True, needs="loss")
     fit_loss_parser.add_argument("--n-boot", type=cliargs.nonnegative_int, default=200, help="bootstrap resamples (default 200)")
     fit_loss_parser.add_argument("--seed", type=cliargs.nonnegative_int, default=0, help="bootstrap seed (default 0)")
     fit_loss_parser.add_argument("--n-column", choices=["N", "N_active", "N_total"], default="N",
