@@ -8,7 +8,7 @@ fit's figures (steplaw.report.plots) and lays out: which planner proposed the ru
 fitted laws beside the Step Law with the exponents the data could not identify, every
 published law scored on the sweep's cells (ranked), one line per (N, D) cell with the
 runs it used, its best run and whether that run sits on the grid's edge
-(steplaw.laws.fit.grid_edge, the one definition), the failed runs with their reasons,
+(steplaw.laws.cells.grid_edge, the one definition), the failed runs with their reasons,
 and the table of every run. A fit that cannot be made (too few cells, say) is explained
 in the report instead of stopping it. The report is built as a list of blocks, rendered
 once as Markdown and once as HTML (images embedded as base64), so both say the same.
@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from steplaw.errors import UserError
-from steplaw.laws.fit import fit_hparams, grid_edge
+from steplaw.laws.cells import grid_edge
+from steplaw.laws.fit import fit_hparams
 from steplaw.laws.identify import distinct_values
 from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
 from steplaw.laws.saved import write_json
@@ -43,7 +44,7 @@ DEFAULT_PLANNER = "grid"  # sweeps written before the store recorded its planner
 def cell_summaries(rows: list[dict], objective: str = "loss") -> list[dict]:
     """Per (N, D) cell (MoE layouts apart): runs used, best finished run, grid-edge flags.
 
-    The edge flags are steplaw.laws.fit.grid_edge of the best run's LR (batch size) on the
+    The edge flags are steplaw.laws.cells.grid_edge of the best run's LR (batch size) on the
     cell's grid: 'low' / 'high' at the grid's ends, 'single' for a one-value grid.
     """
     cells = defaultdict(list)
