@@ -71,6 +71,7 @@ def _predict_from_file(args) -> int:
     if not isinstance(law, SavedHparamLaw):
         raise UserError(f"--law {args.law!r} holds a loss law; predict needs a file from `steplaw fit --save`.")
     lr, bs, warnings = law.predict(args.params, args.tokens, n_active=args.moe_active)
+    warnings = law.warnings + warnings  # the fit's own warnings travel with its file
     out = {"law": args.law, "n_column": law.n_column, "lr": lr, "batch_tokens": bs, "batch_seqs": bs / args.seq_len,
            "seq_len": args.seq_len, "lr_law": law.lr_law.formula("lr"), "bs_law": law.bs_law.formula("B"),
            "warnings": warnings}
@@ -178,7 +179,8 @@ def cmd_fit(args) -> int:
     fits = {column: fit_hparams(table, gap=args.gap, n_boot=args.n_boot, seed=args.seed, n_column=column,
                                 fit_bs_N=args.fit_bs_N, sparsity=args.sparsity) for column in columns}
     primary = fits[columns[0]]
-    result = {**primary.to_dict(), "source": table.source}
+    warnings = _fits_warnings(fits)
+    result = {**primary.to_dict(), "source": table.source, "warnings": warnings}
     if len(fits) > 1:
         result["by_n_column"] = {column: fit.to_dict() for column, fit in fits.items() if column != columns[0]}
     written = _write_fit_files(args, out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
@@ -192,14 +194,24 @@ def cmd_fit(args) -> int:
             print("\n".join(fit_lines(fits[column])))
         if written:
             print("wrote " + ", ".join(str(path) for path in written))
-    _warn(args, [w for fit in fits.values() for w in fit.warnings])
+    _warn(args, warnings)
     return 0
+
+
+def _fits_warnings(fits: dict) -> list[str]:
+    """Every fit's warnings, each once; with several fits (N and N_active) each names the
+    fit it belongs to, except those of the table itself, which all fits share."""
+    fits = list(fits.values())
+    if len(fits) == 1:
+        return list(fits[0].warnings)
+    shared = [w for w in fits[0].warnings if all(w in fit.warnings for fit in fits)]
+    return shared + [f"fit with N = {fit.n_column}: {w}" for fit in fits for w in fit.warnings if w not in shared]
 
 
 # ---------------------------------------------------------------------------- fit-loss
 def cmd_fit_loss(args) -> int:
     from steplaw.laws.loss import fit_loss
-    from steplaw.laws.published import step_law
+    from steplaw.laws.published import range_warnings, step_law
     from steplaw.laws.saved import loss_law_record, write_json
     from steplaw.laws.text import loss_fit_lines
 
@@ -212,6 +224,8 @@ def cmd_fit_loss(args) -> int:
         n_opt, d_opt = fit.compute_optimal(args.budget)
         lr, bs = step_law(n_opt, d_opt)
         interval = fit.optimal_interval(args.budget)
+        # N_opt and D_opt beyond the cells are the law's extrapolation: say so, as plan does.
+        result["warnings"] += range_warnings("the fitted loss law", fit.fitted_range, {"N": n_opt, "D": d_opt})
         result["at_budget"] = {"compute": args.budget, "N_opt": n_opt, "D_opt": d_opt,
                                "N_interval": list(interval["N"]) if interval else None,
                                "D_interval": list(interval["D"]) if interval else None,
@@ -226,7 +240,7 @@ def cmd_fit_loss(args) -> int:
         print("\n".join(loss_fit_lines(fit, result)))
         if save is not None:
             print(f"wrote {save}")
-    _warn(args, fit.warnings)
+    _warn(args, result["warnings"])
     return 0
 
 

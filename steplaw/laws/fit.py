@@ -36,7 +36,7 @@ from steplaw.errors import UserError
 from steplaw.laws import identify
 from steplaw.laws.cells import CellOptimum, cell_optima
 from steplaw.laws.scores import CellRuns, score_cells, summary_of
-from steplaw.laws.stats import percentile_interval
+from steplaw.laws.stats import NO_INTERVALS, check_bootstrap, percentile_interval
 from steplaw.laws.table import RunTable
 
 LR_VARIABLES = ("N", "D")
@@ -141,14 +141,13 @@ def _wls_batched(X: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------ the steps
-def _check_args(table: RunTable, gap, n_boot, n_column: str, sparsity: bool) -> tuple[np.ndarray, np.ndarray]:
+def _check_args(table: RunTable, gap, n_boot, seed, n_column: str, sparsity: bool) -> tuple[np.ndarray, np.ndarray]:
     """(parameter counts of n_column, sparsity N_active/N per run) after checking the arguments."""
     if not table.has_hparams:
         raise UserError("the table was read without learning rates and batch sizes; fit needs both (needs='hparams').")
     if not (isinstance(gap, (int, float)) and np.isfinite(gap) and 0 <= gap < 1):
         raise UserError(f"gap must be a relative loss gap in [0, 1), got {gap!r}.")
-    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 0):
-        raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}.")
+    check_bootstrap(n_boot, seed)
     n_values = table.param_counts(n_column)
     if np.any(~np.isfinite(n_values) | (n_values <= 0)):
         raise UserError(f"column {n_column!r} has missing or non-positive values; expected a positive count in every row.")
@@ -160,11 +159,24 @@ def _check_args(table: RunTable, gap, n_boot, n_column: str, sparsity: bool) -> 
     return n_values, s_values
 
 
-def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str) -> tuple[list[str], list[dict]]:
+# S = N_active / N, so with N and S in one law the other parameter count is implied:
+# log N_other = log N -+ log S. Its spread is what tells N's exponent from S's.
+_IMPLIED_N = {"N": ("N_active", +1.0, "N_active"), "N_active": ("N", -1.0, "the total N")}
+
+
+def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str,
+                   n_column: str = "N") -> tuple[list[str], list[dict]]:
     """The candidates the cells can identify, and one refusal record per one they cannot."""
     kept, refused = [], []
     for name in candidates:
         problem = identify.exponent_problem(np.exp(cell_logs[name]), name)
+        if problem is None and name == "S" and "N" in kept and n_column in _IMPLIED_N:
+            # With N and S both in the law only the implied other count separates them: an
+            # MoE sweep whose total N barely moves cannot tell N_active's exponent from S's.
+            other, sign, words = _IMPLIED_N[n_column]
+            implied = identify.exponent_problem(np.exp(cell_logs["N"] + sign * cell_logs["S"]), other)
+            if implied is not None:
+                problem = f"{n_column} and the sparsity are told apart only by {words}, and {implied}"
         if problem is None:
             kept.append(name)
         else:
@@ -274,8 +286,10 @@ def _sparsity_verdict(laws: dict[str, PowerLaw], refused: list[dict]) -> dict:
     return out
 
 
-def _fit_warnings(table, cells, skipped, refused, laws: dict[str, PowerLaw], cell_logs) -> list[str]:
+def _fit_warnings(table, cells, skipped, refused, laws: dict[str, PowerLaw], cell_logs, n_boot: int) -> list[str]:
     warnings = list(table.warnings) + [r["reason"] for r in refused]
+    if n_boot == 0:
+        warnings.append(NO_INTERVALS)
     for key, law in laws.items():
         for name in law.exps:
             message = identify.wide_interval(key, name, law.ci.get(f"exp_{name}", (float("nan"), float("nan"))))
@@ -347,13 +361,14 @@ def fit_hparams(
     quad_window: runs within this relative loss of the best feed the quadratic optimum;
     score_laws: score every published law on the cells (law_scores).
     """
-    n_values, s_values = _check_args(table, gap, n_boot, n_column, sparsity)
+    n_values, s_values = _check_args(table, gap, n_boot, seed, n_column, sparsity)
     cells, skipped, run_rows = cell_optima(table, n_values, s_values, gap, quad_window)
     cell_logs = {"N": np.log([c.N for c in cells]), "D": np.log([c.D for c in cells]),
                  "S": np.log([c.sparsity for c in cells])}
     extra = ("S",) if sparsity else ()
-    lr_names, refused = _law_variables(cell_logs, LR_VARIABLES + extra, "learning-rate")
-    bs_names, bs_refused = _law_variables(cell_logs, BS_VARIABLES + (("N",) if fit_bs_N else ()) + extra, "batch-size")
+    lr_names, refused = _law_variables(cell_logs, LR_VARIABLES + extra, "learning-rate", n_column)
+    bs_names, bs_refused = _law_variables(cell_logs, BS_VARIABLES + (("N",) if fit_bs_N else ()) + extra, "batch-size",
+                                          n_column)
     refused += bs_refused
 
     rows_all = np.concatenate(run_rows)
@@ -384,7 +399,7 @@ def fit_hparams(
     return HparamFit(
         lr_law=lr_law, bs_law=bs_law, cells=cells, validation=validation, counts=counts, n_column=n_column,
         gap=float(gap), n_boot=int(n_boot), seed=int(seed), skipped_cells=skipped,
-        warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs),
+        warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs, n_boot),
         law_scores=scored.ranking, scoring=scored.definition, law_cells=scored.per_law, refused=refused,
         sparsity=_sparsity_verdict(laws, refused) if sparsity else None, fitted_range=fitted_range,
         loss_column=table.loss_column,

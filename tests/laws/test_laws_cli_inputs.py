@@ -56,10 +56,25 @@ def test_chinchilla_style_table_fits_without_dummy_columns(capsys, tmp_path):
     assert "lr" not in err.split(";")[0] and "batch" not in err
 
 
-def test_fit_loss_on_two_model_sizes_is_refused(capsys, tmp_path):
+def test_fit_loss_on_two_model_sizes_refuses_the_N_term(capsys, tmp_path):
+    # Issue 11: the law is fitted without the N term (said in warnings, text and JSON), and
+    # the compute-optimal split, which needs both terms, is refused with one sentence.
     rows = [(n, d, 1.69 + 406.4 / n**0.34 + 410.7 / d**0.28) for n in (1e8, 4e8) for d in np.geomspace(1e9, 1e11, 5)]
     path = _csv(tmp_path / "two.csv", ["N", "D", "loss"], rows)
-    one_line_error(capsys, ["fit-loss", str(path)], "cannot fit the loss law's N term because the cells have 2")
+    assert main(["fit-loss", str(path), "--n-boot", "20"]) == 0
+    captured = capsys.readouterr()
+    assert "A      not fitted" in captured.out and "compute-optimal N and D: none" in captured.out
+    assert "warning: the loss law's N term A/N^alpha is not fitted because the cells have 2 distinct" in captured.err
+    assert "1e+08 to 4e+08" in captured.err
+    assert main(["fit-loss", str(path), "--n-boot", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["refused_terms"] == ["N"] and out["A"] == 0 and "refused" in out["compute_optimal"]
+    assert any("N term" in w for w in out["warnings"])
+    one_line_error(capsys, ["fit-loss", str(path), "--n-boot", "0", "--budget", "1e21"],
+                   "fitted without its N term, so it has no compute-optimal N and D")
+    rows = [(n, d, 1.69 + 406.4 / n**0.34 + 410.7 / d**0.28) for n in (1e8, 1.001e8) for d in (1e9, 1.1e9, 1.2e9)]
+    one_line_error(capsys, ["fit-loss", str(_csv(tmp_path / "flat.csv", ["N", "D", "loss"], rows))],
+                   "cannot fit the loss law: the cells have 2 distinct value(s) of N")
 
 
 def test_bom_and_latin1(capsys, tmp_path, runs_csv):
