@@ -171,3 +171,88 @@ def test_moe_sweep_with_flat_total_refuses_the_N_exponent_loudly(capsys, tmp_pat
     assert "exp_N" not in captured.out.split("learning rate:")[1].split("\n")[0]
     result = json.loads((tmp_path / "o" / "fit.json").read_text())
     assert "exp_N" not in result["lr_law"] and any("exponent of N" in w for w in result["warnings"])
+
+
+def _flat_total_moe(path):
+    """An MoE table whose total N moves 0.3% while N_active (and so the sparsity) moves 4x."""
+    rows = []
+    for n_total, n_active in ((1.000e9, 1.25e8), (1.0015e9, 2.5e8), (1.003e9, 5e8)):
+        for d in (2e9, 8e9, 3.2e10):
+            lr_star, bs_star = 1.79 * n_active**-0.713 * d**0.307, 0.58 * d**0.571
+            for i in range(-3, 4):
+                for j in range(-2, 3):
+                    lr, bs = lr_star * 2 ** (i / 2), bs_star * 2.0**j
+                    rows.append({"N": n_total, "N_active": n_active, "D": d, "lr": lr, "batch_tokens": bs,
+                                 "loss": 2.5 + 0.02 * np.log(lr / lr_star) ** 2 + 0.01 * np.log(bs / bs_star) ** 2})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_sparsity_fit_with_default_n_column_on_a_flat_total(capsys, tmp_path):
+    # Issue 11: with N_active and S in one law, log N_active - log S = log N_total is flat;
+    # the fit used to exit 2 ("singular fit"). Now the S exponent is refused for that fit.
+    path = _flat_total_moe(tmp_path / "moe.jsonl")
+    law = tmp_path / "law.json"
+    assert main(["fit", str(path), "--sparsity", "--n-boot", "30", "--json", "--save", str(law)]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "exp_N" not in out["lr_law"] and "exp_S" in out["lr_law"]  # N = N: N refused, S carries it
+    active = out["by_n_column"]["N_active"]
+    assert "exp_N" in active["lr_law"] and "exp_S" not in active["lr_law"]
+    assert active["lr_law"]["exp_N"] == pytest.approx(-0.713, abs=0.05)
+    refusal = [w for w in active["warnings"] if "exponent of the sparsity N_active/N is not fitted" in w]
+    assert refusal and "told apart only by the total N" in refusal[0] and "1.003" in refusal[0]
+    # every fit's warnings are in the top-level list, named by their fit, and on stderr
+    assert f"fit with N = N_active: {refusal[0]}" in out["warnings"]
+    assert any(w.startswith("fit with N = N: ") and "exponent of N is not fitted" in w for w in out["warnings"])
+    assert f"fit with N = N_active: {refusal[0]}" in captured.err
+    # predict with the saved law: n_active above n_params is refused as for published laws
+    one_line_error(capsys, ["predict", "--law", str(law), "--params", "1e9", "--tokens", "1e10", "--moe-active", "2e9"],
+                   "n_active=2e+09 exceeds n_params=1e+09")
+    one_line_error(capsys, ["predict", "--params", "1e9", "--tokens", "1e10", "--moe-active", "2e9"],
+                   "n_active=2e+09 exceeds n_params=1e+09")
+
+
+def test_law_files_repeat_their_fits_warnings(capsys, tmp_path, runs_csv):
+    # Issue 11: a refusal stored in a law file is said again wherever the file is used.
+    path = _flat_total_moe(tmp_path / "moe.jsonl")
+    law = tmp_path / "law.json"
+    assert main(["fit", str(path), "--n-column", "N", "--n-boot", "20", "--json", "--save", str(law)]) == 0
+    capsys.readouterr()
+    stored = "exponent of N is not fitted because N spans only"
+    assert main(["predict", "--law", str(law), "--params", "1e9", "--tokens", "1e10", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert any(stored in w for w in json.loads(captured.out)["predictions"][0]["warnings"])
+    assert f"{law} (from its fit): " in captured.err and stored in captured.err
+    assert main(["plan", "--compute", "1e20", "--hparam-law", str(law), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert any(stored in w for w in json.loads(captured.out)["warnings"]) and stored in captured.err
+    loss_law = tmp_path / "loss.json"
+    assert main(["fit-loss", str(runs_csv), "--n-boot", "0", "--save", str(loss_law)]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--compute", "1e20", "--loss-law", str(loss_law)]) == 0
+    assert "(from its fit): no bootstrap intervals were computed" in capsys.readouterr().err
+
+
+def test_fit_without_bootstrap_warns_in_text_and_json(capsys, runs_csv):
+    assert main(["fit", str(runs_csv), "--n-boot", "0", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert any("no bootstrap intervals" in w for w in json.loads(captured.out)["warnings"])
+    assert "warning: no bootstrap intervals were computed (n_boot = 0)" in captured.err
+
+
+def test_fit_loss_budget_warns_of_extrapolation_and_gives_both_intervals(capsys, tmp_path):
+    rows = []
+    for n in np.geomspace(7e7, 1.6e10, 6):
+        for d in np.geomspace(5e9, 5e11, 5):
+            rows.append((n, d, 1.69 + 406.4 / n**0.34 + 410.7 / d**0.28))
+    path = _csv(tmp_path / "chinchilla.csv", ["N", "D", "loss"], rows)
+    assert main(["fit-loss", str(path), "--n-boot", "20", "--budget", "5.76e23"]) == 0
+    captured = capsys.readouterr()
+    assert "95% intervals N " in captured.out and ", D " in captured.out.split("95% intervals")[1]
+    assert "warning: the fitted loss law: N=3.22e+10 is outside the range the law was fitted on" in captured.err
+    assert "D=2.98e+12 is outside" in captured.err
+    assert main(["fit-loss", str(path), "--n-boot", "0", "--budget", "5.76e23", "--json"]) == 0
+    assert sum("extrapolation" in w for w in json.loads(capsys.readouterr().out)["warnings"]) == 2
+    assert main(["fit-loss", str(path), "--n-boot", "0", "--budget", "1e21"]) == 0  # inside: no word
+    assert "extrapolation" not in capsys.readouterr().err
