@@ -188,14 +188,19 @@ def _law_table(data: dict) -> tuple:
     def exp(law, name):
         return _num(law.get(f"exp_{name}")) + _ci(law, f"exp_{name}") if f"exp_{name}" in law else "not fitted"
 
+    # A fitted (or refused) sparsity term gets its own column, S = N_active / N.
+    sparse = bool(data.get("sparsity"))
     rows = [
-        ["η(N, D) = a·N^α·D^β", "fitted", _num(lr["coef"]) + _ci(lr, "coef"), exp(lr, "N"), exp(lr, "D")],
-        ["", "Step Law", _num(STEP_LR_COEF), _num(STEP_LR_EXP_N), _num(STEP_LR_EXP_D)],
-        ["B(D) = c·D^γ" + ("·N^δ" if "exp_N" in bs else ""), "fitted", _num(bs["coef"]) + _ci(bs, "coef"),
-         exp(bs, "N") if "exp_N" in bs else "–", exp(bs, "D")],
-        ["", "Step Law", _num(STEP_BS_COEF), "–", _num(STEP_BS_EXP_D)],
+        ["η(N, D) = a·N^α·D^β" + ("·S^g" if sparse else ""), "fitted", _num(lr["coef"]) + _ci(lr, "coef"),
+         exp(lr, "N"), exp(lr, "D")] + ([exp(lr, "S")] if sparse else []),
+        ["", "Step Law", _num(STEP_LR_COEF), _num(STEP_LR_EXP_N), _num(STEP_LR_EXP_D)] + (["–"] if sparse else []),
+        ["B(D) = c·D^γ" + ("·N^δ" if "exp_N" in bs else "") + ("·S^e" if sparse else ""), "fitted",
+         _num(bs["coef"]) + _ci(bs, "coef"), exp(bs, "N") if "exp_N" in bs else "–", exp(bs, "D")]
+        + ([exp(bs, "S")] if sparse else []),
+        ["", "Step Law", _num(STEP_BS_COEF), "–", _num(STEP_BS_EXP_D)] + (["–"] if sparse else []),
     ]
-    return ("table", ["law", "source", "coefficient", "exponent of N", "exponent of D"], rows)
+    headers = ["law", "source", "coefficient", "exponent of N", "exponent of D"]
+    return ("table", headers + (["exponent of S = N_active/N"] if sparse else []), rows)
 
 
 def _score_table(data: dict) -> list[tuple]:

@@ -167,6 +167,11 @@ def test_report_of_dense_and_moe_runs_asks_about_sparsity(tmp_path):
     assert "MoE sparsity S = N_active / N in the learning-rate law" in text
     fit = json.loads((sweep / "report" / "fit.json").read_text(), parse_constant=_no_nan)
     assert fit["sparsity"]["laws"]["learning-rate"]["verdict"]
+    # the law table shows the sparsity exponent beside N's and D's (issue 11)
+    assert "| exponent of D | exponent of S = N_active/N |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| η(N, D) = a·N^α·D^β·S^g | fitted |"))
+    exp_s = fit["lr_law"].get("exp_S")
+    assert (f"{exp_s:.4g}" if exp_s is not None else "not fitted") in row.split("|")[-2]
 
 
 def test_report_flags_cells_the_planner_left_unbracketed(tmp_path):
