@@ -41,21 +41,39 @@ def sweep_rows(sweep_dir) -> list[dict]:
                         "restore it from a backup or rerun the sweep into a new directory.") from None
 
 
-def load_table(args):
-    """The RunTable of args.runs (a file or a sweep directory), exactly as `steplaw fit` reads it."""
-    from steplaw.laws.table import read_runs
+def add_spec_args(parser) -> None:
+    """--spec / --all-specs: which of a sweep directory's specs to fit (steplaw.laws.table.select_spec)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--spec", dest="spec_id", default=None, metavar="ID",
+                       help="a sweep directory swept with several specs (--new-spec): use only this spec's runs "
+                            "(an id from `steplaw runs DIR --specs`, or its unique prefix)")
+    group.add_argument("--all-specs", action="store_true",
+                       help="a sweep directory swept with several specs: fit all their runs together (with a warning)")
 
-    source, name, col_loss = args.runs, None, args.col_loss
+
+def load_table(args):
+    """The RunTable of args.runs (a file or a sweep directory), exactly as `steplaw fit` reads it;
+    a sweep directory's runs are those of one spec (see add_spec_args) where the command asks."""
+    from steplaw.laws.table import read_runs, select_spec
+
+    source, name, col_loss, note = args.runs, None, args.col_loss, None
     if Path(args.runs).is_dir():
         source, name = sweep_rows(args.runs), str(args.runs)
+        if hasattr(args, "all_specs"):  # commands with add_spec_args (not sweep --replay)
+            source, note = select_spec(source, args.spec_id, args.all_specs, f"sweep directory {name!r}")
         if col_loss is None:
             col_loss = sweep_objective(args.runs)
-    return read_runs(
+    elif getattr(args, "spec_id", None) is not None:
+        raise UserError(f"--spec {args.spec_id!r} chooses among a sweep directory's specs; {args.runs!r} is a table file.")
+    table = read_runs(
         source, col_N=args.col_N, col_D=args.col_D, col_lr=getattr(args, "col_lr", "lr"),
         col_bs=getattr(args, "col_bs", None), col_loss=col_loss or "loss", col_C=getattr(args, "col_C", None),
         bs_unit=getattr(args, "bs_unit", None), seq_len=getattr(args, "seq_len", None),
         needs=getattr(args, "table_needs", "hparams"), source_name=name,
     )
+    if note:
+        table.warnings.append(note)
+    return table
 
 
 def _describe_table(table) -> str:
@@ -288,6 +306,7 @@ def _add_fit(subparsers) -> None:
                     "intervals, leave-one-cell-out validation and every published law scored on the same cells.",
     )
     cliargs.add_table_args(fit)
+    add_spec_args(fit)
     fit.add_argument("--gap", type=cliargs.nonnegative_float, default=0.0025,
                      help="relative loss gap of the near-optimal set (default 0.0025)")
     fit.add_argument("--n-boot", type=cliargs.nonnegative_int, default=1000, help="bootstrap resamples (default 1000)")
@@ -311,6 +330,7 @@ def _add_fit(subparsers) -> None:
                     "Needs only N, D (or compute) and the loss.",
     )
     cliargs.add_table_args(fit_loss_parser, with_compute=True, needs="loss")
+    add_spec_args(fit_loss_parser)
     fit_loss_parser.add_argument("--n-boot", type=cliargs.nonnegative_int, default=200, help="bootstrap resamples (default 200)")
     fit_loss_parser.add_argument("--seed", type=cliargs.nonnegative_int, default=0, help="bootstrap seed (default 0)")
     fit_loss_parser.add_argument("--n-column", choices=["N", "N_active", "N_total"], default="N",

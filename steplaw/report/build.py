@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from steplaw.errors import UserError
+from steplaw.fileio import write_atomic
 from steplaw.laws.cells import grid_edge
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.identify import distinct_values
 from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
 from steplaw.laws.saved import write_json
-from steplaw.laws.table import read_runs
+from steplaw.laws.table import read_runs, select_spec
 from steplaw.report.plots import heatmap_cells, plot_fit
 from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv
 
@@ -381,9 +382,12 @@ def _inline_code(text: str) -> str:
 
 
 def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.0025, html_report: bool = True,
-                 plots: bool = True) -> list[Path]:
+                 plots: bool = True, spec: str | None = None, all_specs: bool = False, warn=None) -> list[Path]:
     """Write report.md (+ figures/*.png), report.html, runs.csv and fit.json into
-    `out_dir` (default SWEEP_DIR/report); returns the report paths."""
+    `out_dir` (default SWEEP_DIR/report); returns the report paths. A directory swept with
+    several specs needs `spec` (its runs only) or `all_specs` (steplaw.laws.table.select_spec);
+    `warn(message)` hears the warning of specs reported together. Every file is written
+    atomically: a crash leaves the old report or the new one."""
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "runs.sqlite").is_file():
         raise UserError(f"{str(sweep_dir)!r} holds no sweep store (runs.sqlite): expected a directory written by "
@@ -391,9 +395,12 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
     rows, planner, reasons, planner_cells, objective = _store_reads(sweep_dir)
     if not rows:
         raise UserError(f"sweep {str(sweep_dir)!r} holds no runs: expected a directory written by `steplaw sweep`")
+    rows, specs_note = select_spec(rows, spec, all_specs, f"sweep directory {str(sweep_dir)!r}")
+    if specs_note and warn is not None:
+        warn(specs_note)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "runs.csv").write_text(rows_to_csv(rows))
+    write_atomic(out_dir / "runs.csv", rows_to_csv(rows))
     table, fit, fit_error = fit_sweep(rows, str(sweep_dir), n_boot=n_boot, gap=gap, objective=objective)
     figures: list[Path] = []
     plots_note = figures_note = None
@@ -407,13 +414,10 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
                 plots_note = f"No figures: {exc}"
     blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons,
                           planner_cells=planner_cells, figures_note=figures_note, objective=objective)
-    if plots_note:
-        blocks.insert(3, ("p", plots_note))
-    md_path = out_dir / "report.md"
-    md_path.write_text(render_markdown(blocks, out_dir))
-    paths = [md_path]
+    for note in (plots_note, specs_note and f"Warning: {specs_note}"):
+        if note:
+            blocks.insert(3, ("p", note))
+    paths = [write_atomic(out_dir / "report.md", render_markdown(blocks, out_dir))]
     if html_report:
-        html_path = out_dir / "report.html"
-        html_path.write_text(render_html(blocks))
-        paths.append(html_path)
+        paths.append(write_atomic(out_dir / "report.html", render_html(blocks)))
     return paths

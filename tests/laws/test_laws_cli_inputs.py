@@ -256,3 +256,63 @@ def test_fit_loss_budget_warns_of_extrapolation_and_gives_both_intervals(capsys,
     assert sum("extrapolation" in w for w in json.loads(capsys.readouterr().out)["warnings"]) == 2
     assert main(["fit-loss", str(path), "--n-boot", "0", "--budget", "1e21"]) == 0  # inside: no word
     assert "extrapolation" not in capsys.readouterr().err
+
+
+def _two_spec_sweep(sweep_dir):
+    """A sweep directory holding the runs of two specs (as `steplaw sweep --new-spec` leaves it)."""
+    from steplaw.models.accounting import param_counts
+    from steplaw.models.config import ModelConfig
+    from steplaw.sweep.store import ResultStore
+    from steplaw.train.config import RunConfig
+
+    with ResultStore(sweep_dir) as store:
+        for spec_id, tokens in (("aaaa1111", (2**16, 2**18, 2**20)), ("bbbb2222", (2**17, 2**19, 2**21))):
+            entries, counts = [], []
+            for d_model in (32, 64, 128):
+                model = ModelConfig(d_model=d_model, n_layers=2, n_heads=2, d_ff=2 * d_model, max_seq_len=64)
+                for d in tokens:
+                    for lr in (0.001, 0.002, 0.004, 0.008):
+                        config = RunConfig(model=model, tokens=d, lr=lr, batch_tokens=256, seq_len=64)
+                        entries.append({**config.to_dict(), "run_id": config.run_id()})
+                        p = param_counts(model)
+                        counts.append({"non_embedding": p.non_embedding, "active": p.active, "total": p.total})
+            store.add_runs(entries, counts, spec_id=spec_id)
+            for entry in entries:
+                loss = 3.0 + 0.1 * np.log(entry["lr"] / 0.003) ** 2 + 10 / entry["tokens"] ** 0.3
+                store.record_result(entry["run_id"], {"status": "ok", "final_train_loss": loss,
+                                                      "compute_flops": 1e12}, host="test")
+    return sweep_dir
+
+
+def test_sweep_of_several_specs_needs_a_choice(capsys, tmp_path):
+    # Issue 12: fit and fit-loss used to mix the runs of every spec with no word.
+    sweep = _two_spec_sweep(tmp_path / "sweep")
+    for command in ("fit", "fit-loss"):
+        err = one_line_error(capsys, [command, str(sweep), "--json"], "holds the runs of 2 specs")
+        assert "aaaa1111: 36 runs" in err and "bbbb2222: 36 runs" in err and "--spec ID" in err
+    assert main(["fit-loss", str(sweep), "--spec", "aaaa", "--n-boot", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fitted_range"]["D"] == [2**16, 2**20] and out["n_cells"] == 9  # only spec aaaa's runs
+    assert main(["fit-loss", str(sweep), "--all-specs", "--n-boot", "0", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n_cells"] == 18
+    assert "warning: the runs of 2 specs are fitted together" in captured.err
+    assert any("fitted together" in w for w in json.loads(captured.out)["warnings"])
+    one_line_error(capsys, ["fit", str(sweep), "--spec", "cccc"], "--spec 'cccc' matches no spec")
+    one_line_error(capsys, ["fit", str(sweep), "--spec", ""], "matches 2 specs")
+    table = _csv(tmp_path / "t.csv", ["N", "D", "loss"], [(1e8, 1e9, 3.0)])
+    one_line_error(capsys, ["fit-loss", str(table), "--spec", "aaaa"], "is a table file")
+    assert main(["fit", str(sweep), "--spec", "x", "--all-specs"]) == 2  # one or the other
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("N,D,lr,batch_tokens,loss\n1e8,1e9,1e-3,1024,3.0\n1e8,1e9,2e-3,1024,3.1,7\n", "row 2 has 6 fields; the header has 5"),
+    ("N,D,lr,batch_tokens,loss,lr\n1e8,1e9,1e-3,1024,3.0,1e-3\n", "column 'lr' appears twice in the header"),
+    ("N,D,lr,batch_tokens,loss, N\n1e8,1e9,1e-3,1024,3.0,1e-3\n", "column 'N' appears twice in the header"),
+])
+def test_ragged_rows_and_duplicate_columns_are_refused(capsys, tmp_path, text, message):
+    # Issue 12: an extra field or a repeated column name used to be read silently.
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    one_line_error(capsys, ["fit", str(path)], message)
