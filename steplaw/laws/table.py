@@ -390,9 +390,10 @@ def read_runs(
         raise UserError(f"{name} holds no runs; expected at least one row.")
     if not all(isinstance(row, dict) for row in rows):
         raise UserError(f"{name} rows must be mappings of column name to value.")
-    hparams = needs == "hparams"
-    cols, warnings, has_hparams = _read_columns(rows, name, hparams, col_N, col_D, col_lr, col_bs, col_loss, col_C,
-                                                col_N_active, col_N_total, bs_unit, seq_len)
+    columns = ColumnMap(N=col_N, D=col_D, lr=col_lr, bs=col_bs, loss=col_loss, C=col_C, N_active=col_N_active,
+                        N_total=col_N_total, bs_unit=bs_unit, seq_len=seq_len)
+    has_hparams = needs == "hparams"
+    cols, warnings = _read_columns(rows, name, has_hparams, columns)
     cols["status"] = np.array([str(row.get(col_status, "ok") or "ok").strip().lower() for row in rows], dtype=object)
     cols["run_id"] = np.array([str(row.get("run_id", index)) for index, row in enumerate(rows)], dtype=object)
     finished = np.array([s in OK_STATUSES for s in cols["status"]])
@@ -411,27 +412,44 @@ def read_runs(
     )
 
 
-def _read_columns(rows, name, hparams, col_N, col_D, col_lr, col_bs, col_loss, col_C, col_N_active, col_N_total,
-                  bs_unit, seq_len) -> tuple[dict, list[str], bool]:
-    """The numeric columns as arrays (batch in tokens), the warnings, and whether lr/batch are there."""
+@dataclass(frozen=True)
+class ColumnMap:
+    """The source's names of the columns read_runs reads (see its col_* arguments) and how
+    to read the batch size (bs_unit, seq_len); built once per read."""
+
+    N: str = "N"
+    D: str | None = None
+    lr: str = "lr"
+    bs: str | None = None
+    loss: str = "loss"
+    C: str | None = None
+    N_active: str = "N_active"
+    N_total: str = "N_total"
+    bs_unit: str | None = None
+    seq_len: int | None = None
+
+
+def _read_columns(rows, name, hparams: bool, columns: ColumnMap) -> tuple[dict, list[str]]:
+    """The numeric columns as arrays (batch in tokens) and the warnings; lr and batch only
+    when `hparams` (else NaN)."""
     warnings: list[str] = []
-    n = _column(rows, col_N, name, "parameters N")
-    loss = _column(rows, col_loss, name, "the final loss")
-    compute = _column(rows, col_C or "compute", name, "compute", required=col_C is not None)
-    d = _tokens_column(rows, col_D, col_C, n, compute, name, warnings)
+    n = _column(rows, columns.N, name, "parameters N")
+    loss = _column(rows, columns.loss, name, "the final loss")
+    compute = _column(rows, columns.C or "compute", name, "compute", required=columns.C is not None)
+    d = _tokens_column(rows, columns.D, columns.C, n, compute, name, warnings)
     if hparams:
-        lr = _column(rows, col_lr, name, "the peak learning rate")
-        bs_col, unit = _batch_column(rows, col_bs, bs_unit, name)
-        bs = _batch_in_tokens(rows, _column(rows, bs_col, name, "the batch size"), unit, seq_len, name)
+        lr = _column(rows, columns.lr, name, "the peak learning rate")
+        bs_col, unit = _batch_column(rows, columns.bs, columns.bs_unit, name)
+        bs = _batch_in_tokens(rows, _column(rows, bs_col, name, "the batch size"), unit, columns.seq_len, name)
     else:  # the loss law reads neither, so neither can stop it
         lr = np.full(len(rows), np.nan)
         bs = np.full(len(rows), np.nan)
     cols = {
         "N": n, "D": d, "lr": lr, "batch_tokens": bs, "loss": loss, "compute": compute,
-        "N_active": _optional_counts(rows, col_N_active, name, "activated parameters"),
-        "N_total": _optional_counts(rows, col_N_total, name, "total parameters"),
+        "N_active": _optional_counts(rows, columns.N_active, name, "activated parameters"),
+        "N_total": _optional_counts(rows, columns.N_total, name, "total parameters"),
     }
-    return cols, warnings, hparams
+    return cols, warnings
 
 
 def select_spec(rows: list[dict], spec: str | None = None, all_specs: bool = False,
