@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from steplaw.cli import main
+from steplaw.errors import UserError
 from steplaw.laws.synthetic import synthetic_runs
 
 
@@ -316,3 +317,16 @@ def test_ragged_rows_and_duplicate_columns_are_refused(capsys, tmp_path, text, m
     path = tmp_path / "bad.csv"
     path.write_text(text)
     one_line_error(capsys, ["fit", str(path)], message)
+
+
+def test_fit_notes_are_warnings(capsys, tmp_path, runs_csv, monkeypatch):
+    # Issue 13: "note: no plots" bypassed cliargs.warn; every warning is "PROG: warning: ...".
+    import steplaw.report.plots as plots
+
+    def no_matplotlib(*args, **kwargs):
+        raise UserError("plots need matplotlib")
+
+    monkeypatch.setattr(plots, "plot_fit", no_matplotlib)
+    assert main(["fit", str(runs_csv), "--n-boot", "0", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "steplaw fit: warning: no plots: plots need matplotlib" in err and "note:" not in err
