@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from bench.harness import log, report, time_interleaved
-from steplaw.laws.fit import fit_hparams, quadratic_optimum
+from steplaw.laws.cells import quadratic_optimum
+from steplaw.laws.fit import fit_hparams
 from steplaw.laws.loss import _cell_best_losses, _fit_batch, _fit_once, fit_loss
 from steplaw.laws.synthetic import synthetic_runs
 from steplaw.laws.table import read_runs

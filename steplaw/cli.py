@@ -14,7 +14,7 @@ from steplaw import cliargs
 
 # Modules that contribute subcommands, in help order.
 COMMAND_MODULES = [
-    "steplaw.laws.cli",  # predict, fit, fit-loss
+    "steplaw.laws.cli",  # predict, fit, fit-loss, plan
     "steplaw.train.cli",  # train
     "steplaw.data.cli",  # data prepare
     "steplaw.sweep.cli",  # sweep, runs, demo

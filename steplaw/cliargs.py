@@ -13,6 +13,10 @@ Every subcommand module uses these instead of its own helpers:
   positive_float    type=: a finite number > 0 (a learning rate, a scale).
   nonnegative_float type=: a finite number >= 0 (weight decay, a coefficient).
   finite_float      type=: any finite number.
+  add_table_args(parser, with_compute, needs)
+                    the runs argument and the column flags (--col-N, --col-lr, ...)
+                    of every command that reads a table of runs (fit, fit-loss,
+                    sweep --replay), so one column mapping serves them all.
   check_output_file(path, what) / check_output_dir(path, what)
                     UserError unless a file / directory can be written there, to be
                     called before any work starts (nothing is created).
@@ -134,6 +138,36 @@ def nonnegative_float(text: str) -> float:
 def finite_float(text: str) -> float:
     """Any finite number."""
     return _float(text, None, strict=False)
+
+
+# ---------------------------------------------------------------- table columns
+
+def add_table_args(parser: argparse.ArgumentParser, with_compute: bool = False, needs: str = "hparams") -> None:
+    """The runs argument and the column flags a command needs ('hparams': N, D, lr, batch,
+    loss; 'loss': N, D or compute, loss)."""
+    parser.add_argument("runs", help="CSV, JSONL or Parquet table of runs, or a sweep directory (runs.sqlite)")
+    group = parser.add_argument_group("column mapping (defaults: the runs-table names)")
+    # The loss law reads no LR or batch column; its parser still takes their flags (hidden)
+    # so that one column mapping serves both fit and fit-loss.
+    hparams_only = (lambda text: text) if needs == "hparams" else (lambda text: argparse.SUPPRESS)
+    group.add_argument("--col-N", default="N", metavar="NAME", help="non-embedding parameters (default N)")
+    group.add_argument("--col-D", default=None, metavar="NAME", help="training tokens (default D)")
+    group.add_argument("--col-lr", default="lr", metavar="NAME", help=hparams_only("peak learning rate (default lr)"))
+    group.add_argument("--col-bs", default=None, metavar="NAME",
+                       help=hparams_only("batch size (default: batch_tokens, else batch_seqs / batch_sequences)"))
+    group.add_argument("--col-loss", default=None, metavar="NAME",
+                       help="final loss (default loss; for a sweep directory, the loss its sweep minimised: "
+                            "loss or val_loss)")
+    if with_compute:
+        group.add_argument("--col-C", default=None, metavar="NAME",
+                           help="training FLOPs; with no token column, D = C / (6 N)")
+    group.add_argument("--bs-unit", choices=["tokens", "sequences"], default=None,
+                       help=hparams_only("unit of the batch-size column; required when its name (e.g. bs, "
+                                         "batch_size) does not say it (batch_tokens: tokens; batch_seqs: sequences)"))
+    group.add_argument("--seq-len", type=positive_int, default=None, metavar="L",
+                       help=hparams_only("tokens per sequence, for a batch in sequences (else a seq_len column)"))
+    parser.set_defaults(table_needs=needs)
+
 
 
 # ---------------------------------------------------------------- output paths

@@ -176,3 +176,14 @@ def test_warn_goes_to_stderr(capsys):
     cliargs.warn("batch law fitted on 2 sizes", "steplaw fit")
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == "steplaw fit: warning: batch law fitted on 2 sizes\n"
+
+
+def test_table_column_flags_live_in_cliargs():
+    # One column mapping for fit, fit-loss and sweep --replay: the flags are defined once, here.
+    parser = cliargs.Parser(prog="t")
+    cliargs.add_table_args(parser, with_compute=True, needs="loss")
+    args = parser.parse_args(["runs.csv", "--col-N", "params", "--col-C", "flops"])
+    assert (args.runs, args.col_N, args.col_C, args.table_needs) == ("runs.csv", "params", "flops", "loss")
+    import steplaw.laws.cli
+
+    assert not hasattr(steplaw.laws.cli, "add_table_args")

@@ -10,7 +10,8 @@
   CLI) into a checked `RunTable`.
 - `steplaw.laws.fit`: `fit_hparams(table, ...)` fits eta(N, D) and B(D) the Step Law way,
   optionally with an MoE sparsity term, with bootstrap intervals and leave-one-cell-out
-  validation; `steplaw.laws.scores` scores every published law on the same cells.
+  validation, from the cells' optima (`steplaw.laws.cells`); `steplaw.laws.scores`
+  scores every published law on the same cells.
 - `steplaw.laws.identify`: when a table can identify an exponent (one rule for all fits).
 - `steplaw.laws.loss`: `fit_loss(table, ...)` fits L(N, D) = E + A/N^alpha + B/D^beta and
   the compute-optimal N(C), D(C).

@@ -6,10 +6,8 @@ Output paths are checked before any work, so a bad --out costs no fit.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
-import sys
 from pathlib import Path
 
 from steplaw import cliargs
@@ -43,48 +41,39 @@ def sweep_rows(sweep_dir) -> list[dict]:
                         "restore it from a backup or rerun the sweep into a new directory.") from None
 
 
-def add_table_args(parser: argparse.ArgumentParser, with_compute: bool = False, needs: str = "hparams") -> None:
-    """The runs argument and the column flags a command needs ('hparams': N, D, lr, batch,
-    loss; 'loss': N, D or compute, loss)."""
-    parser.add_argument("runs", help="CSV, JSONL or Parquet table of runs, or a sweep directory (runs.sqlite)")
-    group = parser.add_argument_group("column mapping (defaults: the runs-table names)")
-    # The loss law reads no LR or batch column; its parser still takes their flags (hidden)
-    # so that one column mapping serves both fit and fit-loss.
-    hparams_only = (lambda text: text) if needs == "hparams" else (lambda text: argparse.SUPPRESS)
-    group.add_argument("--col-N", default="N", metavar="NAME", help="non-embedding parameters (default N)")
-    group.add_argument("--col-D", default=None, metavar="NAME", help="training tokens (default D)")
-    group.add_argument("--col-lr", default="lr", metavar="NAME", help=hparams_only("peak learning rate (default lr)"))
-    group.add_argument("--col-bs", default=None, metavar="NAME",
-                       help=hparams_only("batch size (default: batch_tokens, else batch_seqs / batch_sequences)"))
-    group.add_argument("--col-loss", default=None, metavar="NAME",
-                       help="final loss (default loss; for a sweep directory, the loss its sweep minimised: "
-                            "loss or val_loss)")
-    if with_compute:
-        group.add_argument("--col-C", default=None, metavar="NAME",
-                           help="training FLOPs; with no token column, D = C / (6 N)")
-    group.add_argument("--bs-unit", choices=["tokens", "sequences"], default=None,
-                       help=hparams_only("unit of the batch-size column; required when its name (e.g. bs, "
-                                         "batch_size) does not say it (batch_tokens: tokens; batch_seqs: sequences)"))
-    group.add_argument("--seq-len", type=cliargs.positive_int, default=None, metavar="L",
-                       help=hparams_only("tokens per sequence, for a batch in sequences (else a seq_len column)"))
-    parser.set_defaults(table_needs=needs)
+def add_spec_args(parser) -> None:
+    """--spec / --all-specs: which of a sweep directory's specs to fit (steplaw.laws.table.select_spec)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--spec", dest="spec_id", default=None, metavar="ID",
+                       help="a sweep directory swept with several specs (--new-spec): use only this spec's runs "
+                            "(an id from `steplaw runs DIR --specs`, or its unique prefix)")
+    group.add_argument("--all-specs", action="store_true",
+                       help="a sweep directory swept with several specs: fit all their runs together (with a warning)")
 
 
 def load_table(args):
-    """The RunTable of args.runs (a file or a sweep directory), exactly as `steplaw fit` reads it."""
-    from steplaw.laws.table import read_runs
+    """The RunTable of args.runs (a file or a sweep directory), exactly as `steplaw fit` reads it;
+    a sweep directory's runs are those of one spec (see add_spec_args) where the command asks."""
+    from steplaw.laws.table import read_runs, select_spec
 
-    source, name, col_loss = args.runs, None, args.col_loss
+    source, name, col_loss, note = args.runs, None, args.col_loss, None
     if Path(args.runs).is_dir():
         source, name = sweep_rows(args.runs), str(args.runs)
+        if hasattr(args, "all_specs"):  # commands with add_spec_args (not sweep --replay)
+            source, note = select_spec(source, args.spec_id, args.all_specs, f"sweep directory {name!r}")
         if col_loss is None:
             col_loss = sweep_objective(args.runs)
-    return read_runs(
+    elif getattr(args, "spec_id", None) is not None:
+        raise UserError(f"--spec {args.spec_id!r} chooses among a sweep directory's specs; {args.runs!r} is a table file.")
+    table = read_runs(
         source, col_N=args.col_N, col_D=args.col_D, col_lr=getattr(args, "col_lr", "lr"),
         col_bs=getattr(args, "col_bs", None), col_loss=col_loss or "loss", col_C=getattr(args, "col_C", None),
         bs_unit=getattr(args, "bs_unit", None), seq_len=getattr(args, "seq_len", None),
         needs=getattr(args, "table_needs", "hparams"), source_name=name,
     )
+    if note:
+        table.warnings.append(note)
+    return table
 
 
 def _describe_table(table) -> str:
@@ -100,6 +89,7 @@ def _predict_from_file(args) -> int:
     if not isinstance(law, SavedHparamLaw):
         raise UserError(f"--law {args.law!r} holds a loss law; predict needs a file from `steplaw fit --save`.")
     lr, bs, warnings = law.predict(args.params, args.tokens, n_active=args.moe_active)
+    warnings = law.warnings + warnings  # the fit's own warnings travel with its file
     out = {"law": args.law, "n_column": law.n_column, "lr": lr, "batch_tokens": bs, "batch_seqs": bs / args.seq_len,
            "seq_len": args.seq_len, "lr_law": law.lr_law.formula("lr"), "bs_law": law.bs_law.formula("B"),
            "warnings": warnings}
@@ -176,7 +166,7 @@ def _fit_out_dir(args) -> Path | None:
     return cliargs.check_output_dir(out, "the fit directory")
 
 
-def _write_fit_files(out_dir: Path, result: dict, table, primary, plots: bool) -> list[Path]:
+def _write_fit_files(args, out_dir: Path, result: dict, table, primary, plots: bool) -> list[Path]:
     from steplaw.laws.saved import write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,11 +177,11 @@ def _write_fit_files(out_dir: Path, result: dict, table, primary, plots: bool) -
         try:
             written += plot_fit(table, primary, out_dir)
         except UserError as exc:  # matplotlib missing: the fit still stands
-            print(f"note: no plots: {exc}", file=sys.stderr)
+            _warn(args, [f"no plots: {exc}"])
         else:
             shown = heatmap_cells(primary)[1]  # many cells: heatmaps of a chosen few, say which
             if shown:
-                print(f"note: {shown}", file=sys.stderr)
+                _warn(args, [shown])
     return written
 
 
@@ -207,10 +197,11 @@ def cmd_fit(args) -> int:
     fits = {column: fit_hparams(table, gap=args.gap, n_boot=args.n_boot, seed=args.seed, n_column=column,
                                 fit_bs_N=args.fit_bs_N, sparsity=args.sparsity) for column in columns}
     primary = fits[columns[0]]
-    result = {**primary.to_dict(), "source": table.source}
+    warnings = _fits_warnings(fits)
+    result = {**primary.to_dict(), "source": table.source, "warnings": warnings}
     if len(fits) > 1:
         result["by_n_column"] = {column: fit.to_dict() for column, fit in fits.items() if column != columns[0]}
-    written = _write_fit_files(out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
+    written = _write_fit_files(args, out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
     if save is not None:
         written.append(write_json(save, hparam_law_record(primary, table.source)))
     if args.json:
@@ -221,14 +212,24 @@ def cmd_fit(args) -> int:
             print("\n".join(fit_lines(fits[column])))
         if written:
             print("wrote " + ", ".join(str(path) for path in written))
-    _warn(args, [w for fit in fits.values() for w in fit.warnings])
+    _warn(args, warnings)
     return 0
+
+
+def _fits_warnings(fits: dict) -> list[str]:
+    """Every fit's warnings, each once; with several fits (N and N_active) each names the
+    fit it belongs to, except those of the table itself, which all fits share."""
+    fits = list(fits.values())
+    if len(fits) == 1:
+        return list(fits[0].warnings)
+    shared = [w for w in fits[0].warnings if all(w in fit.warnings for fit in fits)]
+    return shared + [f"fit with N = {fit.n_column}: {w}" for fit in fits for w in fit.warnings if w not in shared]
 
 
 # ---------------------------------------------------------------------------- fit-loss
 def cmd_fit_loss(args) -> int:
     from steplaw.laws.loss import fit_loss
-    from steplaw.laws.published import step_law
+    from steplaw.laws.published import range_warnings, step_law
     from steplaw.laws.saved import loss_law_record, write_json
     from steplaw.laws.text import loss_fit_lines
 
@@ -241,6 +242,8 @@ def cmd_fit_loss(args) -> int:
         n_opt, d_opt = fit.compute_optimal(args.budget)
         lr, bs = step_law(n_opt, d_opt)
         interval = fit.optimal_interval(args.budget)
+        # N_opt and D_opt beyond the cells are the law's extrapolation: say so, as plan does.
+        result["warnings"] += range_warnings("the fitted loss law", fit.fitted_range, {"N": n_opt, "D": d_opt})
         result["at_budget"] = {"compute": args.budget, "N_opt": n_opt, "D_opt": d_opt,
                                "N_interval": list(interval["N"]) if interval else None,
                                "D_interval": list(interval["D"]) if interval else None,
@@ -255,7 +258,7 @@ def cmd_fit_loss(args) -> int:
         print("\n".join(loss_fit_lines(fit, result)))
         if save is not None:
             print(f"wrote {save}")
-    _warn(args, fit.warnings)
+    _warn(args, result["warnings"])
     return 0
 
 
@@ -302,7 +305,8 @@ def _add_fit(subparsers) -> None:
         description="Fit lr = coef*N^exp_N*D^exp_D and B = coef*D^exp_D (the Step Law's method) with bootstrap "
                     "intervals, leave-one-cell-out validation and every published law scored on the same cells.",
     )
-    add_table_args(fit)
+    cliargs.add_table_args(fit)
+    add_spec_args(fit)
     fit.add_argument("--gap", type=cliargs.nonnegative_float, default=0.0025,
                      help="relative loss gap of the near-optimal set (default 0.0025)")
     fit.add_argument("--n-boot", type=cliargs.nonnegative_int, default=1000, help="bootstrap resamples (default 1000)")
@@ -325,7 +329,8 @@ def _add_fit(subparsers) -> None:
         description="Fit the loss law (Huber on log-loss, BFGS from a grid of starts; Hoffmann et al. 2022). "
                     "Needs only N, D (or compute) and the loss.",
     )
-    add_table_args(fit_loss_parser, with_compute=True, needs="loss")
+    cliargs.add_table_args(fit_loss_parser, with_compute=True, needs="loss")
+    add_spec_args(fit_loss_parser)
     fit_loss_parser.add_argument("--n-boot", type=cliargs.nonnegative_int, default=200, help="bootstrap resamples (default 200)")
     fit_loss_parser.add_argument("--seed", type=cliargs.nonnegative_int, default=0, help="bootstrap seed (default 0)")
     fit_loss_parser.add_argument("--n-column", choices=["N", "N_active", "N_total"], default="N",

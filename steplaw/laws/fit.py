@@ -23,9 +23,8 @@ solved in blocks of resamples at once (~64 MB of weights per block, whatever n_b
 Validation is leave-one-cell-out (one more weight vector per cell), scored with every
 published law beside it (steplaw.laws.scores).
 
-As an alternative optimum per cell we fit a quadratic to loss over (log lr, log B)
-near the best runs (the paper reports a convex landscape) and report its minimum and
-curvature; the scores use it as the cell's "bowl".
+The cells' optima (best run, near-optimal set, grid edges, the quadratic "bowl") come
+from steplaw.laws.cells.
 """
 from __future__ import annotations
 
@@ -35,8 +34,9 @@ import numpy as np
 
 from steplaw.errors import UserError
 from steplaw.laws import identify
+from steplaw.laws.cells import CellOptimum, cell_optima
 from steplaw.laws.scores import CellRuns, score_cells, summary_of
-from steplaw.laws.stats import percentile_interval
+from steplaw.laws.stats import NO_INTERVALS, check_bootstrap, percentile_interval
 from steplaw.laws.table import RunTable
 
 LR_VARIABLES = ("N", "D")
@@ -75,28 +75,6 @@ class PowerLaw:
     def formula(self, name: str) -> str:
         terms = " * ".join(f"{var}^{exp:+.4f}" for var, exp in self.exps.items())
         return f"{name} = {self.coef:.4g}" + (f" * {terms}" if terms else " (constant)")
-
-
-@dataclass
-class CellOptimum:
-    N: float  # the fit's parameter count (n_column)
-    D: float
-    n_runs: int  # all runs in the cell, diverged included
-    n_valid: int
-    best_loss: float
-    best_lr: float
-    best_bs: float
-    opt_lr: float  # geometric mean over the near-optimal runs
-    opt_bs: float
-    n_near: int
-    lr_edge: str | None  # 'low' / 'high' / 'single' when the best run sits on the grid's edge
-    bs_edge: str | None
-    quadratic: dict | None = None
-    params: dict = field(default_factory=dict)  # the cell's N, N_active, N_total as in the table
-    sparsity: float = 1.0  # N_active / N (1 for dense)
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass
@@ -162,67 +140,14 @@ def _wls_batched(X: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray:
     return coefs
 
 
-def grid_edge(value: float, grid: np.ndarray) -> str | None:
-    """Where `value` sits on a cell's grid of tried values: 'single' when the grid has one
-    value (nothing locates the optimum), 'low' / 'high' when it is the smallest / largest
-    (the optimum may lie outside), None inside. The one definition for fit and report."""
-    grid = np.asarray(grid, float)
-    if grid.size < 2 or np.isclose(grid.min(), grid.max()):
-        return "single"
-    if np.isclose(value, grid.min(), rtol=1e-9):
-        return "low"
-    if np.isclose(value, grid.max(), rtol=1e-9):
-        return "high"
-    return None
-
-
-def quadratic_optimum(log_lr: np.ndarray, log_bs: np.ndarray, loss: np.ndarray, window: float) -> dict | None:
-    """Minimum and curvature of loss ~ quadratic in (log lr, log B) over runs near the best.
-
-    'coef' holds (c0, c_lr, c_bs, c_lr2, c_lr_bs, c_bs2) of
-    loss = c0 + c_lr x + c_bs y + c_lr2 x^2 + c_lr_bs x y + c_bs2 y^2, x = ln lr, y = ln B.
-    """
-    keep = loss <= loss.min() * (1 + window)
-    x, y, z = log_lr[keep], log_bs[keep], loss[keep]
-    if x.size < 6 or np.unique(x).size < 3 or np.unique(y).size < 3:
-        return None
-    design = np.column_stack([np.ones_like(x), x, y, x * x, x * y, y * y])
-    coef, *_ = np.linalg.lstsq(design, z, rcond=None)
-    hessian = np.array([[2 * coef[3], coef[4]], [coef[4], 2 * coef[5]]])
-    curvature = {
-        "d2loss_dloglr2": float(hessian[0, 0]),
-        "d2loss_dlogbs2": float(hessian[1, 1]),
-        "d2loss_dloglr_dlogbs": float(hessian[0, 1]),
-    }
-    coef_list = [float(c) for c in coef]
-    eig = np.linalg.eigvalsh(hessian)
-    if eig.min() <= 0:
-        return {"convex": False, "curvature": curvature, "lr": None, "bs": None, "loss": None, "inside_grid": False,
-                "coef": coef_list}
-    center = np.linalg.solve(hessian, -coef[1:3])
-    at_min = float(coef[0] + coef[1] * center[0] + coef[2] * center[1] + 0.5 * center @ hessian @ center)
-    inside = bool(x.min() <= center[0] <= x.max() and y.min() <= center[1] <= y.max())
-    return {
-        "convex": True,
-        "lr": float(np.exp(center[0])),
-        "bs": float(np.exp(center[1])),
-        "loss": at_min,
-        "inside_grid": inside,
-        "curvature": curvature,
-        "n_runs": int(x.size),
-        "coef": coef_list,
-    }
-
-
 # ------------------------------------------------------------------------ the steps
-def _check_args(table: RunTable, gap, n_boot, n_column: str, sparsity: bool) -> tuple[np.ndarray, np.ndarray]:
+def _check_args(table: RunTable, gap, n_boot, seed, n_column: str, sparsity: bool) -> tuple[np.ndarray, np.ndarray]:
     """(parameter counts of n_column, sparsity N_active/N per run) after checking the arguments."""
     if not table.has_hparams:
         raise UserError("the table was read without learning rates and batch sizes; fit needs both (needs='hparams').")
     if not (isinstance(gap, (int, float)) and np.isfinite(gap) and 0 <= gap < 1):
         raise UserError(f"gap must be a relative loss gap in [0, 1), got {gap!r}.")
-    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 0):
-        raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}.")
+    check_bootstrap(n_boot, seed)
     n_values = table.param_counts(n_column)
     if np.any(~np.isfinite(n_values) | (n_values <= 0)):
         raise UserError(f"column {n_column!r} has missing or non-positive values; expected a positive count in every row.")
@@ -234,49 +159,24 @@ def _check_args(table: RunTable, gap, n_boot, n_column: str, sparsity: bool) -> 
     return n_values, s_values
 
 
-def _cell_optima(table: RunTable, n_values, s_values, gap: float, quad_window: float):
-    """Per (N, D, sparsity) cell: its optimum, or why it was skipped; and its valid rows by loss."""
-    keys = np.column_stack([n_values, table.D, s_values])
-    cell_keys, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    cells, skipped, run_rows = [], [], []
-    for cell_index, (cell_n, cell_d, cell_s) in enumerate(cell_keys):
-        rows = np.flatnonzero(inverse == cell_index)
-        valid_rows = rows[table.valid[rows]]
-        if valid_rows.size < 2:
-            skipped.append({
-                "N": float(cell_n), "D": float(cell_d), "n_runs": int(rows.size), "n_valid": int(valid_rows.size),
-                "reason": "no finished run" if valid_rows.size == 0 else "one finished run: no optimum to locate",
-            })
-            continue
-        valid_rows = valid_rows[np.argsort(table.loss[valid_rows], kind="stable")]
-        loss = table.loss[valid_rows]
-        near = valid_rows[loss <= loss[0] * (1 + gap)]
-        best_row = valid_rows[0]
-        params = {name: float(getattr(table, name)[best_row]) for name in table.param_columns()}
-        cells.append(CellOptimum(
-            N=float(cell_n), D=float(cell_d), n_runs=int(rows.size), n_valid=int(valid_rows.size),
-            best_loss=float(loss[0]), best_lr=float(table.lr[best_row]), best_bs=float(table.batch_tokens[best_row]),
-            opt_lr=float(np.exp(np.mean(np.log(table.lr[near])))),
-            opt_bs=float(np.exp(np.mean(np.log(table.batch_tokens[near])))),
-            n_near=int(near.size),
-            lr_edge=grid_edge(table.lr[best_row], np.unique(table.lr[rows])),
-            bs_edge=grid_edge(table.batch_tokens[best_row], np.unique(table.batch_tokens[rows])),
-            quadratic=quadratic_optimum(np.log(table.lr[valid_rows]), np.log(table.batch_tokens[valid_rows]), loss,
-                                        quad_window),
-            params=params, sparsity=float(cell_s),
-        ))
-        run_rows.append(valid_rows)
-    if not cells:
-        raise UserError("no (N, D) cell has two or more finished runs; nothing to fit.")
-    return cells, skipped, run_rows
+# S = N_active / N, so with N and S in one law the other parameter count is implied:
+# log N_other = log N -+ log S. Its spread is what tells N's exponent from S's.
+_IMPLIED_N = {"N": ("N_active", +1.0, "N_active"), "N_active": ("N", -1.0, "the total N")}
 
 
-def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str) -> tuple[list[str], list[dict]]:
+def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str,
+                   n_column: str = "N") -> tuple[list[str], list[dict]]:
     """The candidates the cells can identify, and one refusal record per one they cannot."""
     kept, refused = [], []
     for name in candidates:
         problem = identify.exponent_problem(np.exp(cell_logs[name]), name)
+        if problem is None and name == "S" and "N" in kept and n_column in _IMPLIED_N:
+            # With N and S both in the law only the implied other count separates them: an
+            # MoE sweep whose total N barely moves cannot tell N_active's exponent from S's.
+            other, sign, words = _IMPLIED_N[n_column]
+            implied = identify.exponent_problem(np.exp(cell_logs["N"] + sign * cell_logs["S"]), other)
+            if implied is not None:
+                problem = f"{n_column} and the sparsity are told apart only by {words}, and {implied}"
         if problem is None:
             kept.append(name)
         else:
@@ -386,8 +286,10 @@ def _sparsity_verdict(laws: dict[str, PowerLaw], refused: list[dict]) -> dict:
     return out
 
 
-def _fit_warnings(table, cells, skipped, refused, laws: dict[str, PowerLaw], cell_logs) -> list[str]:
+def _fit_warnings(table, cells, skipped, refused, laws: dict[str, PowerLaw], cell_logs, n_boot: int) -> list[str]:
     warnings = list(table.warnings) + [r["reason"] for r in refused]
+    if n_boot == 0:
+        warnings.append(NO_INTERVALS)
     for key, law in laws.items():
         for name in law.exps:
             message = identify.wide_interval(key, name, law.ci.get(f"exp_{name}", (float("nan"), float("nan"))))
@@ -459,13 +361,14 @@ def fit_hparams(
     quad_window: runs within this relative loss of the best feed the quadratic optimum;
     score_laws: score every published law on the cells (law_scores).
     """
-    n_values, s_values = _check_args(table, gap, n_boot, n_column, sparsity)
-    cells, skipped, run_rows = _cell_optima(table, n_values, s_values, gap, quad_window)
+    n_values, s_values = _check_args(table, gap, n_boot, seed, n_column, sparsity)
+    cells, skipped, run_rows = cell_optima(table, n_values, s_values, gap, quad_window)
     cell_logs = {"N": np.log([c.N for c in cells]), "D": np.log([c.D for c in cells]),
                  "S": np.log([c.sparsity for c in cells])}
     extra = ("S",) if sparsity else ()
-    lr_names, refused = _law_variables(cell_logs, LR_VARIABLES + extra, "learning-rate")
-    bs_names, bs_refused = _law_variables(cell_logs, BS_VARIABLES + (("N",) if fit_bs_N else ()) + extra, "batch-size")
+    lr_names, refused = _law_variables(cell_logs, LR_VARIABLES + extra, "learning-rate", n_column)
+    bs_names, bs_refused = _law_variables(cell_logs, BS_VARIABLES + (("N",) if fit_bs_N else ()) + extra, "batch-size",
+                                          n_column)
     refused += bs_refused
 
     rows_all = np.concatenate(run_rows)
@@ -496,7 +399,7 @@ def fit_hparams(
     return HparamFit(
         lr_law=lr_law, bs_law=bs_law, cells=cells, validation=validation, counts=counts, n_column=n_column,
         gap=float(gap), n_boot=int(n_boot), seed=int(seed), skipped_cells=skipped,
-        warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs),
+        warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs, n_boot),
         law_scores=scored.ranking, scoring=scored.definition, law_cells=scored.per_law, refused=refused,
         sparsity=_sparsity_verdict(laws, refused) if sparsity else None, fitted_range=fitted_range,
         loss_column=table.loss_column,

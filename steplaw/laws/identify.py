@@ -11,11 +11,15 @@ the (N, D) cells the fit uses
 Why a factor of 2: the optimum of a cell is located on an LR grid of steps of sqrt(2),
 so its log has a rounding error of about ln(sqrt 2)/sqrt(12) = 0.10. With k cells whose
 log X have standard deviation s, the least-squares exponent has a standard error of
-about 0.10 / (s sqrt(k)). Three levels spanning a factor r have s = 0.41 ln r; with the
-usual 3 x 3 cells (k = 9) a factor r = 2 gives a standard error of 0.12, a 95% interval
-about 0.5 wide: informative. A 0.3% spread (a real MoE sweep whose total N barely moves)
-gives a standard error near 40, an exponent of noise. Below a factor 2 the interval
-would be wider than 1.0, which is also the second, after-the-fact test:
+about 0.10 / (s sqrt(k)). Three levels spanning a factor r have s = 0.41 ln r, so the
+95% interval is about 3.92 * 0.10 / (0.41 ln r sqrt(k)) = 0.96 / (ln r sqrt(k)) wide.
+With the usual 3 x 3 cells (k = 9) that is 0.32 / ln r: 0.46 at r = 2 (informative),
+and wider than 1.0 only below r = 1.38. A 0.3% spread (a real MoE sweep whose total N
+barely moves) gives a standard error near 40, an exponent of noise. The rule is
+conservative on purpose: with the fewest cells a fit can have (k = 3) the width is
+0.55 / ln r, over 1.0 below r = 1.74, and real optima scatter more than the grid's
+rounding (loss noise, edge cells), so a factor 2 keeps even a small sweep's interval
+under 1.0 with room to spare. A wide interval is also the second, after-the-fact test:
 
 3. an exponent whose 95% bootstrap interval is wider than `MAX_INTERVAL_WIDTH` = 1.0 is
    kept but flagged (the law then says little about that variable), and

@@ -13,7 +13,11 @@ method as the point fit), so 1,000 resamples cost a few dozen array steps instea
 1,000 scipy BFGS runs.
 
 The N and D exponents must be identifiable (steplaw.laws.identify: at least 3 distinct
-values spanning a factor 2); otherwise the fit is refused, naming the variable.
+values spanning a factor 2). When one of them is not, that term is refused with one
+sentence naming the variable and its range, and the law is fitted without it: with N
+unidentifiable L = E' + B/D^beta (A/N^alpha folded into the constant E'; A and alpha
+reported as 0), and likewise for D. Such a law has no compute-optimal split (it needs
+both terms), so compute_optimal refuses it. When neither is identifiable the fit is refused.
 
 Compute-optimal allocation under C = k N D (k = 6 FLOPs per parameter and token, or
 the median of compute / (N D) when the table has a FLOP column):
@@ -30,7 +34,7 @@ from scipy.optimize import minimize
 
 from steplaw.errors import UserError
 from steplaw.laws import identify
-from steplaw.laws.stats import percentile_interval
+from steplaw.laws.stats import NO_INTERVALS, check_bootstrap, percentile_interval
 from steplaw.laws.table import RunTable
 
 HUBER_DELTA = 1e-3
@@ -60,6 +64,7 @@ class LossFormula:
     alpha: float
     beta: float
     flops_per_param_token: float
+    refused_terms: tuple[str, ...] = ()  # "N" / "D": terms fitted without (folded into E)
 
     def predict(self, N, D):
         """Predicted loss of N parameters trained on D tokens."""
@@ -81,6 +86,8 @@ class LossFormula:
         """(N_opt, D_opt) minimizing the loss at a budget of `compute_flops` FLOPs."""
         if not (np.isfinite(compute_flops) and compute_flops > 0):
             raise UserError(f"compute budget must be a positive number of FLOPs, got {compute_flops!r}.")
+        if self.refused_terms:
+            raise UserError(no_split_reason(self.refused_terms))
         if not (self.alpha > 0 and self.beta > 0):
             raise UserError(f"the loss law's exponents alpha={self.alpha:.3g}, beta={self.beta:.3g} are not both "
                             "positive, so it has no compute-optimal split.")
@@ -90,6 +97,12 @@ class LossFormula:
     def formula_dict(self) -> dict:
         return {"law": "L = E + A / N^alpha + B / D^beta", "E": self.E, "A": self.A, "B": self.B,
                 "alpha": self.alpha, "beta": self.beta, "flops_per_param_token": self.flops_per_param_token}
+
+
+def no_split_reason(refused_terms) -> str:
+    """Why a loss law fitted without a term has no compute-optimal N and D."""
+    return (f"the loss law was fitted without its {' and '.join(refused_terms)} term, so it has no compute-optimal "
+            "N and D (the split needs both the N and the D term); fit it on cells that vary both.")
 
 
 @dataclass
@@ -131,8 +144,28 @@ def _objective(theta, log_n, log_d, log_loss, weights, delta):
     return float(np.sum(weights * huber)), grad
 
 
-def _grid_objective(log_n, log_d, log_loss, delta) -> tuple[np.ndarray, np.ndarray]:
-    starts = np.array(list(itertools.product(*_GRID.values())))  # (S, 5)
+# A refused term is held at a = -1000 (its share exp(-1000) vanishes) with exponent 0,
+# and only the other parameters are fitted. Parameter order: (a, b, e, alpha, beta).
+_FROZEN = {"N": {0: -1000.0, 3: 0.0}, "D": {1: -1000.0, 4: 0.0}}
+
+
+def _free_mask(refused_terms) -> np.ndarray:
+    free = np.ones(5, dtype=bool)
+    for term in refused_terms:
+        free[list(_FROZEN[term])] = False
+    return free
+
+
+def _freeze(theta: np.ndarray, refused_terms) -> np.ndarray:
+    theta = np.array(theta, float)
+    for term in refused_terms:
+        for index, value in _FROZEN[term].items():
+            theta[..., index] = value
+    return theta
+
+
+def _grid_objective(log_n, log_d, log_loss, delta, refused_terms=()) -> tuple[np.ndarray, np.ndarray]:
+    starts = np.unique(_freeze(np.array(list(itertools.product(*_GRID.values()))), refused_terms), axis=0)  # (S, 5)
     a, b, e, alpha, beta = (starts[:, i : i + 1] for i in range(5))
     terms = np.stack([a - alpha * log_n[None], b - beta * log_d[None], np.broadcast_to(e, (len(starts), log_n.size))])
     pred = np.logaddexp.reduce(terms, axis=0)
@@ -141,18 +174,26 @@ def _grid_objective(log_n, log_d, log_loss, delta) -> tuple[np.ndarray, np.ndarr
     return starts, huber
 
 
-def _fit_once(log_n, log_d, log_loss, weights, starts, delta) -> np.ndarray:
+def _fit_once(log_n, log_d, log_loss, weights, starts, delta, free=None) -> np.ndarray:
+    """The best of BFGS runs from `starts` over the `free` parameters (default: all five)."""
+    free = np.ones(5, dtype=bool) if free is None else free
     best, best_value = None, np.inf
     for start in starts:
+        base = np.array(start, float)
+
+        def objective(x, base=base):
+            full = base.copy()
+            full[free] = x
+            value, grad = _objective(full, log_n, log_d, log_loss, weights, delta)
+            return value, grad[free]
+
         # Quasi-Newton with full BFGS: with 5 parameters it is what L-BFGS computes, and
         # scipy's L-BFGS-B driver was 10-30x slower here (it spends its time in threaded
         # BLAS calls on tiny vectors when the cores are busy).
-        result = minimize(
-            _objective, start, args=(log_n, log_d, log_loss, weights, delta), jac=True, method="BFGS",
-            options={"maxiter": 2000, "gtol": 1e-9},
-        )
+        result = minimize(objective, base[free], jac=True, method="BFGS", options={"maxiter": 2000, "gtol": 1e-9})
         if result.fun < best_value:
-            best, best_value = result.x, result.fun
+            best, best_value = base.copy(), result.fun
+            best[free] = result.x
     return best
 
 
@@ -198,18 +239,22 @@ def _batched_value_grad(theta, log_n, log_d, log_loss, weights, delta):
     return _huber(resid, weights, delta), grad
 
 
-def _fit_batch(log_n, log_d, log_loss, weights: np.ndarray, start: np.ndarray, delta: float) -> np.ndarray:
+def _fit_batch(log_n, log_d, log_loss, weights: np.ndarray, start: np.ndarray, delta: float, free=None) -> np.ndarray:
     """Minimize the weighted Huber objective for every row of `weights` (B, n) from `start`:
     BFGS on all rows at once (the method of the point fit, vectorized), its inverse
     Hessian started from the IRLS normal matrix, with a backtracking Armijo line search
     per row. A row stops when a step moves no parameter by _STEP_TOL or gains less than
-    _GAIN_TOL of its objective."""
+    _GAIN_TOL of its objective. Parameters outside `free` stay at their start: their
+    gradient and their rows of the inverse Hessian are zero."""
     count = weights.shape[0]
+    mask = np.ones(5) if free is None else np.asarray(free, float)
     theta = np.repeat(start[None, :], count, axis=0)
     value, grad, normal = _batched_state(theta, log_n, log_d, log_loss, weights, delta)
+    grad = grad * mask
     eye = np.eye(5)
+    normal = normal * np.outer(mask, mask) + np.diag(1.0 - mask)  # frozen: identity, no coupling
     scale = np.einsum("bii->bi", normal).max(axis=1)[:, None, None]
-    hinv = np.linalg.inv(normal + 1e-6 * scale * eye)
+    hinv = np.linalg.inv(normal + 1e-6 * scale * eye) * np.outer(mask, mask)
     active = np.arange(count)
     for _ in range(_BFGS_ITERATIONS):
         if active.size == 0:
@@ -225,6 +270,7 @@ def _fit_batch(log_n, log_d, log_loss, weights: np.ndarray, start: np.ndarray, d
                 break
             trial = theta[active[todo]] + step_size[todo, None] * direction[todo]
             t_value, t_grad = _batched_value_grad(trial, log_n, log_d, log_loss, weights[active[todo]], delta)
+            t_grad = t_grad * mask
             ok = t_value <= value[active[todo]] + 1e-4 * step_size[todo] * slope[todo]
             hit = todo[ok]
             new_theta[hit], new_value[hit], new_grad[hit] = trial[ok], t_value[ok], t_grad[ok]
@@ -264,6 +310,7 @@ class LossFit(LossFormula):
     warnings: list[str] = field(default_factory=list)
     samples: np.ndarray | None = None  # bootstrap (a, b, e, alpha, beta) rows, a = ln A
     fitted_range: dict = field(default_factory=dict)
+    refused_terms: tuple[str, ...] = ()
 
     def optimal_interval(self, compute_flops: float) -> dict | None:
         """95% bootstrap intervals of N_opt and D_opt at `compute_flops`, or None without a bootstrap."""
@@ -278,17 +325,24 @@ class LossFit(LossFormula):
             "n_boot": self.n_boot,
             "rms_log_residual": self.rms_log_residual,
             "fitted_range": self.fitted_range,
-            "compute_optimal": {
-                "compute": f"C = {self.flops_per_param_token:.4g} * N * D",
-                "flops_per_param_token": self.flops_per_param_token,
-                "N_opt": f"G * (C / {self.flops_per_param_token:.4g})^{self.n_exponent:.4f}",
-                "D_opt": f"G^-1 * (C / {self.flops_per_param_token:.4g})^{self.d_exponent:.4f}",
-                "G": self.G,
-                "N_exponent": self.n_exponent,
-                "D_exponent": self.d_exponent,
-                "exponent_intervals": {k: [float(v[0]), float(v[1])] for k, v in self.exponent_intervals.items()},
-            },
+            "refused_terms": list(self.refused_terms),
+            "compute_optimal": self._split_dict(),
             "warnings": list(self.warnings),
+        }
+
+    def _split_dict(self) -> dict:
+        """The compute-optimal split's formulas, or why the law has none."""
+        if self.refused_terms:
+            return {"refused": no_split_reason(self.refused_terms)}
+        return {
+            "compute": f"C = {self.flops_per_param_token:.4g} * N * D",
+            "flops_per_param_token": self.flops_per_param_token,
+            "N_opt": f"G * (C / {self.flops_per_param_token:.4g})^{self.n_exponent:.4f}",
+            "D_opt": f"G^-1 * (C / {self.flops_per_param_token:.4g})^{self.d_exponent:.4f}",
+            "G": self.G,
+            "N_exponent": self.n_exponent,
+            "D_exponent": self.d_exponent,
+            "exponent_intervals": {k: [float(v[0]), float(v[1])] for k, v in self.exponent_intervals.items()},
         }
 
 
@@ -316,13 +370,27 @@ def _cell_best_losses(table: RunTable, n_values: np.ndarray) -> tuple[np.ndarray
     return cells, best_loss
 
 
-def _check_identifiable(cells: np.ndarray) -> None:
-    if len(cells) < 5:
-        raise UserError(f"the loss law has 5 parameters but the table has {len(cells)} (N, D) cell(s); need at least 5.")
-    for column, name in ((0, "N"), (1, "D")):
-        problem = identify.exponent_problem(cells[:, column], name)
-        if problem is not None:
-            raise UserError(f"cannot fit the loss law's {name} term because {problem}.")
+_TERMS = {"N": "A/N^alpha", "D": "B/D^beta"}
+
+
+def _refused_terms(cells: np.ndarray) -> tuple[tuple[str, ...], list[str]]:
+    """The terms the cells cannot identify, with one warning sentence each; a UserError
+    when neither term is identifiable or there are fewer cells than parameters."""
+    problems = {name: identify.exponent_problem(cells[:, column], name) for column, name in ((0, "N"), (1, "D"))}
+    refused = tuple(name for name, problem in problems.items() if problem is not None)
+    if len(refused) == 2:
+        raise UserError(f"cannot fit the loss law: {problems['N']}, and {problems['D']}.")
+    n_params = 5 - 2 * len(refused)
+    if len(cells) < n_params:
+        raise UserError(f"the loss law has {n_params} parameters but the table has {len(cells)} (N, D) cell(s); "
+                        f"need at least {n_params}.")
+    warnings = []
+    for name in refused:
+        other = "D" if name == "N" else "N"
+        warnings.append(f"the loss law's {name} term {_TERMS[name]} is not fitted because {problems[name]}, so the law "
+                        f"is fitted without it (L = E + {_TERMS[other]}, E absorbing the {name} term) and gives no "
+                        "compute-optimal N and D.")
+    return refused, warnings
 
 
 def fit_loss(
@@ -331,54 +399,72 @@ def fit_loss(
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to the per-cell best losses of `table`.
 
     n_column: which parameter count is N; n_boot: bootstrap resamples of the cells.
+    A term the cells cannot identify is left out (see the module docstring).
     """
-    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 0):
-        raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}.")
+    check_bootstrap(n_boot, seed)
     n_values = table.param_counts(n_column)
     cells, best_loss = _cell_best_losses(table, n_values)
-    _check_identifiable(cells)
+    refused, refusals = _refused_terms(cells)
+    free = _free_mask(refused)
 
     log_n, log_d, log_loss = np.log(cells[:, 0]), np.log(cells[:, 1]), np.log(best_loss)
-    starts, values = _grid_objective(log_n, log_d, log_loss, delta)
-    theta = _fit_once(log_n, log_d, log_loss, np.ones_like(log_n), starts[np.argsort(values)[:_N_STARTS]], delta)
+    starts, values = _grid_objective(log_n, log_d, log_loss, delta, refused)
+    theta = _fit_once(log_n, log_d, log_loss, np.ones_like(log_n), starts[np.argsort(values)[:_N_STARTS]], delta, free)
 
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(cells), np.full(len(cells), 1.0 / len(cells)), size=n_boot).astype(float)
-    samples = _fit_batch(log_n, log_d, log_loss, counts, theta, delta) if n_boot else np.empty((0, 5))
-    intervals, exponent_intervals = _intervals(samples) if n_boot else ({}, {})
+    samples = _fit_batch(log_n, log_d, log_loss, counts, theta, delta, free) if n_boot else np.empty((0, 5))
+    intervals, exponent_intervals = _intervals(samples, refused) if n_boot else ({}, {})
 
-    flops_per = _flops_per_param_token(table, n_values)
     a, b, e, alpha, beta = theta
     pred = np.logaddexp.reduce(_lse_terms(theta, log_n, log_d), axis=0)
-    warnings = list(table.warnings)
-    if alpha <= 0 or beta <= 0:
+    warnings = list(table.warnings) + refusals + ([] if n_boot else [NO_INTERVALS])
+    warnings += _exponent_warnings(theta, intervals, refused, log_n, log_d)
+    return LossFit(
+        E=float(np.exp(e)), A=0.0 if "N" in refused else float(np.exp(a)),
+        B=0.0 if "D" in refused else float(np.exp(b)), alpha=float(alpha), beta=float(beta),
+        intervals=intervals, flops_per_param_token=_flops_per_param_token(table, n_values), n_cells=len(cells),
+        n_column=n_column, rms_log_residual=float(np.sqrt(np.mean((pred - log_loss) ** 2))), n_boot=int(n_boot),
+        exponent_intervals=exponent_intervals, warnings=warnings, samples=samples,
+        fitted_range={"N": [float(cells[:, 0].min()), float(cells[:, 0].max())],
+                      "D": [float(cells[:, 1].min()), float(cells[:, 1].max())]},
+        refused_terms=refused,
+    )
+
+
+def _exponent_warnings(theta, intervals: dict, refused, log_n, log_d) -> list[str]:
+    """Exponents that do not fall with scale or that the data barely constrain; collinear cells."""
+    warnings = []
+    alpha, beta = theta[3], theta[4]
+    if not refused and (alpha <= 0 or beta <= 0):
         warnings.append(
             f"fitted exponent alpha={alpha:.3g} / beta={beta:.3g} is not positive: the data do not show that term "
             "falling with scale, so the compute-optimal split is meaningless."
         )
-    for name in ("alpha", "beta"):
-        message = identify.wide_interval("loss", "N" if name == "alpha" else "D", intervals.get(name, (np.nan, np.nan)))
-        if message:
+    for name, variable in (("alpha", "N"), ("beta", "D")):
+        message = identify.wide_interval("loss", variable, intervals.get(name, (np.nan, np.nan)))
+        if message and variable not in refused:
             warnings.append(message)
-    collinear = identify.collinearity(log_n, log_d)
+    collinear = identify.collinearity(log_n, log_d) if not refused else None
     if collinear:
         warnings.append(collinear)
-    return LossFit(
-        E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta),
-        intervals=intervals, flops_per_param_token=flops_per, n_cells=len(cells), n_column=n_column,
-        rms_log_residual=float(np.sqrt(np.mean((pred - log_loss) ** 2))), n_boot=int(n_boot),
-        exponent_intervals=exponent_intervals, warnings=warnings, samples=samples,
-        fitted_range={"N": [float(cells[:, 0].min()), float(cells[:, 0].max())],
-                      "D": [float(cells[:, 1].min()), float(cells[:, 1].max())]},
-    )
+    return warnings
 
 
-def _intervals(samples: np.ndarray) -> tuple[dict, dict]:
-    intervals = {
-        "A": percentile_interval(np.exp(samples[:, 0])), "B": percentile_interval(np.exp(samples[:, 1])),
-        "E": percentile_interval(np.exp(samples[:, 2])), "alpha": percentile_interval(samples[:, 3]),
-        "beta": percentile_interval(samples[:, 4]),
-    }
+def _intervals(samples: np.ndarray, refused=()) -> tuple[dict, dict]:
+    # A wild resample can put ln A or ln B past exp's range (overflow to inf): such a
+    # sample is left out of the percentiles like any non-finite one, so the warning is noise.
+    with np.errstate(over="ignore"):
+        intervals = {
+            "A": percentile_interval(np.exp(samples[:, 0])), "B": percentile_interval(np.exp(samples[:, 1])),
+            "E": percentile_interval(np.exp(samples[:, 2])), "alpha": percentile_interval(samples[:, 3]),
+            "beta": percentile_interval(samples[:, 4]),
+        }
+    for name in refused:
+        for key in ("A", "alpha") if name == "N" else ("B", "beta"):
+            del intervals[key]
+    if refused:
+        return intervals, {}
     total = samples[:, 3] + samples[:, 4]
     with np.errstate(divide="ignore", invalid="ignore"):
         exponents = {"N_exponent": percentile_interval(samples[:, 4] / total),

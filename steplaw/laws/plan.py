@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from steplaw.errors import UserError
-from steplaw.laws.published import LAWS, LawInputs
+from steplaw.laws.published import LAWS, LawInputs, range_warnings
 from steplaw.laws.published_loss import LOSS_LAWS
 from steplaw.laws.published_loss import loss_law as published_loss_law
 from steplaw.laws.saved import SavedHparamLaw, SavedLossLaw, read_law
@@ -59,19 +59,6 @@ def _resolve_hparam_law(value: str) -> tuple[object, dict]:
     return LAWS[value], LAWS[value].info()
 
 
-def _range_warnings(label: str, ranges: dict, values: dict) -> list[str]:
-    out = []
-    for name, bounds in ranges.items():
-        value = values.get(name)
-        if value is None or not bounds:
-            continue
-        low, high = bounds
-        if value < low * (1 - 1e-9) or value > high * (1 + 1e-9):
-            out.append(f"{label}: {name}={value:.3g} is outside the range it was fitted on [{low:.3g}, {high:.3g}]; "
-                       "this is an extrapolation.")
-    return out
-
-
 def _check(name: str, value) -> float | None:
     if value is None:
         return None
@@ -101,7 +88,9 @@ def make_plan(*, compute: float | None = None, params: float | None = None, toke
     loss, loss_info = _resolve_loss_law(loss_law)
     hparams, hparam_info = _resolve_hparam_law(hparam_law)
     n, d, c, interval, mode = _model_and_tokens(loss, compute, params, tokens)
-    warnings = _range_warnings(f"loss law {loss_info['key']}", loss_info.get("fitted_range") or {}, {"N": n, "D": d})
+    # A law file carries its fit's warnings (e.g. a refused exponent): the plan repeats them.
+    warnings = [w for law in (loss, hparams) if isinstance(law, (SavedLossLaw, SavedHparamLaw)) for w in law.warnings]
+    warnings += range_warnings(f"loss law {loss_info['key']}", loss_info.get("fitted_range") or {}, {"N": n, "D": d})
     if isinstance(hparams, SavedHparamLaw):
         lr, bs, more = hparams.predict(n, d)
         warnings += more

@@ -197,18 +197,34 @@ class Law:
         }
 
 
-def _range_warnings(law_key: str, ranges: dict[str, tuple[float, float]], values: dict[str, float]) -> list[str]:
+def range_warnings(label: str, ranges: dict, values: dict) -> list[str]:
+    """One warning per value outside the (low, high) range its law was fitted on (published
+    laws, fitted laws, law files: the one check). Ends count as inside (1e-9 relative, the
+    float noise of a range read back from JSON); a missing value or range is skipped."""
     warnings = []
-    for name, (low, high) in ranges.items():
+    for name, bounds in ranges.items():
         value = values.get(name)
-        if value is None:
+        if value is None or not bounds:
             continue
-        if value < low or value > high:
+        low, high = bounds
+        if value < low * (1 - 1e-9) or value > high * (1 + 1e-9):
             warnings.append(
-                f"{law_key}: {name}={value:.3g} is outside the range the law was fitted on "
+                f"{label}: {name}={value:.3g} is outside the range the law was fitted on "
                 f"[{low:.3g}, {high:.3g}]; this is an extrapolation."
             )
     return warnings
+
+
+def check_moe_counts(n_params, n_active) -> tuple[float, float | None]:
+    """(n_params, n_active) checked: both positive and finite, n_active (when given) at most
+    n_params. The one check for published and fitted laws."""
+    n = _check_positive("n_params", n_params)
+    if n_active is None:
+        return n, None
+    n_active = _check_positive("n_active", n_active)
+    if n_active > n:
+        raise UserError(f"n_active={n_active:.4g} exceeds n_params={n:.4g}; activated parameters are a part of the total.")
+    return n, n_active
 
 
 # Fitted ranges, used only to warn. Kaplan's models span 768 to 1.5e9 non-embedding
@@ -227,7 +243,7 @@ def _predict_step(inputs: LawInputs) -> Prediction:
     # to pass (predict_all evaluates it with both when n_active is given).
     lr, bs = step_law(inputs.n_params, inputs.tokens)
     pred = Prediction("step_law", lr, bs, "N (non-embedding)")
-    pred.warnings += _range_warnings("step_law", _STEP_RANGE, {"N": inputs.n_params, "D": inputs.tokens})
+    pred.warnings += range_warnings("step_law", _STEP_RANGE, {"N": inputs.n_params, "D": inputs.tokens})
     return pred
 
 
@@ -245,7 +261,7 @@ def _predict_deepseek(inputs: LawInputs) -> Prediction:
         n_used = "C = 6*N_active*D" if inputs.n_active else "C = 6*N*D"
     lr, bs = deepseek_law(compute)
     pred = Prediction("deepseek", lr, bs, n_used, derived)
-    pred.warnings += _range_warnings("deepseek", _DEEPSEEK_RANGE, {"C": compute})
+    pred.warnings += range_warnings("deepseek", _DEEPSEEK_RANGE, {"C": compute})
     return pred
 
 
@@ -268,7 +284,7 @@ def _predict_kaplan(inputs: LawInputs) -> Prediction:
             f"kaplan: the LR fit 0.003239 - 0.0001395 ln(N) is not positive at N={n_for_loss:.3g}; no LR given."
         )
     ranges = _KAPLAN_RANGE if not inputs.loss else {"N": _KAPLAN_RANGE["N"]}
-    pred.warnings += _range_warnings("kaplan", ranges, {"N": n_for_loss, "D": inputs.tokens})
+    pred.warnings += range_warnings("kaplan", ranges, {"N": n_for_loss, "D": inputs.tokens})
     return pred
 
 
@@ -278,7 +294,7 @@ def _predict_porian(inputs: LawInputs) -> Prediction:
     n = inputs.n_active if inputs.n_active else inputs.n_params
     lr, bs = porian_law(n)
     pred = Prediction("porian", lr, bs, "N_active (non-embedding)" if inputs.n_active else "N (non-embedding)")
-    pred.warnings += _range_warnings("porian", _PORIAN_RANGE, {"N": n})
+    pred.warnings += range_warnings("porian", _PORIAN_RANGE, {"N": n})
     return pred
 
 
@@ -368,14 +384,8 @@ def predict_all(
     holds for MoE; which count transfers best is the user's call), and the compute- and
     loss-based laws use the activated count.
     """
-    n = _check_positive("n_params", n_params)
+    n, n_active = check_moe_counts(n_params, n_active)
     d = _check_positive("tokens", tokens)
-    if n_active is not None:
-        n_active = _check_positive("n_active", n_active)
-        if n_active > n:
-            raise UserError(
-                f"n_active={n_active:.4g} exceeds n_params={n:.4g}; activated parameters are a part of the total."
-            )
     if compute is not None:
         compute = _check_positive("compute", compute)
     if loss is not None:

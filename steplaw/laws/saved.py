@@ -19,6 +19,7 @@ from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
 from steplaw.laws.fit import HparamFit, PowerLaw
 from steplaw.laws.loss import LossFit, LossFormula, optimal_interval
+from steplaw.laws.published import check_moe_counts, range_warnings
 from steplaw.runtable import json_safe
 
 HPARAM_KIND = "steplaw.hparam_law"
@@ -44,7 +45,7 @@ def loss_law_record(fit: LossFit, source: str) -> dict:
     return {"kind": LOSS_KIND, "version": VERSION, "source": source, **fit.formula_dict(),
             "n_column": fit.n_column, "intervals": fit.intervals, "fitted_range": fit.fitted_range,
             "bootstrap": {"columns": ["ln_A", "ln_B", "ln_E", "alpha", "beta"], "rows": samples.tolist()},
-            "warnings": list(fit.warnings)}
+            "refused_terms": list(fit.refused_terms), "warnings": list(fit.warnings)}
 
 
 @dataclass
@@ -55,10 +56,12 @@ class SavedHparamLaw:
     fitted_range: dict
     source: str
     path: str
+    warnings: list[str] = field(default_factory=list)  # the fit's own, stored in the file
 
     def predict(self, n_params: float, tokens: float, n_active: float | None = None) -> tuple[float, float, list[str]]:
         """(peak lr, batch tokens, warnings) for N non-embedding parameters (MoE: total, with
         n_active activated) trained on D tokens, in the units the law was fitted with."""
+        n_params, n_active = check_moe_counts(n_params, n_active)
         warnings = []
         if self.n_column == "N_active":
             if n_active is None:
@@ -70,11 +73,7 @@ class SavedHparamLaw:
         if "S" in self.lr_law.exps or "S" in self.bs_law.exps:
             sparsity = (n_active / n_params) if n_active is not None else 1.0
         values = {"N": n, "D": tokens, "S": sparsity if sparsity is not None else 1.0}
-        for name, (low, high) in self.fitted_range.items():
-            value = values.get(name)
-            if value is not None and not (low * (1 - 1e-9) <= value <= high * (1 + 1e-9)):
-                warnings.append(f"{self.path}: {name}={value:.3g} is outside the cells the law was fitted on "
-                                f"[{low:.3g}, {high:.3g}]; this is an extrapolation.")
+        warnings += range_warnings(self.path, self.fitted_range, values)
         lr, bs = self.lr_law(n, tokens, sparsity), self.bs_law(n, tokens, sparsity)
         return float(lr), float(bs), warnings
 
@@ -92,9 +91,16 @@ class SavedLossLaw(LossFormula):
     source: str
     path: str
     samples: np.ndarray = field(default_factory=lambda: np.empty((0, 5)))
+    refused_terms: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)  # the fit's own, stored in the file
 
     def optimal_interval(self, compute_flops: float) -> dict | None:
         return optimal_interval(self.samples if len(self.samples) else None, compute_flops, self.flops_per_param_token)
+
+
+def _stored_warnings(data: dict, path: Path) -> list[str]:
+    """The warnings the fit gave, saved with the law: whoever uses the file hears them too."""
+    return [f"{path} (from its fit): {w}" for w in data.get("warnings") or [] if isinstance(w, str)]
 
 
 def read_law(path) -> SavedHparamLaw | SavedLossLaw:
@@ -112,13 +118,15 @@ def read_law(path) -> SavedHparamLaw | SavedLossLaw:
         if kind == HPARAM_KIND:
             return SavedHparamLaw(lr_law=PowerLaw.from_dict(data["lr_law"]), bs_law=PowerLaw.from_dict(data["bs_law"]),
                                   n_column=str(data.get("n_column", "N")), fitted_range=dict(data.get("fitted_range") or {}),
-                                  source=str(data.get("source", "")), path=str(path))
+                                  source=str(data.get("source", "")), path=str(path), warnings=_stored_warnings(data, path))
         if kind == LOSS_KIND:
             rows = np.asarray((data.get("bootstrap") or {}).get("rows") or [], float).reshape(-1, 5)
             return SavedLossLaw(E=float(data["E"]), A=float(data["A"]), B=float(data["B"]), alpha=float(data["alpha"]),
                                 beta=float(data["beta"]), flops_per_param_token=float(data.get("flops_per_param_token", 6.0)),
                                 n_column=str(data.get("n_column", "N")), fitted_range=dict(data.get("fitted_range") or {}),
-                                source=str(data.get("source", "")), path=str(path), samples=rows)
+                                source=str(data.get("source", "")), path=str(path), samples=rows,
+                                refused_terms=tuple(str(t) for t in data.get("refused_terms") or ()),
+                                warnings=_stored_warnings(data, path))
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{str(path)!r} is a damaged law file (missing or bad {exc}).") from None
     raise UserError(f"{str(path)!r} is not a steplaw law file (kind {kind!r}); expected one written by "

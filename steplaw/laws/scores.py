@@ -9,7 +9,7 @@ against the cell's runs by
   nearest the prediction in (ln lr, ln B) (Euclidean; a tie goes to the lower-loss run).
   This is what the sweep measured, but a prediction between grid points takes the loss
   of a neighbour;
-- bowl_gap: the cell's quadratic fit of loss over (ln lr, ln B) (steplaw.laws.fit.
+- bowl_gap: the cell's quadratic fit of loss over (ln lr, ln B) (steplaw.laws.cells.
   quadratic_optimum), evaluated at the prediction clamped to the cell's grid, relative to
   the bowl's lowest point in the grid. Smooth between grid points, but a model of the
   runs, not a run; only where the fit is convex. Both are reported; they differ when

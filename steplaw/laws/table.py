@@ -110,9 +110,26 @@ def _read_text(path: Path) -> str:
 
 
 def _read_csv(path: Path, delimiter: str) -> list[dict]:
-    reader = csv.DictReader(_read_text(path).splitlines(), delimiter=delimiter)
-    # Header names are stripped so "N, D, lr" maps like "N,D,lr".
-    return [{(key or "").strip(): value for key, value in row.items()} for row in reader]
+    """Rows as dicts keyed by the stripped header names ("N, D, lr" maps like "N,D,lr").
+    A name given twice or a row with more fields than the header is refused: either would
+    silently read some value from the wrong column. Short rows leave their last columns empty."""
+    reader = csv.reader(_read_text(path).splitlines(), delimiter=delimiter)
+    names = [name.strip() for name in next(reader, [])]
+    named = [name for name in names if name]
+    for name in named:
+        if named.count(name) > 1:
+            raise UserError(f"{str(path)!r}: column {name!r} appears twice in the header; expected each column once.")
+    rows = []
+    for values in reader:
+        if not values:  # a blank line is no run
+            continue
+        if len(values) > len(names):
+            raise UserError(f"{str(path)!r} row {len(rows) + 1} has {len(values)} fields; the header has {len(names)} "
+                            "(a stray delimiter or an unquoted comma?).")
+        row = dict.fromkeys(names)
+        row.update(zip(names, values))
+        rows.append(row)
+    return rows
 
 
 def _read_json_lines(path: Path, suffix: str) -> list[dict]:
@@ -373,9 +390,10 @@ def read_runs(
         raise UserError(f"{name} holds no runs; expected at least one row.")
     if not all(isinstance(row, dict) for row in rows):
         raise UserError(f"{name} rows must be mappings of column name to value.")
-    hparams = needs == "hparams"
-    cols, warnings, has_hparams = _read_columns(rows, name, hparams, col_N, col_D, col_lr, col_bs, col_loss, col_C,
-                                                col_N_active, col_N_total, bs_unit, seq_len)
+    columns = ColumnMap(N=col_N, D=col_D, lr=col_lr, bs=col_bs, loss=col_loss, C=col_C, N_active=col_N_active,
+                        N_total=col_N_total, bs_unit=bs_unit, seq_len=seq_len)
+    has_hparams = needs == "hparams"
+    cols, warnings = _read_columns(rows, name, has_hparams, columns)
     cols["status"] = np.array([str(row.get(col_status, "ok") or "ok").strip().lower() for row in rows], dtype=object)
     cols["run_id"] = np.array([str(row.get("run_id", index)) for index, row in enumerate(rows)], dtype=object)
     finished = np.array([s in OK_STATUSES for s in cols["status"]])
@@ -394,27 +412,74 @@ def read_runs(
     )
 
 
-def _read_columns(rows, name, hparams, col_N, col_D, col_lr, col_bs, col_loss, col_C, col_N_active, col_N_total,
-                  bs_unit, seq_len) -> tuple[dict, list[str], bool]:
-    """The numeric columns as arrays (batch in tokens), the warnings, and whether lr/batch are there."""
+@dataclass(frozen=True)
+class ColumnMap:
+    """The source's names of the columns read_runs reads (see its col_* arguments) and how
+    to read the batch size (bs_unit, seq_len); built once per read."""
+
+    N: str = "N"
+    D: str | None = None
+    lr: str = "lr"
+    bs: str | None = None
+    loss: str = "loss"
+    C: str | None = None
+    N_active: str = "N_active"
+    N_total: str = "N_total"
+    bs_unit: str | None = None
+    seq_len: int | None = None
+
+
+def _read_columns(rows, name, hparams: bool, columns: ColumnMap) -> tuple[dict, list[str]]:
+    """The numeric columns as arrays (batch in tokens) and the warnings; lr and batch only
+    when `hparams` (else NaN)."""
     warnings: list[str] = []
-    n = _column(rows, col_N, name, "parameters N")
-    loss = _column(rows, col_loss, name, "the final loss")
-    compute = _column(rows, col_C or "compute", name, "compute", required=col_C is not None)
-    d = _tokens_column(rows, col_D, col_C, n, compute, name, warnings)
+    n = _column(rows, columns.N, name, "parameters N")
+    loss = _column(rows, columns.loss, name, "the final loss")
+    compute = _column(rows, columns.C or "compute", name, "compute", required=columns.C is not None)
+    d = _tokens_column(rows, columns.D, columns.C, n, compute, name, warnings)
     if hparams:
-        lr = _column(rows, col_lr, name, "the peak learning rate")
-        bs_col, unit = _batch_column(rows, col_bs, bs_unit, name)
-        bs = _batch_in_tokens(rows, _column(rows, bs_col, name, "the batch size"), unit, seq_len, name)
+        lr = _column(rows, columns.lr, name, "the peak learning rate")
+        bs_col, unit = _batch_column(rows, columns.bs, columns.bs_unit, name)
+        bs = _batch_in_tokens(rows, _column(rows, bs_col, name, "the batch size"), unit, columns.seq_len, name)
     else:  # the loss law reads neither, so neither can stop it
         lr = np.full(len(rows), np.nan)
         bs = np.full(len(rows), np.nan)
     cols = {
         "N": n, "D": d, "lr": lr, "batch_tokens": bs, "loss": loss, "compute": compute,
-        "N_active": _optional_counts(rows, col_N_active, name, "activated parameters"),
-        "N_total": _optional_counts(rows, col_N_total, name, "total parameters"),
+        "N_active": _optional_counts(rows, columns.N_active, name, "activated parameters"),
+        "N_total": _optional_counts(rows, columns.N_total, name, "total parameters"),
     }
-    return cols, warnings, hparams
+    return cols, warnings
+
+
+def select_spec(rows: list[dict], spec: str | None = None, all_specs: bool = False,
+                source: str = "the sweep") -> tuple[list[dict], str | None]:
+    """The rows of one sweep spec, and a warning when several are fitted together.
+
+    A sweep directory keeps the runs of every spec it was swept with (`steplaw sweep
+    --new-spec`; each row names its `spec_id`). Specs may differ in what changes a run's
+    result (weight decay, schedule), so a law fitted to their mixture is wrong without a
+    word: several specs need `spec` (an id or its unique prefix) or `all_specs` (fit them
+    together, with the warning returned).
+    """
+    counts: dict = {}
+    for row in rows:
+        counts[row.get("spec_id")] = counts.get(row.get("spec_id"), 0) + 1
+    listing = ", ".join(f"{spec_id or '(no spec id)'}: {count} runs"
+                        for spec_id, count in sorted(counts.items(), key=lambda item: str(item[0] or "")))
+    if spec is not None:
+        matches = [spec_id for spec_id in counts if spec_id and str(spec_id).startswith(spec)]
+        if len(matches) != 1:
+            how = "matches no spec" if not matches else f"matches {len(matches)} specs"
+            raise UserError(f"--spec {spec!r} {how} of {source}; expected one of its spec ids ({listing}).")
+        return [row for row in rows if row.get("spec_id") == matches[0]], None
+    if len(counts) < 2:
+        return rows, None
+    if not all_specs:
+        raise UserError(f"{source} holds the runs of {len(counts)} specs ({listing}), which may differ in settings that "
+                        "change a run's result; choose one with --spec ID, or fit them together with --all-specs.")
+    return rows, (f"the runs of {len(counts)} specs are fitted together ({listing}); a law of their mixture is right "
+                  "only if the specs differ in nothing that changes a run's result.")
 
 
 def table_from_arrays(

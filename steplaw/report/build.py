@@ -8,7 +8,7 @@ fit's figures (steplaw.report.plots) and lays out: which planner proposed the ru
 fitted laws beside the Step Law with the exponents the data could not identify, every
 published law scored on the sweep's cells (ranked), one line per (N, D) cell with the
 runs it used, its best run and whether that run sits on the grid's edge
-(steplaw.laws.fit.grid_edge, the one definition), the failed runs with their reasons,
+(steplaw.laws.cells.grid_edge, the one definition), the failed runs with their reasons,
 and the table of every run. A fit that cannot be made (too few cells, say) is explained
 in the report instead of stopping it. The report is built as a list of blocks, rendered
 once as Markdown and once as HTML (images embedded as base64), so both say the same.
@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from steplaw.errors import UserError
-from steplaw.laws.fit import fit_hparams, grid_edge
+from steplaw.fileio import write_atomic
+from steplaw.laws.cells import grid_edge
+from steplaw.laws.fit import fit_hparams
 from steplaw.laws.identify import distinct_values
 from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
 from steplaw.laws.saved import write_json
-from steplaw.laws.table import read_runs
+from steplaw.laws.table import read_runs, select_spec
 from steplaw.report.plots import heatmap_cells, plot_fit
 from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv
 
@@ -43,7 +45,7 @@ DEFAULT_PLANNER = "grid"  # sweeps written before the store recorded its planner
 def cell_summaries(rows: list[dict], objective: str = "loss") -> list[dict]:
     """Per (N, D) cell (MoE layouts apart): runs used, best finished run, grid-edge flags.
 
-    The edge flags are steplaw.laws.fit.grid_edge of the best run's LR (batch size) on the
+    The edge flags are steplaw.laws.cells.grid_edge of the best run's LR (batch size) on the
     cell's grid: 'low' / 'high' at the grid's ends, 'single' for a one-value grid.
     """
     cells = defaultdict(list)
@@ -187,14 +189,19 @@ def _law_table(data: dict) -> tuple:
     def exp(law, name):
         return _num(law.get(f"exp_{name}")) + _ci(law, f"exp_{name}") if f"exp_{name}" in law else "not fitted"
 
+    # A fitted (or refused) sparsity term gets its own column, S = N_active / N.
+    sparse = bool(data.get("sparsity"))
     rows = [
-        ["η(N, D) = a·N^α·D^β", "fitted", _num(lr["coef"]) + _ci(lr, "coef"), exp(lr, "N"), exp(lr, "D")],
-        ["", "Step Law", _num(STEP_LR_COEF), _num(STEP_LR_EXP_N), _num(STEP_LR_EXP_D)],
-        ["B(D) = c·D^γ" + ("·N^δ" if "exp_N" in bs else ""), "fitted", _num(bs["coef"]) + _ci(bs, "coef"),
-         exp(bs, "N") if "exp_N" in bs else "–", exp(bs, "D")],
-        ["", "Step Law", _num(STEP_BS_COEF), "–", _num(STEP_BS_EXP_D)],
+        ["η(N, D) = a·N^α·D^β" + ("·S^g" if sparse else ""), "fitted", _num(lr["coef"]) + _ci(lr, "coef"),
+         exp(lr, "N"), exp(lr, "D")] + ([exp(lr, "S")] if sparse else []),
+        ["", "Step Law", _num(STEP_LR_COEF), _num(STEP_LR_EXP_N), _num(STEP_LR_EXP_D)] + (["–"] if sparse else []),
+        ["B(D) = c·D^γ" + ("·N^δ" if "exp_N" in bs else "") + ("·S^e" if sparse else ""), "fitted",
+         _num(bs["coef"]) + _ci(bs, "coef"), exp(bs, "N") if "exp_N" in bs else "–", exp(bs, "D")]
+        + ([exp(bs, "S")] if sparse else []),
+        ["", "Step Law", _num(STEP_BS_COEF), "–", _num(STEP_BS_EXP_D)] + (["–"] if sparse else []),
     ]
-    return ("table", ["law", "source", "coefficient", "exponent of N", "exponent of D"], rows)
+    headers = ["law", "source", "coefficient", "exponent of N", "exponent of D"]
+    return ("table", headers + (["exponent of S = N_active/N"] if sparse else []), rows)
 
 
 def _score_table(data: dict) -> list[tuple]:
@@ -375,9 +382,12 @@ def _inline_code(text: str) -> str:
 
 
 def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.0025, html_report: bool = True,
-                 plots: bool = True) -> list[Path]:
+                 plots: bool = True, spec: str | None = None, all_specs: bool = False, warn=None) -> list[Path]:
     """Write report.md (+ figures/*.png), report.html, runs.csv and fit.json into
-    `out_dir` (default SWEEP_DIR/report); returns the report paths."""
+    `out_dir` (default SWEEP_DIR/report); returns the report paths. A directory swept with
+    several specs needs `spec` (its runs only) or `all_specs` (steplaw.laws.table.select_spec);
+    `warn(message)` hears the warning of specs reported together. Every file is written
+    atomically: a crash leaves the old report or the new one."""
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "runs.sqlite").is_file():
         raise UserError(f"{str(sweep_dir)!r} holds no sweep store (runs.sqlite): expected a directory written by "
@@ -385,9 +395,12 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
     rows, planner, reasons, planner_cells, objective = _store_reads(sweep_dir)
     if not rows:
         raise UserError(f"sweep {str(sweep_dir)!r} holds no runs: expected a directory written by `steplaw sweep`")
+    rows, specs_note = select_spec(rows, spec, all_specs, f"sweep directory {str(sweep_dir)!r}")
+    if specs_note and warn is not None:
+        warn(specs_note)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "runs.csv").write_text(rows_to_csv(rows))
+    write_atomic(out_dir / "runs.csv", rows_to_csv(rows))
     table, fit, fit_error = fit_sweep(rows, str(sweep_dir), n_boot=n_boot, gap=gap, objective=objective)
     figures: list[Path] = []
     plots_note = figures_note = None
@@ -401,13 +414,10 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
                 plots_note = f"No figures: {exc}"
     blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons,
                           planner_cells=planner_cells, figures_note=figures_note, objective=objective)
-    if plots_note:
-        blocks.insert(3, ("p", plots_note))
-    md_path = out_dir / "report.md"
-    md_path.write_text(render_markdown(blocks, out_dir))
-    paths = [md_path]
+    for note in (plots_note, specs_note and f"Warning: {specs_note}"):
+        if note:
+            blocks.insert(3, ("p", note))
+    paths = [write_atomic(out_dir / "report.md", render_markdown(blocks, out_dir))]
     if html_report:
-        html_path = out_dir / "report.html"
-        html_path.write_text(render_html(blocks))
-        paths.append(html_path)
+        paths.append(write_atomic(out_dir / "report.html", render_html(blocks)))
     return paths

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from steplaw import cliargs
 from steplaw.errors import UserError
+from steplaw.laws.cli import add_spec_args
 from steplaw.report.build import write_report
 
 
@@ -20,16 +21,22 @@ def add_commands(subparsers) -> None:
                         help="relative loss gap of near-optimal runs (default 0.0025)")
     report.add_argument("--no-html", action="store_true", help="Markdown only")
     report.add_argument("--no-plots", action="store_true", help="no figures (no matplotlib needed)")
+    add_spec_args(report)
     report.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
-    if not Path(args.sweep_dir).is_dir():
+    path = Path(args.sweep_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{args.sweep_dir!r} is a file, not a sweep directory: expected a directory written by "
+                        "`steplaw sweep` (a table file is fitted by `steplaw fit`)")
+    if not path.is_dir():
         raise UserError(f"sweep directory {args.sweep_dir!r} does not exist")
     if not args.gap < 1:  # a bad gap would otherwise only show as "no law was fitted" in the report
         raise UserError(f"--gap {args.gap!r} must be a relative loss gap in [0, 1).")
     cliargs.check_output_dir(args.out if args.out else Path(args.sweep_dir) / "report", "--out")
-    for path in write_report(args.sweep_dir, args.out, n_boot=args.n_boot, gap=args.gap,
-                             html_report=not args.no_html, plots=not args.no_plots):
-        print(path)
+    for written in write_report(args.sweep_dir, args.out, n_boot=args.n_boot, gap=args.gap,
+                                html_report=not args.no_html, plots=not args.no_plots, spec=args.spec_id,
+                                all_specs=args.all_specs, warn=lambda line: cliargs.warn(line, args.command_prog)):
+        print(written)
     return 0

@@ -18,13 +18,23 @@ few tick labels, one scatter call per marker kind, array code for the heatmap im
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
 from steplaw.errors import UserError
+from steplaw.fileio import write_atomic
 from steplaw.laws.published import step_law
+
+
+def _save(fig, path: Path) -> None:
+    """Save a figure atomically (steplaw.fileio.write_atomic): a crash leaves the old figure
+    or the new one, never half a PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    write_atomic(path, buffer.getvalue())
 
 
 def _pyplot():
@@ -166,7 +176,7 @@ def loss_heatmaps(table, fit, out_dir, cells_per_figure: int = 16, max_cells: in
         if note:
             fig.suptitle(note, fontsize=8, wrap=True)
         path = out_dir / f"loss_heatmap_{page + 1}.png"
-        fig.savefig(path, dpi=DPI)
+        _save(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -220,7 +230,7 @@ def optimal_lr(table, fit, out_dir) -> list[Path]:
             bar.set_label(f"{group_name} ({len(groups)} series)", fontsize=7)
     fig.suptitle(fit.lr_law.formula("lr"), fontsize=10)
     path = out_dir / "optimal_lr.png"
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
     return [path]
 
@@ -249,7 +259,7 @@ def optimal_batch(table, fit, out_dir) -> list[Path]:
     ax.set_title(fit.bs_law.formula("B"), fontsize=9)
     ax.legend(fontsize=8)
     path = out_dir / "optimal_batch.png"
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
     return [path]
 
@@ -284,7 +294,7 @@ def predicted_vs_observed(table, fit, out_dir) -> list[Path]:
         fig.suptitle(f"relative loss gap of the held-out predictions: mean {gap['mean']:.3%}, max {gap['max']:.3%}",
                      fontsize=10)
     path = out_dir / "predicted_vs_observed.png"
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
     return [path]
 

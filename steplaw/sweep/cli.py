@@ -398,7 +398,7 @@ def cmd_demo(args) -> int:
 
 def add_planner_flags(parser) -> None:
     """--planner, the run budgets, and --replay TABLE with the table flags of `steplaw fit`."""
-    from steplaw.laws.cli import add_table_args
+    from steplaw.cliargs import add_table_args
 
     group = parser.add_argument_group("planner")
     group.add_argument("--planner", choices=["grid", "adaptive"], default="grid",

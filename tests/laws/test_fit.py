@@ -196,6 +196,8 @@ def test_collinear_design_is_refused():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"gap": -0.1}, "gap"), ({"gap": 1.5}, "gap"), ({"n_boot": -1}, "n_boot"), ({"n_column": "N_active"}, "N_active"),
+    ({"seed": -1}, "seed=-1: expected a whole number >= 0"), ({"seed": "abc"}, "seed='abc': expected a whole number"),
+    ({"seed": 1.5}, "seed=1.5"), ({"n_boot": True}, "n_boot=True"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(UserError, match=message):
@@ -240,3 +242,9 @@ def test_leave_one_cell_out_equals_refit_without_the_cell():
     refit = fit_hparams(read_runs(rows), n_boot=0)
     assert held["pred_lr"] == pytest.approx(float(refit.lr_law(held["N"], held["D"])), rel=1e-9)
     assert held["pred_bs"] == pytest.approx(float(refit.bs_law(held["N"], held["D"])), rel=1e-9)
+
+
+def test_fit_without_bootstrap_says_its_trust_is_unchecked():
+    rows = _grid_rows((1e8, 2e8, 4e8), (1e9, 2e9, 4e9))
+    assert not any("n_boot = 0" in w for w in fit_hparams(read_runs(rows), n_boot=5).warnings)
+    assert any("no bootstrap intervals" in w and "unchecked" in w for w in fit_hparams(read_runs(rows), n_boot=0).warnings)

@@ -1,10 +1,12 @@
 """The sweep report, on stores filled in-process with a known loss surface."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from steplaw.cli import main
+from steplaw.errors import UserError
 from steplaw.models.accounting import param_counts
 from steplaw.models.config import ModelConfig
 from steplaw.report.build import cell_summaries, write_report
@@ -21,7 +23,8 @@ def optimum(n, d):
     return 0.5 * n**-0.5 * d**0.1, 2 * d**0.5
 
 
-def fill(sweep_dir, tokens=(2**16, 2**18, 2**20), shapes=SHAPES, lrs=LRS, batches=BATCHES, fail_one=False):
+def fill(sweep_dir, tokens=(2**16, 2**18, 2**20), shapes=SHAPES, lrs=LRS, batches=BATCHES, fail_one=False,
+         spec_id=None):
     with ResultStore(sweep_dir) as store:
         entries, counts = [], []
         for model in shapes:
@@ -32,7 +35,7 @@ def fill(sweep_dir, tokens=(2**16, 2**18, 2**20), shapes=SHAPES, lrs=LRS, batche
                         entries.append({**config.to_dict(), "run_id": config.run_id()})
                         counts.append({"non_embedding": param_counts(model).non_embedding,
                                        "active": param_counts(model).active, "total": param_counts(model).total})
-        store.add_runs(entries, counts)
+        store.add_runs(entries, counts, spec_id=spec_id)
         for i, entry in enumerate(entries):
             n = counts[i]["non_embedding"]
             lr_opt, bs_opt = optimum(n, entry["tokens"])
@@ -167,6 +170,11 @@ def test_report_of_dense_and_moe_runs_asks_about_sparsity(tmp_path):
     assert "MoE sparsity S = N_active / N in the learning-rate law" in text
     fit = json.loads((sweep / "report" / "fit.json").read_text(), parse_constant=_no_nan)
     assert fit["sparsity"]["laws"]["learning-rate"]["verdict"]
+    # the law table shows the sparsity exponent beside N's and D's (issue 11)
+    assert "| exponent of D | exponent of S = N_active/N |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| η(N, D) = a·N^α·D^β·S^g | fitted |"))
+    exp_s = fit["lr_law"].get("exp_S")
+    assert (f"{exp_s:.4g}" if exp_s is not None else "not fitted") in row.split("|")[-2]
 
 
 def test_report_flags_cells_the_planner_left_unbracketed(tmp_path):
@@ -199,3 +207,51 @@ def test_report_without_unbracketed_cells_has_no_warning(tmp_path):
     sweep = fill(tmp_path / "sweep")
     text = write_report(sweep, n_boot=0, plots=False, html_report=False)[0].read_text()
     assert "unbracketed" not in text.lower() and "| planner state |" not in text
+
+
+def test_report_of_a_sweep_with_several_specs_needs_a_choice(tmp_path, capsys):
+    # Issue 12: the report used to mix the runs of every spec with no word.
+    sweep = fill(tmp_path / "sweep", spec_id="aaaa1111")
+    fill(sweep, tokens=(2**17, 2**19, 2**21), spec_id="bbbb2222")
+    with pytest.raises(UserError, match=r"holds the runs of 2 specs \(aaaa1111: 225 runs, bbbb2222: 225 runs\)"):
+        write_report(sweep, n_boot=0, plots=False)
+    assert main(["report", str(sweep), "--no-plots"]) == 2
+    assert "--spec ID" in capsys.readouterr().err
+    text = write_report(sweep, n_boot=0, plots=False, html_report=False, spec="bbbb")[0].read_text()
+    assert text.count("| ok |") == 225 and "fitted together" not in text
+    heard = []
+    text = write_report(sweep, n_boot=0, plots=False, html_report=False, all_specs=True, warn=heard.append)[0].read_text()
+    assert text.count("| ok |") == 450 and "Warning: the runs of 2 specs are fitted together" in text
+    assert len(heard) == 1 and "aaaa1111: 225 runs" in heard[0]
+    assert main(["report", str(sweep), "--no-plots", "--no-html", "--n-boot", "0", "--all-specs"]) == 0
+    assert "warning: the runs of 2 specs are fitted together" in capsys.readouterr().err
+
+
+def test_report_of_a_file_says_it_is_not_a_sweep_directory(tmp_path, capsys):
+    a_file = tmp_path / "runs.csv"
+    a_file.write_text("N,D\n")
+    assert main(["report", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a sweep directory" in err and "does not exist" not in err
+
+
+def test_report_files_are_written_atomically(tmp_path, monkeypatch):
+    # Issue 12: a crash while writing must leave the old file or the new one, never half.
+    import steplaw.report.build as build
+    import steplaw.report.plots as plots
+
+    written = []
+
+    def recording(path, data, *args, **kwargs):
+        written.append(Path(path).name)
+        return real(path, data, *args, **kwargs)
+
+    real = build.write_atomic
+    monkeypatch.setattr(build, "write_atomic", recording)
+    monkeypatch.setattr(plots, "write_atomic", recording)
+    sweep = fill(tmp_path / "sweep")
+    paths = write_report(sweep, n_boot=0)
+    figures = sorted(p.name for p in (sweep / "report" / "figures").glob("*.png"))
+    assert {"runs.csv", "report.md", "report.html"} <= set(written) and figures and set(figures) <= set(written)
+    assert [p.name for p in paths] == ["report.md", "report.html"]
+    assert not [p for p in (sweep / "report").rglob("*") if p.name.endswith(".tmp")]
