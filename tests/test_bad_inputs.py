@@ -95,6 +95,8 @@ CLI_CASES = [
     ("train-moe-topk-alone", train("--moe-topk", "2"), "--moe-topk applies to MoE models only"),
     ("train-moe-shared-alone", train("--moe-shared", "1"), "--moe-shared applies to MoE models only"),
     ("train-moe-shared-neg", train("--moe-experts", "4", "--moe-shared", "-1"), "--moe-shared"),
+    ("train-moe-experts-too-many", train("--params", "20K", "--moe-experts", "1000"),
+     "n_params=20000 is too small for 1000 experts per MoE layer"),
     ("train-params-active-dense", train("--params-active"), "--params-active"),
     # ---- train: names and flags
     ("train-device-word", train("--device", "gpu"), "device='gpu'"),
