@@ -23,6 +23,7 @@ from steplaw.optim.schedule import check_schedule, default_warmup_steps, lr_mult
 from steplaw.train import checkpoint as ckpt
 from steplaw.train.batching import BatchPlan, auto_micro_batch_tokens, eval_offsets, gather_windows, plan_batches, step_offsets
 from steplaw.train.config import RunConfig, RunResult
+from steplaw.train.memory import check_fits
 from steplaw.train.tracking import LossTracker, ProgressFn, ProgressReporter, loss_curve
 
 # ---------------------------------------------------------------- environment
@@ -163,6 +164,9 @@ def prepare(config: RunConfig, world_size: int = 1, local_rank: int = 0) -> Setu
     if config.optimizer not in ("steplaw", "torch"):
         raise UserError(f"optimizer={config.optimizer!r}: expected 'steplaw' or 'torch'")
     autocast_dtype = resolve_precision(config.precision, device)
+    # Before any allocation: a model too large for the machine is refused here, not
+    # ended by the OOM killer. Processes of one machine share its CPU memory.
+    check_fits(config.model, plan.micro_seqs * plan.seq_len, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     warmup = default_warmup_steps(plan.steps) if config.warmup_tokens is None else max(1, round(config.warmup_tokens / plan.batch_tokens))
     data = load_token_data(config.data)
     if config.model.vocab_size < data.vocab_size:
