@@ -20,6 +20,7 @@ import torch
 from steplaw.errors import UserError
 from steplaw.models.accounting import flops_per_token, param_counts
 from steplaw.optim.schedule import check_schedule, default_warmup_steps, lr_multiplier
+from steplaw.runtable import finite_or_none
 from steplaw.train import checkpoint as ckpt
 from steplaw.train.batching import BatchPlan, auto_micro_batch_tokens, eval_offsets, gather_windows, plan_batches, step_offsets
 from steplaw.train.config import RunConfig, RunResult
@@ -201,7 +202,7 @@ def record_training(result: RunResult, tracker: LossTracker, steps: int, plan: B
     result.steps = steps
     result.tokens = steps * plan.batch_tokens
     result.curve = loss_curve(finite, plan.batch_tokens)
-    result.final_train_loss = tracker.smoothed if finite else None
+    result.final_train_loss = finite_or_none(tracker.smoothed) if finite else None
     result.tokens_per_s = result.tokens / train_s if train_s > 0 else None
     result.compute_flops = result.flops_per_token * result.tokens
 
@@ -310,7 +311,8 @@ def run(
         record_training(result, state.tracker, outcome.steps, setup.plan, outcome.train_s)
         result.moe_max_mean_load = mean_moe_load(state.model.moe_layers())
         if outcome.status == "ok":
-            result.final_val_loss = float(evaluate(state.model, setup, dist))
+            # A NaN validation loss is no measurement: None keeps results strict JSON.
+            result.final_val_loss = finite_or_none(evaluate(state.model, setup, dist))
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         result.status, result.reason = "failed", failure_reason(exc)
     finally:
@@ -328,8 +330,7 @@ def mean_moe_load(moe_layers, member: int | None = None) -> float | None:
     if not moe_layers or not all("max_mean_load" in layer.stats for layer in moe_layers):
         return None
     values = [layer.stats["max_mean_load"] if member is None else layer.stats["max_mean_load"][member] for layer in moe_layers]
-    load = sum(float(v) for v in values) / len(values)
-    return load if math.isfinite(load) else None
+    return finite_or_none(sum(float(v) for v in values) / len(values))
 
 
 def build_state(setup: Setup, run_path: Path | None, dist: _Distributed) -> TrainState:

@@ -43,6 +43,7 @@ import torch
 
 from steplaw.errors import UserError
 from steplaw.optim import FusedAdamW
+from steplaw.runtable import finite_or_none
 from steplaw.train import checkpoint as ckpt
 from steplaw.train.config import RunConfig, RunResult
 from steplaw.train.memory import available_bytes, needed_bytes, stack_fits
@@ -281,7 +282,7 @@ def _train(configs: list[RunConfig], progress) -> list[RunResult]:
         val = evaluate(state.model, setup, _Distributed()).tolist() if live else []
         for slot, k in live:
             state.members[k].moe_load = mean_moe_load(state.model.moe_layers(), slot)
-            results[k].final_val_loss = val[slot]
+            results[k].final_val_loss = finite_or_none(val[slot])
         for member, result in zip(state.members, results):
             result.status, result.reason = member.status, member.reason
             record_training(result, member.tracker, member.steps, setup.plan, train_s / len(configs))
