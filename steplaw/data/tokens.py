@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from steplaw.data.corpus import corpus_split, split_blocks
-from steplaw.data.tokenizers import BPETokenizer, ByteTokenizer
+from steplaw.data.tokenizers import DEFAULT_BPE_VOCAB, BPETokenizer, ByteTokenizer, check_bpe_vocab
 from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
 
@@ -119,7 +119,7 @@ def prepare(
     text_files: list[str | Path],
     out_dir: str | Path,
     tokenizer: str = "byte",
-    vocab_size: int = 8192,
+    vocab_size: int | None = None,
     val_fraction: float = 0.05,
     block_chars: int = 8192,
 ) -> dict:
@@ -127,10 +127,17 @@ def prepare(
 
     The files are read as UTF-8 and joined with blank lines; validation is every
     round(1/val_fraction)-th block of `block_chars` characters. `vocab_size` applies to
-    the BPE only (trained here on the training text). Returns a summary dict.
+    the BPE only (trained here on the training text; default DEFAULT_BPE_VOCAB), and is
+    refused with the byte tokenizer rather than ignored. Returns a summary dict.
     """
     if tokenizer not in ("byte", "bpe"):
         raise UserError(f"tokenizer={tokenizer!r}: expected 'byte' or 'bpe'")
+    if tokenizer == "byte" and vocab_size is not None:
+        raise UserError(f"vocab_size={vocab_size!r} applies to the BPE tokenizer only: "
+                        "expected none with tokenizer 'byte', whose vocabulary is the 256 byte values")
+    if tokenizer == "bpe":
+        vocab_size = DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size
+        check_bpe_vocab(vocab_size)
     if not 0 < val_fraction < 0.5:
         raise UserError(f"val_fraction={val_fraction}: expected a fraction between 0 and 0.5")
     if not text_files:

@@ -98,8 +98,7 @@ def model_for_params(
         raise UserError(f"aspect_ratio={aspect_ratio!r}: expected a positive d_model/n_layers ratio")
 
     def count(config: ModelConfig) -> int:
-        counts = param_counts(config)
-        return counts.active if (moe is not None and target == "active") else counts.non_embedding
+        return _count(config, target)
 
     candidates = []
     for n_layers in range(1, MAX_LAYERS + 1):
@@ -115,7 +114,43 @@ def model_for_params(
             candidates.append((error, shape_error, config))
         if d_guess < 16:
             break
+    if not candidates:  # even one layer of the narrowest width holds far more than n_params
+        def smallest(spec: MoEConfig | None) -> int:
+            return count(_shape(16, 1, vocab_size, spec, d_expert, max_seq_len, tie_embeddings))
+
+        raise _too_small(n_params, moe, target, tolerance, smallest)
     within = [c for c in candidates if c[0] <= math.log1p(tolerance)]
     if within:
         return min(within, key=lambda c: (c[1], c[0]))[2]
     return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def _count(config: ModelConfig, target: str) -> int:
+    counts = param_counts(config)
+    return counts.active if (config.moe is not None and target == "active") else counts.non_embedding
+
+
+def _too_small(n_params: float, moe: MoEConfig | None, target: str, tolerance: float, smallest) -> UserError:
+    """The sentence for a budget below the smallest shape (1 layer of width 16, whose
+    count `smallest(moe)` gives): that count with these experts, and how many experts
+    would fit."""
+    need = smallest(moe)
+    what = "a dense model" if moe is None else f"{moe.n_experts} experts per MoE layer"
+    hint = ""
+    if moe is not None:
+        budget = n_params * (1 + tolerance)
+
+        def fits(n_experts: int) -> bool:
+            return smallest(dataclasses.replace(moe, n_experts=n_experts)) <= budget
+
+        low, high = moe.top_k, moe.n_experts  # the largest expert count that fits, by bisection
+        if not fits(low):
+            hint = f", or a dense model (not even {low} experts fit)"
+        else:
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if fits(mid) else (low, mid - 1)
+            hint = f", or at most {low} experts"
+    label = "active" if (moe is not None and target == "active") else "non-embedding"
+    return UserError(f"n_params={n_params:g} is too small for {what}: the smallest shape (1 layer, d_model 16) has "
+                     f"{need:,} {label} parameters; expected n_params >= {need:,}{hint}")

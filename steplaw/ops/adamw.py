@@ -111,10 +111,11 @@ def reference_fused_adamw_(
     tests' oracle (run it on float64 copies for a float64 oracle). Same operation order
     and rounding points as the kernels; sync-free (found_inf and frozen members select
     with torch.where). Every tensor is viewed as [K, numel / K], one row per member."""
+    _check_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, hparams,
+                group_index, amsgrad, members)
     skip = None if found_inf is None else (found_inf.reshape(()) != 0)
     for i, param in enumerate(params):
         k = 1 if members is None else int(members[i])
-        _check_members(i, param, k, group_index[i], hparams.shape[0])
         state_dtype = exp_avgs[i].dtype
         target = master_params[i] if master_params else param
         rows = hparams[group_index[i]: group_index[i] + k].to(param.device)
@@ -166,15 +167,68 @@ def _put(dst: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> None:
     dst.copy_(torch.where(keep, dst.reshape(keep.shape), new.to(dst.dtype)).reshape(dst.shape))
 
 
-def _check_members(index: int, param: torch.Tensor, k: int, first_row: int, rows: int) -> None:
-    """The kernels' checks of a stacked param (adamw_common.h), same messages."""
-    if k < 1:
-        raise op_error(f"members[{index}] = {k}: expected at least 1")
-    if not (0 <= first_row and first_row + k <= rows):
-        raise op_error(f"group_index[{index}] = {first_row} with {k} member(s) is outside the {rows} rows of hparams")
-    if k != 1 and (param.dim() == 0 or param.shape[0] != k):
-        raise op_error(f"param {index} of shape {list(param.shape)} has {k} stacked members: "
-                       f"expected a leading member dimension of size {k}")
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise op_error(message)
+
+
+def _sizes(t: torch.Tensor) -> str:
+    return str(list(t.shape))  # as C++ prints sizes: [4, 3]
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, hparams,
+                group_index, amsgrad, members) -> None:
+    """The kernels' argument checks (stage_lists in csrc/adamw/adamw_common.h, then the
+    dtype dispatch), same order, same sentences, all before anything is written."""
+    n = len(params)
+    _check(members is None or len(members) == n, f"fused_adamw_ expects one members entry per param, got "
+           f"{0 if members is None else len(members)} for {n} params")
+    lengths = (n, len(grads), len(exp_avgs), len(exp_avg_sqs), len(steps), len(group_index))
+    _check(len(set(lengths)) == 1, "fused_adamw_ expects params, grads, exp_avgs, exp_avg_sqs, steps and "
+           f"group_index of one length, got {', '.join(map(str, lengths))}")
+    _check(not amsgrad or len(max_exp_avg_sqs) == n, f"fused_adamw_ with amsgrad expects one max_exp_avg_sq per "
+           f"param, got {len(max_exp_avg_sqs)} for {n} params")
+    _check(not master_params or len(master_params) == n, f"fused_adamw_ expects master_params to be empty or one "
+           f"per param, got {len(master_params)} for {n} params")
+    _check(hparams.dtype == torch.float64 and hparams.dim() == 2 and hparams.shape[1] == len(HPARAM_COLUMNS)
+           and hparams.is_contiguous(), f"fused_adamw_ expects hparams as a contiguous float64 [groups, "
+           f"{len(HPARAM_COLUMNS)}] table, got {hparams.dtype} {_sizes(hparams)}")
+    for i, p in enumerate(params):
+        _check_param(i, p, grads[i], hparams.shape[0], int(group_index[i]), 1 if members is None else int(members[i]))
+        has_master = bool(master_params)
+        _check(not has_master or p.dtype != torch.float64,
+               f"param {i} is float64: master_params are for float32, bfloat16 and float16 params")
+        state_dtype = torch.float32 if has_master or p.dtype != torch.float64 else torch.float64
+        for s in (exp_avgs[i], exp_avg_sqs[i]) + ((max_exp_avg_sqs[i],) if amsgrad else ()):
+            _check(s.dtype == state_dtype and s.shape == p.shape and s.device == p.device,
+                   f"optimizer state of param {i} must be {state_dtype} with the param's shape and device, "
+                   f"got {s.dtype} {_sizes(s)}")
+        if has_master:
+            m = master_params[i]
+            _check(m.dtype == torch.float32 and m.shape == p.shape and m.device == p.device,
+                   f"master param {i} must be float32 with the param's shape and device")
+        _check(steps[i].numel() == 1 and steps[i].dtype == torch.float32 and steps[i].device == p.device,
+               f"step {i} must be a one-element float32 tensor on the param's device")
+    for p in params:
+        _check(p.dtype in _KERNEL_DTYPES,
+               f"fused_adamw_ supports float32, float64, bfloat16 and float16 params, got {p.dtype}")
+
+
+def _check_param(i: int, p: torch.Tensor, grad: torch.Tensor, rows: int, first_row: int, k: int) -> None:
+    """Param i's own checks: its members, hparams rows, dtype and gradient."""
+    _check(k >= 1, f"members[{i}] = {k}: expected at least 1")
+    _check(0 <= first_row and first_row + k <= rows,
+           f"group_index[{i}] = {first_row} with {k} member(s) is outside the {rows} rows of hparams")
+    _check(k == 1 or (p.dim() >= 1 and p.shape[0] == k), f"param {i} of shape {_sizes(p)} has {k} stacked "
+           f"members: expected a leading member dimension of size {k}")
+    _check(not p.is_complex() and p.is_floating_point(),
+           f"fused_adamw_ supports real floating-point params, got {p.dtype}")
+    _check(grad.layout == torch.strided, "fused_adamw_ does not support sparse gradients")
+    _check(grad.dtype == p.dtype and grad.shape == p.shape and grad.device == p.device,
+           f"grad {i} must match its param in dtype, shape and device")
 
 
 # Schema from _C (or SCHEMA without it); the reference serves every device without a

@@ -27,7 +27,11 @@ Validation: float hyperparameters (lr, betas, eps, weight_decay) are checked on 
 at construction and again at every step in which one changed (no device sync): a
 negative, NaN or infinite value raises UserError naming the group. Tensor values (a 0-d
 or per-member lr, a per-member weight_decay) are checked when a group is added or
-loaded, not at each step: reading them would sync with the device. load_state_dict
+loaded, and at every step when they live on the CPU (reading host memory costs no
+sync). A CUDA tensor is not read at a step: that would wait for the GPU every step
+(what the on-device table exists to avoid), and a check kept on the device could only
+abort the process (a device assert) or skip the update silently. Its values are the
+caller's to keep valid, as with any tensor updated in place. load_state_dict
 copies saved lr/weight_decay tensors into the group's existing tensors, so references
 a trainer holds stay valid.
 """
@@ -73,6 +77,24 @@ def check_hparams(where: str, lr: float, betas: tuple[float, float], eps: float,
 
 def _is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
+
+
+def _check_float_hparams(where: str, group: dict) -> None:
+    """The group's float hyperparameters (tensor lr / weight_decay are checked apart)."""
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    betas = tuple(_as_float(beta, f"{where}: betas[{i}]") for i, beta in enumerate(group["betas"]))
+    check_hparams(where, 0.0 if _is_tensor(lr) else float(lr), betas, float(group["eps"]),
+                  0.0 if _is_tensor(weight_decay) else float(weight_decay))
+
+
+def _check_tensor_hparam(where: str, key: str, value: torch.Tensor) -> None:
+    """A tensor lr or weight_decay: floating point, every value finite and >= 0 (the first
+    bad one named as check_hparams names a float). Reads the tensor: a sync on a GPU."""
+    if not value.is_floating_point():
+        raise UserError(f"{where}: {key} tensor of dtype {value.dtype}: expected a floating-point tensor.")
+    for v in value.detach().double().reshape(-1).tolist():
+        if not (v >= 0.0 and math.isfinite(v)):
+            check_hparams(where, v if key == "lr" else 0.0, (0.0, 0.0), 0.0, v if key == "weight_decay" else 0.0)
 
 
 def _members(where: str, group: dict) -> int | None:
@@ -155,21 +177,10 @@ class FusedAdamW(torch.optim.Optimizer):
             if isinstance(group[key], (list, tuple)):
                 group[key] = torch.tensor(group[key], dtype=torch.float64, device=device)
         members = _members(where, group)
-        values = {}
         for key in ("lr", "weight_decay"):
-            value = group[key]
-            if _is_tensor(value):
-                if not value.is_floating_point():
-                    raise UserError(f"{where}: {key} tensor of dtype {value.dtype}: expected a floating-point tensor.")
-                # Read once here (a sync on a GPU), never at a step; the first bad value,
-                # if any, goes to check_hparams, which names it.
-                listed = value.detach().double().reshape(-1).tolist()
-                bad = [v for v in listed if not (v >= 0.0 and math.isfinite(v))]
-                values[key] = bad[0] if bad else 0.0
-            else:
-                values[key] = float(value)
-        betas = tuple(_as_float(beta, f"{where}: betas[{i}]") for i, beta in enumerate(group["betas"]))
-        check_hparams(where, values["lr"], betas, float(group["eps"]), values["weight_decay"])
+            if _is_tensor(group[key]):
+                _check_tensor_hparam(where, key, group[key])  # read once here, even on a GPU
+        _check_float_hparams(where, group)
         if members is not None:
             for param in params:
                 _check_member_shape(where, param, members)
@@ -272,12 +283,18 @@ class FusedAdamW(torch.optim.Optimizer):
                     copies.append((first, count, column, value))
         return rows, copies, layout
 
+    def _check_host_tensor_hparams(self) -> None:
+        """Tensor lr / weight_decay values held on the CPU, checked at every step (see the
+        module docstring for why CUDA ones are not)."""
+        for index, group in enumerate(self.param_groups):
+            for key in ("lr", "weight_decay"):
+                value = group[key]
+                if _is_tensor(value) and value.device.type == "cpu":
+                    _check_tensor_hparam(f"param group {index}", key, value)
+
     def _check_float_hparams(self) -> None:
         for index, group in enumerate(self.param_groups):
-            lr, weight_decay = group["lr"], group["weight_decay"]
-            betas = tuple(_as_float(beta, f"betas[{i}]") for i, beta in enumerate(group["betas"]))
-            check_hparams(f"param group {index}", 0.0 if _is_tensor(lr) else float(lr), betas,
-                          float(group["eps"]), 0.0 if _is_tensor(weight_decay) else float(weight_decay))
+            _check_float_hparams(f"param group {index}", group)
 
     def _table(self, device: torch.device, rows: list[tuple], copies: list[tuple]) -> torch.Tensor:
         """The float64 [rows, 7] table of the kernel on `device`; rebuilt (and the float
@@ -312,6 +329,8 @@ class FusedAdamW(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
 
         rows, copies, layout = self._plan()
+        if not torch.compiler.is_compiling():
+            self._check_host_tensor_hparams()
         # (device, amsgrad, master) -> the op's lists.
         calls: dict[tuple, dict[str, list]] = {}
         for group_index, group in enumerate(self.param_groups):

@@ -111,9 +111,15 @@ def load_result(run_dir: Path, run_id: str) -> RunResult | None:
     return RunResult.from_dict(data)
 
 
+def result_json(result: RunResult, indent: int | None = None) -> str:
+    """A RunResult as strict JSON: the runner stores no NaN or infinity (None instead),
+    and allow_nan=False makes a slip raise here rather than write what JSON readers refuse."""
+    return json.dumps(result.to_dict(), indent=indent, allow_nan=False)
+
+
 def save_result(run_dir: Path, result: RunResult) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = write_atomic(run_dir / RESULT, json.dumps(result.to_dict(), indent=2) + "\n")
+    path = write_atomic(run_dir / RESULT, result_json(result, indent=2) + "\n")
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():
         checkpoint.unlink()  # finished: the result replaces it

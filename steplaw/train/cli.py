@@ -11,7 +11,6 @@ RunResult goes to stdout, and with --out DIR to DIR/result.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -124,6 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config.validate()
 
     from steplaw.train import run
+    from steplaw.train.checkpoint import result_json
 
     rank = int(os.environ.get("RANK", "0"))
     shape = config.model
@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run(config, run_dir=args.out, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
     if rank == 0:
         if args.json:
-            print(json.dumps(result.to_dict()))
+            print(result_json(result))
         elif not args.quiet:
             val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "-"
             train = f"{result.final_train_loss:.4f}" if result.final_train_loss is not None else "-"

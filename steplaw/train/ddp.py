@@ -16,6 +16,7 @@ from pathlib import Path
 
 from steplaw import cliargs
 from steplaw.errors import UserError
+from steplaw.fileio import write_atomic
 
 PROG = "python -m steplaw.train.ddp"
 
@@ -47,12 +48,13 @@ def cmd_ddp(args) -> int:
     config.validate()
 
     from steplaw.train import run
+    from steplaw.train.checkpoint import result_json
 
     result = run(config, run_dir=args.run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
-        text = json.dumps(result.to_dict())
+        text = result_json(result)
         if args.result:
-            Path(args.result).write_text(text + "\n")
+            write_atomic(args.result, text + "\n")  # a reader never sees half a result
         else:
             print(text)
     return 0 if result.status != "failed" else 1

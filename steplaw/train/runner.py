@@ -20,9 +20,11 @@ import torch
 from steplaw.errors import UserError
 from steplaw.models.accounting import flops_per_token, param_counts
 from steplaw.optim.schedule import check_schedule, default_warmup_steps, lr_multiplier
+from steplaw.runtable import finite_or_none
 from steplaw.train import checkpoint as ckpt
 from steplaw.train.batching import BatchPlan, auto_micro_batch_tokens, eval_offsets, gather_windows, plan_batches, step_offsets
 from steplaw.train.config import RunConfig, RunResult
+from steplaw.train.memory import check_fits
 from steplaw.train.tracking import LossTracker, ProgressFn, ProgressReporter, loss_curve
 
 # ---------------------------------------------------------------- environment
@@ -163,6 +165,9 @@ def prepare(config: RunConfig, world_size: int = 1, local_rank: int = 0) -> Setu
     if config.optimizer not in ("steplaw", "torch"):
         raise UserError(f"optimizer={config.optimizer!r}: expected 'steplaw' or 'torch'")
     autocast_dtype = resolve_precision(config.precision, device)
+    # Before any allocation: a model too large for the machine is refused here, not
+    # ended by the OOM killer. Processes of one machine share its CPU memory.
+    check_fits(config.model, plan.micro_seqs * plan.seq_len, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     warmup = default_warmup_steps(plan.steps) if config.warmup_tokens is None else max(1, round(config.warmup_tokens / plan.batch_tokens))
     data = load_token_data(config.data)
     if config.model.vocab_size < data.vocab_size:
@@ -197,7 +202,7 @@ def record_training(result: RunResult, tracker: LossTracker, steps: int, plan: B
     result.steps = steps
     result.tokens = steps * plan.batch_tokens
     result.curve = loss_curve(finite, plan.batch_tokens)
-    result.final_train_loss = tracker.smoothed if finite else None
+    result.final_train_loss = finite_or_none(tracker.smoothed) if finite else None
     result.tokens_per_s = result.tokens / train_s if train_s > 0 else None
     result.compute_flops = result.flops_per_token * result.tokens
 
@@ -306,7 +311,8 @@ def run(
         record_training(result, state.tracker, outcome.steps, setup.plan, outcome.train_s)
         result.moe_max_mean_load = mean_moe_load(state.model.moe_layers())
         if outcome.status == "ok":
-            result.final_val_loss = float(evaluate(state.model, setup, dist))
+            # A NaN validation loss is no measurement: None keeps results strict JSON.
+            result.final_val_loss = finite_or_none(evaluate(state.model, setup, dist))
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         result.status, result.reason = "failed", failure_reason(exc)
     finally:
@@ -324,8 +330,7 @@ def mean_moe_load(moe_layers, member: int | None = None) -> float | None:
     if not moe_layers or not all("max_mean_load" in layer.stats for layer in moe_layers):
         return None
     values = [layer.stats["max_mean_load"] if member is None else layer.stats["max_mean_load"][member] for layer in moe_layers]
-    load = sum(float(v) for v in values) / len(values)
-    return load if math.isfinite(load) else None
+    return finite_or_none(sum(float(v) for v in values) / len(values))
 
 
 def build_state(setup: Setup, run_path: Path | None, dist: _Distributed) -> TrainState:

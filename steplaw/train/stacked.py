@@ -43,8 +43,10 @@ import torch
 
 from steplaw.errors import UserError
 from steplaw.optim import FusedAdamW
+from steplaw.runtable import finite_or_none
 from steplaw.train import checkpoint as ckpt
 from steplaw.train.config import RunConfig, RunResult
+from steplaw.train.memory import available_bytes, needed_bytes, stack_fits
 from steplaw.train.runner import (
     Setup,
     _autocast,
@@ -97,25 +99,20 @@ def _warn_once(message: str) -> None:
 # ---------------------------------------------------------------- how many per stack
 
 def member_bytes(config: RunConfig, device_type: str) -> int:
-    """Rough training memory of one stack member: fp32 weights, gradients and AdamW's two
-    moments, plus the activations of one micro-batch."""
-    from steplaw.models.accounting import param_counts
-    from steplaw.train.batching import activation_bytes_per_token, auto_micro_batch_tokens
+    """Rough training memory of one stack member (steplaw.train.memory.needed_bytes) on
+    the micro-batches it would use."""
+    from steplaw.train.batching import auto_micro_batch_tokens
 
     micro = config.micro_batch_tokens or min(config.batch_tokens, auto_micro_batch_tokens(config.model, device_type))
-    return 16 * param_counts(config.model).total + activation_bytes_per_token(config.model) * micro
+    return needed_bytes(config.model, micro)
 
 
 def memory_budget(device_type: str) -> int:
     """Bytes a stack may use: 80% of the GPU's memory, or half of the available RAM."""
     if device_type == "cuda":
         return int(0.8 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info.get("MemAvailable", 8 * 2**30) // 2
-    except OSError:
-        return 4 * 2**30
+    available = available_bytes(torch.device("cpu"))
+    return (8 * 2**30 if available is None else available) // 2
 
 
 def max_stack(config: RunConfig, budget_bytes: int | None = None) -> int:
@@ -267,9 +264,14 @@ def _train_or_split(configs: list[RunConfig], progress) -> list[RunResult]:
 def _train(configs: list[RunConfig], progress) -> list[RunResult]:
     """Train one stack (run_stack without directories or splitting)."""
     started = time.perf_counter()
-    setup = prepare(configs[0])
+    setup = prepare(configs[0])  # refuses a run that does not fit even alone
     for config in configs[1:]:
         check_lr(config.lr)  # all else is equal to the first's
+    if len(configs) > 1 and not stack_fits(setup.config.model, setup.plan.micro_seqs * setup.plan.seq_len,
+                                           setup.device, len(configs)):
+        # Split before allocating, as after a real out-of-memory error: on a CPU the OOM
+        # killer would end the process instead of raising one.
+        raise torch.OutOfMemoryError(f"a stack of {len(configs)} runs is estimated not to fit in {setup.device}'s memory")
     results = [new_result(c) for c in configs]
     ident = stack_id(configs)
     train_s = 0.0
@@ -280,7 +282,7 @@ def _train(configs: list[RunConfig], progress) -> list[RunResult]:
         val = evaluate(state.model, setup, _Distributed()).tolist() if live else []
         for slot, k in live:
             state.members[k].moe_load = mean_moe_load(state.model.moe_layers(), slot)
-            results[k].final_val_loss = val[slot]
+            results[k].final_val_loss = finite_or_none(val[slot])
         for member, result in zip(state.members, results):
             result.status, result.reason = member.status, member.reason
             record_training(result, member.tracker, member.steps, setup.plan, train_s / len(configs))

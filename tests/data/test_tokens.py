@@ -1,5 +1,7 @@
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,12 +81,39 @@ def test_prepare_bpe(tmp_path):
     [
         (dict(tokenizer="wordpiece"), "tokenizer"),
         (dict(val_fraction=0.9), "val_fraction"),
+        # was silently ignored
+        (dict(vocab_size=1000), "vocab_size=1000 applies to the BPE tokenizer only"),
+        # 10^9 aborted the process in the tokenizers trainer (Rust out of memory, exit 134)
+        (dict(tokenizer="bpe", vocab_size=10**9), "vocab_size=1000000000: expected a BPE vocabulary"),
+        (dict(tokenizer="bpe", vocab_size=2**20 + 1), "at most 2^20 = 1,048,576"),
+        (dict(tokenizer="bpe", vocab_size=True), "vocab_size=True"),
+        (dict(tokenizer="bpe", vocab_size=256), "at least 257"),
     ],
 )
 def test_prepare_refuses_bad_options(tmp_path, kwargs, match):
     path, _ = _write_text(tmp_path)
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(UserError, match=re.escape(match)):
         prepare([path], tmp_path / "tok", **kwargs)
+
+
+def test_bpe_tokenizer_json_is_written_atomically(tmp_path, monkeypatch):
+    pytest.importorskip("tokenizers")
+    from steplaw.data import tokenizers
+
+    written = []
+    real = tokenizers.write_atomic
+
+    def spy(path, data):
+        written.append(Path(path).name)
+        return real(path, data)
+
+    monkeypatch.setattr(tokenizers, "write_atomic", spy)
+    path, text = _write_text(tmp_path)
+    prepare([path], tmp_path / "tok", tokenizer="bpe", vocab_size=2**20)  # the largest: trains in well under 1 s
+    assert "tokenizer.json" in written
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.decode(tok.encode(text[:200])) == text[:200]
+    assert not list((tmp_path / "tok").glob(".*.tmp"))
 
 
 def test_prepare_refuses_missing_file(tmp_path):

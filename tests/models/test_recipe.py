@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 
@@ -56,8 +57,21 @@ def test_recipe_refuses_bad_targets(bad):
     (dict(n_params=1e6, vocab_size=0), "vocab_size=0"),
     (dict(n_params=1e6, target="activated"), "target='activated'"),
     (dict(n_params=1e6, max_seq_len=0), "max_seq_len=0"),
+    # no shape fits: the budget, the experts, what would fit (was "min() arg is an empty sequence")
+    (dict(n_params=2e4, moe=MoEConfig(n_experts=1000, top_k=2)),
+     "n_params=20000 is too small for 1000 experts per MoE layer: the smallest shape (1 layer, d_model 16) has "
+     "1,553,072 non-embedding parameters; expected n_params >= 1,553,072, or at most 13 experts"),
+    (dict(n_params=1000, moe=MoEConfig(n_experts=1000, top_k=2)), "or a dense model"),
+    (dict(n_params=2e4, moe=MoEConfig(n_experts=100_000, top_k=2), target="active"), "active parameters"),
 ])
 def test_recipe_refuses_bad_inputs_in_one_sentence(kwargs, match):
-    with pytest.raises(UserError, match=match) as info:
+    with pytest.raises(UserError, match=re.escape(match)) as info:
         model_for_params(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_the_expert_count_the_refusal_names_fits():
+    with pytest.raises(UserError, match="at most 13 experts"):
+        model_for_params(2e4, moe=MoEConfig(n_experts=1000, top_k=2))
+    config = model_for_params(2e4, moe=MoEConfig(n_experts=13, top_k=2))
+    assert param_counts(config).non_embedding <= 2e4 * 1.1

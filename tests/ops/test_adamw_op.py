@@ -286,6 +286,73 @@ def test_kernel_and_reference_reject_bad_members_alike(field, value):
     assert str(kernel_error.value) == str(reference_error.value)
 
 
+def _replace(field, make):
+    """A mutation of op_args: argument `field` becomes make(old value)."""
+    def mutate(args):
+        args[field] = make(args[field])
+    return mutate
+
+
+def _replace_first(field, make):
+    """A mutation of op_args: the first tensor of list argument `field` becomes make(it)."""
+    return _replace(field, lambda tensors: [make(tensors[0])] + tensors[1:])
+
+
+# One mistake each (applied to op_args() of three fp32 params): csrc/adamw/adamw_common.h
+# checks every one, and the reference must raise the same ValueError with the same text.
+BAD_ARGS = {
+    "grads short": _replace(1, lambda t: t[:-1]),
+    "exp_avgs short": _replace(2, lambda t: t[:-1]),
+    "exp_avg_sqs long": _replace(3, lambda t: t + t[:1]),
+    "steps short": _replace(6, lambda t: t[:1]),
+    "group_index short": _replace(8, lambda g: g[:2]),
+    "members short": _replace(12, lambda m: [1]),
+    "amsgrad without max": _replace(9, lambda a: True),
+    "masters short": _replace(5, lambda m: [torch.zeros(5, 7)]),
+    "hparams float32": _replace(7, lambda h: h.float()),
+    "hparams 6 columns": _replace(7, lambda h: h[:, :6].contiguous()),
+    "hparams transposed": _replace(7, lambda h: h.t().contiguous().t()),
+    "group_index past rows": _replace(8, lambda g: [0, 2, 1]),
+    "group_index negative": _replace(8, lambda g: [0, -1, 1]),
+    "int param": _replace_first(0, lambda p: p.long()),
+    "complex param": _replace_first(0, lambda p: torch.complex(p, p)),
+    "grad float64": _replace_first(1, lambda g: g.double()),
+    "grad shape": _replace_first(1, lambda g: g.reshape(7, 5)),
+    "exp_avg float64": _replace_first(2, lambda m: m.double()),
+    "exp_avg_sq shape": _replace_first(3, lambda v: v[:4]),
+    "master float16": lambda args: args.__setitem__(5, [p.half() for p in args[0]]),
+    "step float64": _replace_first(6, lambda s: s.double()),
+    "step two elements": _replace_first(6, lambda s: torch.zeros(2)),
+    "float64 param with masters": lambda args: _float64_with_masters(args),
+}
+
+
+def _float64_with_masters(args):
+    args[5] = [p.float() for p in args[0]]
+    args[0] = [p.double() for p in args[0]]
+    args[1] = [g.double() for g in args[1]]
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_kernel_and_reference_reject_bad_args_alike(case):
+    """Same ValueError, same sentence, from the CPU kernel and the reference (called
+    directly: the op's dispatcher would pick the kernel), nothing written by either."""
+    assert has_kernel("fused_adamw_", "cpu"), "the C++ CPU kernel was not built"
+    args = list(op_args())
+    BAD_ARGS[case](args)
+    errors = []
+    for impl in (torch.ops.steplaw.fused_adamw_, reference_fused_adamw_):
+        call_args = clone_args(args)
+        with pytest.raises(ValueError) as caught:
+            impl(*call_args)
+        errors.append(caught.value)
+        for got, want in zip(call_args[0], args[0]):
+            assert torch.equal(got, want)
+    assert type(errors[0]) is type(errors[1]) is ValueError
+    assert str(errors[0]) == str(errors[1]), [str(e) for e in errors]
+    assert str(errors[0]).startswith("steplaw: ") and "\n" not in str(errors[0])
+
+
 def test_mismatched_lists_are_rejected():
     args = list(op_args())
     args[2] = args[2][:-1]

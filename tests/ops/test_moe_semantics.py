@@ -193,3 +193,11 @@ def test_ops_run_on_the_references_without_the_extension():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_python_schemas_match_the_extension():
+    """ops/moe.py's SCHEMAS (used when _C is missing) repeat csrc/steplaw.cpp's exactly."""
+    need_kernel("cpu")
+    for name in ops.OP_NAMES:
+        schema = str(getattr(torch.ops.steplaw, name).default._schema)
+        assert schema == f"steplaw::{name}" + ops.SCHEMAS[name], name

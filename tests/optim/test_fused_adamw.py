@@ -414,6 +414,9 @@ def test_large_step_takes_the_parallel_path_and_matches_torch_fused():
     ("lr", -1e-3, r"lr=-0.001"), ("lr", float("nan"), r"lr=nan"), ("lr", float("inf"), r"lr=inf"),
     ("eps", -1.0, r"eps=-1.0"), ("betas", (0.9, 1.0), r"betas\[1\]=1.0"), ("betas", (-0.1, 0.9), r"betas\[0\]=-0.1"),
     ("weight_decay", float("nan"), r"weight_decay=nan"), ("weight_decay", -0.1, r"weight_decay=-0.1"),
+    # CPU tensors are read at each step too (host memory: no sync)
+    ("lr", torch.tensor(-1.0), r"lr=-1.0"), ("lr", torch.tensor(float("nan"), dtype=torch.float64), r"lr=nan"),
+    ("weight_decay", torch.tensor(-0.5), r"weight_decay=-0.5"),
 ])
 def test_group_values_changed_after_construction_are_checked_at_the_step(key, value, match):
     """Checked on the host at the next step (float values only: no device sync), before
@@ -425,5 +428,18 @@ def test_group_values_changed_after_construction_are_checked_at_the_step(key, va
     before = p.detach().clone()
     opt.param_groups[1][key] = value
     with pytest.raises(UserError, match=r"param group 1: " + match):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_cpu_lr_tensor_changed_in_place_is_checked_at_the_step():
+    p = torch.zeros(3, requires_grad=True)
+    lr = torch.tensor(1e-3)
+    opt = FusedAdamW([p], lr=lr)
+    p.grad = torch.ones(3)
+    opt.step()
+    before = p.detach().clone()
+    lr.fill_(-1.0)
+    with pytest.raises(UserError, match=r"param group 0: lr=-1.0"):
         opt.step()
     assert torch.equal(p.detach(), before)

@@ -35,3 +35,19 @@ def test_two_gloo_processes_equal_one(tmp_path):
     assert [t for t, _ in distributed["curve"]] == [t for t, _ in single.curve]
     np.testing.assert_allclose([loss for _, loss in distributed["curve"]], [loss for _, loss in single.curve], rtol=2e-4)
     assert distributed["final_val_loss"] == pytest.approx(single.final_val_loss, rel=2e-4)
+
+
+def test_result_file_is_written_atomically(tmp_path, monkeypatch):
+    """Rank 0's result goes through fileio.write_atomic (a reader never sees half of it)."""
+    from steplaw.train import ddp, runner
+    from steplaw.train.config import RunResult
+
+    config = RunConfig(model=TINY, tokens=1024, lr=3e-3, batch_tokens=1024, seq_len=64, device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    monkeypatch.setattr(runner, "run", lambda config, run_dir=None: RunResult(status="ok", final_val_loss=3.0))
+    written = []
+    real = ddp.write_atomic
+    monkeypatch.setattr(ddp, "write_atomic", lambda path, data: written.append(str(path)) or real(path, data))
+    assert ddp.main([str(tmp_path / "config.json"), str(tmp_path / "result.json")]) == 0
+    assert written == [str(tmp_path / "result.json")]
+    assert json.loads((tmp_path / "result.json").read_text())["final_val_loss"] == 3.0

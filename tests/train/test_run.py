@@ -239,3 +239,35 @@ def test_loss_tracker_smooths_once_and_applies_the_divergence_rule():
     rising = LossTracker([1.0])
     reasons = [rising.add(10 * DIVERGENCE_FACTOR) for _ in range(3)]
     assert reasons[0] is not None and "rose above" in reasons[0]
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"non-strict JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_validation_loss_is_stored_as_none(monkeypatch, tmp_path, capsys):
+    """A NaN validation loss (the model's output on held-out text) is no number: the
+    result holds None, and result.json and `train --json` stay strict JSON."""
+    from steplaw.cli import main
+    from steplaw.train import runner
+
+    monkeypatch.setattr(runner, "evaluate", lambda *args: torch.tensor(float("nan"), dtype=torch.float64))
+    result = run(tiny_run(tokens=2 * 1024), run_dir=tmp_path / "run")
+    assert result.status == "ok" and result.final_val_loss is None
+    assert _strict_json((tmp_path / "run" / "result.json").read_text())["final_val_loss"] is None
+    argv = ["train", "--params", "20K", "--tokens", "2048", "--lr", "3e-3", "--batch-tokens", "1024", "--device", "cpu",
+            "--json", "--quiet"]
+    assert main(argv) == 0
+    printed = _strict_json(capsys.readouterr().out)
+    assert printed["status"] == "ok" and printed["final_val_loss"] is None
+
+
+def test_result_json_refuses_non_finite_numbers():
+    from steplaw.train.checkpoint import result_json
+
+    assert _strict_json(result_json(RunResult(status="ok", final_val_loss=2.5)))["final_val_loss"] == 2.5
+    with pytest.raises(ValueError):
+        result_json(RunResult(status="ok", final_val_loss=float("nan")))
