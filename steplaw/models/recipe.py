@@ -114,10 +114,12 @@ def model_for_params(
             candidates.append((error, shape_error, config))
         if d_guess < 16:
             break
-    if not candidates:  # even one layer of the narrowest width holds far more than n_params
-        def smallest(spec: MoEConfig | None) -> int:
-            return count(_shape(16, 1, vocab_size, spec, d_expert, max_seq_len, tie_embeddings))
+    def smallest(spec: MoEConfig | None) -> int:
+        return count(_shape(16, 1, vocab_size, spec, d_expert, max_seq_len, tie_embeddings))
 
+    # Below the smallest shape the closest one would be a silently different (larger) model:
+    # e.g. 20K parameters with 64 experts gave a 100K model named "20K".
+    if not candidates or smallest(moe) > n_params * (1 + tolerance):
         raise _too_small(n_params, moe, target, tolerance, smallest)
     within = [c for c in candidates if c[0] <= math.log1p(tolerance)]
     if within:

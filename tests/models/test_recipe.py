@@ -62,6 +62,9 @@ def test_recipe_refuses_bad_targets(bad):
      "n_params=20000 is too small for 1000 experts per MoE layer: the smallest shape (1 layer, d_model 16) has "
      "1,553,072 non-embedding parameters; expected n_params >= 1,553,072, or at most 13 experts"),
     (dict(n_params=1000, moe=MoEConfig(n_experts=1000, top_k=2)), "or a dense model"),
+    # shapes exist but the smallest is 5x the budget: it used to be returned as "20K"
+    (dict(n_params=2e4, moe=MoEConfig(n_experts=64, top_k=2)),
+     "the smallest shape (1 layer, d_model 16) has 100,400 non-embedding parameters; expected n_params >= 100,400, or at most 13 experts"),
     (dict(n_params=2e4, moe=MoEConfig(n_experts=100_000, top_k=2), target="active"), "active parameters"),
 ])
 def test_recipe_refuses_bad_inputs_in_one_sentence(kwargs, match):
