@@ -269,8 +269,8 @@ def _parse_spec_text(path: Path, text: str):
         try:
             import yaml
         except ImportError:
-            raise UserError(f"{path} is YAML but pyyaml is not installed: pip install pyyaml, or write the spec as "
-                            f"TOML") from None
+            raise UserError(f"{path} is YAML but pyyaml is not installed: pip install 'steplaw[yaml]', or write the "
+                            f"spec as TOML") from None
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
