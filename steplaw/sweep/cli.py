@@ -26,7 +26,7 @@ from pathlib import Path
 
 from steplaw import cliargs
 from steplaw.cliargs import count, nonnegative_float, positive_float, positive_int
-from steplaw.errors import UserError
+from steplaw.errors import UserError, warn
 from steplaw.fileio import write_atomic
 from steplaw.runtable import OBJECTIVES
 
@@ -465,7 +465,7 @@ def cmd_replay(args) -> int:
     table = load_table(args)
     replay = replay_table(table, table.source)
     for warning in table.warnings + replay.problems:
-        cliargs.warn(warning, getattr(args, "command_prog", "steplaw sweep"))
+        warn(warning, getattr(args, "command_prog", "steplaw sweep"))
     if not replay.cells:
         raise UserError(f"{table.source}: no cell can be replayed ({len(replay.problems)} problem(s) above)")
     planner = AdaptivePlanner(replay.cells, planner_settings(args, replay=True)) if args.planner == "adaptive" else None

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steplaw.errors import UserError
+from steplaw.errors import UserError, config_errors
 from steplaw.laws.published import step_law
 from steplaw.models.config import ModelConfig, MoEConfig
 from steplaw.runtable import OBJECTIVES
@@ -62,18 +62,14 @@ class ModelSpec:
     moe: dict | None = None  # MoEConfig fields; None: dense
 
     def build(self, vocab_size: int, seq_len: int) -> ModelConfig:
-        try:
+        with config_errors(f"model {self.label()} has a bad MoE setting"):
             moe = MoEConfig(**self.moe) if self.moe is not None else None
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"model {self.label()} has a bad MoE setting ({exc})") from None
         if self.shape is not None:
             fields = dict(self.shape)
             fields.setdefault("vocab_size", vocab_size)
             fields.setdefault("max_seq_len", max(seq_len, 128))
-            try:
+            with config_errors(f"model {self.label()} has a bad shape"):
                 return ModelConfig(**fields, moe=moe)
-            except (TypeError, ValueError) as exc:
-                raise UserError(f"model {self.label()} has a bad shape ({exc})") from None
         from steplaw.models.recipe import model_for_params
 
         model = model_for_params(int(self.params), vocab_size=vocab_size, moe=moe)
