@@ -455,7 +455,7 @@ def cmd_replay(args) -> int:
     from steplaw.progress import ProgressLine
     from steplaw.sweep.driver import run_sweep
     from steplaw.sweep.planner import AdaptivePlanner
-    from steplaw.sweep.replay import replay_executor, replay_table
+    from steplaw.sweep.replay import replay_executor, replay_spec, replay_table
 
     if args.spec:
         raise UserError(f"--replay {args.replay!r} and a spec file {args.spec!r}: expected one of them")
@@ -474,6 +474,6 @@ def cmd_replay(args) -> int:
         return 0
     summary = run_sweep(replay.runs if planner is None else [], args.out, lambda: replay_executor(replay.outcomes),
                         progress=ProgressLine(0, enabled=not args.quiet), planner=planner, new_spec=args.new_spec,
-                        spec={"replay": str(table.source), "problems": replay.problems})
+                        spec=replay_spec(table.source, replay))
     # A replayed failure is a row of the table, not a failure of this sweep.
     return 0 if not summary.counts.get("pending") else 1

@@ -41,7 +41,7 @@ from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
 from steplaw.runtable import finite_or_none, json_safe, rows_to_csv, rows_to_json
 from steplaw.sweep import storefile
-from steplaw.sweep.storefile import finished_results, migrate_v1, move_aside, readable
+from steplaw.sweep.storefile import EXPORT_EXPRESSIONS, export_select, finished_results, migrate_v1, move_aside, readable
 
 DB_NAME = "runs.sqlite"
 LOCK_NAME = "driver.lock"
@@ -89,18 +89,6 @@ CREATE TABLE IF NOT EXISTS specs (spec_id TEXT PRIMARY KEY, spec TEXT NOT NULL, 
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
-_STATUS_SQL = "CASE WHEN status IN ('ok', 'diverged', 'failed') THEN status ELSE 'pending' END AS status"
-# The run-table columns as a SELECT list, per schema version (schema 1 had other names).
-_EXPORT_SQL = {
-    2: ("run_id", _STATUS_SQL, "spec_id", "N", "COALESCE(N_active, N) AS N_active", "N_total", "D", "lr",
-        "batch_tokens", "seq_len", "loss", "val_loss", "compute", "n_experts", "top_k", "reason",
-        "json_extract(result, '$.stack') AS stack"),  # from the result: stores made before the column have it there
-    1: ("run_id", _STATUS_SQL, "NULL AS spec_id", "n_params AS N", "COALESCE(n_active, n_params) AS N_active",
-        "n_total AS N_total", "tokens AS D", "lr", "batch_tokens", "json_extract(config, '$.seq_len') AS seq_len",
-        "final_train_loss AS loss", "final_val_loss AS val_loss", "compute_flops AS compute",
-        "json_extract(config, '$.model.moe.n_experts') AS n_experts",
-        "json_extract(config, '$.model.moe.top_k') AS top_k", "reason", "NULL AS stack"),
-}
 _CHUNK = 500  # ids per `IN (...)` query (SQLite caps bound parameters)
 
 
@@ -141,7 +129,7 @@ class ResultStore:
         self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
         with readable(self.path):
             self.version = self._version()
-        if self.version not in _EXPORT_SQL:
+        if self.version not in EXPORT_EXPRESSIONS:
             raise UserError(f"{str(self.path)!r} has store schema {self.version}: expected at most {SCHEMA_VERSION} (written by "
                             f"a newer steplaw?)")
 
@@ -418,9 +406,9 @@ class ResultStore:
     def export(self) -> list[dict]:
         """Every run as a run-table row (see `export_rows`)."""
         with readable(self.path):
-            cursor = self.conn.execute(f"SELECT {', '.join(_EXPORT_SQL[self.version])} FROM runs ORDER BY run_id")
+            cursor = self.conn.execute(f"SELECT {export_select(self.version)} FROM runs ORDER BY run_id")
             cursor.row_factory = None
-            return [dict(zip(EXPORT_COLUMNS, row)) for row in cursor.fetchall()]
+            return [dict(zip(EXPORT_COLUMNS, row, strict=True)) for row in cursor.fetchall()]
 
     def config(self, run_id: str) -> dict:
         with readable(self.path):
