@@ -181,6 +181,14 @@ def spec_from_args(args):
 
 def _check_grid_flags(args):
     """Rules between grid flags (each flag's own form is checked by its argparse type)."""
+    keys = [key for key, _ in args.set]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        values = [repr(value) for key, value in args.set if key == twice[0]]
+        raise UserError(f"--set {twice[0]} is given {len(values)} times ({', '.join(values)}): expected each key once")
+    setting = dict(args.set)
+    if args.seq_len is not None and "seq_len" in setting and setting["seq_len"] != args.seq_len:
+        raise UserError(f"--set seq_len={setting['seq_len']!r} contradicts --seq-len {args.seq_len}: expected one of them")
     if args.lr_span is not None and args.lr_span < 1:
         raise UserError(f"--lr-span {args.lr_span}: expected at least 1 (the grid spans centre/span..centre*span)")
     if args.moe_topk is not None:
@@ -293,15 +301,48 @@ def report_failures(summary, out) -> int:
     return 1 if failed or unfinished else 0
 
 
+def _check_unused_flags(args):
+    """Flags that would be silently ignored, or that the executor cannot honour: refused
+    before anything starts (a dry run too)."""
+    if args.address is not None and args.executor != "ray":
+        raise UserError(f"--address {args.address!r} is a Ray cluster address: expected --executor ray with it")
+    if args.executor == "ray" and args.cpus_per_run == 0 and not args.gpus_per_run > 0:
+        raise UserError("--cpus-per-run 0 with --gpus-per-run 0: expected CPUs or GPUs per run above 0 (Ray runs as "
+                        "many runs at once as they fit)")
+    if args.planner != "adaptive":
+        for flag, value in (("--cell-budget", args.cell_budget), ("--total-budget", args.total_budget),
+                            ("--max-batch", args.max_batch)):
+            if value is not None:
+                raise UserError(f"{flag} {value} applies to the adaptive planner only: expected --planner adaptive with "
+                                f"it, or no {flag} with --planner {args.planner}")
+
+
+def check_spec_change(spec, args):
+    """The refusal a real run would give for a spec that differs from the one --out was
+    swept with (unless --new-spec), given now: a dry run must not pass what the run refuses."""
+    from steplaw.sweep.store import DB_NAME, ResultStore
+
+    if not (Path(args.out) / DB_NAME).is_file():
+        return
+    try:
+        store = ResultStore(args.out, readonly=True)
+    except UserError:
+        return  # a damaged store: the run rebuilds it from its run directories and says so
+    with store:
+        store.check_spec(spec.to_dict(), allow_change=args.new_spec)
+
+
 def cmd_sweep(args) -> int:
     from steplaw.sweep.spec import validate_runs
 
+    _check_unused_flags(args)
     if getattr(args, "replay", None):
         return cmd_replay(args)
     _check_out(args.out)
     load_run_fn(args.run_fn)
     spec = spec_from_args(args)
     if args.dry_run:
+        check_spec_change(spec, args)
         runs = spec.expand()
         validate_runs(runs, local=args.executor != "ray")
         if getattr(args, "planner", "grid") == "adaptive":

@@ -14,7 +14,8 @@ never run twice.
 
 Specs: every spec a directory was swept with is kept (table `specs`, keyed by a hash of
 the spec); each run row names the spec that first asked for it (`spec_id`). A changed
-spec is refused unless the caller asks for it (`record_spec(..., allow_change=True)`).
+spec is refused unless the caller asks for it (`record_spec(..., allow_change=True)`); a spec
+whose lists (grids) are only in another order is the same spec (`check_spec`).
 
 A store file that is empty or not a readable SQLite database is never silently replaced:
 readers refuse it with one sentence; the driver moves it aside, rebuilds the store from the
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import sqlite3
@@ -41,6 +41,7 @@ from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
 from steplaw.runtable import finite_or_none, json_safe, rows_to_csv, rows_to_json
 from steplaw.sweep import storefile
+from steplaw.sweep.spec import spec_difference, spec_id_of
 from steplaw.sweep.storefile import EXPORT_EXPRESSIONS, export_select, finished_results, migrate_v1, move_aside, readable
 
 DB_NAME = "runs.sqlite"
@@ -94,12 +95,6 @@ _CHUNK = 500  # ids per `IN (...)` query (SQLite caps bound parameters)
 
 def db_path(sweep_dir: str | Path) -> Path:
     return Path(sweep_dir) / DB_NAME
-
-
-def spec_id_of(spec: dict) -> str:
-    """A spec's id: a hash of its canonical JSON (12 hex digits)."""
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 class ResultStore:
@@ -205,13 +200,9 @@ class ResultStore:
         """Make `spec` the directory's current spec and return its id. A spec that differs
         from the current one is refused (UserError) unless `allow_change`; every spec is
         kept. spec.json beside the store is the current spec, written atomically."""
-        spec_id = spec_id_of(spec)
-        current = self.meta("spec_id")
-        if current is not None and current != spec_id and not allow_change:
-            old = self.spec(current) or {}
-            raise UserError(f"{str(self.sweep_dir)!r} was swept with a different spec ({_spec_difference(old, spec)}): "
-                            f"expected the same settings, another --out directory, or --new-spec to add the changed "
-                            f"spec's runs beside the old ones")
+        current, spec_id = self.check_spec(spec, allow_change), spec_id_of(spec)
+        if current is not None and current != spec_id:
+            return current  # the same spec with its grid lists in another order: it keeps its id
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute("INSERT OR IGNORE INTO specs(spec_id, spec, created_at) VALUES (?, ?, ?)",
@@ -220,6 +211,22 @@ class ResultStore:
             self.set_meta("spec", spec)
         write_atomic(self.sweep_dir / SPEC_NAME, json.dumps(spec, indent=1, default=str) + "\n")
         return spec_id
+
+    def check_spec(self, spec: dict, allow_change: bool = False) -> str | None:
+        """The current spec's id when `spec` is the same spec (its lists, the grids, in
+        any order: the runs are the same); None when there is no current spec or `spec`
+        differs and `allow_change`; a UserError when it differs and not `allow_change`."""
+        current = self.meta("spec_id")
+        if current is None:
+            return None
+        difference = None if current == spec_id_of(spec) else spec_difference(self.spec(current) or {}, spec)
+        if difference is None:
+            return current
+        if allow_change:
+            return None
+        raise UserError(f"{str(self.sweep_dir)!r} was swept with a different spec ({difference}): "
+                        f"expected the same settings, another --out directory, or --new-spec to add the changed "
+                        f"spec's runs beside the old ones")
 
     def add_runs(self, configs: list[dict], counts: list[dict | None] | None = None, spec_id: str | None = None) -> int:
         """Register runs as pending; runs already in the store are left as they are
@@ -419,24 +426,6 @@ class ResultStore:
         with readable(self.path):
             row = self.conn.execute("SELECT curve FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return [tuple(p) for p in json.loads(row[0] or "[]")] if row else []
-
-
-def _spec_difference(old: dict, new: dict) -> str:
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not changed:
-        return "same settings, different form"
-    key = changed[0]
-    if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
-        inner = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
-        if inner:
-            k = inner[0]
-            return f"{key}.{k} was {old[key].get(k)!r}, now {new[key].get(k)!r}"
-    return f"{key} was {_short(old.get(key))}, now {_short(new.get(key))}"
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class DriverLock:

@@ -132,6 +132,34 @@ def test_changed_spec_is_refused_unless_asked(tmp_path, capsys):
     assert "spec_id" in capsys.readouterr().out.splitlines()[0]
 
 
+def test_dry_run_refuses_a_changed_spec_as_the_run_does(tmp_path, capsys):
+    out = str(tmp_path / "s")
+    assert main(["sweep", "--out", out] + FLAGS) == 0
+    capsys.readouterr()
+    changed = ["sweep", "--out", out] + FLAGS + ["--set", "schedule=constant"]
+    assert main(changed) == 2
+    refusal = capsys.readouterr().err
+    assert main(changed + ["--dry-run"]) == 2
+    assert capsys.readouterr().err == refusal and "different spec" in refusal
+    assert main(changed + ["--dry-run", "--new-spec"]) == 0
+    assert main(["sweep", "--out", out] + FLAGS + ["--dry-run"]) == 0  # the same spec
+
+
+def test_grid_lists_in_another_order_are_the_same_spec(tmp_path):
+    out = str(tmp_path / "s")
+    assert main(["sweep", "--out", out] + FLAGS) == 0
+    spec = json.loads((tmp_path / "s" / "spec.json").read_text())
+    reordered = [{"0.005": "0.01", "0.01": "0.005", "512": "1024", "1024": "512"}.get(flag, flag) for flag in FLAGS]
+    assert reordered != FLAGS
+    assert main(["sweep", "--out", out, "--dry-run"] + reordered) == 0
+    before = export_rows(out)
+    assert main(["sweep", "--out", out] + reordered) == 0
+    assert export_rows(out) == before  # nothing ran again
+    assert json.loads((tmp_path / "s" / "spec.json").read_text()) == spec  # the spec and its id are kept
+    with ResultStore(out, readonly=True) as store:
+        assert len(store.specs()) == 1
+
+
 def test_failed_runs_exit_non_zero_with_their_reasons(tmp_path, capsys):
     out = str(tmp_path / "s")
     code = main(["sweep", "--out", out] + FLAGS + ["--set", "seed=1", "--max-attempts", "1"])
