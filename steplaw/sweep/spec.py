@@ -20,9 +20,11 @@ Run ids are `RunConfig.run_id()`: a hash of the full config, so a changed settin
 new run and an unchanged one is found again in the store.
 
 Checks: a spec (file, dict or flags) with a wrong type, an unknown key or an impossible
-value is a UserError naming it; `validate_runs` checks every run config of a sweep before
-any run starts (what can be checked without training: types, schedule, batch arithmetic,
-the device), so a sweep never starts runs that can only fail.
+value is a UserError naming it (counts may be text, "1M" or YAML's 1e6, read by
+steplaw.units.parse_count as the CLI reads them; N and D at most 1e15); `validate_runs`
+checks every run config of a sweep before any run starts (what can be checked without
+training: types, schedule, batch arithmetic, the device, the data's vocabulary), so a
+sweep never starts runs that can only fail.
 """
 from __future__ import annotations
 
@@ -167,6 +169,22 @@ class SweepSpec:
             raise UserError("the sweep has no models: expected at least one model size")
         if not self.tokens:
             raise UserError("the sweep has no token budgets: expected at least one D")
+        self._check_grid()
+        unknown = set(self.fixed) - _RUN_FIELDS
+        if unknown:
+            raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of "
+                            f"{sorted(_RUN_FIELDS)}")
+        eval_tokens = self.fixed.get("eval_tokens", RunConfig.__dataclass_fields__["eval_tokens"].default)
+        if self.objective == "val_loss" and eval_tokens == 0:
+            raise UserError("objective val_loss with eval_tokens=0: the runs would measure no validation loss; "
+                            "expected eval_tokens above 0 (e.g. --set eval_tokens=4096) or objective loss")
+        seq_len = self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default)
+        if isinstance(seq_len, bool) or not (isinstance(seq_len, int) and seq_len >= 1):
+            raise UserError(f"seq_len={seq_len!r}: expected a positive whole number of tokens")
+
+    def _check_grid(self):
+        """The grid's lists: counts given as text (a spec file's "1M", or YAML's 1e6) read as
+        the CLI reads them, then each value in its range."""
         self.tokens = [_count(t, "token budget", integer=True) for t in self.tokens]
         for tokens in self.tokens:
             if isinstance(tokens, bool) or not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and tokens >= 1):
@@ -192,17 +210,6 @@ class SweepSpec:
         for bs in self.batch_sizes or []:
             if isinstance(bs, bool) or not (isinstance(bs, int) and bs > 0):
                 raise UserError(f"batch size {bs!r}: expected a positive integer number of tokens")
-        unknown = set(self.fixed) - _RUN_FIELDS
-        if unknown:
-            raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of "
-                            f"{sorted(_RUN_FIELDS)}")
-        eval_tokens = self.fixed.get("eval_tokens", RunConfig.__dataclass_fields__["eval_tokens"].default)
-        if self.objective == "val_loss" and eval_tokens == 0:
-            raise UserError("objective val_loss with eval_tokens=0: the runs would measure no validation loss; "
-                            "expected eval_tokens above 0 (e.g. --set eval_tokens=4096) or objective loss")
-        seq_len = self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default)
-        if isinstance(seq_len, bool) or not (isinstance(seq_len, int) and seq_len >= 1):
-            raise UserError(f"seq_len={seq_len!r}: expected a positive whole number of tokens")
 
     @property
     def seq_len(self) -> int:
