@@ -198,7 +198,8 @@ class ResultStore:
 
     def record_spec(self, spec: dict, allow_change: bool = False) -> str:
         """Make `spec` the directory's current spec and return its id. A spec that differs
-        from the current one is refused (UserError) unless `allow_change`; every spec is
+        from the current one is refused (UserError) unless `allow_change`; one that differs
+        only in the order of its lists is the current spec and keeps its id. Every spec is
         kept. spec.json beside the store is the current spec, written atomically."""
         current, spec_id = self.check_spec(spec, allow_change), spec_id_of(spec)
         if current is not None and current != spec_id:
