@@ -41,6 +41,7 @@ import numpy as np
 
 from bench.harness import log, report
 from steplaw.laws.fit import fit_hparams
+from steplaw.laws.published import STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N
 from steplaw.laws.table import read_runs, table_from_arrays
 from steplaw.sweep.driver import run_sweep
 from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings
@@ -55,11 +56,11 @@ class Landscape:
     """Optimum lr* = lr_coef N^lr_exp_N D^lr_exp_D, B* = bs_coef D^bs_exp_D; bowl around it."""
 
     name: str
-    lr_coef: float = 1.79
-    lr_exp_N: float = -0.713
-    lr_exp_D: float = 0.307
-    bs_coef: float = 0.58
-    bs_exp_D: float = 0.571
+    lr_coef: float = STEP_LR_COEF
+    lr_exp_N: float = STEP_LR_EXP_N
+    lr_exp_D: float = STEP_LR_EXP_D
+    bs_coef: float = STEP_BS_COEF
+    bs_exp_D: float = STEP_BS_EXP_D
     k_lr: float = 0.02  # nats per (ln lr)^2 below the optimum
     k_lr_high: float = 0.03  # ... above it (loss rises faster towards divergence)
     k_bs: float = 0.01  # nats per (ln B)^2
@@ -108,8 +109,8 @@ def synthetic_cases(quick: bool):
     n_values, d_values = (N_VALUES[::2] + N_VALUES[-1:], D_VALUES[::2] + D_VALUES[-1:]) if quick else (N_VALUES, D_VALUES)
     at_prior = Landscape("optimum at the Step Law prior")
     far = Landscape("optimum far from the prior (8x lower LR, 4x larger batch, other exponents)",
-                    lr_coef=1.79 / 8 * 6e7**0.1, lr_exp_N=-0.813, lr_exp_D=0.307, bs_coef=0.58 * 4 * 2e9**-0.07,
-                    bs_exp_D=0.641)
+                    lr_coef=STEP_LR_COEF / 8 * 6e7**0.1, lr_exp_N=STEP_LR_EXP_N - 0.1, lr_exp_D=STEP_LR_EXP_D,
+                    bs_coef=STEP_BS_COEF * 4 * 2e9**-0.07, bs_exp_D=STEP_BS_EXP_D + 0.07)
     sharp = Landscape("sharper LR bowl, strong tilt, cliff at 3x", k_lr=0.04, k_lr_high=0.08, tilt=0.5,
                       diverge_factor=3.0, noise_rel=5e-4)
     cases = []

@@ -1,5 +1,6 @@
 """Command-line arguments shared by every `steplaw` subcommand: one way to parse them,
-to check output paths, and to turn user mistakes into one line on stderr.
+to check output paths, and to turn user mistakes into one line on stderr (the sentences
+themselves, and warnings, come from steplaw.errors: UserError, config_errors, warn).
 
 Every subcommand module uses these instead of its own helpers:
 
@@ -20,11 +21,6 @@ Every subcommand module uses these instead of its own helpers:
   check_output_file(path, what) / check_output_dir(path, what)
                     UserError unless a file / directory can be written there, to be
                     called before any work starts (nothing is created).
-  config_errors(what)
-                    context manager: ValueError/TypeError raised while building a
-                    config from user input becomes a UserError naming `what`.
-  warn(message, prog)
-                    a warning on stderr ("steplaw fit: warning: ..."); data goes to stdout.
   run_command(handler, args, prog)
                     calls a `cmd_*` handler, printing a UserError or an OSError as one
                     line and returning 2 (STEPLAW_TRACEBACK=1 re-raises instead).
@@ -36,7 +32,6 @@ lives in one place.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -230,26 +225,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory") ->
     return path
 
 
-# ---------------------------------------------------------------- errors and warnings
-
-@contextlib.contextmanager
-def config_errors(what: str):
-    """Turn a ValueError or TypeError raised while building a config from user input
-    (a dataclass given a wrong key or type) into a one-line UserError naming `what`.
-    Wrap only the construction from user input: elsewhere these are bugs."""
-    try:
-        yield
-    except UserError:
-        raise
-    except (ValueError, TypeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{what}: {first}") from exc
-
-
-def warn(message: str, prog: str = "steplaw") -> None:
-    """One warning line on stderr (stdout carries only a command's data)."""
-    print(f"{prog}: warning: {message}", file=sys.stderr)
-
+# ---------------------------------------------------------------- running a command
 
 def run_command(handler, args, prog: str) -> int:
     """Call `handler(args)` and return its exit code. A UserError, or an OSError (a path

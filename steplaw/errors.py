@@ -7,10 +7,14 @@ never a traceback. Bugs raise anything else and do show a traceback.
 
 `whole_number_problem` and `number_problem` return such a sentence (or None) for one
 field, so that a config can collect every mistake before raising one UserError.
+`config_errors` turns what a dataclass raises on a wrong key or type into one. `warn`
+writes a warning line on stderr, for any layer (stdout carries only a command's data).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 
 
 class UserError(ValueError):
@@ -63,3 +67,22 @@ def raise_problems(problems: list[str | None], what: str | None = None) -> None:
     if found:
         head = f"{what}: " if what else ""
         raise UserError(head + "; ".join(found))
+
+
+@contextlib.contextmanager
+def config_errors(what: str):
+    """Turn a ValueError or TypeError raised while building a config from user input
+    (a dataclass given a wrong key or type) into a one-line UserError naming `what`.
+    Wrap only the construction from user input: elsewhere these are bugs."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{what}: {first}") from exc
+
+
+def warn(message: str, prog: str = "steplaw") -> None:
+    """One warning line on stderr, "PROG: warning: MESSAGE"."""
+    print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ the end, so logs stay readable. Plain Python: no torch, no steplaw imports.
     line = ProgressLine(total=72)
     line.update(done, running, failed, eta_s, detail)   # the sweep's line
     line.show("12.5M / 50M tokens, loss 3.21")           # any other text
+    line.clear()                                          # before writing another line
     line.finish("sweep done")
 """
 from __future__ import annotations
@@ -64,10 +65,18 @@ class ProgressLine:
             self.stream.write(text + "\n")
         self.stream.flush()
 
+    def clear(self):
+        """Wipe the live line, so that another line (a warning) can be written clear of it;
+        the next show() draws it again."""
+        if self.enabled and self.live and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
     def finish(self, message: str):
+        """Replace the line by `message`, on a line of its own."""
         if not self.enabled:
             return
-        if self.live:
-            self.stream.write("\r" + " " * self.width + "\r")
+        self.clear()
         self.stream.write(message + "\n")
         self.stream.flush()

@@ -8,6 +8,7 @@ under the same names and units (`COLUMNS`). It is plain data: no torch, no train
 so the law fitters can use it without importing a trainer.
 
     row = to_row(run_id, config_dict, result_dict, counts, spec_id)
+    result_dict = result_from_row(row)       # and back (a replayed table row's result)
 
 `config_dict` is `RunConfig.to_dict()`, `result_dict` is `RunResult.to_dict()` (or None
 for a run not yet finished), `counts` is {"non_embedding", "active", "total"} from the
@@ -128,6 +129,29 @@ def result_fields(result: dict) -> dict:
         "N_active": _int_or_none(result.get("params_active")),
         "N_total": _int_or_none(result.get("params_total")),
         "stack": result.get("stack") if isinstance(result.get("stack"), str) else None,
+    }
+
+
+def _whole_or_none(value):
+    value = finite_or_none(value)
+    return None if value is None else int(round(value))
+
+
+def result_from_row(row: dict) -> dict:
+    """The RunResult dict of a run-table row: the inverse of `result_fields`, so that
+    `to_row(run_id, config, result_from_row(row), ...)` gives back `row`'s result
+    columns (each loss under its own name: `loss` is the training loss, `val_loss` the
+    validation loss). What the table does not hold (tokens trained, wall time) is left out."""
+    return {
+        "status": row.get("status"),
+        "reason": row.get("reason"),
+        "final_train_loss": finite_or_none(row.get("loss")),
+        "final_val_loss": finite_or_none(row.get("val_loss")),
+        "compute_flops": finite_or_none(row.get("compute")),
+        "params_non_embedding": _whole_or_none(row.get("N")),
+        "params_active": _whole_or_none(row.get("N_active")),
+        "params_total": _whole_or_none(row.get("N_total")),
+        "stack": row.get("stack") if isinstance(row.get("stack"), str) else None,
     }
 
 

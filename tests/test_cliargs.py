@@ -1,4 +1,5 @@
-"""steplaw.cliargs: argument types, output-path checks, one-line errors."""
+"""steplaw.cliargs: argument types, output-path checks, one-line errors (and the helpers of
+steplaw.errors the commands use: config_errors, warn)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import os
 import pytest
 
 from steplaw import cliargs
-from steplaw.errors import UserError
+from steplaw.errors import UserError, config_errors, warn
 
 
 @pytest.mark.parametrize("parse,text,value", [
@@ -129,16 +130,16 @@ def test_check_output_refuses_unwritable_places(tmp_path):
 
 def test_config_errors():
     with pytest.raises(UserError, match="^spec.json: bad width$"):
-        with cliargs.config_errors("spec.json"):
+        with config_errors("spec.json"):
             raise ValueError("bad width\nmore detail")
     with pytest.raises(UserError, match="^spec.json: .*takes no keyword"):
-        with cliargs.config_errors("spec.json"):
+        with config_errors("spec.json"):
             dict.fromkeys(bogus=1)
     with pytest.raises(UserError, match="^as is$"):
-        with cliargs.config_errors("spec.json"):
+        with config_errors("spec.json"):
             raise UserError("as is")
     with pytest.raises(KeyError):
-        with cliargs.config_errors("spec.json"):
+        with config_errors("spec.json"):
             raise KeyError("a bug stays a bug")
 
 
@@ -173,7 +174,7 @@ def test_run_command_keeps_bugs_and_debug_tracebacks(monkeypatch):
 
 
 def test_warn_goes_to_stderr(capsys):
-    cliargs.warn("batch law fitted on 2 sizes", "steplaw fit")
+    warn("batch law fitted on 2 sizes", "steplaw fit")
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == "steplaw fit: warning: batch law fitted on 2 sizes\n"
 

@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 from steplaw import cliargs
-from steplaw.errors import UserError
+from steplaw.errors import UserError, warn
 from steplaw.runtable import json_safe
 from steplaw.sweep.store import export_rows, sweep_objective
 from steplaw.units import parse_count
@@ -25,7 +25,7 @@ def _json(obj) -> str:
 def _warn(args, lines) -> None:
     """Each distinct warning once, on stderr."""
     for line in dict.fromkeys(lines):
-        cliargs.warn(line, getattr(args, "command_prog", "steplaw"))
+        warn(line, getattr(args, "command_prog", "steplaw"))
 
 
 # ---------------------------------------------------------------------------- tables

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from steplaw import cliargs
 from steplaw.cliargs import count, nonnegative_float, positive_float, positive_int
-from steplaw.errors import UserError
+from steplaw.errors import UserError, warn
 from steplaw.fileio import write_atomic
 from steplaw.runtable import OBJECTIVES
 
@@ -181,6 +181,14 @@ def spec_from_args(args):
 
 def _check_grid_flags(args):
     """Rules between grid flags (each flag's own form is checked by its argparse type)."""
+    keys = [key for key, _ in args.set]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        values = [repr(value) for key, value in args.set if key == twice[0]]
+        raise UserError(f"--set {twice[0]} is given {len(values)} times ({', '.join(values)}): expected each key once")
+    setting = dict(args.set)
+    if args.seq_len is not None and "seq_len" in setting and setting["seq_len"] != args.seq_len:
+        raise UserError(f"--set seq_len={setting['seq_len']!r} contradicts --seq-len {args.seq_len}: expected one of them")
     if args.lr_span is not None and args.lr_span < 1:
         raise UserError(f"--lr-span {args.lr_span}: expected at least 1 (the grid spans centre/span..centre*span)")
     if args.moe_topk is not None:
@@ -293,15 +301,48 @@ def report_failures(summary, out) -> int:
     return 1 if failed or unfinished else 0
 
 
+def _check_unused_flags(args):
+    """Flags that would be silently ignored, or that the executor cannot honour: refused
+    before anything starts (a dry run too)."""
+    if args.address is not None and args.executor != "ray":
+        raise UserError(f"--address {args.address!r} is a Ray cluster address: expected --executor ray with it")
+    if args.executor == "ray" and args.cpus_per_run == 0 and not args.gpus_per_run > 0:
+        raise UserError("--cpus-per-run 0 with --gpus-per-run 0: expected CPUs or GPUs per run above 0 (Ray runs as "
+                        "many runs at once as they fit)")
+    if args.planner != "adaptive":
+        for flag, value in (("--cell-budget", args.cell_budget), ("--total-budget", args.total_budget),
+                            ("--max-batch", args.max_batch)):
+            if value is not None:
+                raise UserError(f"{flag} {value} applies to the adaptive planner only: expected --planner adaptive with "
+                                f"it, or no {flag} with --planner {args.planner}")
+
+
+def check_spec_change(spec, args):
+    """The refusal a real run would give for a spec that differs from the one --out was
+    swept with (unless --new-spec), given now: a dry run must not pass what the run refuses."""
+    from steplaw.sweep.store import DB_NAME, ResultStore
+
+    if not (Path(args.out) / DB_NAME).is_file():
+        return
+    try:
+        store = ResultStore(args.out, readonly=True)
+    except UserError:
+        return  # a damaged store: the run rebuilds it from its run directories and says so
+    with store:
+        store.check_spec(spec.to_dict(), allow_change=args.new_spec)
+
+
 def cmd_sweep(args) -> int:
     from steplaw.sweep.spec import validate_runs
 
+    _check_unused_flags(args)
     if getattr(args, "replay", None):
         return cmd_replay(args)
     _check_out(args.out)
     load_run_fn(args.run_fn)
     spec = spec_from_args(args)
     if args.dry_run:
+        check_spec_change(spec, args)
         runs = spec.expand()
         validate_runs(runs, local=args.executor != "ray")
         if getattr(args, "planner", "grid") == "adaptive":
@@ -455,7 +496,7 @@ def cmd_replay(args) -> int:
     from steplaw.progress import ProgressLine
     from steplaw.sweep.driver import run_sweep
     from steplaw.sweep.planner import AdaptivePlanner
-    from steplaw.sweep.replay import replay_executor, replay_table
+    from steplaw.sweep.replay import replay_executor, replay_spec, replay_table
 
     if args.spec:
         raise UserError(f"--replay {args.replay!r} and a spec file {args.spec!r}: expected one of them")
@@ -465,7 +506,7 @@ def cmd_replay(args) -> int:
     table = load_table(args)
     replay = replay_table(table, table.source)
     for warning in table.warnings + replay.problems:
-        cliargs.warn(warning, getattr(args, "command_prog", "steplaw sweep"))
+        warn(warning, getattr(args, "command_prog", "steplaw sweep"))
     if not replay.cells:
         raise UserError(f"{table.source}: no cell can be replayed ({len(replay.problems)} problem(s) above)")
     planner = AdaptivePlanner(replay.cells, planner_settings(args, replay=True)) if args.planner == "adaptive" else None
@@ -474,6 +515,6 @@ def cmd_replay(args) -> int:
         return 0
     summary = run_sweep(replay.runs if planner is None else [], args.out, lambda: replay_executor(replay.outcomes),
                         progress=ProgressLine(0, enabled=not args.quiet), planner=planner, new_spec=args.new_spec,
-                        spec={"replay": str(table.source), "problems": replay.problems})
+                        spec=replay_spec(table.source, replay))
     # A replayed failure is a row of the table, not a failure of this sweep.
     return 0 if not summary.counts.get("pending") else 1

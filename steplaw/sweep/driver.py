@@ -26,18 +26,20 @@ again.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steplaw.errors import warn
 from steplaw.progress import ProgressLine, format_duration
 from steplaw.runtable import result_fields
 from steplaw.sweep.planner import GridPlanner, RunView
 from steplaw.sweep.spec import count_params
 from steplaw.sweep.store import DriverLock, ResultStore
 from steplaw.train.config import RunConfig
+
+PROG = "steplaw sweep"  # the name the driver's warnings go under
 
 
 @dataclass
@@ -106,7 +108,7 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
         planner = GridPlanner(runs)
     with DriverLock(sweep_dir), ResultStore(sweep_dir) as store:
         for notice in store.notices:
-            print(f"steplaw sweep: warning: {notice}", file=sys.stderr)
+            warn(notice, PROG)
         spec_id = store.record_spec(spec, allow_change=new_spec) if spec is not None else None
         store.recover_interrupted()
         store.set_meta("planner", planner.name)
@@ -260,10 +262,8 @@ def _warn(line, message: str, shown: set):
     if message in shown:
         return
     shown.add(message)
-    if line.enabled and line.live and line.width:
-        line.stream.write("\r" + " " * line.width + "\r")
-        line.width = 0
-    print(f"steplaw sweep: warning: {message}", file=sys.stderr, flush=True)
+    line.clear()
+    warn(message, PROG)
 
 
 def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="auto"):

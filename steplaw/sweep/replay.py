@@ -8,8 +8,11 @@ same units). Its (N, D) cells become the sweep's cells; a planner may propose on
 status at once (`replay_executor`). The sweep directory that results is an ordinary one:
 `steplaw runs`, `fit` and `report` read it, and it holds only the runs the planner chose.
 
-A row that finished with a non-finite loss is replayed as diverged (the usual way a
-blown-up run is logged); rows that did not finish as failed. A cell the planner cannot
+The table's loss is replayed under its own run-table column: a table read with
+`--col-loss val_loss` (or a sweep directory whose objective is val_loss) gives runs with
+a val_loss, and the replay sweep's objective is val_loss. A row that finished with a
+non-finite loss is replayed as diverged (the usual way a blown-up run is logged); rows
+that did not finish as failed. A cell the planner cannot
 search is left out with one sentence saying why: fewer than 3 runs, two rows at the same
 (lr, B), or no finite loss.
 """
@@ -25,6 +28,7 @@ import numpy as np
 
 from steplaw.laws.published import step_law
 from steplaw.laws.table import OK_STATUSES
+from steplaw.runtable import OBJECTIVES, finite_or_none, result_from_row
 from steplaw.sweep.execution import as_result
 from steplaw.sweep.executors import InlineExecutor
 from steplaw.sweep.planner import SearchCell, cell_key
@@ -77,13 +81,13 @@ class ReplayTable:
     outcomes: dict[str, dict]  # run id -> the RunResult dict its "run" returns
     runs: list[ReplayRun]  # every replayable row (the grid planner runs them all)
     problems: list[str]
+    objective: str = "loss"  # the run-table column the table's loss stands for (its spec's objective)
 
 
-def _optional(column, index):
-    if column is None:
-        return None
-    value = float(column[index])
-    return value if math.isfinite(value) else None
+def _loss_name(table) -> str:
+    """The run-table column of the loss the table was read from: val_loss when it was
+    read from a val_loss column, else the training loss."""
+    return table.loss_column if table.loss_column in OBJECTIVES else "loss"
 
 
 def replay_table(table, source: str) -> ReplayTable:
@@ -115,7 +119,7 @@ def replay_table(table, source: str) -> ReplayTable:
             problems.append(f"{where} has no finished run with a finite loss ({rows.size} rows); the cell is left out.")
             continue
         cells.append(_cell(table, rows, float(n), float(d), name, outcomes, runs))
-    return ReplayTable(cells, outcomes, runs, problems)
+    return ReplayTable(cells, outcomes, runs, problems, _loss_name(table))
 
 
 def _cell(table, rows, n, d, name, outcomes, runs) -> SearchCell:
@@ -126,7 +130,7 @@ def _cell(table, rows, n, d, name, outcomes, runs) -> SearchCell:
     points = {}
     for r in rows:
         run = ReplayRun(name, n, d, float(table.lr[r]), float(table.batch_tokens[r]),
-                        _optional(table.N_active, r), _optional(table.N_total, r))
+                        _column(table.N_active, r), _column(table.N_total, r))
         points[(lr_index[run.lr], bs_index[run.batch_tokens])] = run
         outcomes[run.run_id()] = _outcome(table, r, run)
         runs.append(run)
@@ -145,17 +149,35 @@ def _cell(table, rows, n, d, name, outcomes, runs) -> SearchCell:
     )
 
 
+def _column(column, index):
+    """One entry of an optional count column of the table (finite or None)."""
+    return None if column is None else finite_or_none(column[index])
+
+
 def _outcome(table, row, run: ReplayRun) -> dict:
+    """The RunResult dict a replayed row returns: the row, read back as a run-table row
+    (runtable.result_from_row), so that its loss lands in the column it came from."""
     loss = float(table.loss[row])
     status = str(table.status[row])
     counts = run.counts()
-    base = {"tokens": run.tokens, "params_non_embedding": counts["non_embedding"], "params_active": counts["active"],
-            "params_total": counts["total"], "wall_s": 0.0}
+    fields = {"N": counts["non_embedding"], "N_active": counts["active"], "N_total": counts["total"]}
     if table.valid[row]:
-        return {**base, "status": "ok", "final_train_loss": loss}
-    if status in OK_STATUSES or status == "diverged":
-        return {**base, "status": "diverged", "reason": f"replayed: status {status!r}, loss {loss}"}
-    return {**base, "status": "failed", "reason": f"replayed: status {status!r}"}
+        fields.update(status="ok", **{_loss_name(table): loss})
+    elif status in OK_STATUSES or status == "diverged":
+        fields.update(status="diverged", reason=f"replayed: status {status!r}, loss {loss}")
+    else:
+        fields.update(status="failed", reason=f"replayed: status {status!r}")
+    return {**result_from_row(fields), "tokens": run.tokens, "wall_s": 0.0}
+
+
+def replay_spec(source, replay: ReplayTable) -> dict:
+    """The spec a replay sweep records: the table, its problems, and the objective when
+    the table's loss is not the training loss (so fit and report read that column; left
+    out otherwise, so replays made before it keep their spec id)."""
+    spec = {"replay": str(source), "problems": replay.problems}
+    if replay.objective != "loss":
+        spec["objective"] = replay.objective
+    return spec
 
 
 def replay_executor(outcomes: dict[str, dict]) -> InlineExecutor:

@@ -115,60 +115,85 @@ def _nearest(candidates: list[int], values: list[float], target: float, anchor: 
     return min(candidates, key=lambda q: (abs(math.log(values[q]) - target), abs(q - anchor), q))
 
 
-def _side(line: list[int], values: list[float], at: int, step: int, results: dict, make_point, threshold: float,
-          coarse: float, resolution: float, accelerate: bool = True) -> tuple[str, int | None, int, bool]:
-    """One side of an anchor point along one line: (verdict, position to run, bound, extends).
+@dataclass(frozen=True)
+class _Line:
+    """The search state of one line through an anchor point: what `_side` and `_walk` read.
+
+    line: lattice indices of the runnable points on the line (ascending); values: the
+    lattice values (lrs or batch sizes) those indices point into; at: the anchor's
+    position in `line`; results: the cell's finished runs {(i, j): (state, loss)};
+    make_point: lattice index -> (i, j); threshold: the near-optimal loss; coarse,
+    resolution: the line's extension and bisection factors; accelerate: extensions may
+    grow with the distance walked (LR lines only)."""
+
+    line: list[int]
+    values: list[float]
+    at: int
+    results: dict
+    make_point: Callable[[int], tuple[int, int]]
+    threshold: float
+    coarse: float
+    resolution: float
+    accelerate: bool = True
+
+    def tried(self, position: int) -> bool:
+        return self.make_point(self.line[position]) in self.results
+
+
+def _side(ln: _Line, step: int) -> tuple[str, int | None, int, bool]:
+    """One side of the anchor along its line: (verdict, position to run, bound, extends).
 
     verdict: 'bracketed' (a run beyond the gap is the lattice neighbour of the last
     near-optimal run), 'limit' (no runnable point is left beyond the near-optimal runs) or
     'want' (run `position` next: an extension or a bisection). bound: the position of the
-    bounding run ('bracketed'), or of the last point on this side. line: lattice indices
-    of the runnable points on the line (ascending); at: the anchor's position in it;
-    step: +1 or -1. extends: the position is an extension (no run bounds this side yet);
-    it steps `coarse`, or with `accelerate` the geometric mean of `coarse` and the distance
-    walked from the far side when longer (a prior far off is left at a growing pace; not
-    for batch sizes, where a jump to a small batch is a jump to many optimizer steps).
+    bounding run ('bracketed'), or of the last point on this side. step: +1 or -1.
+    extends: the position is an extension (no run bounds this side yet); it steps
+    `coarse`, or with `accelerate` the geometric mean of `coarse` and the distance walked
+    from the far side when longer (a prior far off is left at a growing pace; not for
+    batch sizes, where a jump to a small batch is a jump to many optimizer steps).
     """
+    line, at = ln.line, ln.at
     inside, outside = at, None
     q = at + step
     while 0 <= q < len(line):
-        result = results.get(make_point(line[q]))
+        result = ln.results.get(ln.make_point(line[q]))
         if result is not None:
-            kind = _classify(result, threshold)
+            kind = _classify(result, ln.threshold)
             if kind == _OUTSIDE:
                 outside = q
                 break
             if kind == _INSIDE:
                 inside = q
         q += step
-    logs = [values[i] for i in line]
+    logs = [ln.values[i] for i in line]
     if outside is None:
         end = len(line) - 1 if step > 0 else 0
-        beyond = [p for p in range(inside + step, end + step, step) if make_point(line[p]) not in results]
+        beyond = [p for p in range(inside + step, end + step, step) if not ln.tried(p)]
         if not beyond:
             return "limit", None, end, False
         walked = 0.0
-        if accelerate:
-            behind = [p for p in range(0, len(line)) if (p - at) * step < 0 and make_point(line[p]) in results]
+        if ln.accelerate:
+            behind = [p for p in range(0, len(line)) if (p - at) * step < 0 and ln.tried(p)]
             walked = max((abs(math.log(logs[at] / logs[p])) for p in behind), default=0.0)
-        target = math.log(logs[inside]) + step * max(math.log(coarse), 0.5 * (math.log(coarse) + walked))
+        target = math.log(logs[inside]) + step * max(math.log(ln.coarse), 0.5 * (math.log(ln.coarse) + walked))
         return "want", _nearest(beyond, logs, target, inside), end, True
     lo, hi = sorted((inside, outside))
-    between = [p for p in range(lo + 1, hi) if make_point(line[p]) not in results]
-    if not between or math.log(logs[hi] / logs[lo]) <= math.log(resolution) * 1.01:
+    between = [p for p in range(lo + 1, hi) if not ln.tried(p)]
+    if not between or math.log(logs[hi] / logs[lo]) <= math.log(ln.resolution) * 1.01:
         return "bracketed", None, outside, False
     target = 0.5 * (math.log(logs[inside]) + math.log(logs[outside]))
     return "want", _nearest(between, logs, target, inside), outside, False
 
 
-def _line(line, values, at, results, make_point, threshold, coarse, resolution, fill: bool, accelerate: bool = True):
+def _walk(ln: _Line, fill: bool):
     """Wants and side verdicts of one line through an anchor; with `fill`, once both
     sides are bounded, also the points between the bounds not yet run, `resolution`
     apart (the line's near-optimal stretch evenly covered, so that its geometric mean is
     not lopsided)."""
+    line, values = ln.line, ln.values
     wants, verdicts, bounds, sides = [], {}, [], []
     for label, step in (("low", -1), ("high", 1)):
-        side = _side(line, values, at, step, results, make_point, threshold, coarse, resolution, accelerate)
+        side = _side(ln, step)
         verdicts[label] = "open" if side[0] == "want" else side[0]
         bounds.append(side[2])
         sides.append(side)
@@ -176,14 +201,14 @@ def _line(line, values, at, results, make_point, threshold, coarse, resolution, 
     for side, other_walks in zip(sides, walking[::-1]):
         # While the line still walks downhill one way, the other side is not refined yet.
         if side[0] == "want" and (side[3] or not other_walks):
-            wants.append(make_point(line[side[1]]))
+            wants.append(ln.make_point(line[side[1]]))
     if fill and not wants:
-        kept = [math.log(values[line[p]]) for p in range(bounds[0], bounds[1] + 1) if make_point(line[p]) in results]
+        kept = [math.log(values[line[p]]) for p in range(bounds[0], bounds[1] + 1) if ln.tried(p)]
         for step in (-1, 1):
-            p = at + step
+            p = ln.at + step
             while bounds[0] < p < bounds[1]:
-                point, here = make_point(line[p]), math.log(values[line[p]])
-                if point not in results and min(abs(here - k) for k in kept) >= math.log(resolution) * 0.99:
+                point, here = ln.make_point(line[p]), math.log(values[line[p]])
+                if point not in ln.results and min(abs(here - k) for k in kept) >= math.log(ln.resolution) * 0.99:
                     wants.append(point)
                     kept.append(here)
                 p += step
@@ -236,8 +261,8 @@ def plan_cell(cell: SearchCell, results: dict, prior: tuple[float, float], setti
         ("lr", lr_line, cell.lrs, lr_line.index(ib), lambda i: (i, jb), settings.lr_coarse, settings.lr_resolution),
         ("bs", bs_line, cell.batch_sizes, bs_line.index(jb), lambda j: (ib, j), settings.bs_coarse, settings.bs_resolution),
     ):
-        line_wants, verdicts = _line(line, values, at, results, make_point, threshold, coarse, resolution,
-                                     settings.fill >= 1, accelerate=name == "lr")
+        line_wants, verdicts = _walk(_Line(line, values, at, results, make_point, threshold, coarse, resolution,
+                                           accelerate=name == "lr"), settings.fill >= 1)
         sides.update({f"{name}_{label}": verdict for label, verdict in verdicts.items()})
         wants += [p for p in line_wants if p not in wants]
     if not wants and settings.fill >= 2:
@@ -247,8 +272,8 @@ def plan_cell(cell: SearchCell, results: dict, prior: tuple[float, float], setti
             if j == jb or _classify(results.get((ib, j), ("open", None)), threshold) != _INSIDE:
                 continue
             row = [i for i in range(len(cell.lrs)) if cell.available(i, j)]
-            line_wants, _ = _line(row, cell.lrs, row.index(ib), results, lambda i, j=j: (i, j), threshold,
-                                  settings.lr_coarse, settings.lr_resolution, True)
+            line_wants, _ = _walk(_Line(row, cell.lrs, row.index(ib), results, lambda i, j=j: (i, j), threshold,
+                                        settings.lr_coarse, settings.lr_resolution), fill=True)
             wants += [p for p in line_wants if p not in wants]
     if wants:
         return _capped(CellPlan("searching", wants, best, sides, runs), budget)

@@ -20,25 +20,36 @@ Run ids are `RunConfig.run_id()`: a hash of the full config, so a changed settin
 new run and an unchanged one is found again in the store.
 
 Checks: a spec (file, dict or flags) with a wrong type, an unknown key or an impossible
-value is a UserError naming it; `validate_runs` checks every run config of a sweep before
-any run starts (what can be checked without training: types, schedule, batch arithmetic,
-the device), so a sweep never starts runs that can only fail.
+value is a UserError naming it (counts may be text, "1M" or YAML's 1e6, read by
+steplaw.units.parse_count as the CLI reads them; N and D at most 1e15); `validate_runs`
+checks every run config of a sweep before any run starts (what can be checked without
+training: types, schedule, batch arithmetic, the device, the data's vocabulary), so a
+sweep never starts runs that can only fail.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steplaw.errors import UserError
+from steplaw.errors import UserError, config_errors
 from steplaw.laws.published import step_law
 from steplaw.models.config import ModelConfig, MoEConfig
 from steplaw.runtable import OBJECTIVES
 from steplaw.train.config import RunConfig
+from steplaw.units import parse_count
 
-__all__ = ["ModelSpec", "SweepSpec", "Cell", "step_law", "count_params", "lr_grid", "batch_grid", "validate_runs"]
+__all__ = ["ModelSpec", "SweepSpec", "Cell", "step_law", "count_params", "lr_grid", "batch_grid", "validate_runs",
+           "spec_id_of", "spec_difference"]
+
+# The largest model and token budget a sweep takes: far above any model or corpus trained
+# (around 1e12 parameters and 1e14 tokens), far below what the store's 64-bit integer
+# columns hold (2^63), so that a slip of the exponent (--params 1e30) is refused up front.
+MAX_PARAMS = 10**15
+MAX_TOKENS = 10**15
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "tokens", "lr", "batch_tokens"}
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
@@ -62,18 +73,14 @@ class ModelSpec:
     moe: dict | None = None  # MoEConfig fields; None: dense
 
     def build(self, vocab_size: int, seq_len: int) -> ModelConfig:
-        try:
+        with config_errors(f"model {self.label()} has a bad MoE setting"):
             moe = MoEConfig(**self.moe) if self.moe is not None else None
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"model {self.label()} has a bad MoE setting ({exc})") from None
         if self.shape is not None:
             fields = dict(self.shape)
             fields.setdefault("vocab_size", vocab_size)
             fields.setdefault("max_seq_len", max(seq_len, 128))
-            try:
+            with config_errors(f"model {self.label()} has a bad shape"):
                 return ModelConfig(**fields, moe=moe)
-            except (TypeError, ValueError) as exc:
-                raise UserError(f"model {self.label()} has a bad shape ({exc})") from None
         from steplaw.models.recipe import model_for_params
 
         model = model_for_params(int(self.params), vocab_size=vocab_size, moe=moe)
@@ -162,20 +169,7 @@ class SweepSpec:
             raise UserError("the sweep has no models: expected at least one model size")
         if not self.tokens:
             raise UserError("the sweep has no token budgets: expected at least one D")
-        for tokens in self.tokens:
-            if isinstance(tokens, bool) or not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and tokens >= 1):
-                raise UserError(f"token budget {tokens!r}: expected a finite positive number of tokens")
-        self.tokens = [int(t) for t in self.tokens]
-        if self.lrs is None and (self.lr_points < 1 or not self.lr_span >= 1):
-            raise UserError(f"lr_points={self.lr_points}, lr_span={self.lr_span}: expected lr_points >= 1 and lr_span >= 1")
-        if self.batch_sizes is None and self.batch_points < 1:
-            raise UserError(f"batch_points={self.batch_points}: expected at least 1")
-        for lr in self.lrs or []:
-            if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-                raise UserError(f"learning rate {lr!r}: expected a finite positive number")
-        for bs in self.batch_sizes or []:
-            if isinstance(bs, bool) or not (isinstance(bs, int) and bs > 0):
-                raise UserError(f"batch size {bs!r}: expected a positive integer number of tokens")
+        self._check_grid()
         unknown = set(self.fixed) - _RUN_FIELDS
         if unknown:
             raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of "
@@ -188,6 +182,35 @@ class SweepSpec:
         if isinstance(seq_len, bool) or not (isinstance(seq_len, int) and seq_len >= 1):
             raise UserError(f"seq_len={seq_len!r}: expected a positive whole number of tokens")
 
+    def _check_grid(self):
+        """The grid's lists: counts given as text (a spec file's "1M", or YAML's 1e6) read as
+        the CLI reads them, then each value in its range."""
+        self.tokens = [_count(t, "token budget", integer=True) for t in self.tokens]
+        for tokens in self.tokens:
+            if isinstance(tokens, bool) or not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and tokens >= 1):
+                raise UserError(f"token budget {tokens!r}: expected a finite positive number of tokens")
+            if tokens > MAX_TOKENS:
+                raise UserError(f"token budget {tokens:.3g}: expected at most {MAX_TOKENS:.0e} tokens (a slip of the exponent?)")
+        self.tokens = [int(t) for t in self.tokens]
+        for model in self.models:
+            if isinstance(model, ModelSpec) and model.params is not None and model.params > MAX_PARAMS:
+                raise UserError(f"model params={model.params:.3g}: expected at most {MAX_PARAMS:.0e} parameters (a slip of "
+                                f"the exponent?)")
+        if self.lrs is None and (self.lr_points < 1 or not self.lr_span >= 1):
+            raise UserError(f"lr_points={self.lr_points}, lr_span={self.lr_span}: expected lr_points >= 1 and lr_span >= 1")
+        if self.batch_sizes is None and self.batch_points < 1:
+            raise UserError(f"batch_points={self.batch_points}: expected at least 1")
+        if self.lrs is not None:
+            self.lrs = [_number(lr) for lr in self.lrs]
+        if self.batch_sizes is not None:
+            self.batch_sizes = [_count(bs, "batch size", integer=True) for bs in self.batch_sizes]
+        for lr in self.lrs or []:
+            if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+                raise UserError(f"learning rate {lr!r}: expected a finite positive number")
+        for bs in self.batch_sizes or []:
+            if isinstance(bs, bool) or not (isinstance(bs, int) and bs > 0):
+                raise UserError(f"batch size {bs!r}: expected a positive integer number of tokens")
+
     @property
     def seq_len(self) -> int:
         return int(self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default))
@@ -197,6 +220,9 @@ class SweepSpec:
         for model_spec in self.models:
             model = model_spec.build(self.vocab_size, self.seq_len)
             counts = count_params(model)
+            if counts["total"] > MAX_PARAMS:
+                raise UserError(f"model {model_spec.label()} has {counts['total']:.3g} parameters: expected at most "
+                                f"{MAX_PARAMS:.0e}")
             n_law = counts["active"] if model.moe is not None else counts["non_embedding"]
             for tokens in self.tokens:
                 lr_law, bs_law = step_law(n_law, tokens)
@@ -252,7 +278,7 @@ class SweepSpec:
         if not path.is_file():
             raise UserError(f"sweep spec {str(path)!r} does not exist or is not a file: expected a TOML, YAML or JSON file")
         try:
-            text = path.read_bytes().decode("utf-8")
+            text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not content
         except UnicodeDecodeError as exc:
             raise UserError(f"sweep spec {str(path)!r} is not UTF-8 text (byte {exc.start}): expected a TOML, YAML or JSON "
                             f"file") from None
@@ -269,8 +295,8 @@ def _parse_spec_text(path: Path, text: str):
         try:
             import yaml
         except ImportError:
-            raise UserError(f"{path} is YAML but pyyaml is not installed: pip install pyyaml, or write the spec as "
-                            f"TOML") from None
+            raise UserError(f"{path} is YAML but pyyaml is not installed: pip install 'steplaw[yaml]', or write the "
+                            f"spec as TOML") from None
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -288,7 +314,25 @@ def _parse_spec_text(path: Path, text: str):
         raise UserError(f"{path} is not valid TOML ({exc})") from None
 
 
+def _count(value, what: str, integer: bool = False):
+    """A count given as text in a spec file ("1M", or "1e6", which YAML reads as text) as
+    the CLI reads it (steplaw.units.parse_count); anything else as it is, for the checks."""
+    return parse_count(value, what, integer=integer) if isinstance(value, str) else value
+
+
+def _number(value):
+    """A learning rate given as text ("3e-3", which YAML reads as text) as the CLI's --lrs
+    reads it; anything else, and text that is no number, as it is, for the checks."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _model_spec(entry) -> ModelSpec:
+    entry = _count(entry, "model params")
     if isinstance(entry, (int, float)) and not isinstance(entry, bool):
         if not (math.isfinite(entry) and entry > 0):
             raise UserError(f"model params={entry!r}: expected a finite positive parameter count")
@@ -298,7 +342,7 @@ def _model_spec(entry) -> ModelSpec:
     if not isinstance(entry, dict):
         raise UserError(f"model entry {entry!r}: expected a parameter count or a table")
     entry = dict(entry)
-    params = entry.pop("params", None)
+    params = _count(entry.pop("params", None), "model params")
     moe = entry.pop("moe", None)
     shape = entry.pop("shape", None) or ({k: entry.pop(k) for k in list(entry)} if entry else None)
     if (params is None) == (shape is None):
@@ -393,11 +437,65 @@ def validate_runs(configs: list[RunConfig], local: bool = True) -> None:
     """Check every run config before any run starts: RunConfig.validate() (types, ranges,
     schedule, batch arithmetic, seq_len against the model), and with `local` (the runs
     start on this machine) also the device and the data directory, once per distinct
-    (device, data). Raises the first config's UserError."""
+    (device, data), and that the models' vocabulary holds the data's tokens. Raises the
+    first config's UserError."""
     machine_checked: set = set()
+    vocab_checked: set = set()
     for config in configs:
         where = (repr(config.device), repr(config.data))
         on_this_machine = local and where not in machine_checked
         config.validate(on_this_machine=on_this_machine)
         if on_this_machine:
             machine_checked.add(where)
+        if local and config.data is not None and (config.data, config.model.vocab_size) not in vocab_checked:
+            _check_vocabulary(config.data, config.model.vocab_size)
+            vocab_checked.add((config.data, config.model.vocab_size))
+
+
+def _check_vocabulary(data: str, vocab_size: int) -> None:
+    """Refuse a model vocabulary smaller than the token directory's, as every run would
+    (read as `steplaw train` reads it: steplaw.data.tokens.load_token_data)."""
+    from steplaw.data.tokens import load_token_data
+
+    data_vocab = load_token_data(data).vocab_size
+    if vocab_size < data_vocab:
+        raise UserError(f"data {data!r} holds tokens of a {data_vocab}-token vocabulary but the models' vocab_size is "
+                        f"{vocab_size}: expected vocab_size = {data_vocab} in the spec")
+
+
+# -- spec identity (the store keeps every spec a directory was swept with) --------------------
+
+def spec_id_of(spec: dict) -> str:
+    """A spec's id: a hash of its canonical JSON (12 hex digits). Lists are hashed in the
+    order given, as they always were, so that existing sweep directories keep their ids;
+    `spec_difference` is what says whether two specs are the same."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _unordered(spec: dict) -> dict:
+    """A spec with its list settings (models, tokens, lrs, batch sizes) in a canonical
+    order: the order of a grid list changes the order of the runs, never the runs."""
+    return {key: sorted(value, key=lambda item: json.dumps(item, sort_keys=True, default=str)) if isinstance(value, list)
+            else value for key, value in spec.items()}
+
+
+def spec_difference(old: dict, new: dict) -> str | None:
+    """None when `new` is the same spec as `old` (its lists in any order), else the first
+    difference in words ("tokens was [65536], now [131072]")."""
+    old, new = _unordered(old), _unordered(new)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not changed:
+        return None
+    key = changed[0]
+    if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+        inner = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
+        if inner:
+            k = inner[0]
+            return f"{key}.{k} was {old[key].get(k)!r}, now {new[key].get(k)!r}"
+    return f"{key} was {_json_short(old.get(key))}, now {_json_short(new.get(key))}"
+
+
+def _json_short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."

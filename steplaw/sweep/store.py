@@ -14,7 +14,8 @@ never run twice.
 
 Specs: every spec a directory was swept with is kept (table `specs`, keyed by a hash of
 the spec); each run row names the spec that first asked for it (`spec_id`). A changed
-spec is refused unless the caller asks for it (`record_spec(..., allow_change=True)`).
+spec is refused unless the caller asks for it (`record_spec(..., allow_change=True)`); a spec
+whose lists (grids) are only in another order is the same spec (`check_spec`).
 
 A store file that is empty or not a readable SQLite database is never silently replaced:
 readers refuse it with one sentence; the driver moves it aside, rebuilds the store from the
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import sqlite3
@@ -41,7 +41,8 @@ from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
 from steplaw.runtable import finite_or_none, json_safe, rows_to_csv, rows_to_json
 from steplaw.sweep import storefile
-from steplaw.sweep.storefile import finished_results, migrate_v1, move_aside, readable
+from steplaw.sweep.spec import spec_difference, spec_id_of
+from steplaw.sweep.storefile import EXPORT_EXPRESSIONS, export_select, finished_results, migrate_v1, move_aside, readable
 
 DB_NAME = "runs.sqlite"
 LOCK_NAME = "driver.lock"
@@ -89,29 +90,11 @@ CREATE TABLE IF NOT EXISTS specs (spec_id TEXT PRIMARY KEY, spec TEXT NOT NULL, 
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
-_STATUS_SQL = "CASE WHEN status IN ('ok', 'diverged', 'failed') THEN status ELSE 'pending' END AS status"
-# The run-table columns as a SELECT list, per schema version (schema 1 had other names).
-_EXPORT_SQL = {
-    2: ("run_id", _STATUS_SQL, "spec_id", "N", "COALESCE(N_active, N) AS N_active", "N_total", "D", "lr",
-        "batch_tokens", "seq_len", "loss", "val_loss", "compute", "n_experts", "top_k", "reason",
-        "json_extract(result, '$.stack') AS stack"),  # from the result: stores made before the column have it there
-    1: ("run_id", _STATUS_SQL, "NULL AS spec_id", "n_params AS N", "COALESCE(n_active, n_params) AS N_active",
-        "n_total AS N_total", "tokens AS D", "lr", "batch_tokens", "json_extract(config, '$.seq_len') AS seq_len",
-        "final_train_loss AS loss", "final_val_loss AS val_loss", "compute_flops AS compute",
-        "json_extract(config, '$.model.moe.n_experts') AS n_experts",
-        "json_extract(config, '$.model.moe.top_k') AS top_k", "reason", "NULL AS stack"),
-}
 _CHUNK = 500  # ids per `IN (...)` query (SQLite caps bound parameters)
 
 
 def db_path(sweep_dir: str | Path) -> Path:
     return Path(sweep_dir) / DB_NAME
-
-
-def spec_id_of(spec: dict) -> str:
-    """A spec's id: a hash of its canonical JSON (12 hex digits)."""
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 class ResultStore:
@@ -141,7 +124,7 @@ class ResultStore:
         self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
         with readable(self.path):
             self.version = self._version()
-        if self.version not in _EXPORT_SQL:
+        if self.version not in EXPORT_EXPRESSIONS:
             raise UserError(f"{str(self.path)!r} has store schema {self.version}: expected at most {SCHEMA_VERSION} (written by "
                             f"a newer steplaw?)")
 
@@ -215,15 +198,12 @@ class ResultStore:
 
     def record_spec(self, spec: dict, allow_change: bool = False) -> str:
         """Make `spec` the directory's current spec and return its id. A spec that differs
-        from the current one is refused (UserError) unless `allow_change`; every spec is
+        from the current one is refused (UserError) unless `allow_change`; one that differs
+        only in the order of its lists is the current spec and keeps its id. Every spec is
         kept. spec.json beside the store is the current spec, written atomically."""
-        spec_id = spec_id_of(spec)
-        current = self.meta("spec_id")
-        if current is not None and current != spec_id and not allow_change:
-            old = self.spec(current) or {}
-            raise UserError(f"{str(self.sweep_dir)!r} was swept with a different spec ({_spec_difference(old, spec)}): "
-                            f"expected the same settings, another --out directory, or --new-spec to add the changed "
-                            f"spec's runs beside the old ones")
+        current, spec_id = self.check_spec(spec, allow_change), spec_id_of(spec)
+        if current is not None and current != spec_id:
+            return current  # the same spec with its grid lists in another order: it keeps its id
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute("INSERT OR IGNORE INTO specs(spec_id, spec, created_at) VALUES (?, ?, ?)",
@@ -232,6 +212,22 @@ class ResultStore:
             self.set_meta("spec", spec)
         write_atomic(self.sweep_dir / SPEC_NAME, json.dumps(spec, indent=1, default=str) + "\n")
         return spec_id
+
+    def check_spec(self, spec: dict, allow_change: bool = False) -> str | None:
+        """The current spec's id when `spec` is the same spec (its lists, the grids, in
+        any order: the runs are the same); None when there is no current spec or `spec`
+        differs and `allow_change`; a UserError when it differs and not `allow_change`."""
+        current = self.meta("spec_id")
+        if current is None:
+            return None
+        difference = None if current == spec_id_of(spec) else spec_difference(self.spec(current) or {}, spec)
+        if difference is None:
+            return current
+        if allow_change:
+            return None
+        raise UserError(f"{str(self.sweep_dir)!r} was swept with a different spec ({difference}): "
+                        f"expected the same settings, another --out directory, or --new-spec to add the changed "
+                        f"spec's runs beside the old ones")
 
     def add_runs(self, configs: list[dict], counts: list[dict | None] | None = None, spec_id: str | None = None) -> int:
         """Register runs as pending; runs already in the store are left as they are
@@ -418,9 +414,9 @@ class ResultStore:
     def export(self) -> list[dict]:
         """Every run as a run-table row (see `export_rows`)."""
         with readable(self.path):
-            cursor = self.conn.execute(f"SELECT {', '.join(_EXPORT_SQL[self.version])} FROM runs ORDER BY run_id")
+            cursor = self.conn.execute(f"SELECT {export_select(self.version)} FROM runs ORDER BY run_id")
             cursor.row_factory = None
-            return [dict(zip(EXPORT_COLUMNS, row)) for row in cursor.fetchall()]
+            return [dict(zip(EXPORT_COLUMNS, row, strict=True)) for row in cursor.fetchall()]
 
     def config(self, run_id: str) -> dict:
         with readable(self.path):
@@ -431,24 +427,6 @@ class ResultStore:
         with readable(self.path):
             row = self.conn.execute("SELECT curve FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return [tuple(p) for p in json.loads(row[0] or "[]")] if row else []
-
-
-def _spec_difference(old: dict, new: dict) -> str:
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not changed:
-        return "same settings, different form"
-    key = changed[0]
-    if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
-        inner = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
-        if inner:
-            k = inner[0]
-            return f"{key}.{k} was {old[key].get(k)!r}, now {new[key].get(k)!r}"
-    return f"{key} was {_short(old.get(key))}, now {_short(new.get(key))}"
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class DriverLock:

@@ -8,6 +8,8 @@
   runs.sqlite.broken-<UTC time>: nothing is deleted.
 - `migrate_v1(conn, ...)`: schema 1 (before the run-table names) to schema 2, in place,
   in one transaction.
+- `export_select(version)`: the SELECT list of the run-table columns for a store of
+  either schema.
 - `finished_results(runs_dir)`: the results kept in run directories (result.json), from
   which the driver rebuilds a lost store.
 """
@@ -21,13 +23,32 @@ import time
 from pathlib import Path
 
 from steplaw.errors import UserError
-from steplaw.runtable import FINISHED
+from steplaw.runtable import FINISHED, NAMES
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 # Schema 1 column -> its run-table name, and the columns schema 2 added.
 V1_RENAMES = {"n_params": "N", "n_active": "N_active", "n_total": "N_total", "tokens": "D",
               "final_train_loss": "loss", "final_val_loss": "val_loss", "compute_flops": "compute"}
 V1_ADDED = {"spec_id": "TEXT", "seq_len": "INTEGER", "n_experts": "INTEGER", "top_k": "INTEGER", "traceback": "TEXT"}
+
+_STATUS_SQL = "CASE WHEN status IN ('ok', 'diverged', 'failed') THEN status ELSE 'pending' END"
+# How each schema gives the run-table columns (steplaw.runtable.NAMES) that are not a
+# plain column of that name; `export_select` reads every other column by its name, so a
+# column added to the run table can never be paired with another's values.
+EXPORT_EXPRESSIONS = {
+    2: {"status": _STATUS_SQL, "N_active": "COALESCE(N_active, N)",
+        "stack": "json_extract(result, '$.stack')"},  # from the result: stores made before the column have it there
+    1: {**{name: old for old, name in V1_RENAMES.items()}, "status": _STATUS_SQL, "spec_id": "NULL",
+        "N_active": "COALESCE(n_active, n_params)", "seq_len": "json_extract(config, '$.seq_len')",
+        "n_experts": "json_extract(config, '$.model.moe.n_experts')", "top_k": "json_extract(config, '$.model.moe.top_k')",
+        "stack": "NULL"},
+}
+
+
+def export_select(version: int) -> str:
+    """The SELECT list of the run-table columns, in order, of a store of schema `version`."""
+    special = EXPORT_EXPRESSIONS[version]
+    return ", ".join(f"{special[name]} AS {name}" if name in special else name for name in NAMES)
 
 
 @contextlib.contextmanager

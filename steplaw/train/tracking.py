@@ -11,10 +11,10 @@ interval, at the tokens seen at its end).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 
+from steplaw.progress import ProgressLine, format_duration
 from steplaw.train.batching import BatchPlan
 
 EMA_STEPS = 10
@@ -25,17 +25,25 @@ PROGRESS_INTERVAL_S = 1.0
 ProgressFn = Callable[[dict], None]
 
 
-def _stderr_progress(info: dict) -> None:
-    eta = info["eta_s"]
-    eta_text = f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s"
-    line = (
-        f"\r{info['tokens'] / 1e6:8.2f}M / {info['total_tokens'] / 1e6:.2f}M tokens"
-        f"  loss {info['loss']:.4f}  {info['tokens_per_s']:,.0f} tok/s  ETA {eta_text}   "
-    )
-    sys.stderr.write(line)
-    if info.get("done"):
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def progress_text(info: dict) -> str:
+    """The training run's progress line from a progress dict (see ProgressReporter)."""
+    return (f"{info['tokens'] / 1e6:8.2f}M / {info['total_tokens'] / 1e6:.2f}M tokens  loss {info['loss']:.4f}  "
+            f"{info['tokens_per_s']:,.0f} tok/s  ETA {format_duration(info['eta_s'])}")
+
+
+def stderr_progress(line: ProgressLine | None = None) -> ProgressFn:
+    """A progress function drawing the run's progress line on stderr (`line`: a
+    ProgressLine of one's own, e.g. on another stream), ended on its own line when the
+    run is done."""
+    line = line or ProgressLine()
+
+    def report(info: dict) -> None:
+        if info.get("done"):
+            line.finish(progress_text(info))
+        else:
+            line.show(progress_text(info))
+
+    return report
 
 
 class LossTracker:
@@ -91,11 +99,11 @@ def loss_curve(losses: list[float], batch_tokens: int, points: int = CURVE_POINT
 
 
 class ProgressReporter:
-    """Calls `report` (a progress function, True for the stderr line, or None) about once
+    """Calls `report` (a progress function, True for the stderr line `stderr_progress`, or None) about once
     a second with tokens, total_tokens, step, steps, loss, tokens_per_s, eta_s, done."""
 
     def __init__(self, report: bool | ProgressFn | None, plan: BatchPlan):
-        self.report = _stderr_progress if report is True else (report or None)
+        self.report = stderr_progress() if report is True else (report or None)
         self.plan = plan
         self.t0 = self.last = time.perf_counter()
         self.tokens = 0  # trained in this session (a resumed run's rate counts only these)

@@ -67,6 +67,16 @@ FLAG_CASES = {
     "run-fn without colon": ["--run-fn", "sweep_fakes"],
     "run-fn missing module": ["--run-fn", "nosuchmodule:run"],
     "tokens below one batch": ["--tokens", "100"],
+    "params above the store's integers": ["--params", "1e30"],
+    "tokens above the store's integers": ["--tokens", "1e25"],
+    "params above any model": ["--params", "1e16"],
+    "ray with no CPUs nor GPUs per run": ["--executor", "ray", "--cpus-per-run", "0"],
+    "address with the local executor": ["--address", "127.0.0.1:6379"],
+    "max-batch with the grid planner": ["--max-batch", "4096"],
+    "cell-budget with the grid planner": ["--cell-budget", "8"],
+    "total-budget with the grid planner": ["--total-budget", "8"],
+    "set seq_len contradicts --seq-len": ["--set", "seq_len=128"],
+    "set the same key twice": ["--set", "seed=1", "--set", "seed=2"],
 }
 if not _cuda():
     FLAG_CASES["set device=cuda without a GPU"] = ["--set", "device=cuda"]
@@ -120,17 +130,43 @@ SPEC_CASES = {
     "JSON a list": ("json", "[1, 2, 3]"),
     "JSON sweep not a table": ("json", '{"sweep": [1]}'),
     "JSON bool batch": ("json", '{"models": [1e6], "tokens": [65536], "batch_sizes": [true]}'),
+    "params text not a count": ("json", '{"models": ["1M params"], "tokens": [65536]}'),
+    "params text above any model": ("toml", 'models = ["1e30"]\ntokens = [65536]\n'),
+    "tokens text above the store's integers": ("toml", 'models = [1e6]\ntokens = ["1e25"]\n'),
+    "tokens text not whole": ("yaml", "models: [1e6]\ntokens: [6.55365e4]\n"),  # YAML text: 65536.5
+    "batch text not a count": ("json", '{"models": [1e6], "tokens": [65536], "batch_sizes": ["big"]}'),
+    "lr text not a number": ("json", '{"models": [1e6], "tokens": [65536], "lrs": ["fast"]}'),
+    "shape above any model": ("toml", "models = [{d_model = 1000000, n_layers = 100000, n_heads = 2, d_ff = 64}]\n"
+                                      "tokens = [65536]\n"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SPEC_CASES))
 def test_bad_spec_file(name, tmp_path, capsys):
     suffix, text = SPEC_CASES[name]
+    if suffix == "yaml":
+        pytest.importorskip("yaml")
     path = tmp_path / f"spec.{suffix}"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     out = tmp_path / "sweep"
     argv = ["sweep", str(path), "--out", str(out), "--run-fn", "sweep_fakes:fake_run", "--quiet", "--dry-run"]
     assert_one_line_error(main(argv), capsys, ran_nothing_in=out)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_data_vocabulary_above_the_models_is_refused(dry_run, tmp_path, capsys):
+    import numpy as np
+
+    from steplaw.data.tokens import write_token_file
+
+    data = tmp_path / "tokens"
+    data.mkdir()
+    for split in ("train", "val"):
+        write_token_file(data / f"{split}.bin", np.arange(4096) % 1000, vocab_size=1000)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--out", str(out)] + BASE + ["--set", f"data={data}"] + (["--dry-run"] if dry_run else [])
+    line = assert_one_line_error(main(argv), capsys, ran_nothing_in=out)
+    assert "1000-token vocabulary" in line and "vocab_size is 256" in line
 
 
 def test_spec_path_is_a_directory(tmp_path, capsys):

@@ -13,8 +13,8 @@ from steplaw.report.build import write_report
 from steplaw.sweep.driver import run_sweep
 from steplaw.sweep.executors import InlineExecutor
 from steplaw.sweep.planner import AdaptivePlanner, spec_cells
-from steplaw.sweep.spec import ModelSpec, SweepSpec
-from steplaw.sweep.store import spec_id_of, sweep_objective
+from steplaw.sweep.spec import ModelSpec, SweepSpec, spec_id_of
+from steplaw.sweep.store import sweep_objective
 from steplaw.train.config import RunResult
 
 SHAPES = [{"d_model": d, "n_layers": 1, "n_heads": 2, "d_ff": 2 * d, "max_seq_len": 64} for d in (16, 32, 64)]

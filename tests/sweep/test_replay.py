@@ -126,3 +126,23 @@ def test_replay_budget_leaves_cells_unbracketed(tmp_path, table, capsys):
     with ResultStore(out, readonly=True) as store:
         assert {c["state"] for c in store.meta("planner_cells")} == {"unbracketed"}
     assert len(export_rows(out)) == 36
+
+
+def test_a_validation_loss_is_replayed_as_val_loss(tmp_path, table):
+    source = tmp_path / "t.csv"
+    write_table(source, table)
+    source.write_text(source.read_text().replace(",final,", ",val_loss,", 1))
+    out = tmp_path / "val"
+    assert main(["sweep", "--replay", str(source), "--col-N", "params", "--col-loss", "val_loss", "--planner", "adaptive",
+                 "--out", str(out), "-q"]) == 0
+    rows = [row for row in export_rows(out) if row["status"] == "ok"]
+    assert rows and all(row["loss"] is None and row["val_loss"] is not None for row in rows)
+    with ResultStore(out, readonly=True) as store:
+        assert store.objective() == "val_loss"  # the planner searched it, fit and report read it
+        assert len(store.meta("planner_cells")) == 9
+    again = tmp_path / "again"  # a training loss stays the training loss, and its spec has no objective
+    write_table(source, table)
+    assert main(["sweep", "--replay", str(source), "--col-N", "params", "--col-loss", "final", "--out", str(again), "-q"]) == 0
+    assert all(row["val_loss"] is None for row in export_rows(again))
+    with ResultStore(again, readonly=True) as store:
+        assert "objective" not in store.meta("spec")

@@ -128,3 +128,23 @@ def test_from_yaml(tmp_path):
                     "lr_points: 3\nbatch_points: 2\nfixed: {seq_len: 64, seed: 3}\n")
     runs = SweepSpec.from_file(path).expand()
     assert len(runs) == 6 and {r.seed for r in runs} == {3}
+
+
+SPEC_TEXTS = {
+    # PyYAML reads 1e6 and 6.5e4 (no dot, or no sign after the e) as text
+    "yaml": "models: [1e6, {params: 2M}]\ntokens: [6.5e4, 128k]\nlrs: [1e-3]\nbatch_sizes: [2K]\n",
+    "toml": 'models = ["1M", {params = "2M"}]\ntokens = ["6.5e4", "128k"]\nlrs = [1e-3]\nbatch_sizes = ["2K"]\n',
+    "json": '{"models": ["1M", {"params": "2M"}], "tokens": ["6.5e4", "128k"], "lrs": ["1e-3"], "batch_sizes": ["2K"]}',
+}
+
+
+@pytest.mark.parametrize("bom", [False, True], ids=["plain", "bom"])
+@pytest.mark.parametrize("suffix", sorted(SPEC_TEXTS))
+def test_spec_files_take_counts_as_the_cli_does(suffix, bom, tmp_path):
+    if suffix == "yaml":
+        pytest.importorskip("yaml")
+    path = tmp_path / f"spec.{suffix}"
+    path.write_bytes(("\ufeff" if bom else "").encode() + SPEC_TEXTS[suffix].encode())  # a BOM, as Windows editors write
+    spec = SweepSpec.from_file(path)
+    assert [m.params for m in spec.models] == [1e6, 2e6]
+    assert spec.tokens == [65000, 128000] and spec.lrs == [1e-3] and spec.batch_sizes == [2000]

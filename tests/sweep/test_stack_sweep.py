@@ -131,19 +131,16 @@ def test_bad_stack_values_are_one_line(tmp_path, capsys, value, command):
     assert not (tmp_path / "s").exists()
 
 
-def test_a_stack_too_big_for_memory_is_said_once(tmp_path, monkeypatch):
+def test_a_stack_too_big_for_memory_is_said_once(tmp_path, monkeypatch, capsys):
     from steplaw.train import stacked
 
     runs = configs(batch_sizes=(32,)) * 1 + [dataclasses.replace(c, lr=c.lr * 2) for c in configs(batch_sizes=(32,))]
     monkeypatch.setattr(stacked, "memory_budget", lambda device: 2 * stacked.member_bytes(runs[0], "cpu"))
     monkeypatch.setattr(stacked, "_warned", set())  # what this process was told before
-    lines = []
-    import steplaw.sweep.driver as driver
-
-    monkeypatch.setattr(driver, "print", lambda *a, **k: lines.append(" ".join(map(str, a))), raising=False)
     summary = run_sweep(runs, tmp_path, lambda: InlineExecutor(instant_run, capacity=1, group_fn=instant_group),
                         progress=False, stack=4)
     assert summary.counts == {"ok": 8}
+    lines = capsys.readouterr().err.splitlines()
     assert [line for line in lines if "warning" in line] == [
         "steplaw sweep: warning: stacks of 4 runs do not fit the memory budget; using stacks of 2"]
     sizes = {}
@@ -232,14 +229,11 @@ def warning_group(configs, run_dirs=None, progress=None):
     return instant_group(configs)
 
 
-def test_a_warning_from_every_worker_is_shown_once(tmp_path, monkeypatch):
-    import steplaw.sweep.driver as driver
-
-    lines = []
-    monkeypatch.setattr(driver, "print", lambda *a, **k: lines.append(" ".join(map(str, a))), raising=False)
+def test_a_warning_from_every_worker_is_shown_once(tmp_path, capsys):
     make = lambda: LocalExecutor(instant_run, group_fn=warning_group, workers=2, threads_per_worker=1)  # noqa: E731
     summary = run_sweep(configs(), tmp_path, make, progress=False, stack=4)
     assert summary.counts == {"ok": 8}
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert lines == ["steplaw sweep: warning: a stack of 4 runs ran out of memory; running it as smaller stacks"]
 
 

@@ -47,6 +47,39 @@ def test_row_mapping_from_config_result_and_counts():
     assert set(runtable.BY_NAME) == set(runtable.NAMES) and all(c.description for c in runtable.COLUMNS)
 
 
+@pytest.mark.parametrize("result", [
+    RunResult(status="ok", final_train_loss=3.25, final_val_loss=3.5, compute_flops=1e12, params_non_embedding=100,
+              params_active=50, params_total=300, stack="0123456789abcdef"),
+    RunResult(status="ok", final_val_loss=3.5),  # a val_loss only: never read back as the training loss
+    RunResult(status="diverged", reason="loss became nan at step 3", final_train_loss=float("inf")),
+    RunResult(status="failed", reason="RuntimeError: boom"),
+])
+def test_result_from_row_inverts_to_row(result):
+    config = configs()[0].to_dict()
+    row = runtable.to_row("abc", config, result.to_dict(), {"non_embedding": 7, "active": 7, "total": 9}, "s1")
+    back = runtable.result_from_row(row)
+    assert runtable.to_row("abc", config, back, {"non_embedding": 7, "active": 7, "total": 9}, "s1") == row
+    assert back["final_train_loss"] == runtable.finite_or_none(result.final_train_loss)
+    assert back["final_val_loss"] == result.final_val_loss
+    assert set(back) <= set(RunResult.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_export_reads_the_run_table_columns_by_name(version, tmp_path):
+    from steplaw.sweep.storefile import EXPORT_EXPRESSIONS, V1_RENAMES, export_select
+
+    assert set(EXPORT_EXPRESSIONS[version]) <= set(runtable.NAMES)  # no expression for a column the table lacks
+    if version == 2:
+        ResultStore(tmp_path).close()
+        conn = sqlite3.connect(tmp_path / "runs.sqlite")
+    else:
+        conn = sqlite3.connect(":memory:")
+        conn.execute(f"CREATE TABLE runs (run_id, status, config, lr, batch_tokens, reason, result, {', '.join(V1_RENAMES)})")
+    cursor = conn.execute(f"SELECT {export_select(version)} FROM runs")
+    assert [d[0] for d in cursor.description] == runtable.NAMES
+    conn.close()
+
+
 def test_store_rows_are_run_table_rows(tmp_path):
     runs = configs()
     run_sweep(runs, tmp_path, inline(), progress=False, spec={"name": "a"})
@@ -97,6 +130,34 @@ def test_changed_spec_is_refused_unless_asked(tmp_path, capsys):
     assert len(specs) == 2 and specs[1].split(":")[0].endswith("(current)") and "constant" in specs[1]
     assert main(["runs", out]) == 0
     assert "spec_id" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_dry_run_refuses_a_changed_spec_as_the_run_does(tmp_path, capsys):
+    out = str(tmp_path / "s")
+    assert main(["sweep", "--out", out] + FLAGS) == 0
+    capsys.readouterr()
+    changed = ["sweep", "--out", out] + FLAGS + ["--set", "schedule=constant"]
+    assert main(changed) == 2
+    refusal = capsys.readouterr().err
+    assert main(changed + ["--dry-run"]) == 2
+    assert capsys.readouterr().err == refusal and "different spec" in refusal
+    assert main(changed + ["--dry-run", "--new-spec"]) == 0
+    assert main(["sweep", "--out", out] + FLAGS + ["--dry-run"]) == 0  # the same spec
+
+
+def test_grid_lists_in_another_order_are_the_same_spec(tmp_path):
+    out = str(tmp_path / "s")
+    assert main(["sweep", "--out", out] + FLAGS) == 0
+    spec = json.loads((tmp_path / "s" / "spec.json").read_text())
+    reordered = [{"0.005": "0.01", "0.01": "0.005", "512": "1024", "1024": "512"}.get(flag, flag) for flag in FLAGS]
+    assert reordered != FLAGS
+    assert main(["sweep", "--out", out, "--dry-run"] + reordered) == 0
+    before = export_rows(out)
+    assert main(["sweep", "--out", out] + reordered) == 0
+    assert export_rows(out) == before  # nothing ran again
+    assert json.loads((tmp_path / "s" / "spec.json").read_text()) == spec  # the spec and its id are kept
+    with ResultStore(out, readonly=True) as store:
+        assert len(store.specs()) == 1
 
 
 def test_failed_runs_exit_non_zero_with_their_reasons(tmp_path, capsys):
