@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from steplaw import cliargs
-from steplaw.errors import UserError
+from steplaw.errors import UserError, warn
 from steplaw.laws.cli import add_spec_args
 from steplaw.report.build import write_report
 
@@ -37,6 +37,6 @@ def cmd_report(args) -> int:
     cliargs.check_output_dir(args.out if args.out else Path(args.sweep_dir) / "report", "--out")
     for written in write_report(args.sweep_dir, args.out, n_boot=args.n_boot, gap=args.gap,
                                 html_report=not args.no_html, plots=not args.no_plots, spec=args.spec_id,
-                                all_specs=args.all_specs, warn=lambda line: cliargs.warn(line, args.command_prog)):
+                                all_specs=args.all_specs, warn=lambda line: warn(line, args.command_prog)):
         print(written)
     return 0

@@ -320,7 +320,7 @@ def test_ragged_rows_and_duplicate_columns_are_refused(capsys, tmp_path, text, m
 
 
 def test_fit_notes_are_warnings(capsys, tmp_path, runs_csv, monkeypatch):
-    # Issue 13: "note: no plots" bypassed cliargs.warn; every warning is "PROG: warning: ...".
+    # Issue 13: "note: no plots" bypassed the shared warn (steplaw.errors.warn); every warning is "PROG: warning: ...".
     import steplaw.report.plots as plots
 
     def no_matplotlib(*args, **kwargs):
