@@ -165,7 +165,7 @@ def test_kill_driver_during_a_stacked_sweep_then_rerun(tmp_path):
     """kill -9 of the driver while one stack trains: the finished stack's runs are kept
     (not run again), the killed stack's members are all run again by the rerun."""
     out = tmp_path / "sweep"
-    command = ["sweep", "--out", str(out), "--params", "3K", "--tokens", "16384", "--lrs", "0.001", "0.003", "0.01",
+    command = ["sweep", "--out", str(out), "--params", "4K", "--tokens", "16384", "--lrs", "0.001", "0.003", "0.01",
                "0.03", "--batch-sizes", "64", "128", "--seq-len", "8", "--set", "device=cpu", "--set", "eval_tokens=64",
                "--workers", "1", "--threads-per-worker", "1", "--stack", "4", "--quiet"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
