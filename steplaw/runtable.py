@@ -115,6 +115,12 @@ def config_fields(config: dict, counts: dict | None = None) -> dict:
     }
 
 
+# (run-table column, RunResult field) of what a run measures and the parameters it counted:
+# result_fields reads them one way, result_from_row the other.
+_MEASURED = (("loss", "final_train_loss"), ("val_loss", "final_val_loss"), ("compute", "compute_flops"))
+_COUNTED = (("N", "params_non_embedding"), ("N_active", "params_active"), ("N_total", "params_total"))
+
+
 def result_fields(result: dict) -> dict:
     """The run-table columns a finished attempt fills in, from a RunResult dict. Parameter
     counts the run measured are None when it did not report them (keep the config's)."""
@@ -122,12 +128,8 @@ def result_fields(result: dict) -> dict:
     return {
         "status": status if status in ("ok", "diverged", "failed") else "failed",
         "reason": result.get("reason") if status in ("ok", "diverged", "failed") else f"run returned status {status!r}",
-        "loss": finite_or_none(result.get("final_train_loss")),
-        "val_loss": finite_or_none(result.get("final_val_loss")),
-        "compute": finite_or_none(result.get("compute_flops")),
-        "N": _int_or_none(result.get("params_non_embedding")),
-        "N_active": _int_or_none(result.get("params_active")),
-        "N_total": _int_or_none(result.get("params_total")),
+        **{column: finite_or_none(result.get(key)) for column, key in _MEASURED},
+        **{column: _int_or_none(result.get(key)) for column, key in _COUNTED},
         "stack": result.get("stack") if isinstance(result.get("stack"), str) else None,
     }
 
@@ -145,12 +147,8 @@ def result_from_row(row: dict) -> dict:
     return {
         "status": row.get("status"),
         "reason": row.get("reason"),
-        "final_train_loss": finite_or_none(row.get("loss")),
-        "final_val_loss": finite_or_none(row.get("val_loss")),
-        "compute_flops": finite_or_none(row.get("compute")),
-        "params_non_embedding": _whole_or_none(row.get("N")),
-        "params_active": _whole_or_none(row.get("N_active")),
-        "params_total": _whole_or_none(row.get("N_total")),
+        **{key: finite_or_none(row.get(column)) for column, key in _MEASURED},
+        **{key: _whole_or_none(row.get(column)) for column, key in _COUNTED},
         "stack": row.get("stack") if isinstance(row.get("stack"), str) else None,
     }
 

@@ -154,17 +154,7 @@ def test_save_then_predict_with_sparsity(capsys, tmp_path):
 
 def test_moe_sweep_with_flat_total_refuses_the_N_exponent_loudly(capsys, tmp_path):
     # Issue 11: total N moves 0.3% across cells; the N exponent used to print as 17.2.
-    rows = []
-    for n_total, n_active in ((1.000e9, 1.25e8), (1.0015e9, 2.5e8), (1.003e9, 5e8)):
-        for d in (2e9, 8e9, 3.2e10):
-            lr_star, bs_star = 1.79 * n_active**-0.713 * d**0.307, 0.58 * d**0.571
-            for i in range(-3, 4):
-                for j in range(-2, 3):
-                    lr, bs = lr_star * 2 ** (i / 2), bs_star * 2.0**j
-                    rows.append({"N": n_total, "N_active": n_active, "D": d, "lr": lr, "batch_tokens": bs,
-                                 "loss": 2.5 + 0.02 * np.log(lr / lr_star) ** 2 + 0.01 * np.log(bs / bs_star) ** 2})
-    path = tmp_path / "moe.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path = _flat_total_moe(tmp_path / "moe.jsonl")
     assert main(["fit", str(path), "--n-column", "N", "--n-boot", "50", "--no-plots", "--out", str(tmp_path / "o")]) == 0
     captured = capsys.readouterr()
     assert "refused: the learning-rate law's exponent of N is not fitted because N spans only" in captured.out
