@@ -172,6 +172,9 @@ def paths(tmp_path_factory):
         write_token_file(root / "bad_ids" / f"{split}.bin", np.arange(4096) % 1000, 1000)
         sidecar = root / "bad_ids" / f"{split}.json"
         sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "vocab_size": 256}))
+    (root / "big_vocab").mkdir()  # a 1000-token vocabulary, declared: more than the model's 256
+    for split in ("train", "val"):
+        write_token_file(root / "big_vocab" / f"{split}.bin", np.arange(4096) % 1000, 1000)
     for name in ("truncated", "bad_sidecar"):
         (root / name).mkdir()
         for split in ("train", "val"):
@@ -183,6 +186,7 @@ def paths(tmp_path_factory):
         "file": str(root / "file.txt"),
         "dir": str(root / "dir"),
         "missing": str(root / "missing"),
+        "big_vocab": str(root / "big_vocab"),
         "new": str(root / "new_out"),
         "text": str(text),
         "latin1": str(root / "latin1.txt"),
@@ -433,6 +437,15 @@ def test_api_bad_input(make, match):
         make()
     message = str(info.value)
     assert "\n" not in message and match in message, message
+
+
+def test_run_with_a_model_vocabulary_below_the_data_is_refused(paths):
+    # `steplaw train` sizes the model to the data; a RunConfig built otherwise (the Python
+    # API, a sweep spec) meets the same check as a sweep's validation, before training.
+    from steplaw.train.runner import prepare
+
+    with pytest.raises(UserError, match="1000-token vocabulary but the model's vocab_size is 256: expected vocab_size >= 1000"):
+        prepare(_run_config(data=paths["big_vocab"], device="cpu"))
 
 
 def test_validate_names_every_mistake_at_once():

@@ -96,6 +96,13 @@ class TokenData:
     vocab_size: int
     source: str  # "embedded:kjv" or the directory
 
+    def check_model_vocab(self, vocab_size: int) -> None:
+        """UserError unless a model of `vocab_size` tokens can embed every id of this data:
+        the one check of `steplaw train` (before training) and of a sweep (before any run)."""
+        if vocab_size < self.vocab_size:
+            raise UserError(f"data {self.source!r} holds tokens of a {self.vocab_size}-token vocabulary but the model's "
+                            f"vocab_size is {vocab_size}: expected vocab_size >= {self.vocab_size}")
+
 
 def load_token_data(data: str | Path | None = None) -> TokenData:
     """Token streams of a token directory, or of the embedded corpus (bytes) for None."""

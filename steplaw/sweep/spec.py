@@ -454,13 +454,10 @@ def validate_runs(configs: list[RunConfig], local: bool = True) -> None:
 
 def _check_vocabulary(data: str, vocab_size: int) -> None:
     """Refuse a model vocabulary smaller than the token directory's, as every run would
-    (read as `steplaw train` reads it: steplaw.data.tokens.load_token_data)."""
+    (the data read and checked as `steplaw train` does)."""
     from steplaw.data.tokens import load_token_data
 
-    data_vocab = load_token_data(data).vocab_size
-    if vocab_size < data_vocab:
-        raise UserError(f"data {data!r} holds tokens of a {data_vocab}-token vocabulary but the models' vocab_size is "
-                        f"{vocab_size}: expected vocab_size = {data_vocab} in the spec")
+    load_token_data(data).check_model_vocab(vocab_size)
 
 
 # -- spec identity (the store keeps every spec a directory was swept with) --------------------

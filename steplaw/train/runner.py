@@ -170,8 +170,7 @@ def prepare(config: RunConfig, world_size: int = 1, local_rank: int = 0) -> Setu
     check_fits(config.model, plan.micro_seqs * plan.seq_len, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     warmup = default_warmup_steps(plan.steps) if config.warmup_tokens is None else max(1, round(config.warmup_tokens / plan.batch_tokens))
     data = load_token_data(config.data)
-    if config.model.vocab_size < data.vocab_size:
-        raise UserError(f"model vocab_size={config.model.vocab_size} is smaller than the data's vocabulary of {data.vocab_size}")
+    data.check_model_vocab(config.model.vocab_size)
     if device.type == "cuda":
         # fp32 matmuls (an fp32 run, the optimizer's norms) on TF32 tensor cores.
         torch.backends.cuda.matmul.allow_tf32 = True
