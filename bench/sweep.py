@@ -15,6 +15,15 @@ run; only the rounding of the accumulated gradients differs). A stacked differen
 that size or less is the run's own sensitivity to rounding, not a fault of stacking
 (null where the batch is a single sequence and cannot be split).
 
+Mixed cases ("mixed" in the name, CPU): runs that differ in token budget and batch size
+too, as an adaptive sweep proposes them: a demo cell's round (3 LRs at batch B, one run
+at B/2 and one at 2B) and a grid column (3 LRs x the demo's 3 token budgets at one batch
+size). Three contenders, each training every run of the case on one thread:
+`stacked` (plan_stacks' groups, as `--stack auto` forms them: members of different
+lengths, and a small dense model's different batch sizes, share a stack),
+`stacked_same_shape` (only runs of equal tokens and batch size stacked: the rule before
+2026-12-05) and `one_at_a_time`.
+
 Cases: CPU at the demo's shapes (names contain "demo": steplaw.sweep.presets.demo_spec's
 models, 8-token sequences, eval tokens and schedule; batches of 32-128 tokens at its
 middle token budget; LRs spread over the cell's grid, centre/4 .. centre*4), an MoE model
@@ -193,6 +202,64 @@ def measure(case: dict, device: str, repeats: int) -> dict:
     }
 
 
+def mixed_cases() -> list[dict]:
+    """A demo cell's round and a grid column, at the demo's shapes (see the docstring)."""
+    from steplaw.sweep.presets import demo_spec
+    from steplaw.train import RunConfig
+
+    spec = demo_spec()
+    fixed = {k: v for k, v in spec.fixed.items() if k != "device"}
+    cells = {(cell.model.d_model, cell.tokens): cell for cell in spec.cells()}
+    budget = sorted(spec.tokens)[1]
+    out = []
+    for d_model, batch in ((16, 64), (32, 64), (64, 64), (64, 128)):
+        cell = cells[(d_model, budget)]
+        runs = [(cell.lr_center * f, batch, budget) for f in (0.5, 1, 2)] + [(cell.lr_center, batch // 2, budget),
+                                                                           (cell.lr_center, batch * 2, budget)]
+        out.append(dict(name=f"mixed demo round d={d_model} B={batch} (3 LRs at B, one at B/2 and 2B) D={budget // 1024}K",
+                        configs=[RunConfig(model=cell.model, lr=lr, batch_tokens=b, tokens=d, device="cpu", **fixed)
+                                 for lr, b, d in runs]))
+    cell = cells[(32, budget)]
+    out.append(dict(name="mixed demo grid column d=32 B=64 (3 LRs x 3 token budgets)",
+                    configs=[RunConfig(model=cell.model, lr=cell.lr_center * f, batch_tokens=64, tokens=d, device="cpu", **fixed)
+                             for d in spec.tokens for f in (0.5, 1, 2)]))
+    return out
+
+
+def measure_mixed(case: dict, repeats: int) -> dict:
+    from steplaw.train.stacked import plan_stacks, run_group
+
+    configs = case["configs"]
+    by_shape: dict[tuple, list] = {}
+    for config in configs:
+        by_shape.setdefault((config.tokens, config.batch_tokens), []).append(config)
+    plans = {"stacked": plan_stacks(configs, "auto"), "stacked_same_shape": list(by_shape.values()),
+             "one_at_a_time": [[c] for c in configs]}
+    last: dict[str, dict] = {}
+
+    def contender(name):
+        def call():
+            last[name] = {r.run_id: r for group in plans[name] for r in run_group(group)}
+        return call
+
+    short = [dataclasses.replace(c, tokens=WARMUP_STEPS * c.batch_tokens) for c in configs]
+    for group in plan_stacks(short, "auto"):
+        run_group(group)
+    median_s = time_interleaved({name: contender(name) for name in plans}, device="cpu", warmup=0, repeats=repeats)
+    alone = last["one_at_a_time"]
+    diffs = [rel_diff(r.final_train_loss, alone[run_id].final_train_loss) for run_id, r in last["stacked"].items()]
+    return {
+        "case": case["name"],
+        "median_s": median_s,
+        "speedup": speedups(median_s, "stacked"),
+        "runs": len(configs),
+        "stack_sizes": {name: sorted((len(g) for g in groups), reverse=True) for name, groups in plans.items()},
+        "runs_per_hour": {name: len(configs) * 3600 / s for name, s in median_s.items()},
+        "statuses_equal": all(r.status == alone[run_id].status for run_id, r in last["stacked"].items()),
+        "max_rel_loss_diff": max((d for d in diffs if d is not None), default=None),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one tiny case, one round (seconds)")
@@ -205,10 +272,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     out = []
-    for case in cases(args.device, args.quick):
+    mixed = mixed_cases() if args.device == "cpu" and not args.quick else []
+    for case in cases(args.device, args.quick) + mixed:
         if args.only and args.only not in case["name"]:
             continue
         log(f"bench sweep: {case['name']}")
+        if "configs" in case:
+            result = measure_mixed(case, repeats)
+            log(f"  speedup {result['speedup']}; max stacked-vs-alone loss diff {result['max_rel_loss_diff']}")
+            out.append(result)
+            continue
         result = measure(case, args.device, repeats)
         log(f"  speedup {result['speedup']['vs_one_at_a_time']:.2f}x wall, {result['speedup_cpu_time']:.2f}x cpu time; "
             f"max stacked-vs-alone loss diff {result['max_rel_loss_diff']}, alone's rounding floor {result['alone_rounding_rel_diff']}")

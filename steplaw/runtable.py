@@ -50,7 +50,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("n_experts", "", "routed experts per MoE layer (empty for dense models)"),
     Column("top_k", "", "experts per token (empty for dense models)"),
     Column("reason", "", "why the run is not ok (failed or diverged); empty otherwise"),
-    Column("stack", "", "the stack (16 hex) that trained this run together with runs differing only in lr; empty: alone"),
+    Column("stack", "", "the stack (16 hex) that trained this run together with other runs of its model shape; empty: alone"),
 )
 NAMES: list[str] = [column.name for column in COLUMNS]
 # The loss columns a sweep may minimise (a spec's `objective`): "loss", the smoothed final

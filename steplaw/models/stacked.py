@@ -274,6 +274,7 @@ class StackedTransformer(nn.Module):
         self.register_buffer("rope_cos2", cos2, persistent=False)
         self.register_buffer("rope_sin2", sin2, persistent=False)
         self._row_offsets: torch.Tensor | None = None  # [K, 1]: k * vocab_size, member k's rows of the embedding
+        self._weights: tuple | None = None  # (key, [K, B*T] token weights) of the last `sequences`
 
     def moe_layers(self) -> list[StackedMoE]:
         return [layer.ffn for layer in self.layers if layer.is_moe]
@@ -291,7 +292,7 @@ class StackedTransformer(nn.Module):
             layer.members = len(keep)
             # The last forward's outputs hold autograd nodes that remember the old shapes.
             layer.aux_loss, layer.stats = torch.zeros(len(keep), device=index.device), {}
-        self.members, self._row_offsets = len(keep), None
+        self.members, self._row_offsets, self._weights = len(keep), None, None
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member k as a Transformer state dict (views of the stacked weights)."""
@@ -322,11 +323,29 @@ class StackedTransformer(nn.Module):
             self._row_offsets = torch.arange(self.members, device=device).unsqueeze(1) * self.config.vocab_size
         return self._row_offsets
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def _token_weights(self, sequences: tuple[int, ...], batch: int, seq: int, device: torch.device) -> torch.Tensor:
+        """[K, B*T]: 1 / (n_k * T) on member k's first n_k sequences, 0 after them."""
+        key = (sequences, batch, seq, device)
+        if self._weights is None or self._weights[0] != key:
+            counts = torch.tensor(sequences, dtype=torch.float32).unsqueeze(1) * seq
+            positions = torch.arange(batch * seq, dtype=torch.float32).unsqueeze(0)
+            self._weights = (key, torch.where(positions < counts, 1.0 / counts, 0.0).to(device))
+        return self._weights[1]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                sequences: tuple[int, ...] | None = None) -> torch.Tensor:
         """idx [B, T] token ids (the same batch for every member) -> logits [K, B, T, V],
         or with targets [B, T] each member's mean cross-entropy [K] (nats per token).
-        The MoE auxiliary losses of the same forward are in `aux_loss()` [K]."""
+        The MoE auxiliary losses of the same forward are in `aux_loss()` [K].
+
+        sequences: with targets, member k's loss is the mean over the batch's first
+        `sequences[k]` sequences only (members of different batch sizes; each row of a
+        dense model depends on its own tokens alone, so the rows after them change
+        nothing of member k but the compute). Not for MoE layers, whose routing
+        statistics see every row."""
         batch, seq = idx.shape
+        if sequences is not None and (len(sequences) != self.members or self.moe_layers()):
+            raise ValueError(f"sequences={sequences!r}: expected one count per member ({self.members}) of a dense model")
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
         members, vocab, eps = self.members, self.config.vocab_size, self.config.norm_eps
@@ -347,9 +366,13 @@ class StackedTransformer(nn.Module):
         if targets is None:
             return logits.view(members, batch, seq, vocab)
         if _plain(logits):
-            return _CrossEntropy.apply(logits, targets.reshape(1, -1, 1).expand(members, -1, 1)).mean(dim=1)
-        losses = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1).repeat(members), reduction="none")
-        return losses.view(members, -1).mean(dim=1)
+            losses = _CrossEntropy.apply(logits, targets.reshape(1, -1, 1).expand(members, -1, 1))
+        else:
+            losses = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1).repeat(members), reduction="none")
+            losses = losses.view(members, -1)
+        if sequences is None or all(n == batch for n in sequences):
+            return losses.mean(dim=1)
+        return (losses * self._token_weights(tuple(sequences), batch, seq, idx.device)).sum(dim=1)
 
     def aux_loss(self) -> torch.Tensor | float:
         """Per member [K]: the sum of the MoE layers' auxiliary losses of the last forward (0.0 for dense)."""

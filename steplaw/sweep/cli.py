@@ -4,7 +4,7 @@
     steplaw sweep --params 1M 3M --tokens 1e8 --out DIR   # or flags (they override a file)
     steplaw sweep --out DIR                          # resume DIR with its stored spec
     steplaw sweep ... --new-spec                     # a changed spec on DIR (history kept)
-    steplaw sweep ... --stack auto|K|off             # runs differing only in lr train as one stacked model
+    steplaw sweep ... --stack auto|K|off             # runs of one model shape train as one stacked model
     steplaw sweep ... --planner adaptive [--cell-budget 32 --total-budget R]   # search each cell's optimum
     steplaw sweep --replay TABLE [--col-N ... --bs-unit sequences --seq-len L] --planner adaptive --out DIR
     steplaw runs DIR [--csv | --json] [-o FILE]      # the runs table (steplaw.runtable)
@@ -125,7 +125,8 @@ def _add_execution_flags(parser, ray: bool = True):
     group.add_argument("--run-fn", default="steplaw.train:run", metavar="MODULE:FUNCTION",
                        help="the training function, run_fn(RunConfig, run_dir=...) -> RunResult (default steplaw.train:run)")
     group.add_argument("--stack", type=stack_size, default="auto", metavar="auto|K|off",
-                       help="train runs that differ only in lr together, as one stacked model: auto (as many as fit "
+                       help="train runs of one model shape (different lr, tokens and, for small dense models, batch size) "
+                            "together, as one stacked model: auto (as many as fit "
                             "memory and pay off; default), at most K per stack, or off (with the default --run-fn)")
     group.add_argument("--quiet", "-q", action="store_true", help="no progress line")
 

@@ -17,7 +17,8 @@ that row's attempt.
 
 Stacking (`stack`: "auto", a positive K or "off"; steplaw.train.stacked): when the
 executor can train groups (it has a `group_fn`), the runs handed out at one time that
-differ only in lr go to one worker slot as one group (`plan_stacks` says how many per
+may stack (steplaw.train.stacked.stack_key: one model shape, differing in lr, token budget
+and, for small dense models, batch size) go to one worker slot as one group (`plan_stacks` says how many per
 group). Only runs ready now are grouped, never held back to wait for more; groups are
 halved while workers would otherwise sit idle. A group's members are recorded one by
 one like any run: a killed stack leaves them `running`, and the next driver runs them
@@ -93,7 +94,7 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
     invocations (`retry_failed` grants them `max_attempts` more); diverged runs are results.
     `spec` (a dict) is recorded as the directory's spec (ResultStore.record_spec): one that
     differs from the stored spec is refused unless `new_spec`. `stack`: how runs that
-    differ only in lr train together ("auto", at most K per stack, or "off"), when the
+    may stack (steplaw.train.stacked.stack_key) train together ("auto", at most K per stack, or "off"), when the
     executor has a `group_fn`.
     """
     if stack not in ("auto", "off"):  # a bad `stack` is a UserError before anything starts
@@ -249,7 +250,7 @@ def _groups(sweep: _Sweep, executor, queue: list[str], stack) -> list[list[str]]
     groups = [[by_config[id(c)] for c in group] for group in plan_stacks([sweep.configs[r] for r in trainable], stack)]
     groups += [[r] for r in window if not isinstance(sweep.configs[r], RunConfig)]  # replayed runs: alone
     position = {run_id: i for i, run_id in enumerate(window)}
-    groups.sort(key=lambda group: position[group[0]])
+    groups.sort(key=lambda group: min(position[run_id] for run_id in group))
     while len(groups) < idle and max(len(g) for g in groups) > 1:  # a worker idle costs more than a smaller stack
         big = max(range(len(groups)), key=lambda i: len(groups[i]))
         half = len(groups[big]) // 2

@@ -21,8 +21,8 @@ not a cross. The cell is then `bracketed`, or `edge` where a side ends at a hard
 a cell that reaches its run budget first is `unbracketed`.
 
 The first batch of a cell is three LRs at the prior's batch size and its two batch
-neighbours; a line's LRs at one batch size are proposed together, so that runs that
-differ only in LR can train as one stack.
+neighbours; a line's LRs at one batch size are proposed together, so that they train as
+one stack (a small dense model's batch neighbours join it: steplaw.train.stacked).
 """
 from __future__ import annotations
 

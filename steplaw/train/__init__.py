@@ -1,5 +1,6 @@
 """Training runs: `run(RunConfig) -> RunResult` (steplaw.train.runner), and stacks of runs
-that differ only in lr trained as one model: `run_stack(configs) -> list[RunResult]`,
+of one model (differing in lr, token budget and, for small dense models, batch size)
+trained as one model: `run_stack(configs) -> list[RunResult]`,
 grouped by `plan_stacks(configs, stack="auto"|K|"off")` (steplaw.train.stacked).
 
 Names are resolved lazily, so that importing steplaw.train.config (the sweep, the CLI's

@@ -199,7 +199,7 @@ class RunResult:
     # (1.0 = perfectly balanced).
     moe_max_mean_load: float | None = None
     # Stacked runs (steplaw.train.stacked): the id of the stack that trained this run with
-    # others differing only in lr; wall_s and tokens_per_s are then its share of the stack's.
+    # other runs of its model shape; wall_s and tokens_per_s are then its share of the stack's.
     stack: str | None = None
 
     def to_dict(self) -> dict:

@@ -155,10 +155,7 @@ def prepare(config: RunConfig, world_size: int = 1, local_rank: int = 0) -> Setu
 
     check_schedule(config.schedule, config.min_lr_ratio, config.decay_fraction)
     device = resolve_device(config.device, local_rank)
-    plan = plan_batches(
-        config.tokens, config.batch_tokens, config.seq_len, config.micro_batch_tokens, world_size,
-        auto_micro_tokens=auto_micro_batch_tokens(config.model, device.type),
-    )
+    plan, warmup = plan_steps(config, device, world_size)
     if config.seq_len > config.model.max_seq_len:
         raise UserError(f"seq_len={config.seq_len} exceeds the model's max_seq_len={config.model.max_seq_len}")
     check_lr(config.lr)
@@ -168,14 +165,23 @@ def prepare(config: RunConfig, world_size: int = 1, local_rank: int = 0) -> Setu
     # Before any allocation: a model too large for the machine is refused here, not
     # ended by the OOM killer. Processes of one machine share its CPU memory.
     check_fits(config.model, plan.micro_seqs * plan.seq_len, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    warmup = default_warmup_steps(plan.steps) if config.warmup_tokens is None else max(1, round(config.warmup_tokens / plan.batch_tokens))
     data = load_token_data(config.data)
     data.check_model_vocab(config.model.vocab_size)
     if device.type == "cuda":
         # fp32 matmuls (an fp32 run, the optimizer's norms) on TF32 tensor cores.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Setup(config, plan, device, autocast_dtype, min(warmup, plan.steps), data)
+    return Setup(config, plan, device, autocast_dtype, warmup, data)
+
+
+def plan_steps(config: RunConfig, device: torch.device, world_size: int = 1) -> tuple[BatchPlan, int]:
+    """The run's batch plan and its warmup steps (at most its steps)."""
+    plan = plan_batches(
+        config.tokens, config.batch_tokens, config.seq_len, config.micro_batch_tokens, world_size,
+        auto_micro_tokens=auto_micro_batch_tokens(config.model, device.type),
+    )
+    warmup = default_warmup_steps(plan.steps) if config.warmup_tokens is None else max(1, round(config.warmup_tokens / plan.batch_tokens))
+    return plan, min(warmup, plan.steps)
 
 
 def check_lr(lr: float) -> None:

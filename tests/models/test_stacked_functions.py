@@ -60,3 +60,29 @@ def test_kept_members_read_their_own_embedding_rows(members):
     keep = [2, 0, 1][:members]
     model.keep_members(keep)
     assert torch.equal(model(idx, idx), before[keep])
+
+
+def test_a_members_loss_counts_its_own_first_sequences():
+    """With `sequences`, member k's loss and gradient are those of its first n_k sequences
+    alone: rows of a dense model do not see each other."""
+    config = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=48, max_seq_len=8)
+    torch.manual_seed(0)
+    model = StackedTransformer(config, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # the members differ
+    x, y = torch.randint(0, 64, (4, 8)), torch.randint(0, 64, (4, 8))
+    counts = (1, 4, 2)
+    losses = model(x, y, counts)
+    losses.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for k, n in enumerate(counts):
+        model.zero_grad()
+        alone = model(x[:n], y[:n])[k]
+        alone.backward()
+        torch.testing.assert_close(losses[k], alone, rtol=1e-6, atol=0)
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(g[k], p.grad[k], rtol=1e-5, atol=1e-7)
+    assert torch.equal(model(x, y, (4, 4, 4)), model(x, y))  # equal counts: the plain mean
+    with pytest.raises(ValueError, match="one count per member"):
+        model(x, y, (1, 2))

@@ -48,6 +48,45 @@ def test_members_end_as_their_runs_alone(model):
 
 
 @pytest.mark.parametrize("model", [DENSE, MOE], ids=["dense", "moe"])
+def test_members_of_other_lengths_and_batch_sizes_end_as_their_runs_alone(model):
+    """Members leave the stack at their own last step (evaluated there); a small dense
+    model's members may also differ in batch size (each counts its own first sequences of
+    the widest batch). Each ends as its run alone, at its own steps and schedule."""
+    batches = (64, 32, 128, 64) if model.moe is None else (64,) * 4
+    configs = [short(lr, model, tokens=tokens, batch_tokens=b)
+               for lr, tokens, b in zip((0.004, 0.002, 0.008, 0.004), (40 * 64, 30 * 64, 40 * 64, 12 * 64), batches)]
+    results = run_stack(configs)
+    assert len({r.steps for r in results}) >= 3
+    for member, c in zip(results, configs):
+        assert_same_as_alone(member, run(c))
+    shares = [r.wall_s for r in results]
+    assert shares[3] < shares[0]  # the shortest run's share of the stack's time is the smallest
+
+
+def test_batch_sizes_that_need_micro_batches_train_apart(monkeypatch):
+    import steplaw.train.runner as runner
+
+    monkeypatch.setattr(runner, "auto_micro_batch_tokens", lambda model, device_type: 32)
+    configs = [short(0.004, tokens=8 * 64), short(0.004, tokens=8 * 64, batch_tokens=32)]
+    results = run_stack(configs)
+    assert results[0].stack != results[1].stack  # two stacks of one
+    for member, c in zip(results, configs):
+        assert_same_as_alone(member, run(c))
+
+
+@pytest.mark.parametrize("batch", [64, 128], ids=["middle", "widest"])
+def test_a_diverging_member_of_a_mixed_stack_leaves_the_others_as_they_were(batch):
+    good = [short(0.003, grad_clip=None, warmup_tokens=128), short(0.01, grad_clip=None, warmup_tokens=128, batch_tokens=32)]
+    absurd = short(50.0, grad_clip=None, warmup_tokens=128, tokens=20 * 64, batch_tokens=batch)
+    with_it = run_stack([good[0], absurd, good[1]])
+    without = run_stack(good)
+    assert with_it[1].status == "diverged" and with_it[1].steps < 20
+    for a, b in zip((with_it[0], with_it[2]), without):
+        assert a.status == b.status == "ok"
+        assert a.curve == b.curve and a.final_train_loss == b.final_train_loss and a.final_val_loss == b.final_val_loss
+
+
+@pytest.mark.parametrize("model", [DENSE, MOE], ids=["dense", "moe"])
 def test_a_diverging_member_is_frozen_and_the_others_do_not_notice(model):
     good = [config(0.003, model, grad_clip=None, warmup_tokens=256), config(0.01, model, grad_clip=None, warmup_tokens=256)]
     absurd = config(50.0, model, grad_clip=None, warmup_tokens=256)
@@ -117,23 +156,49 @@ def test_run_dirs_keep_each_members_result(tmp_path):
     assert [r.to_dict() for r in again] == [r.to_dict() for r in first]
 
 
-def test_stack_key_is_everything_but_lr():
-    assert stack_key(config(0.001)) == stack_key(config(0.1))
-    assert stack_key(config(0.001)) != stack_key(config(0.001, batch_tokens=128))
-    assert stack_key(config(0.001)) != stack_key(config(0.001, seed=1))
+BIG = ModelConfig(d_model=256, n_layers=4, n_heads=4, d_ff=768, max_seq_len=64)
+
+
+def short(lr: float, model=DENSE, **overrides) -> RunConfig:
+    """16-token sequences, 64-token batches: steps small enough (<= 3e7 FLOPs up to 128-token
+    batches) that a dense model's batch sizes may share a stack."""
+    fields = dict(seq_len=16, batch_tokens=64, tokens=40 * 64)
+    fields.update(overrides)
+    return config(lr, model, **fields)
+
+
+def test_stack_key_is_everything_but_lr_tokens_and_a_small_dense_batch():
+    key = stack_key(short(0.001))
+    assert key == stack_key(short(0.1)) == stack_key(short(0.001, tokens=7 * 64))
+    assert key == stack_key(short(0.001, batch_tokens=128))  # small dense: batch sizes mix
+    assert key != stack_key(short(0.001, seed=1))
+    assert key != stack_key(short(0.001, warmup_tokens=512))
+    assert stack_key(config(0.001)) != stack_key(config(0.001, batch_tokens=512))  # 1.2e8 FLOPs a step: too big to pad
+    # batch sizes do not mix for MoE (routing sees every row), with micro-batches, or
+    # where a step is compute-bound (padding would cost real work)
+    assert stack_key(config(0.001, MOE)) == stack_key(config(0.001, MOE, tokens=7 * 256))
+    assert stack_key(config(0.001, MOE)) != stack_key(config(0.001, MOE, batch_tokens=128))
+    assert stack_key(short(0.001, micro_batch_tokens=32)) != stack_key(short(0.001, batch_tokens=32))
+    assert stack_key(config(0.001, BIG, batch_tokens=4096)) != stack_key(config(0.001, BIG, batch_tokens=2048))
+    assert not stacked.mixes_batches(config(0.001, BIG, batch_tokens=4096))
 
 
 def test_runs_that_cannot_stack_are_refused_or_run_alone():
-    with pytest.raises(UserError, match="more than lr"):
-        run_stack([config(0.001), config(0.002, batch_tokens=128)])
+    with pytest.raises(UserError, match="differs from run .* in seed: runs of a stack may differ only in lr, tokens"):
+        run_stack([config(0.001), config(0.002, seed=1)])
+    with pytest.raises(UserError, match="in batch_tokens"):
+        run_stack([config(0.001, MOE), config(0.002, MOE, batch_tokens=128)])
     with pytest.raises(UserError, match="optimizer"):
         run_stack([config(0.001, optimizer="torch")])
     with pytest.raises(UserError, match="lr"):
         run_stack([config(0.001), config(-1.0)])
     with pytest.raises(UserError, match="empty"):
         run_stack([])
-    groups = plan_stacks([config(0.001), config(0.002, optimizer="torch"), config(0.003), config(0.004, batch_tokens=128)])
+    groups = plan_stacks([config(0.001), config(0.002, optimizer="torch"), config(0.003), config(0.004, seed=1)])
     assert [[c.lr for c in g] for g in groups] == [[0.001, 0.003], [0.002], [0.004]]
+    # longest first within a group, so that runs of similar length share a stack
+    mixed = [short(0.001, tokens=10 * 64), short(0.002, batch_tokens=32), short(0.003), short(0.004, batch_tokens=128)]
+    assert [[c.lr for c in g] for g in plan_stacks(mixed, 2)] == [[0.002, 0.003], [0.004, 0.001]]
 
 
 def test_plan_stacks_sizes_and_bad_values(recwarn):
@@ -149,8 +214,7 @@ def test_plan_stacks_sizes_and_bad_values(recwarn):
         groups = plan_stacks(configs, 4, budget_bytes=2 * one_member)
     assert [len(g) for g in groups] == [2, 2, 1]
     assert [len(g) for g in plan_stacks(configs, "auto", budget_bytes=3 * one_member)] == [3, 2]
-    big = [config(lr, ModelConfig(d_model=256, n_layers=4, n_heads=4, d_ff=768, max_seq_len=64), batch_tokens=4096)
-           for lr in (0.001, 0.002)]
+    big = [config(lr, BIG, batch_tokens=4096) for lr in (0.001, 0.002)]
     assert not stacked.worth_stacking(big[0]) and stacked.worth_stacking(configs[0])
     assert [len(g) for g in plan_stacks(big, "auto")] == [1, 1]  # compute-bound on a CPU: alone
     assert [len(g) for g in plan_stacks(big, 2)] == [2]  # asked for: stacked
