@@ -111,14 +111,14 @@ def _add_execution_flags(parser, ray: bool = True):
         group.add_argument("--executor", choices=["local", "ray"], default="local",
                            help="local worker processes (default) or Ray tasks")
         group.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-        group.add_argument("--cpus-per-run", type=nonnegative_float, default=1, help="Ray: CPUs per run (default 1)")
-        group.add_argument("--gpus-per-run", type=nonnegative_float, default=0,
-                           help="Ray: GPUs per run, fractions allowed (e.g. 0.25)")
+        group.add_argument("--cpus-per-run", type=nonnegative_float, help="Ray: CPUs per run (default 1)")
+        group.add_argument("--gpus-per-run", type=nonnegative_float,
+                           help="Ray: GPUs per run, fractions allowed (e.g. 0.25; default 0)")
     group.add_argument("--workers", type=positive_int,
                        help="local worker processes (default: one per GPU, else one per core)")
     group.add_argument("--threads-per-worker", type=positive_int,
                        help="torch threads per local worker (default: cores / workers)")
-    group.add_argument("--workers-per-gpu", type=positive_int, default=1, help="local workers sharing each GPU (default 1)")
+    group.add_argument("--workers-per-gpu", type=positive_int, help="local workers sharing each GPU (default 1)")
     group.add_argument("--max-attempts", type=positive_int, default=2,
                        help="tries per failed run, over all invocations (default 2)")
     group.add_argument("--retry-failed", action="store_true", help="give runs that failed all their attempts new ones")
@@ -249,14 +249,15 @@ def make_executor_factory(args, run_fn):
         def make():
             from steplaw.sweep.ray_executor import RayExecutor
 
-            return RayExecutor(run_fn, address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
-                               group_fn=group_fn)
+            cpus = 1 if args.cpus_per_run is None else args.cpus_per_run
+            gpus = 0 if args.gpus_per_run is None else args.gpus_per_run
+            return RayExecutor(run_fn, address=args.address, cpus_per_run=cpus, gpus_per_run=gpus, group_fn=group_fn)
     else:
         def make():
             from steplaw.sweep.executors import LocalExecutor
 
             return LocalExecutor(run_fn, group_fn=group_fn, workers=args.workers, threads_per_worker=args.threads_per_worker,
-                                 workers_per_gpu=args.workers_per_gpu)
+                                 workers_per_gpu=args.workers_per_gpu or 1)
     return make
 
 
@@ -307,7 +308,15 @@ def _check_unused_flags(args):
     before anything starts (a dry run too)."""
     if args.address is not None and args.executor != "ray":
         raise UserError(f"--address {args.address!r} is a Ray cluster address: expected --executor ray with it")
-    if args.executor == "ray" and args.cpus_per_run == 0 and not args.gpus_per_run > 0:
+    for flag, value, executor, instead in (
+            ("--cpus-per-run", args.cpus_per_run, "ray", "--workers / --threads-per-worker for local workers"),
+            ("--gpus-per-run", args.gpus_per_run, "ray", "--workers-per-gpu for local workers"),
+            ("--workers", args.workers, "local", "--cpus-per-run / --gpus-per-run for Ray"),
+            ("--threads-per-worker", args.threads_per_worker, "local", "--cpus-per-run for Ray"),
+            ("--workers-per-gpu", args.workers_per_gpu, "local", "--gpus-per-run for Ray")):
+        if value is not None and args.executor != executor:
+            raise UserError(f"{flag} {value:g} applies to --executor {executor} only: expected {instead}")
+    if args.executor == "ray" and args.cpus_per_run == 0 and not (args.gpus_per_run or 0) > 0:
         raise UserError("--cpus-per-run 0 with --gpus-per-run 0: expected CPUs or GPUs per run above 0 (Ray runs as "
                         "many runs at once as they fit)")
     if args.planner != "adaptive":
