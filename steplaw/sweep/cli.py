@@ -249,16 +249,21 @@ def make_executor_factory(args, run_fn):
         def make():
             from steplaw.sweep.ray_executor import RayExecutor
 
-            cpus = 1 if args.cpus_per_run is None else args.cpus_per_run
-            gpus = 0 if args.gpus_per_run is None else args.gpus_per_run
-            return RayExecutor(run_fn, address=args.address, cpus_per_run=cpus, gpus_per_run=gpus, group_fn=group_fn)
+            return RayExecutor(run_fn, address=args.address, group_fn=group_fn,
+                               **_given(cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run))
     else:
         def make():
             from steplaw.sweep.executors import LocalExecutor
 
             return LocalExecutor(run_fn, group_fn=group_fn, workers=args.workers, threads_per_worker=args.threads_per_worker,
-                                 workers_per_gpu=args.workers_per_gpu or 1)
+                                 **_given(workers_per_gpu=args.workers_per_gpu))
     return make
+
+
+def _given(**options) -> dict:
+    """The executor options the user gave: the others keep the executor's own defaults
+    (flags default to None, so that _check_unused_flags can tell a given one)."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _check_out(out: str):

@@ -93,17 +93,22 @@ MIXED_BATCH_MAX_STEP_FLOPS = 5e7
 _warned: set[str] = set()
 
 
+def step_flops(config: RunConfig) -> float:
+    """FLOPs of one member's optimizer step (forward and backward over its batch)."""
+    from steplaw.models.accounting import flops_per_token
+
+    return flops_per_token(config.model, config.seq_len) * config.batch_tokens
+
+
 def mixes_batches(config: RunConfig) -> bool:
     """Whether `config` may stack with runs of other batch sizes: a dense model whose
     whole batch is one micro-batch and whose step is overhead-bound (at most
     MIXED_BATCH_MAX_STEP_FLOPS), so that padding a smaller member's batch to the stack's
     widest costs little. An MoE layer's routing statistics see every row of the batch,
     so MoE members must share it."""
-    from steplaw.models.accounting import flops_per_token
-
     return (config.model.moe is None
             and (config.micro_batch_tokens is None or config.micro_batch_tokens >= config.batch_tokens)
-            and flops_per_token(config.model, config.seq_len) * config.batch_tokens <= MIXED_BATCH_MAX_STEP_FLOPS)
+            and step_flops(config) <= MIXED_BATCH_MAX_STEP_FLOPS)
 
 
 def _key_fields(config: RunConfig) -> dict:
@@ -162,7 +167,6 @@ def memory_budget(device_type: str) -> int:
 def max_stack(config: RunConfig, budget_bytes: int | None = None) -> int:
     """The most members of `config`'s stack that fit the memory budget (at least 1), capped
     at AUTO_STACK_LIMIT for its device."""
-
     device_type = resolve_device(config.device).type
     budget = memory_budget(device_type) if budget_bytes is None else budget_bytes
     return max(1, min(AUTO_STACK_LIMIT[device_type], budget // member_bytes(config, device_type)))
@@ -171,11 +175,7 @@ def max_stack(config: RunConfig, budget_bytes: int | None = None) -> int:
 def worth_stacking(config: RunConfig) -> bool:
     """Whether `auto` should stack this run: always on a GPU (kernel launches dominate
     small models there), on a CPU only below CPU_AUTO_MAX_STEP_FLOPS per member step."""
-    from steplaw.models.accounting import flops_per_token
-
-    if resolve_device(config.device).type == "cuda":
-        return True
-    return flops_per_token(config.model, config.seq_len) * config.batch_tokens <= CPU_AUTO_MAX_STEP_FLOPS
+    return resolve_device(config.device).type == "cuda" or step_flops(config) <= CPU_AUTO_MAX_STEP_FLOPS
 
 
 def plan_stacks(configs: list[RunConfig], stack: str | int = "auto", budget_bytes: int | None = None) -> list[list[RunConfig]]:
@@ -482,7 +482,7 @@ def stack_step(state: StackState) -> torch.Tensor:
     for micro in range(plan.accumulation):  # > 1 only when every member has this batch
         x, y = setup.batch(state.step, slice(0, plan.rank_seqs), micro)
         with _autocast(setup.device, setup.autocast_dtype):
-            losses = state.model(x, y) if state.sequences is None else state.model(x, y, state.sequences)
+            losses = state.model(x, y, state.sequences)
             total = (losses + state.model.aux_loss()).sum()
         (total / plan.accumulation).backward()
         step_loss += losses.detach() / plan.accumulation
@@ -506,7 +506,7 @@ def stack_loop(state: StackState, progress) -> None:
     pending: list[torch.Tensor] = []
     reporter = ProgressReporter(progress, longest.plan)
     last = time.perf_counter()
-    while state.slots:
+    while any(state.members[k].live for k in state.slots):
         pending.append(stack_step(state))
         reporter.step_done()
         if len(pending) < sync_every and state.step not in ends:
@@ -529,9 +529,7 @@ def stack_loop(state: StackState, progress) -> None:
         _finish(state, [(slot, k) for slot, k in enumerate(state.slots)
                         if state.members[k].live and state.members[k].setup.plan.steps == state.step])
         last = time.perf_counter()  # the evaluation's time went to the members it evaluated
-        if not any(state.members[k].live for k in state.slots):
-            break
-        drop_frozen(state)
+        drop_frozen(state)  # (none left live: nothing to drop, and the loop ends)
 
 
 def _finish(state: StackState, done: list[tuple[int, int]]) -> None:

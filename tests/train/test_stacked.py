@@ -109,9 +109,9 @@ def test_a_nan_member_is_frozen(monkeypatch):
     real_forward = StackedTransformer.forward
     calls = []
 
-    def second_member_turns_nan(self, idx, targets=None):
+    def second_member_turns_nan(self, idx, targets=None, sequences=None):
         calls.append(1)
-        losses = real_forward(self, idx, targets)
+        losses = real_forward(self, idx, targets, sequences)
         if len(calls) == 5:
             return losses * torch.tensor([1.0, float("nan"), 1.0])
         return losses
