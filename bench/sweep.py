@@ -13,7 +13,11 @@ should stay below 1e-3), with the rounding floor it is to be read against:
 alone once more with its batch split into smaller micro-batches (mathematically the same
 run; only the rounding of the accumulated gradients differs). A stacked difference of
 that size or less is the run's own sensitivity to rounding, not a fault of stacking
-(null where the batch is a single sequence and cannot be split).
+(null where the batch is a single sequence and cannot be split). CPU float32 cases also
+report `max_rel_loss_diff_float64`: the same comparison with every run trained again in
+float64 (torch's default dtype), where stacking does the same arithmetic in the same
+order as the runs alone and so should give 0, even for runs whose float32 rounding
+moves their final loss by percents.
 
 Mixed cases ("mixed" in the name, CPU): runs that differ in token budget and batch size
 too, as an adaptive sweep proposes them: a demo cell's round (3 LRs at batch B, one run
@@ -143,6 +147,21 @@ def rel_diff(a: float | None, b: float | None) -> float | None:
     return abs(a - b) / abs(b) if a and b else None
 
 
+def float64_rel_diff(configs) -> float | None:
+    """Largest relative difference of final training losses, stacked vs alone, with both
+    trained in float64 (untimed)."""
+    from steplaw.train import run
+    from steplaw.train.stacked import run_stack
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        diffs = [rel_diff(a.final_train_loss, run(c).final_train_loss) for a, c in zip(run_stack(configs), configs)]
+    finally:
+        torch.set_default_dtype(before)
+    return max((d for d in diffs if d is not None), default=None)
+
+
 def timed_cpu(fn, samples: list[float]):
     def call():
         t0 = time.process_time()
@@ -199,6 +218,7 @@ def measure(case: dict, device: str, repeats: int) -> dict:
         "max_rel_loss_diff": diffs[worst] if worst is not None else None,
         "max_rel_loss_diff_lr": configs[worst].lr if worst is not None else None,
         "alone_rounding_rel_diff": floor,
+        "max_rel_loss_diff_float64": float64_rel_diff(configs) if device == "cpu" and case.get("precision") != "bf16" else None,
     }
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from steplaw.models.config import ModelConfig
 from steplaw.models.moe import balance_loss
-from steplaw.models.transformer import Transformer, apply_rotary_rolled, rotary_pair_tables, rotary_tables
+from steplaw.models.transformer import Transformer, apply_rotary_rolled, rotary_pair_tables, rotary_tables, upcast
 
 
 class _MemberLinear(torch.autograd.Function):
@@ -146,15 +146,16 @@ class StackedMoE(nn.Module):
         self.aux_loss = torch.zeros(members)
         self.stats: dict[str, torch.Tensor] = {}
 
-    def member_state(self, k: int, prefix: str) -> dict[str, torch.Tensor]:
-        state = {
-            f"{prefix}router.weight": self.router[k], f"{prefix}experts.w_gate": self.w_gate[k],
-            f"{prefix}experts.w_up": self.w_up[k], f"{prefix}experts.w_down": self.w_down[k],
-            f"{prefix}expert_bias": self.expert_bias[k],
+    def member_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The stacked [K, ...] tensors under a member's MoE state-dict names."""
+        tensors = {
+            f"{prefix}router.weight": self.router, f"{prefix}experts.w_gate": self.w_gate,
+            f"{prefix}experts.w_up": self.w_up, f"{prefix}experts.w_down": self.w_down,
+            f"{prefix}expert_bias": self.expert_bias,
         }
         if self.shared is not None:
-            state.update({f"{prefix}shared.{name}": p[k] for name, p in self.shared.items()})
-        return state
+            tensors.update({f"{prefix}shared.{name}": p for name, p in self.shared.items()})
+        return tensors
 
     def _route(self, logits: torch.Tensor):
         """Expert ids [K*M, k] offset by member (member k's expert e is k*E + e), weights."""
@@ -253,6 +254,7 @@ class StackedTransformer(nn.Module):
             raise ValueError(f"members={members}: expected at least 1")
         init = init if init is not None else Transformer(config)
         self.config, self.members = config, members
+        self._parameter_names = [name for name, _ in init.named_parameters()]
         self.tok_emb = _member_param(init.tok_emb.weight, members)  # [K, V, d]
         self.lm_head = None if init.lm_head is None else _member_param(init.lm_head.weight, members)
         self.norm = _member_param(init.norm.weight, members)
@@ -294,20 +296,31 @@ class StackedTransformer(nn.Module):
             layer.aux_loss, layer.stats = torch.zeros(len(keep), device=index.device), {}
         self.members, self._row_offsets, self._weights = len(keep), None, None
 
-    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
-        """Member k as a Transformer state dict (views of the stacked weights)."""
-        state = {"tok_emb.weight": self.tok_emb[k], "norm.weight": self.norm[k]}
+    def _member_tensors(self) -> dict[str, torch.Tensor]:
+        """The stacked [K, ...] tensors under a member's Transformer state-dict names."""
+        tensors = {"tok_emb.weight": self.tok_emb, "norm.weight": self.norm}
         if self.lm_head is not None:
-            state["lm_head.weight"] = self.lm_head[k]
+            tensors["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):
             p = f"blocks.{i}."
-            state.update({f"{p}attn_norm.weight": layer.attn_norm[k], f"{p}attn.qkv.weight": layer.qkv[k],
-                          f"{p}attn.out.weight": layer.out[k], f"{p}ffn_norm.weight": layer.ffn_norm[k]})
+            tensors.update({f"{p}attn_norm.weight": layer.attn_norm, f"{p}attn.qkv.weight": layer.qkv,
+                            f"{p}attn.out.weight": layer.out, f"{p}ffn_norm.weight": layer.ffn_norm})
             if layer.is_moe:
-                state.update(layer.ffn.member_state(k, f"{p}ffn."))
+                tensors.update(layer.ffn.member_tensors(f"{p}ffn."))
             else:
-                state.update({f"{p}ffn.gate_up.weight": layer.gate_up[k], f"{p}ffn.down.weight": layer.down[k]})
-        return state
+                tensors.update({f"{p}ffn.gate_up.weight": layer.gate_up, f"{p}ffn.down.weight": layer.down})
+        return tensors
+
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k as a Transformer state dict (views of the stacked weights)."""
+        return {name: tensor[k] for name, tensor in self._member_tensors().items()}
+
+    def member_parameters(self) -> list[nn.Parameter]:
+        """The stacked parameters in the order of a member's Transformer.parameters():
+        gradient clipping sums the per-tensor norms in this order, as a run alone does,
+        so the clipped gradients round the same."""
+        tensors = self._member_tensors()
+        return [tensors[name] for name in self._parameter_names]
 
     def _attention(self, layer, x: torch.Tensor, batch: int, seq: int, cos2, sin2) -> torch.Tensor:
         members, d_model = self.members, self.config.d_model
@@ -368,7 +381,7 @@ class StackedTransformer(nn.Module):
         if _plain(logits):
             losses = _CrossEntropy.apply(logits, targets.reshape(1, -1, 1).expand(members, -1, 1))
         else:
-            losses = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1).repeat(members), reduction="none")
+            losses = F.cross_entropy(upcast(logits).reshape(-1, vocab), targets.reshape(-1).repeat(members), reduction="none")
             losses = losses.view(members, -1)
         if sequences is None or all(n == batch for n in sequences):
             return losses.mean(dim=1)

@@ -24,6 +24,12 @@ from torch import nn
 from steplaw.models.config import ModelConfig
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 at least: the loss of bf16/fp16 logits is taken in float32, float64
+    stays float64 (a float64 model's numerics are float64 throughout)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -161,7 +167,7 @@ class Transformer(nn.Module):
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return F.cross_entropy(upcast(logits).view(-1, logits.shape[-1]), targets.reshape(-1))
 
     def aux_loss(self) -> torch.Tensor | float:
         """Sum of the MoE layers' auxiliary losses of the last forward (0.0 for dense)."""

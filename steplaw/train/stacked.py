@@ -249,7 +249,9 @@ class Member:
 class StackState:
     model: torch.nn.Module  # steplaw.models.stacked.StackedTransformer
     optimizer: FusedAdamW
-    peaks: torch.Tensor  # [slots] peak learning rates on the device; 0 for a frozen member
+    # [slots] peak learning rates on the device, 0 for a frozen member; float64, so that
+    # peak * multiplier is the alone run's lr bit for bit (it multiplies Python floats)
+    peaks: torch.Tensor
     members: list[Member]
     params: list[torch.Tensor]  # the trained parameters, in the optimizer's order
     slots: list[int]  # the member in each slot of the stacked model (diverged and finished ones leave)
@@ -276,7 +278,7 @@ class StackState:
             # Members of different lengths: a table of the next steps' multipliers, one copy per 256 steps.
             setups = [self.members[k].setup for k in self.slots]
             rows = [[s.lr_multiplier(step) for s in setups] for step in range(self.step, self.step + 256)]
-            self._table = (self.step, torch.tensor(rows, dtype=torch.float32, device=self.peaks.device))
+            self._table = (self.step, torch.tensor(rows, dtype=torch.float64, device=self.peaks.device))
         return self.peaks * self._table[1][self.step - self._table[0]]
 
 
@@ -416,8 +418,8 @@ def build_stack(setup: Setup, configs: list[RunConfig], setups: list[Setup] | No
     config, device = setup.config, setup.device
     torch.manual_seed(config.seed)
     model = StackedTransformer(config.model, len(configs), init=Transformer(config.model)).to(device)
-    peaks = torch.tensor([c.lr for c in configs], dtype=torch.float32, device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    peaks = torch.tensor([c.lr for c in configs], dtype=torch.float64, device=device)
+    params = model.member_parameters()  # a run alone's order: its clipping sums the norms in it
     optimizer = _optimizer(params, peaks, config)
     members = [Member(c, s) for c, s in zip(configs, setups or [setup] * len(configs))]
     state = StackState(model, optimizer, peaks, members, params, list(range(len(configs))))
@@ -462,9 +464,10 @@ def clip_member_grads(params: list[torch.Tensor], max_norm: float) -> None:
     if not grads:
         return
     members = grads[0].shape[0]
-    # The norm of the per-tensor norms, as torch computes it (same rounding as a run alone).
-    norms = torch.stack([torch.linalg.vector_norm(g.reshape(members, -1), dim=1) for g in grads])  # [P, K]
-    total = torch.linalg.vector_norm(norms, dim=0)
+    # The norm of the per-tensor norms, as torch computes it, summed in `params`' order (a
+    # run alone's, StackedTransformer.member_parameters): the same rounding as the run alone.
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(members, -1), dim=1) for g in grads], dim=1)  # [K, P]
+    total = torch.linalg.vector_norm(norms, dim=1)
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_(grads, [scale.view(members, *([1] * (g.dim() - 1))) for g in grads])
 
