@@ -22,7 +22,7 @@ the MoE dispatch is the existing ops over K*E experts.
 
 At the demo's sizes (d_model 16-64, 8-token sequences, 4-32 per batch) a step is mostly
 per-op overhead, so float32 steps without autocast take a few hand-written autograd
-Functions (_MemberLinear, _MemberRMSNorm, _CrossEntropy) that do the same arithmetic in
+Functions (_MemberLinear, _MemberRMSNorm, _SwiGLU, _CrossEntropy) that do the same arithmetic in
 fewer ops and autograd nodes; their forwards give the same values bit for bit and their
 gradients agree with autograd's to rounding. Rotary embeddings rotate q and k together in
 the qkv projection's layout (apply_rotary_rolled: apply_rotary's values bit for bit).
@@ -113,6 +113,40 @@ class _CrossEntropy(torch.autograd.Function):
         log_probs, target = ctx.saved_tensors
         grad = grad.unsqueeze(-1)
         return torch.exp(log_probs).mul_(grad).scatter_add_(-1, target, grad.neg()), None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of gate_up [K, M, 2F] (gate its first F columns) with a backward
+    that writes both halves of the gradient into one [K, M, 2F] tensor: autograd's joins
+    two [K, M, F] halves with a cat (chunk's backward), which at d_model 64 and K = 8 costs
+    as much as a matmul (a memory-bound copy of the whole tensor). Same values bit for bit,
+    gradients too (the same ops as autograd's: up's is g * silu(gate), gate's is
+    silu_backward(g * up, gate))."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        silu = F.silu(gate)
+        ctx.save_for_backward(gate_up, silu)
+        return silu * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_up, silu = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.empty_like(gate_up)
+        grad_gate, grad_up = out.chunk(2, dim=-1)
+        torch.mul(grad, silu, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return out
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up [K, M, 2F], gate its first F columns."""
+    if _plain(gate_up):
+        return _SwiGLU.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -372,8 +406,7 @@ class StackedTransformer(nn.Module):
             if layer.is_moe:
                 x = x + layer.ffn(h)
             else:
-                gate, up = _linear(h, layer.gate_up).chunk(2, dim=-1)
-                x = x + _linear(F.silu(gate) * up, layer.down)
+                x = x + _linear(_swiglu(_linear(h, layer.gate_up)), layer.down)
         x = _rms_norm(x, self.norm, eps)
         logits = _linear(x, self.tok_emb if self.lm_head is None else self.lm_head)  # [K, B*T, V]
         if targets is None:

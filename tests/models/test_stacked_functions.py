@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from steplaw.models import ModelConfig
-from steplaw.models.stacked import StackedTransformer, _CrossEntropy, _linear, _MemberLinear, _MemberRMSNorm, _rms_norm
+from steplaw.models.stacked import StackedTransformer, _CrossEntropy, _linear, _MemberLinear, _MemberRMSNorm, _rms_norm, _SwiGLU
 
 
 def test_member_linear():
@@ -23,6 +23,21 @@ def test_member_rms_norm():
     assert torch.equal(_MemberRMSNorm.apply(x, w, 1e-5), expected)
     x, w = x.double().requires_grad_(), w.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: _MemberRMSNorm.apply(a, b, 1e-5), (x, w))
+
+
+def test_swiglu():
+    """Forward and gradient bit for bit as autograd's chunk, silu, mul (non-contiguous input too)."""
+    torch.manual_seed(0)
+    gate_up = torch.randn(3, 10, 5, 8).transpose(1, 2)[:, :, 1]  # [3, 5, 8], strided
+    grad = torch.randn(3, 5, 4)
+    gate_up.requires_grad_()
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    out = _SwiGLU.apply(gate_up)
+    assert torch.equal(out, expected)
+    assert torch.equal(torch.autograd.grad(out, gate_up, grad)[0], torch.autograd.grad(expected, gate_up, grad)[0])
+    gate_up = gate_up.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (gate_up,))
 
 
 def test_cross_entropy():
