@@ -255,6 +255,7 @@ class StackState:
     members: list[Member]
     params: list[torch.Tensor]  # the trained parameters, in the optimizer's order
     slots: list[int]  # the member in each slot of the stacked model (diverged and finished ones leave)
+    train_model: torch.nn.Module | None = None  # what the training forward runs: `model`, compiled with config.compile
     step: int = 0
     wide: Setup | None = None  # the plan of the slots' widest batch: the batch every slot reads
     sequences: tuple[int, ...] | None = None  # each slot's sequences of it, None when all are equal
@@ -422,7 +423,10 @@ def build_stack(setup: Setup, configs: list[RunConfig], setups: list[Setup] | No
     params = model.member_parameters()  # a run alone's order: its clipping sums the norms in it
     optimizer = _optimizer(params, peaks, config)
     members = [Member(c, s) for c, s in zip(configs, setups or [setup] * len(configs))]
-    state = StackState(model, optimizer, peaks, members, params, list(range(len(configs))))
+    # Compiled as a run alone is (evaluation runs the plain module, as there); members
+    # leaving the stack change its shapes, which recompiles.
+    train_model = torch.compile(model) if config.compile else model
+    state = StackState(model, optimizer, peaks, members, params, list(range(len(configs))), train_model=train_model)
     state.refresh()
     return state
 
@@ -485,7 +489,7 @@ def stack_step(state: StackState) -> torch.Tensor:
     for micro in range(plan.accumulation):  # > 1 only when every member has this batch
         x, y = setup.batch(state.step, slice(0, plan.rank_seqs), micro)
         with _autocast(setup.device, setup.autocast_dtype):
-            losses = state.model(x, y, state.sequences)
+            losses = state.train_model(x, y, state.sequences)
             total = (losses + state.model.aux_loss()).sum()
         (total / plan.accumulation).backward()
         step_loss += losses.detach() / plan.accumulation

@@ -97,6 +97,24 @@ def test_in_float64_members_end_as_their_runs_alone_to_the_last_bit(model, float
         assert [loss for _, loss in member.curve] == pytest.approx([loss for _, loss in alone.curve], rel=1e-15, abs=0)
 
 
+def test_a_stack_of_compiled_runs_trains_compiled(monkeypatch):
+    """compile=True is honoured in a stack as in a run alone (its model compiled; this spy
+    stands in for torch.compile, whose first step takes seconds on a CPU)."""
+    compiled = []
+
+    def spy(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", spy)
+    configs = [short(lr, compile=True, tokens=8 * 64) for lr in (0.002, 0.004)]
+    assert all(r.status == "ok" for r in run_stack(configs))
+    assert len(compiled) == 1 and compiled[0].members == 2
+    compiled.clear()
+    run_stack([short(lr, tokens=8 * 64) for lr in (0.002, 0.004)])
+    assert compiled == []
+
+
 def test_batch_sizes_that_need_micro_batches_train_apart(monkeypatch):
     import steplaw.train.runner as runner
 
