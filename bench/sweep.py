@@ -34,7 +34,13 @@ middle token budget; LRs spread over the cell's grid, centre/4 .. centre*4), an 
 at the demo's sequence length, and about 1M and 10M parameters; CUDA (only when a GPU is
 visible): about 1M, 10M and 100M parameters in bf16, K = 16 (K = 8 at 100M).
 
-    python bench/sweep.py [--quick] [--device cpu|cuda] [--threads N] [--repeats N] [--only TEXT]
+`--scan` (CPU): where stacking stops paying. For each demo case's shape, the time of one
+member-step (a stack's step time / K) at K = 1, 2, 4, 8 against one step of a run alone,
+each stack trained SCAN_STEPS steps, all timed interleaved; and, from one profiled
+K = 8 stack, the share of its time spent in matmuls (aten::bmm's self time): what is
+left when every per-op overhead is shared, and what no stack can remove.
+
+    python bench/sweep.py [--quick] [--device cpu|cuda] [--threads N] [--repeats N] [--only TEXT] [--scan]
 """
 from __future__ import annotations
 
@@ -222,6 +228,49 @@ def measure(case: dict, device: str, repeats: int) -> dict:
     }
 
 
+SCAN_STEPS = 64
+SCAN_MEMBERS = (1, 2, 4, 8)
+
+
+def measure_scan(case: dict, repeats: int) -> dict:
+    """Per member-step seconds of stacks of K members vs a run alone (see the docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from steplaw.train import run
+    from steplaw.train.stacked import run_stack
+
+    name = case["name"].replace(f"K={case['members']} ", "") + " scan"
+    # LRs from the cell's centre down to half of it, where no member diverges: a diverged
+    # member leaves the stack and would make a larger stack look cheaper per member.
+    center = statistics.geometric_mean(case["lrs"])
+    members = max(SCAN_MEMBERS)
+    case = dict(case, members=members, lrs=[center * 2 ** (-i / (members - 1)) for i in range(members)])
+    configs = [dataclasses.replace(c, tokens=SCAN_STEPS * c.batch_tokens, eval_tokens=c.seq_len * 8)
+               for c in run_configs(case, "cpu")]
+    contenders = {"alone": lambda: run(configs[0])}
+    contenders.update({f"K={k}": (lambda k=k: run_stack(configs[:k])) for k in SCAN_MEMBERS})
+    median_s = time_interleaved(contenders, device="cpu", warmup=1, repeats=repeats)
+    alone = median_s["alone"] / SCAN_STEPS
+    member_step = {k: median_s[f"K={k}"] / SCAN_STEPS / k for k in SCAN_MEMBERS}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        statuses = [r.status for r in run_stack(configs)]
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::bmm", "aten::mm", "aten::addmm"))
+    return {
+        "case": name,
+        "steps": SCAN_STEPS,
+        "median_s": median_s,  # of the whole call: SCAN_STEPS steps of a run alone or of a stack of K
+        "alone_s_per_step": alone,
+        "member_step_s": {str(k): v for k, v in member_step.items()},
+        "speedup": {f"K={k}": alone / v for k, v in member_step.items()},
+        "matmul_share_at_K8": matmul / total,
+        "matmul_s_per_member_step_at_K8": member_step[max(SCAN_MEMBERS)] * matmul / total,
+        "lrs": [c.lr for c in configs],
+        "statuses_at_K8": statuses,
+    }
+
+
 def mixed_cases() -> list[dict]:
     """A demo cell's round and a grid column, at the demo's shapes (see the docstring)."""
     from steplaw.sweep.presets import demo_spec
@@ -287,7 +336,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a sweep runs one process per core)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    parser.add_argument("--scan", action="store_true", help="CPU: per member-step cost of stacks of 1-8 at the demo's shapes")
     args = parser.parse_args()
+    if args.scan:
+        torch.set_num_threads(args.threads)
+        out = []
+        for case in demo_cases():
+            if args.only and args.only not in case["name"]:
+                continue
+            log(f"bench sweep scan: {case['name']}")
+            out.append(measure_scan(case, args.repeats or 5))
+            log(f"  speedup by K {out[-1]['speedup']}; matmul share at K=8 {out[-1]['matmul_share_at_K8']:.2f}")
+        report("sweep", "cpu", out, scan=True, repeats=args.repeats or 5)
+        return
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
