@@ -35,7 +35,7 @@ from torch import nn
 
 from steplaw.models.config import ModelConfig
 from steplaw.models.moe import balance_loss
-from steplaw.models.transformer import Transformer, apply_rotary_rolled, rotary_pair_tables, rotary_tables, upcast
+from steplaw.models.transformer import Transformer, apply_rotary_rolled, rotary_pair_tables, rotary_tables, swiglu, upcast
 
 
 class _MemberLinear(torch.autograd.Function):
@@ -143,10 +143,7 @@ class _SwiGLU(torch.autograd.Function):
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of gate_up [K, M, 2F], gate its first F columns."""
-    if _plain(gate_up):
-        return _SwiGLU.apply(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return _SwiGLU.apply(gate_up) if _plain(gate_up) else swiglu(gate_up)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
