@@ -25,10 +25,16 @@ from steplaw.models.config import MoEConfig
 from steplaw.ops.moe import expert_capacity, moe_permute, moe_route, moe_unpermute
 
 
-def _grouped_mm_usable(x: torch.Tensor, *dims: int) -> bool:
-    # torch._grouped_mm runs bf16 on Hopper-class GPUs and wants 16-byte aligned rows.
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and all(d % 8 == 0 for d in dims) and torch.cuda.get_device_capability(x.device)[0] >= 9)
+def grouped_mm_usable(x: torch.Tensor, *dims: int) -> bool:
+    """Whether the experts' matmuls take torch._grouped_mm: bf16 on Hopper-class GPUs,
+    and (one C++ loop over the experts, no host sync for their row counts) fp32 on a
+    CPU; both want 16-byte aligned rows. A stacked MoE layer (steplaw.models.stacked)
+    asks the same question, so a stacked member's experts round as its run alone's."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and all(d % 8 == 0 for d in dims) and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu" and x.dtype == torch.float32 and all(d % 4 == 0 for d in dims)
 
 
 class RoutedExperts(nn.Module):
@@ -48,9 +54,9 @@ class RoutedExperts(nn.Module):
 
     def forward(self, permuted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """permuted [R, d_model], expert e owning rows offsets[e]:offsets[e+1] -> [R, d_model].
-        Rows past offsets[-1] (padding of the upper bound) come back zero on CPU and
-        unspecified on the grouped-GEMM path; moe_unpermute never reads them."""
-        if _grouped_mm_usable(permuted, self.d_model, self.d_expert):
+        Rows past offsets[-1] (padding of the upper bound) come back zero on the loop
+        path and unspecified on the grouped-GEMM path; moe_unpermute never reads them."""
+        if grouped_mm_usable(permuted, self.d_model, self.d_expert):
             ends = offsets[1:].to(torch.int32)
             gate = torch._grouped_mm(permuted, self.w_gate.to(permuted.dtype), offs=ends)
             up = torch._grouped_mm(permuted, self.w_up.to(permuted.dtype), offs=ends)

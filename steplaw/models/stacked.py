@@ -9,7 +9,9 @@ the same token batch [B, T]; the forward returns one mean cross-entropy per memb
 
 Nothing mixes members: each member's outputs and gradients are those of its own model,
 so a member whose weights turn NaN leaves the others untouched, and summing the member
-losses before backward gives each member exactly its own gradient.
+losses before backward gives each member exactly its own gradient. Both this model and
+the single Transformer compute with steplaw.models.layers (the single one as one
+member), so a member's values are its single model's bit for bit.
 
 Why a native member dimension rather than torch.func (stack_module_state + vmap over
 functional_call): measured once with a prototype on this project's 2-core CPU machine
@@ -19,13 +21,6 @@ model at a time: 250 ms and 548 ms): vmap has no batching rule for CPU flash att
 (it loops over members), adds per-op batching work, and would need vmap rules for every
 custom MoE op besides. Here the code is plain PyTorch (autocast works as in the single model) and
 the MoE dispatch is the existing ops over K*E experts.
-
-At the demo's sizes (d_model 16-64, 8-token sequences, 4-32 per batch) a step is mostly
-per-op overhead, so float32 steps without autocast take a few hand-written autograd
-Functions (_MemberLinear, _MemberRMSNorm, _SwiGLU, _CrossEntropy) that do the same arithmetic in
-fewer ops and autograd nodes; their forwards give the same values bit for bit and their
-gradients agree with autograd's to rounding. Rotary embeddings rotate q and k together in
-the qkv projection's layout (apply_rotary_rolled: apply_rotary's values bit for bit).
 """
 from __future__ import annotations
 
@@ -33,124 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from steplaw.models import layers
 from steplaw.models.config import ModelConfig
-from steplaw.models.moe import balance_loss
-from steplaw.models.transformer import Transformer, apply_rotary_rolled, rotary_pair_tables, rotary_tables, swiglu, upcast
-
-
-class _MemberLinear(torch.autograd.Function):
-    """bmm(x, weight.transpose(1, 2)) whose backward gives the weight's gradient in the
-    weight's own layout (bmm(grad.T, x)): autograd's gives it transposed, which costs a
-    TransposeBackward node and a copy per weight and step. Same values bit for bit."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return torch.bmm(x, weight.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight
-
-
-def _plain(*tensors: torch.Tensor) -> bool:
-    """Whether the hand-written autograd Functions apply: float32 tensors, no autocast
-    (whose dtype rules they do not follow; those cases take plain torch ops)."""
-    return all(t.dtype == torch.float32 for t in tensors) and not torch.is_autocast_enabled(tensors[0].device.type)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-member x [K, M, d_in] @ weight[k].T with weight [K, d_out, d_in] (nn.Linear's layout)."""
-    if _plain(x, weight):
-        return _MemberLinear.apply(x, weight)
-    return torch.bmm(x, weight.to(x.dtype).transpose(1, 2))
-
-
-class _MemberRMSNorm(torch.autograd.Function):
-    """float32 x [K, M, d] normalised over d and scaled by weight [K, d] per member, with a
-    hand-written backward: one autograd node instead of the composite's six (pow, mean,
-    add, rsqrt, mul, mul), which at the demo's sizes cost more than their arithmetic.
-    The forward is F.rms_norm's float32 composite (x * rsqrt(mean(x^2) + eps)) times the
-    weight, the same values bit for bit; the backward agrees with autograd's to rounding."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))  # [K, M, 1]
-        normed = x * rstd
-        ctx.save_for_backward(normed, rstd, weight)
-        return normed * weight.unsqueeze(1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        normed, rstd, weight = ctx.saved_tensors
-        grad_weight = (grad * normed).sum(1) if ctx.needs_input_grad[1] else None
-        grad_normed = grad * weight.unsqueeze(1)
-        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)).
-        dot = (grad_normed * normed).mean(-1, keepdim=True)
-        grad_x = grad_normed.sub_(normed * dot).mul_(rstd) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_weight, None
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of float32 logits [K, N, V] against target [K, N, 1] (int64):
-    F.cross_entropy(reduction="none")'s values bit for bit (the negated log_softmax at the
-    target), with a backward of three passes over the logits (exp of the saved
-    log-probabilities times the upstream gradient, less it at the target) where autograd's
-    takes five (nll_loss's zero-filled gradient, its scatter, log_softmax's backward);
-    the gradients agree to rounding."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.log_softmax(logits, dim=-1)
-        ctx.save_for_backward(log_probs, target)
-        return log_probs.gather(-1, target).squeeze(-1).neg_()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        log_probs, target = ctx.saved_tensors
-        grad = grad.unsqueeze(-1)
-        return torch.exp(log_probs).mul_(grad).scatter_add_(-1, target, grad.neg()), None
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up of gate_up [K, M, 2F] (gate its first F columns) with a backward
-    that writes both halves of the gradient into one [K, M, 2F] tensor: autograd's joins
-    two [K, M, F] halves with a cat (chunk's backward), which at d_model 64 and K = 8 costs
-    as much as a matmul (a memory-bound copy of the whole tensor). Same values bit for bit,
-    gradients too (the same ops as autograd's: up's is g * silu(gate), gate's is
-    silu_backward(g * up, gate))."""
-
-    @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        silu = F.silu(gate)
-        ctx.save_for_backward(gate_up, silu)
-        return silu * up
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        gate_up, silu = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.empty_like(gate_up)
-        grad_gate, grad_up = out.chunk(2, dim=-1)
-        torch.mul(grad, silu, out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
-        return out
-
-
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of gate_up [K, M, 2F], gate its first F columns."""
-    return _SwiGLU.apply(gate_up) if _plain(gate_up) else swiglu(gate_up)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [K, M, d] normalised over d and scaled by weight [K, d] per member."""
-    if _plain(x, weight):
-        return _MemberRMSNorm.apply(x, weight, eps)
-    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight.to(x.dtype).unsqueeze(1)
+from steplaw.models.moe import balance_loss, grouped_mm_usable
+from steplaw.models.transformer import Transformer
 
 
 def _member_param(value: torch.Tensor, members: int) -> nn.Parameter:
@@ -208,7 +89,7 @@ class StackedMoE(nn.Module):
         w_gate = self.w_gate.reshape(members * cfg.n_experts, self.d_model, cfg.d_expert).to(permuted.dtype)
         w_up = self.w_up.reshape(members * cfg.n_experts, self.d_model, cfg.d_expert).to(permuted.dtype)
         w_down = self.w_down.reshape(members * cfg.n_experts, cfg.d_expert, self.d_model).to(permuted.dtype)
-        if _grouped_mm_ok(permuted, self.d_model, cfg.d_expert):
+        if grouped_mm_usable(permuted, self.d_model, cfg.d_expert):
             ends = offsets[1:].to(torch.int32)
             gate = torch._grouped_mm(permuted, w_gate, offs=ends)
             up = torch._grouped_mm(permuted, w_up, offs=ends)
@@ -265,16 +146,6 @@ class StackedMoE(nn.Module):
         load.zero_()
 
 
-def _grouped_mm_ok(x: torch.Tensor, *dims: int) -> bool:
-    """torch._grouped_mm: bf16 on Hopper-class GPUs, and (one C++ loop instead of K*E
-    Python-level matmuls) fp32 on CPU; both want 16-byte aligned rows."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and all(d % 8 == 0 for d in dims) and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return x.device.type == "cpu" and x.dtype == torch.float32 and all(d % 4 == 0 for d in dims)
-
-
 class StackedTransformer(nn.Module):
     """K members of Transformer(config), all starting from the weights of `init` (a
     Transformer) or, without it, from K copies of a fresh Transformer(config)."""
@@ -303,11 +174,9 @@ class StackedTransformer(nn.Module):
                 layer.gate_up = _member_param(block.ffn.gate_up.weight, members)
                 layer.down = _member_param(block.ffn.down.weight, members)
             self.layers.append(layer)
-        cos2, sin2 = rotary_pair_tables(*rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta))
-        self.register_buffer("rope_cos2", cos2, persistent=False)
-        self.register_buffer("rope_sin2", sin2, persistent=False)
+        self.register_buffer("rope_cos2", init.rope_cos2.clone(), persistent=False)
+        self.register_buffer("rope_sin2", init.rope_sin2.clone(), persistent=False)
         self._row_offsets: torch.Tensor | None = None  # [K, 1]: k * vocab_size, member k's rows of the embedding
-        self._weights: tuple | None = None  # (key, [K, B*T] token weights) of the last `sequences`
 
     def moe_layers(self) -> list[StackedMoE]:
         return [layer.ffn for layer in self.layers if layer.is_moe]
@@ -325,7 +194,7 @@ class StackedTransformer(nn.Module):
             layer.members = len(keep)
             # The last forward's outputs hold autograd nodes that remember the old shapes.
             layer.aux_loss, layer.stats = torch.zeros(len(keep), device=index.device), {}
-        self.members, self._row_offsets, self._weights = len(keep), None, None
+        self.members, self._row_offsets = len(keep), None
 
     def _member_tensors(self) -> dict[str, torch.Tensor]:
         """The stacked [K, ...] tensors under a member's Transformer state-dict names."""
@@ -353,28 +222,10 @@ class StackedTransformer(nn.Module):
         tensors = self._member_tensors()
         return [tensors[name] for name in self._parameter_names]
 
-    def _attention(self, layer, x: torch.Tensor, batch: int, seq: int, cos2, sin2) -> torch.Tensor:
-        members, d_model = self.members, self.config.d_model
-        heads, head_dim = self.config.n_heads, self.config.head_dim
-        qkv = _linear(x, layer.qkv).view(members * batch, seq, 3, heads, head_dim)
-        # q and k rotated together in qkv's layout (cos2, sin2 [T, 1, 1, h]), then [N, H, T, h] views.
-        q, k = apply_rotary_rolled(qkv[:, :, :2], cos2, sin2).permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, qkv[:, :, 2].transpose(1, 2), is_causal=True)
-        return _linear(y.transpose(1, 2).reshape(members, batch * seq, d_model), layer.out)
-
     def _member_rows(self, device: torch.device) -> torch.Tensor:
         if self._row_offsets is None or self._row_offsets.device != device or self._row_offsets.shape[0] != self.members:
             self._row_offsets = torch.arange(self.members, device=device).unsqueeze(1) * self.config.vocab_size
         return self._row_offsets
-
-    def _token_weights(self, sequences: tuple[int, ...], batch: int, seq: int, device: torch.device) -> torch.Tensor:
-        """[K, B*T]: 1 / (n_k * T) on member k's first n_k sequences, 0 after them."""
-        key = (sequences, batch, seq, device)
-        if self._weights is None or self._weights[0] != key:
-            counts = torch.tensor(sequences, dtype=torch.float32).unsqueeze(1) * seq
-            positions = torch.arange(batch * seq, dtype=torch.float32).unsqueeze(0)
-            self._weights = (key, torch.where(positions < counts, 1.0 / counts, 0.0).to(device))
-        return self._weights[1]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 sequences: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -398,24 +249,19 @@ class StackedTransformer(nn.Module):
         shifted = idx.reshape(1, -1) + self._member_rows(idx.device)
         x = F.embedding(shifted, self.tok_emb.reshape(members * vocab, -1))  # [K, B*T, d]
         for layer in self.layers:
-            x = x + self._attention(layer, _rms_norm(x, layer.attn_norm, eps), batch, seq, cos2, sin2)
-            h = _rms_norm(x, layer.ffn_norm, eps)
-            if layer.is_moe:
-                x = x + layer.ffn(h)
-            else:
-                x = x + _linear(_swiglu(_linear(h, layer.gate_up)), layer.down)
-        x = _rms_norm(x, self.norm, eps)
-        logits = _linear(x, self.tok_emb if self.lm_head is None else self.lm_head)  # [K, B*T, V]
+            x = x + layers.attention(layers.rms_norm(x, layer.attn_norm, eps), layer.qkv, layer.out, batch, seq,
+                                     self.config.n_heads, cos2, sin2)
+            h = layers.rms_norm(x, layer.ffn_norm, eps)
+            x = x + (layer.ffn(h) if layer.is_moe else layers.feed_forward(h, layer.gate_up, layer.down))
+        x = layers.rms_norm(x, self.norm, eps)
+        logits = layers.linear(x, self.tok_emb if self.lm_head is None else self.lm_head)  # [K, B*T, V]
         if targets is None:
             return logits.view(members, batch, seq, vocab)
-        if _plain(logits):
-            losses = _CrossEntropy.apply(logits, targets.reshape(1, -1, 1).expand(members, -1, 1))
-        else:
-            losses = F.cross_entropy(upcast(logits).reshape(-1, vocab), targets.reshape(-1).repeat(members), reduction="none")
-            losses = losses.view(members, -1)
+        losses = layers.cross_entropy(logits, targets)  # [K, B*T]
         if sequences is None or all(n == batch for n in sequences):
             return losses.mean(dim=1)
-        return (losses * self._token_weights(tuple(sequences), batch, seq, idx.device)).sum(dim=1)
+        # Member k's mean over its own rows, the op its run alone takes over its batch.
+        return torch.cat([losses[k:k + 1, :n * seq].mean(dim=1) for k, n in enumerate(sequences)])
 
     def aux_loss(self) -> torch.Tensor | float:
         """Per member [K]: the sum of the MoE layers' auxiliary losses of the last forward (0.0 for dense)."""

@@ -1,7 +1,10 @@
 """LLaMA-style decoder: RMSNorm, rotary embeddings, SwiGLU, causal SDPA attention.
 
 Feed-forward layers are dense SwiGLU MLPs or, where `config.moe.is_moe_layer(i)`, the
-MoE layer of steplaw.models.moe (imported only when a model has MoE layers).
+MoE layer of steplaw.models.moe (imported only when a model has MoE layers). The
+arithmetic is steplaw.models.layers' with one member: the model runs on [1, B*T, d]
+activations and [1, ...] views of its weights, as each member of a stack of runs
+(steplaw.models.stacked) does, so that a stacked run computes its run alone's values.
 
 Parameter names (the accounting in steplaw.models.accounting counts the same tensors):
   tok_emb.weight [V, d]                          embedding
@@ -21,13 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from steplaw.models import layers
 from steplaw.models.config import ModelConfig
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """x in float32 at least: the loss of bf16/fp16 logits is taken in float32, float64
-    stays float64 (a float64 model's numerics are float64 throughout)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class RMSNorm(nn.Module):
@@ -37,60 +35,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [max_seq_len, head_dim/2] of the rotary embedding (RoFormer)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of x [B, H, T, h] (the 'half' layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos = cos.to(x.dtype)
-    sin = sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-def rotary_pair_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cat(cos, cos) and cat(-sin, sin) [.., head_dim]: the tables of `apply_rotary_rolled`."""
-    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
-
-
-def apply_rotary_rolled(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
-    """apply_rotary in three elementwise ops, for x [..., h] of any layout (cos2, sin2 from
-    rotary_pair_tables, broadcast to x): x * cat(cos, cos) + cat(x2, x1) * cat(-sin, sin).
-    The same values bit for bit, also in the backward (a - b is a + (-b) in IEEE
-    arithmetic, and each sum has two terms), so it can rotate q and k together straight
-    from the qkv projection, before any permute."""
-    return x * cos2.to(x.dtype) + x.roll(x.shape[-1] // 2, dims=-1) * sin2.to(x.dtype)
+        d = x.shape[-1]
+        return layers.rms_norm(x.reshape(1, -1, d), self.weight.unsqueeze(0), self.eps).view(x.shape)
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads = config.n_heads
-        self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, d_model = x.shape
-        qkv = self.qkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(batch, seq, d_model))
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of gate_up [..., 2F], gate its first F columns."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    def forward(self, x: torch.Tensor, batch: int, seq: int, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+        """x [1, B*T, d] (B sequences of T rows) -> [1, B*T, d]; cos2, sin2 as layers.attention's."""
+        return layers.attention(x, self.qkv.weight.unsqueeze(0), self.out.weight.unsqueeze(0), batch, seq, self.n_heads,
+                                cos2, sin2)
 
 
 class SwiGLU(nn.Module):
@@ -102,7 +61,10 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(swiglu(self.gate_up(x)))
+        """x [..., d] -> [..., d]."""
+        d = x.shape[-1]
+        out = layers.feed_forward(x.reshape(1, -1, d), self.gate_up.weight.unsqueeze(0), self.down.weight.unsqueeze(0))
+        return out.view(x.shape)
 
 
 class Block(nn.Module):
@@ -119,8 +81,9 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(config.d_model, config.d_ff)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, batch: int, seq: int, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+        """x [1, B*T, d] -> [1, B*T, d]."""
+        x = x + self.attn(self.attn_norm(x), batch, seq, cos2, sin2)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -132,9 +95,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        cos2, sin2 = layers.rotary_pair_tables(*layers.rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta))
+        self.register_buffer("rope_cos2", cos2, persistent=False)
+        self.register_buffer("rope_sin2", sin2, persistent=False)
         self.reset_parameters()
 
     def moe_layers(self) -> list[nn.Module]:
@@ -161,18 +124,21 @@ class Transformer(nn.Module):
         """idx [B, T] token ids -> logits [B, T, V], or with targets [B, T] the mean
         cross-entropy (nats per token) of predicting them. MoE auxiliary losses of the
         same forward are in `aux_loss()`, not in this value."""
-        seq = idx.shape[1]
+        batch, seq = idx.shape
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        x = self.tok_emb(idx)
+        # One member of steplaw.models.layers' [K, M, d] arithmetic, as a stack's member
+        # computes it (so a stacked run and its run alone agree to the last bit).
+        cos2, sin2 = (table[:seq].view(seq, 1, 1, -1) for table in (self.rope_cos2, self.rope_sin2))
+        x = F.embedding(idx.reshape(1, -1), self.tok_emb.weight)  # [1, B*T, d]
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, batch, seq, cos2, sin2)
         x = self.norm(x)
-        logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = layers.linear(x, head.unsqueeze(0))  # [1, B*T, V]
         if targets is None:
-            return logits
-        return F.cross_entropy(upcast(logits).view(-1, logits.shape[-1]), targets.reshape(-1))
+            return logits.view(batch, seq, -1)
+        return layers.cross_entropy(logits, targets).mean(dim=1).squeeze(0)
 
     def aux_loss(self) -> torch.Tensor | float:
         """Sum of the MoE layers' auxiliary losses of the last forward (0.0 for dense)."""

@@ -28,8 +28,10 @@ memory is split in halves (said once).
 
 Each member sees exactly the batches it would see alone, and nothing mixes members: the
 forward, the per-member gradient clipping and the optimizer act on member k's slice
-alone. So a member's result is its single run's (to rounding: batched matmuls may round
-differently from unbatched ones). A member whose loss turns non-finite or passes the
+alone. So a member's result is its single run's, to the last bit on a CPU: the run alone
+computes with the same layer code as a stack of one (steplaw.models.layers), and a
+member's slice of a batched op rounds as the op on that slice alone. (On a GPU, batched
+matmuls may pick other kernels for other batch counts, so members agree to rounding.) A member whose loss turns non-finite or passes the
 divergence rule is marked `diverged` at that step, frozen (learning rate 0: FusedAdamW
 leaves its weights and state untouched, NaN gradients and all) and taken out of the stack,
 so that it stops costing compute; the others go on exactly as they would without it.
