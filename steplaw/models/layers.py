@@ -2,7 +2,7 @@
 
 Activations are [K, M, d] (K members, M = batch x sequence rows), weights [K, ...]. A
 single model (steplaw.models.transformer) calls these with K = 1 (its [1, M, d]
-activations and [1, ...] views of its weights), a stack of K runs
+activations and its own weights, taken as one member's), a stack of K runs
 (steplaw.models.stacked) with K. So a stacked member does its run alone's arithmetic op
 for op: batched matmuls, reductions over a row and elementwise ops give each member's
 slice the same bits whatever K is (checked on this project's CPU, float32 and float64,
@@ -44,60 +44,81 @@ def _plain(*tensors: torch.Tensor) -> bool:
 class _MemberLinear(torch.autograd.Function):
     """bmm(x, weight.transpose(1, 2)) whose backward gives the weight's gradient in the
     weight's own layout (bmm(grad.T, x)): autograd's gives it transposed, which costs a
-    TransposeBackward node and a copy per weight and step. Same values bit for bit."""
+    TransposeBackward node and a copy per weight and step. Same values bit for bit. A
+    weight without the member dim (one member's [d_out, d_in]) is taken as [1, d_out,
+    d_in] inside, so a single model pays no view node for it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return torch.bmm(x, weight.transpose(1, 2))
+        return torch.bmm(x, _members(weight).transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_x = torch.bmm(grad, _members(weight)) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.bmm(grad.transpose(1, 2), x)
+            grad_weight = grad_weight if weight.dim() == 3 else grad_weight.squeeze(0)
         return grad_x, grad_weight
 
 
+def _members(weight: torch.Tensor) -> torch.Tensor:
+    """A linear weight as [K, d_out, d_in] (one member's [d_out, d_in] as K = 1)."""
+    return weight if weight.dim() == 3 else weight.unsqueeze(0)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-member x [K, M, d_in] @ weight[k].T with weight [K, d_out, d_in] (nn.Linear's layout)."""
+    """Per-member x [K, M, d_in] @ weight[k].T with weight [K, d_out, d_in] (nn.Linear's
+    layout), or one member's [d_out, d_in] when K = 1."""
     if _plain(x, weight):
         return _MemberLinear.apply(x, weight)
-    return torch.bmm(x, weight.to(x.dtype).transpose(1, 2))
+    return torch.bmm(x, _members(weight).to(x.dtype).transpose(1, 2))
 
 
 # ---------------------------------------------------------------- RMSNorm
 
 class _MemberRMSNorm(torch.autograd.Function):
-    """x [K, M, d] normalised over d and scaled by weight [K, d] per member, with a
-    hand-written backward: one autograd node instead of the composite's six (pow, mean,
-    add, rsqrt, mul, mul), which at the demo's sizes cost more than their arithmetic.
-    The forward is F.rms_norm's composite (x * rsqrt(mean(x^2) + eps)) times the
-    weight, the same values bit for bit; the backward agrees with autograd's to rounding."""
+    """x [K, M, d] normalised over d and scaled by weight [K, d] per member (or, K = 1,
+    one member's [d]), with a hand-written backward: one autograd node instead of the
+    composite's six (pow, mean, add, rsqrt, mul, mul), which at the demo's sizes cost
+    more than their arithmetic. The forward is F.rms_norm's composite
+    (x * rsqrt(mean(x^2) + eps)) times the weight, the same values bit for bit; the
+    backward agrees with autograd's to rounding."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))  # [K, M, 1]
         normed = x * rstd
         ctx.save_for_backward(normed, rstd, weight)
-        return normed * weight.unsqueeze(1)
+        return normed * _member_rows(weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         normed, rstd, weight = ctx.saved_tensors
-        grad_weight = (grad * normed).sum(1) if ctx.needs_input_grad[1] else None
-        grad_normed = grad * weight.unsqueeze(1)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).sum(1)  # [K, d]
+            grad_weight = grad_weight if weight.dim() == 2 else grad_weight.squeeze(0)
+        grad_normed = grad * _member_rows(weight)
         # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)).
         dot = (grad_normed * normed).mean(-1, keepdim=True)
         grad_x = grad_normed.sub_(normed * dot).mul_(rstd) if ctx.needs_input_grad[0] else None
         return grad_x, grad_weight, None
 
 
+def _member_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A norm weight [K, d] as [K, 1, d], to scale [K, M, d] (one member's [d] broadcasts as it is)."""
+    return weight.unsqueeze(1) if weight.dim() == 2 else weight
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [K, M, d] normalised over d and scaled by weight [K, d] per member."""
+    """x [K, M, d] normalised over d and scaled by weight [K, d] per member (or one
+    member's [d] when K = 1)."""
     if _plain(x, weight):
         return _MemberRMSNorm.apply(x, weight, eps)
-    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight.to(x.dtype).unsqueeze(1)
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * _member_rows(weight).to(x.dtype)
 
 
 # ---------------------------------------------------------------- SwiGLU
@@ -138,7 +159,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 def feed_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """The dense SwiGLU MLP down(silu(gate(x)) * up(x)) per member: x [K, M, d],
-    gate_up [K, 2F, d] (gate and up in one matmul), down [K, d, F]."""
+    gate_up [K, 2F, d] (gate and up in one matmul), down [K, d, F] (weights as `linear`'s)."""
     return linear(swiglu(linear(x, gate_up)), down)
 
 
@@ -177,8 +198,9 @@ def apply_rotary_rolled(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor)
 def attention(x: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, batch: int, seq: int, n_heads: int,
               cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
     """Causal self-attention per member: x [K, B*T, d] (B sequences of T rows), qkv
-    [K, 3d, d] (q, k, v stacked in nn.Linear's layout), out [K, d, d], rotary tables
-    cos2, sin2 [T, 1, 1, head_dim] (rotary_pair_tables) -> [K, B*T, d]."""
+    [K, 3d, d] (q, k, v stacked in nn.Linear's layout), out [K, d, d] (weights as
+    `linear`'s), rotary tables cos2, sin2 [T, 1, 1, head_dim] (rotary_pair_tables)
+    -> [K, B*T, d]."""
     members, _, d_model = x.shape
     head_dim = d_model // n_heads
     qkv_rows = linear(x, qkv).view(members * batch, seq, 3, n_heads, head_dim)

@@ -3,7 +3,7 @@
 Feed-forward layers are dense SwiGLU MLPs or, where `config.moe.is_moe_layer(i)`, the
 MoE layer of steplaw.models.moe (imported only when a model has MoE layers). The
 arithmetic is steplaw.models.layers' with one member: the model runs on [1, B*T, d]
-activations and [1, ...] views of its weights, as each member of a stack of runs
+activations and its own weights as one member's, as each member of a stack of runs
 (steplaw.models.stacked) does, so that a stacked run computes its run alone's values.
 
 Parameter names (the accounting in steplaw.models.accounting counts the same tensors):
@@ -35,8 +35,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1]
-        return layers.rms_norm(x.reshape(1, -1, d), self.weight.unsqueeze(0), self.eps).view(x.shape)
+        """x [..., d] -> the same shape (the model's own [1, B*T, d] without a reshape)."""
+        return _as_one_member(x, lambda rows: layers.rms_norm(rows, self.weight, self.eps))
+
+
+def _as_one_member(x: torch.Tensor, fn) -> torch.Tensor:
+    """fn applied to x [..., d] as one member's rows [1, M, d], in x's shape. The model's
+    own activations are [1, M, d] already: no view nodes for them (at the demo's sizes
+    every autograd node costs more than its arithmetic)."""
+    if x.dim() == 3 and x.shape[0] == 1:
+        return fn(x)
+    return fn(x.reshape(1, -1, x.shape[-1])).view(*x.shape[:-1], -1)
 
 
 class Attention(nn.Module):
@@ -48,8 +57,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: int, seq: int, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
         """x [1, B*T, d] (B sequences of T rows) -> [1, B*T, d]; cos2, sin2 as layers.attention's."""
-        return layers.attention(x, self.qkv.weight.unsqueeze(0), self.out.weight.unsqueeze(0), batch, seq, self.n_heads,
-                                cos2, sin2)
+        return layers.attention(x, self.qkv.weight, self.out.weight, batch, seq, self.n_heads, cos2, sin2)
 
 
 class SwiGLU(nn.Module):
@@ -62,9 +70,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> [..., d]."""
-        d = x.shape[-1]
-        out = layers.feed_forward(x.reshape(1, -1, d), self.gate_up.weight.unsqueeze(0), self.down.weight.unsqueeze(0))
-        return out.view(x.shape)
+        return _as_one_member(x, lambda rows: layers.feed_forward(rows, self.gate_up.weight, self.down.weight))
 
 
 class Block(nn.Module):
@@ -135,7 +141,7 @@ class Transformer(nn.Module):
             x = block(x, batch, seq, cos2, sin2)
         x = self.norm(x)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = layers.linear(x, head.unsqueeze(0))  # [1, B*T, V]
+        logits = layers.linear(x, head)  # [1, B*T, V]
         if targets is None:
             return logits.view(batch, seq, -1)
         return layers.cross_entropy(logits, targets).mean(dim=1).squeeze(0)

@@ -17,6 +17,18 @@ def test_member_linear():
     assert torch.autograd.gradcheck(_MemberLinear.apply, (x, w))
 
 
+def test_one_members_weights_need_no_member_dim():
+    """A single model passes its own weights ([d_out, d_in], [d]) as one member's: the
+    values and gradients of the same weights with a member dim of 1."""
+    torch.manual_seed(0)
+    x, w, g = torch.randn(1, 5, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    assert torch.equal(linear(x, w), linear(x, w.unsqueeze(0)))
+    assert torch.equal(rms_norm(x, g, 1e-5), rms_norm(x, g.unsqueeze(0), 1e-5))
+    x, w, g = (t.requires_grad_() for t in (x, w, g))
+    assert torch.autograd.gradcheck(_MemberLinear.apply, (x, w))
+    assert torch.autograd.gradcheck(lambda a, b: _MemberRMSNorm.apply(a, b, 1e-5), (x, g))
+
+
 def test_member_rms_norm():
     torch.manual_seed(0)
     x, w = torch.randn(3, 5, 8), torch.randn(3, 8)

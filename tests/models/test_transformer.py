@@ -122,3 +122,29 @@ def test_stacked_member_nan_stays_in_its_member():
     assert torch.equal(losses[[0, 2]], before[[0, 2]])
     for p in stacked.parameters():
         assert torch.isfinite(p.grad[0]).all() and torch.isfinite(p.grad[2]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_norm_and_mlp_modules_take_any_leading_shape(dtype):
+    """RMSNorm and SwiGLU take [..., d] as well as the model's own [1, M, d] rows: the
+    values of F.rms_norm and down(silu(gate) * up), gradients included."""
+    import torch.nn.functional as F
+
+    from steplaw.models.transformer import RMSNorm, SwiGLU
+
+    torch.manual_seed(0)
+    norm, mlp = RMSNorm(8, 1e-5).to(dtype), SwiGLU(8, 12).to(dtype)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(8, dtype=dtype))
+    x = torch.randn(2, 3, 5, 8, dtype=dtype, requires_grad=True)
+    gate, up = F.linear(x, mlp.gate_up.weight).chunk(2, dim=-1)
+    expected = (F.rms_norm(x, (8,), norm.weight, 1e-5), F.linear(F.silu(gate) * up, mlp.down.weight))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+    for module, want in zip((norm, mlp), expected):
+        got = module(x)
+        assert got.shape == x.shape
+        torch.testing.assert_close(got, want, **tol)
+        grads = torch.autograd.grad(got.sum(), [x, *module.parameters()])
+        wants = torch.autograd.grad(want.sum(), [x, *module.parameters()])
+        for g, w in zip(grads, wants):
+            torch.testing.assert_close(g, w, **tol)
