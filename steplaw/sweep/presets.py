@@ -22,12 +22,12 @@ A step costs about the same whatever the width at these sizes (per-step overhead
 dominates), so the models span 16x in non-embedding parameters (d_model 16, 32, 64) at
 little extra cost, and the runs of one batch size train as one stack (steplaw.train.stacked).
 
-Measured (2026-12-05, 2 quiet cores, bench/results/demo_2026-12-05_cpu-2core.json): 114 runs,
-about 130 s for sweep, fit and report (170 s with --stack off, the same runs and law).
-Every cell bracketed with its best run inside the LR and batch range it tried (9 of 9).
-LR law lr = a N^alpha D^beta: alpha -0.62 [-0.70, -0.52] (interval 0.18 wide), beta +0.26
-[+0.13, +0.39] (0.26 wide); batch law B = c D^gamma, gamma 0.94 [0.68, 0.98];
-leave-one-cell-out relative loss gap 0.39% mean (Step Law 6.0%).
+Measured (2026-12-05, 2 quiet cores, bench/results/demo_2026-12-05_cpu-2core_layers.json):
+114 runs, 121 s for sweep, fit and report (172 s with --stack off, the same runs to the same
+losses, so the same law). Every cell bracketed with its best run inside the LR and batch
+range it tried (9 of 9). LR law lr = a N^alpha D^beta: alpha -0.62 [-0.70, -0.51]
+(interval 0.19 wide), beta +0.26 [+0.14, +0.40] (0.25 wide); batch law B = c D^gamma,
+gamma 0.94 [0.68, 0.98]; leave-one-cell-out relative loss gap 0.41% mean (Step Law 6.0%).
 
 What it cannot show. The models are 6K-100K non-embedding parameters trained on the
 embedded corpus with an 8-token context, far below the Step Law's fitted range (60M-1B
