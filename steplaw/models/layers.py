@@ -195,6 +195,14 @@ def apply_rotary_rolled(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor)
     return x * cos2.to(x.dtype) + x.roll(x.shape[-1] // 2, dims=-1) * sin2.to(x.dtype)
 
 
+def rotary_rows(cos2: torch.Tensor, sin2: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `seq` rows of rotary_pair_tables' tables [max_seq_len, h], shaped
+    [T, 1, 1, h] for `attention`; a sequence longer than the tables is refused."""
+    if seq > cos2.shape[0]:
+        raise ValueError(f"sequence length {seq} exceeds max_seq_len={cos2.shape[0]}")
+    return cos2[:seq].view(seq, 1, 1, -1), sin2[:seq].view(seq, 1, 1, -1)
+
+
 def attention(x: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, batch: int, seq: int, n_heads: int,
               cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
     """Causal self-attention per member: x [K, B*T, d] (B sequences of T rows), qkv

@@ -241,10 +241,8 @@ class StackedTransformer(nn.Module):
         batch, seq = idx.shape
         if sequences is not None and (len(sequences) != self.members or self.moe_layers()):
             raise ValueError(f"sequences={sequences!r}: expected one count per member ({self.members}) of a dense model")
-        if seq > self.config.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
         members, vocab, eps = self.members, self.config.vocab_size, self.config.norm_eps
-        cos2, sin2 = (table[:seq].view(seq, 1, 1, -1) for table in (self.rope_cos2, self.rope_sin2))
+        cos2, sin2 = layers.rotary_rows(self.rope_cos2, self.rope_sin2, seq)
         # Member k's rows of the flattened [K*V, d] table start at k*V.
         shifted = idx.reshape(1, -1) + self._member_rows(idx.device)
         x = F.embedding(shifted, self.tok_emb.reshape(members * vocab, -1))  # [K, B*T, d]

@@ -131,11 +131,9 @@ class Transformer(nn.Module):
         cross-entropy (nats per token) of predicting them. MoE auxiliary losses of the
         same forward are in `aux_loss()`, not in this value."""
         batch, seq = idx.shape
-        if seq > self.config.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
         # One member of steplaw.models.layers' [K, M, d] arithmetic, as a stack's member
         # computes it (so a stacked run and its run alone agree to the last bit).
-        cos2, sin2 = (table[:seq].view(seq, 1, 1, -1) for table in (self.rope_cos2, self.rope_sin2))
+        cos2, sin2 = layers.rotary_rows(self.rope_cos2, self.rope_sin2, seq)
         x = F.embedding(idx.reshape(1, -1), self.tok_emb.weight)  # [1, B*T, d]
         for block in self.blocks:
             x = block(x, batch, seq, cos2, sin2)

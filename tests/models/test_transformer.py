@@ -148,3 +148,13 @@ def test_norm_and_mlp_modules_take_any_leading_shape(dtype):
         wants = torch.autograd.grad(want.sum(), [x, *module.parameters()])
         for g, w in zip(grads, wants):
             torch.testing.assert_close(g, w, **tol)
+
+
+def test_a_sequence_longer_than_max_seq_len_is_refused_by_both_models():
+    from steplaw.models.stacked import StackedTransformer
+
+    config = ModelConfig(d_model=16, n_layers=1, n_heads=1, d_ff=32, max_seq_len=8)
+    idx = torch.zeros(2, 9, dtype=torch.long)
+    for model in (Transformer(config), StackedTransformer(config, 2)):
+        with pytest.raises(ValueError, match="sequence length 9 exceeds max_seq_len=8"):
+            model(idx)
