@@ -53,11 +53,14 @@ class SweepSummary:
     wall_s: float = 0.0
     planner: str = "grid"
     cells: list = field(default_factory=list)  # adaptive: one report per cell (AdaptivePlanner.cell_reports)
+    stacked: tuple[int, int] = (0, 0)  # (finished runs trained in a stack, stacks), over the whole sweep
 
     def line(self) -> str:
         parts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
+        runs, stacks = self.stacked
+        stacked = f"; {runs} runs trained in {stacks} stacks" if runs else ""
         text = (f"sweep {self.sweep_dir}: {self.total} runs ({parts}); ran {self.ran}, reused {self.reused}, "
-                f"{format_duration(self.wall_s)}; planner {self.planner}")
+                f"{format_duration(self.wall_s)}{stacked}; planner {self.planner}")
         if self.cells:
             states: dict[str, int] = {}
             for cell in self.cells:
@@ -127,6 +130,7 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
         owned = sweep.owned_ids()
         summary.total = len(owned)
         summary.counts = store.status_counts(owned)
+        summary.stacked = store.stack_counts(owned)
         summary.cells = planner.cell_reports(sweep.views)
         if summary.cells:
             store.set_meta("planner_cells", summary.cells)

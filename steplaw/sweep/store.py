@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS runs (
     compute REAL,
     n_experts INTEGER,
     top_k INTEGER,
-    stack TEXT,                        -- the stack that trained it with runs differing only in lr (RunResult.stack)
+    stack TEXT,                        -- the stack that trained it with other runs of its model (RunResult.stack)
     tokens_trained INTEGER,            -- tokens actually trained on
     steps INTEGER,
     tokens_per_s REAL,
@@ -381,6 +381,12 @@ class ResultStore:
         for _, status in self._select("run_id, status", run_ids):
             counts[status] = counts.get(status, 0) + 1
         return counts
+
+    def stack_counts(self, run_ids: list[str] | None = None) -> tuple[int, int]:
+        """(finished runs trained in a stack, stacks they came from) among `run_ids`."""
+        stacks = [stack for stack, status in self._select("stack, status", run_ids)
+                  if stack and status in ("ok", "diverged")]
+        return len(stacks), len(set(stacks))
 
     def missing(self, run_ids: list[str]) -> list[str]:
         """The ids of `run_ids` the store does not hold, in the given order."""

@@ -45,8 +45,10 @@ def instant_group(configs, run_dirs=None, progress=None):
 
 def test_stacked_sweep_matches_one_at_a_time(tmp_path):
     runs = configs(lrs=(0.003, 0.03, 0.01))  # 3 LRs x 2 batch sizes
-    run_sweep(runs, tmp_path / "stacked", inline(), progress=False, stack=4)
-    run_sweep(runs, tmp_path / "alone", inline(), progress=False, stack="off")
+    summary = run_sweep(runs, tmp_path / "stacked", inline(), progress=False, stack=4)
+    assert summary.stacked == (6, 2) and "; 6 runs trained in 2 stacks; planner grid" in summary.line()
+    summary = run_sweep(runs, tmp_path / "alone", inline(), progress=False, stack="off")
+    assert summary.stacked == (0, 0) and "stacks" not in summary.line()
     stacked = {r["run_id"]: r for r in export_rows(tmp_path / "stacked")}
     alone = {r["run_id"]: r for r in export_rows(tmp_path / "alone")}
     assert set(stacked) == set(alone) == {c.run_id() for c in runs}
