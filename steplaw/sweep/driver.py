@@ -129,8 +129,7 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
             _drive(sweep, make_executor(), line, summary, sweep_dir, started, stack)
         owned = sweep.owned_ids()
         summary.total = len(owned)
-        summary.counts = store.status_counts(owned)
-        summary.stacked = store.stack_counts(owned)
+        summary.counts, summary.stacked = store.outcome_counts(owned)
         summary.cells = planner.cell_reports(sweep.views)
         if summary.cells:
             store.set_meta("planner_cells", summary.cells)

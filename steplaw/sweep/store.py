@@ -373,20 +373,16 @@ class ResultStore:
         """Full store rows (every column), all of them or those of `run_ids`."""
         return self._select("*", run_ids)
 
-    def status_counts(self, run_ids: list[str] | None = None) -> dict[str, int]:
-        if run_ids is None:
-            with readable(self.path):
-                return dict(self.conn.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
+    def outcome_counts(self, run_ids: list[str] | None = None) -> tuple[dict[str, int], tuple[int, int]]:
+        """Among `run_ids` (None: all): runs per status, and (finished runs trained in a
+        stack, stacks they came from); one read of the rows."""
         counts: dict[str, int] = {}
-        for _, status in self._select("run_id, status", run_ids):
+        stacks = []
+        for status, stack in self._select("status, stack", run_ids):
             counts[status] = counts.get(status, 0) + 1
-        return counts
-
-    def stack_counts(self, run_ids: list[str] | None = None) -> tuple[int, int]:
-        """(finished runs trained in a stack, stacks they came from) among `run_ids`."""
-        stacks = [stack for stack, status in self._select("stack, status", run_ids)
-                  if stack and status in ("ok", "diverged")]
-        return len(stacks), len(set(stacks))
+            if stack and status in ("ok", "diverged"):
+                stacks.append(stack)
+        return counts, (len(stacks), len(set(stacks)))
 
     def missing(self, run_ids: list[str]) -> list[str]:
         """The ids of `run_ids` the store does not hold, in the given order."""
