@@ -5,8 +5,9 @@ single model (steplaw.models.transformer) calls these with K = 1 (its [1, M, d]
 activations and its own weights, taken as one member's), a stack of K runs
 (steplaw.models.stacked) with K. So a stacked member does its run alone's arithmetic op
 for op: batched matmuls, reductions over a row and elementwise ops give each member's
-slice the same bits whatever K is (checked on this project's CPU, float32 and float64,
-by tests/train/test_stacked.py), and a member of a stack ends with its run alone's
+slice the same bits whatever K is (checked in float32 and float64 by
+tests/train/test_stacked.py, on CI's CPU and with every ISA-dependent library forced onto
+its AVX2 and pre-AVX2 paths by tests/test_isa_paths.py), and a member of a stack ends with its run alone's
 losses to the last bit (the run alone trains this same code with one member).
 
 float32 and float64 without autocast, where a step at the demo's sizes (d_model 16-64,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from steplaw.models import layers
 from steplaw.models.config import MoEConfig
 from steplaw.ops.moe import expert_capacity, moe_permute, moe_route, moe_unpermute
 
@@ -89,8 +90,31 @@ class SharedExperts(nn.Module):
             nn.init.normal_(weight, std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
-        return (F.silu(x @ self.w_gate.to(dt)) * (x @ self.w_up.to(dt))) @ self.w_down.to(dt)
+        """x [M, d_model] -> [M, d_model]."""
+        return shared_mlp(x.unsqueeze(0), self.w_gate, self.w_up, self.w_down).squeeze(0)
+
+
+def shared_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The shared experts' SwiGLU per member: x [K, M, d] with weights [K, d, h] / [K, h, d]
+    (a single layer's [d, h] / [h, d] taken as K = 1). One batched matmul per weight for
+    the single layer and a stack alike: a plain mm computes the weights' gradients with
+    another GEMM layout than bmm, which rounds differently on some CPUs (an AVX2-only AMD
+    EPYC), so a stacked member would drift from its run alone."""
+    def members(w: torch.Tensor) -> torch.Tensor:
+        return (w if w.dim() == 3 else w.unsqueeze(0)).to(x.dtype)
+
+    hidden = F.silu(torch.bmm(x, members(w_gate))) * torch.bmm(x, members(w_up))
+    return torch.bmm(hidden, members(w_down))
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits per member, in float32 at least whatever the activations' dtype (bf16
+    logits would flip near-tied choices and blur the load-balancing losses): x [K, M, d],
+    weight [K, E, d] (a single layer's [E, d] as K = 1) -> [K, M, E]. The single layer and
+    a stack both take steplaw.models.layers.linear, so the router's weight gradient has
+    one GEMM layout (F.linear's mm backward and bmm's round differently on some CPUs)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return layers.linear(x.to(dtype), weight.to(dtype))
 
 
 def balance_loss(cfg: MoEConfig, logits: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -159,10 +183,7 @@ class MoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         num_tokens = tokens.shape[0]
-        # Router in fp32 whatever the activations' dtype: bf16 logits would flip near-tied
-        # choices and blur the load-balancing losses.
-        router_dtype = torch.promote_types(tokens.dtype, torch.float32)
-        logits = F.linear(tokens.to(router_dtype), self.router.weight.to(router_dtype))
+        logits = router_logits(tokens.unsqueeze(0), self.router.weight).squeeze(0)
         bias = self.expert_bias if cfg.bias_update_rate > 0 else None
         expert_ids, weights, counts = moe_route(logits, cfg.top_k, cfg.score_func, cfg.renormalize, bias)
         capacity = expert_capacity(num_tokens, cfg.top_k, cfg.n_experts, cfg.capacity_factor)

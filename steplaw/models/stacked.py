@@ -30,7 +30,7 @@ from torch import nn
 
 from steplaw.models import layers
 from steplaw.models.config import ModelConfig
-from steplaw.models.moe import balance_loss, grouped_mm_usable
+from steplaw.models.moe import balance_loss, grouped_mm_usable, router_logits, shared_mlp
 from steplaw.models.transformer import Transformer
 
 
@@ -113,18 +113,14 @@ class StackedMoE(nn.Module):
 
         cfg, members = self.cfg, self.members
         _, tokens, d_model = x.shape
-        router_dtype = torch.promote_types(x.dtype, torch.float32)
-        logits = torch.bmm(x.to(router_dtype), self.router.to(router_dtype).transpose(1, 2))  # [K, M, E]
+        logits = router_logits(x, self.router)  # [K, M, E]
         ids, weights = self._route(logits)
         capacity = expert_capacity(tokens, cfg.top_k, cfg.n_experts, cfg.capacity_factor)
         flat = x.reshape(members * tokens, d_model)
         permuted, row_map, src_index, offsets, _ = moe_permute(flat, ids, members * cfg.n_experts, self.pad_multiple, capacity)
         out = moe_unpermute(self._experts(permuted, offsets), row_map, src_index, weights).view(members, tokens, d_model)
         if self.shared is not None:
-            dt = x.dtype
-            s = self.shared
-            hidden = F.silu(torch.bmm(x, s["w_gate"].to(dt))) * torch.bmm(x, s["w_up"].to(dt))
-            out = out + torch.bmm(hidden, s["w_down"].to(dt))
+            out = out + shared_mlp(x, self.shared["w_gate"], self.shared["w_up"], self.shared["w_down"])
         counts = torch.bincount(ids.reshape(-1).long(), minlength=members * cfg.n_experts).view(members, cfg.n_experts)
         self.aux_loss = balance_loss(self.cfg, logits, counts, tokens)  # [K]: one per member
         load = counts.float()

@@ -548,12 +548,14 @@ def _finish(state: StackState, done: list[tuple[int, int]]) -> None:
     by_micro: dict[int, list[tuple[int, int]]] = {}
     for slot, k in done:
         by_micro.setdefault(state.members[k].setup.plan.micro_seqs, []).append((slot, k))
+        # Before any evaluation forward overwrites the layers' stats: like the run alone's,
+        # the load is that of the member's last training batch.
+        state.members[k].moe_load = mean_moe_load(state.model.moe_layers(), slot)
     for group in by_micro.values():
         values = evaluate(state.model, state.members[group[0][1]].setup, _Distributed()).tolist()
         for slot, k in group:
             member = state.members[k]
             member.val_loss, member.finished = values[slot], True
-            member.moe_load = mean_moe_load(state.model.moe_layers(), slot)
     for _, k in done:
         state.members[k].train_s += (time.perf_counter() - started) / len(done)
 

@@ -30,6 +30,8 @@ def assert_same_as_alone(member, alone):
     assert member.final_train_loss == alone.final_train_loss
     assert member.final_val_loss == alone.final_val_loss
     assert member.curve == alone.curve
+    # The MoE load statistic is that of the last training batch in both (not of an evaluation forward).
+    assert member.moe_max_mean_load == alone.moe_max_mean_load
     assert (member.params_total, member.params_non_embedding, member.params_active) == (
         alone.params_total, alone.params_non_embedding, alone.params_active)
     assert member.compute_flops == alone.compute_flops
