@@ -5,7 +5,8 @@ import pytest
 # Torch (and the OpenMP kernels) use two threads unless a test says otherwise: the CI
 # machine has two cores, and on a bigger machine one thread per core for every test
 # process (and its subprocesses) oversubscribes the cores and makes timings erratic.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Under pytest-xdist (`make test` runs one worker per core) each worker takes one core.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 # Every Ray instance the tests start (local ones and the two-node test cluster) runs in one
 # auth mode: Ray keeps the mode per process, and a token that `ray start` left in ~/.ray
 # must not lock a later test's cluster.
@@ -15,6 +16,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def pytest_collection_modifyitems(config, items):
     import importlib.util
 
+    # Ray tests start Ray instances (and a two-node cluster) that must not overlap: under
+    # pytest-xdist's loadgroup scheduling they all run in one worker, one after another.
+    for item in items:
+        if "ray" in item.keywords or "ray" in item.path.name:
+            item.add_marker(pytest.mark.xdist_group("ray"))
     have_cuda = False
     if importlib.util.find_spec("torch") is not None:
         import torch
