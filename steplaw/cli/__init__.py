@@ -10,16 +10,16 @@ from __future__ import annotations
 import importlib
 import sys
 
-from steplaw import cliargs
+from steplaw.cli import args as cliargs
 
 # Modules that contribute subcommands, in help order.
 COMMAND_MODULES = [
-    "steplaw.laws.cli",  # predict, fit, fit-loss, plan
-    "steplaw.train.cli",  # train
-    "steplaw.data.cli",  # data prepare
-    "steplaw.sweep.cli",  # sweep, runs, demo
-    "steplaw.report.cli",  # report
-    "steplaw.doctor",  # doctor
+    "steplaw.cli.laws",  # predict, fit, fit-loss, plan
+    "steplaw.cli.train",  # train
+    "steplaw.cli.data",  # data prepare
+    "steplaw.cli.sweep",  # sweep, runs, demo
+    "steplaw.cli.report",  # report
+    "steplaw.cli.doctor",  # doctor
 ]
 
 

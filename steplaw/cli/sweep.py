@@ -24,8 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-from steplaw import cliargs
-from steplaw.cliargs import count, nonnegative_float, positive_float, positive_int
+from steplaw.cli import args as cliargs
+from steplaw.cli.args import count, nonnegative_float, positive_float, positive_int
 from steplaw.errors import UserError, warn
 from steplaw.fileio import write_atomic
 from steplaw.runtable import OBJECTIVES
@@ -454,7 +454,7 @@ def cmd_demo(args) -> int:
 
 def add_planner_flags(parser) -> None:
     """--planner, the run budgets, and --replay TABLE with the table flags of `steplaw fit`."""
-    from steplaw.cliargs import add_table_args
+    from steplaw.cli.args import add_table_args
 
     group = parser.add_argument_group("planner")
     group.add_argument("--planner", choices=["grid", "adaptive"], default="grid",
@@ -507,7 +507,7 @@ def dry_run_adaptive(spec, args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from steplaw.laws.cli import load_table
+    from steplaw.cli.laws import load_table
     from steplaw.progress import ProgressLine
     from steplaw.sweep.driver import run_sweep
     from steplaw.sweep.planner import AdaptivePlanner

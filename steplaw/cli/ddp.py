@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from steplaw import cliargs
+from steplaw.cli import args as cliargs
 from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
 
