@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from steplaw.cli import args as cliargs
-from steplaw.errors import UserError, warn
 from steplaw.cli.laws import add_spec_args
+from steplaw.errors import UserError, warn
 from steplaw.report.build import write_report
 
 
