@@ -27,11 +27,12 @@ it, and that each row names only layers above it:
     data      nothing
     laws      nothing
     train     ops optim models data
+    trainers  ops optim models data train
     sweep     ops optim models data train laws
     report    ops optim models data train laws sweep
     cli       everything
 
-    neutral:  errors units runtable progress fileio
+    neutral:  errors units runtable progress fileio trial
     cli:      __main__
 
 A layer is a subpackage (steplaw.<layer>.*), with no exceptions: a command module lives
