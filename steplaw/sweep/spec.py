@@ -224,12 +224,12 @@ class SweepSpec:
         """One run of a cell: a RunConfig for steplaw's trainer, else a trial."""
         if self.trainer == "steplaw":
             return RunConfig(model=cell.model, tokens=cell.tokens, lr=lr, batch_tokens=batch_tokens, **self.fixed)
-        from steplaw.optim.schedule import default_warmup_steps
+        from steplaw.optim.schedule import DEFAULT_WARMUP_FRACTION
 
         named = {k: self.fixed[k] for k in _TRIAL_SETTINGS if k in self.fixed}
         warmup = named.pop("warmup_tokens", None)
-        if warmup is None:  # steplaw's default, in tokens: a trial says what it is
-            warmup = default_warmup_steps(max(1, cell.tokens // batch_tokens)) * batch_tokens
+        if warmup is None:  # steplaw's default fraction, in tokens (a trial says what it is); one per cell, not per batch
+            warmup = round(DEFAULT_WARMUP_FRACTION * cell.tokens)
         return Trial(model=cell.name, args=cell.args, N=int(cell.n_params), N_active=cell.n_active, D=cell.tokens, lr=lr,
                      batch_tokens=batch_tokens, seq_len=self.seq_len, warmup_tokens=int(warmup), objective=self.objective,
                      trainer=self.trainer, settings={k: v for k, v in self.fixed.items() if k not in _TRIAL_SETTINGS},
