@@ -123,9 +123,9 @@ def _add_execution_flags(parser, ray: bool = True):
     group.add_argument("--max-attempts", type=positive_int, default=2,
                        help="tries per failed run, over all invocations (default 2)")
     group.add_argument("--retry-failed", action="store_true", help="give runs that failed all their attempts new ones")
-    group.add_argument("--trainer", default="steplaw", metavar="steplaw|hf|MODULE:FUNCTION",
-                       help="what trains the runs: steplaw's own trainer (default), hf (a Hugging Face transformers model, "
-                            "steplaw[hf]) or a function(trial, report) -> result (see steplaw.trial)")
+    group.add_argument("--trainer", default="steplaw", metavar="steplaw|MODULE:FUNCTION",
+                       help="what trains the runs: steplaw's own trainer (default) or a function(trial, report) -> result "
+                            "(see steplaw.trial)")
     group.add_argument("--trainer-cmd", metavar="TEMPLATE",
                        help="a command per run, e.g. 'python train.py --lr {lr} --out {run_dir}': trial fields in braces "
                             "(shell-quoted), {trial_json} the whole trial; it writes {run_dir}/result.json")
@@ -191,10 +191,8 @@ def check_trainer(args) -> None:
     if args.run_timeout is not None or args.trainer_resumes:
         raise UserError("--run-timeout and --trainer-resumes apply to --trainer-cmd only: expected --trainer-cmd with them")
     if name == "hf":
-        from steplaw.trainers.hf import check_installed
-
-        check_installed()
-        return
+        raise UserError("--trainer hf is not built yet (issue 21, item 5): expected steplaw, MODULE:FUNCTION, or "
+                        "--trainer-cmd with your own script")
     from steplaw.trainers.python import load_function
 
     load_function(name)
@@ -211,7 +209,7 @@ def make_trainer(args):
         return CommandTrainer(args.trainer_cmd, cwd=os.getcwd(), timeout=args.run_timeout, resumes=args.trainer_resumes)
     from steplaw.trainers.python import PythonTrainer
 
-    return PythonTrainer("steplaw.trainers.hf:train" if name == "hf" else name)
+    return PythonTrainer(name)
 
 
 def spec_from_args(args):

@@ -1,50 +1,48 @@
-"""The process between a worker and a command trainer (run as a script, `python -I -S`):
-it starts the command (`/bin/sh -c CMD`) as the leader of a new process group and makes
-sure that no process of that group outlives the run.
+"""The guard of one worker's command trainers (run as a script, `python -I -S`, once per
+worker process): it kills every process group it was told about when its worker dies.
 
-Linux sends it SIGTERM when its parent (the sweep's worker) dies, however it dies, a
-kill -9 of the driver included (PR_SET_PDEATHSIG); SIGTERM, SIGINT and the end of the
-command all kill the whole group (the command's children too, e.g. torchrun's). It
-imports nothing of steplaw, so that it starts in milliseconds.
-
-    python -I -S _reaper.py PARENT_PID CMD
+The worker starts each command in a process group of its own and writes "+PGID" to this
+process's stdin before it waits on the command, and "-PGID" when the run is over. When
+the worker dies, however it dies (a kill -9 of the driver takes the workers with it),
+this process sees its stdin close, and Linux also sends it SIGTERM (PR_SET_PDEATHSIG):
+either way it SIGKILLs every group still registered (the command's children too, e.g.
+torchrun's) and exits. It imports nothing of steplaw, so that it starts in milliseconds,
+and it is started once per worker, not once per run.
 """
 import os
 import signal
 import sys
 
+groups = set()
 
-def main() -> int:
-    parent, command = int(sys.argv[1]), sys.argv[2]
+
+def kill_all(signum=None, frame=None):
+    for pgid in list(groups):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(0)
+
+
+def main() -> None:
+    parent = int(sys.argv[1])
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before we could ask
-        return 137
-    child = os.fork()
-    if child == 0:
-        os.setpgid(0, 0)
-        os.execv("/bin/sh", ["sh", "-c", command])
-    try:
-        os.setpgid(child, child)  # both sides, so that the group exists before any kill
-    except OSError:
-        pass
-
-    def kill_group(signum=None, frame=None):
-        try:
-            os.killpg(child, signal.SIGKILL)
-        except OSError:
-            pass
-        if signum is not None:
-            os._exit(128 + signum)
-
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, kill_group)
-    _, status = os.waitpid(child, 0)
-    kill_group()  # what the command left running in its group
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        signal.signal(signum, kill_all)
+    if os.getppid() != parent:  # the worker died before we could ask
+        kill_all()
+    for line in sys.stdin:
+        line = line.strip()
+        if line[:1] == "+":
+            groups.add(int(line[1:]))
+        elif line[:1] == "-":
+            groups.discard(int(line[1:]))
+    kill_all()  # stdin closed: the worker is gone
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -2,9 +2,10 @@
 
 The template names trial fields in braces ({lr}, {batch_tokens}, {run_dir}, {args}, ...;
 steplaw.trial), each shell-quoted on substitution, and {trial_json}: the path of the
-whole trial as JSON (run_dir/trial.json). Each run is one process group (started through
-steplaw/trainers/_reaper.py, which kills the whole group when the run ends or its worker
-dies, a kill -9 of the driver included), with the directory the sweep was started from
+whole trial as JSON (run_dir/trial.json). Each run is one process group (`sh -c` as its
+leader), killed whole when the run ends, and, when its worker dies (a kill -9 of the
+driver included), by the worker's guard process (steplaw/trainers/_reaper.py, one per
+worker), with the directory the sweep was started from
 as its working directory. Its stdout and stderr go to run_dir/stdout.log and stderr.log.
 
 The process writes run_dir/result.json (the contract's result) and may append
@@ -23,6 +24,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import string
 import subprocess
 import sys
@@ -100,9 +102,18 @@ class CommandTrainer:
 
     def _run(self, command: str, run_dir: str, progress) -> dict:
         started = time.monotonic()
+        guard = _guard()
         with open(os.path.join(run_dir, "stdout.log"), "wb") as out, open(os.path.join(run_dir, "stderr.log"), "wb") as err:
-            process = subprocess.Popen([sys.executable, "-I", "-S", REAPER, str(os.getpid()), command], cwd=self.cwd,
-                                       stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            process = subprocess.Popen(["/bin/sh", "-c", command], cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=err, start_new_session=True)
+        _tell(guard, f"+{process.pid}")
+        try:
+            return self._wait(process, run_dir, progress, started)
+        finally:
+            _kill_group(process.pid)  # what the command left running in its group
+            _tell(guard, f"-{process.pid}")
+
+    def _wait(self, process, run_dir: str, progress, started: float) -> dict:
         watch = _ProgressWatch(os.path.join(run_dir, PROGRESS_NAME), progress)
         stopped = None
         while True:
@@ -115,7 +126,7 @@ class CommandTrainer:
             if stopped is None and self.timeout is not None and time.monotonic() - started > self.timeout:
                 stopped = failed(f"the command ran past --run-timeout {self.timeout:g} s and was killed")
             if stopped is not None:
-                process.terminate()  # the reaper kills the command's whole group
+                _kill_group(process.pid)
                 process.wait()
                 break
         wall = time.monotonic() - started
@@ -129,6 +140,34 @@ class CommandTrainer:
             result["reason"] += f" (it exited 0){_stderr_tail(run_dir)}"
         result.setdefault("wall_s", wall)
         return result
+
+
+_GUARD = {}  # this worker's guard process (pid of the worker -> Popen)
+
+
+def _guard():
+    """The guard of this worker process, started on its first run (see _reaper.py)."""
+    guard = _GUARD.get(os.getpid())
+    if guard is None or guard.poll() is not None:
+        guard = subprocess.Popen([sys.executable, "-I", "-S", REAPER, str(os.getpid())], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, text=True, bufsize=1)
+        _GUARD[os.getpid()] = guard
+    return guard
+
+
+def _tell(guard, line: str) -> None:
+    try:
+        guard.stdin.write(line + "\n")
+        guard.stdin.flush()
+    except OSError:  # the guard died: the group still ends with the run
+        pass
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 class _ProgressWatch:
