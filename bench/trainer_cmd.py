@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import log, report, time_interleaved
+from harness import log, report, speedups, time_interleaved
 
 from steplaw.trainers.command import CommandTrainer
 from steplaw.trial import Trial
@@ -52,7 +52,7 @@ def main() -> None:
         median = time_interleaved({"command_trainer": protocol, "direct": direct}, repeats=repeats)
     overhead = median["command_trainer"] - median["direct"]
     report("trainer_cmd", "cpu", [{"case": "trainer that returns at once", "median_s": median,
-                                   "overhead_ms": overhead * 1e3, "target_ms": 50.0}],
+                                   "speedup": speedups(median, "command_trainer"), "overhead_ms": overhead * 1e3, "target_ms": 50.0}],
            cpu="AMD EPYC, 2 cores, AVX-512", repeats=repeats)
 
 
