@@ -183,8 +183,8 @@ def measure(name: str, table, n_boot: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from steplaw.cliargs import add_table_args
-    from steplaw.laws.cli import load_table
+    from steplaw.cli.args import add_table_args
+    from steplaw.cli.laws import load_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 cells per landscape and 100 resamples")

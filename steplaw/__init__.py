@@ -12,33 +12,35 @@ Import direction
 Imports run one way: the kernels' Python face (ops) is used by the optimizer and the
 models, those by one training run (train), runs by sweeps (sweep); the scaling laws
 (laws) depend on no training code, so a table of runs from anywhere can be fitted without
-torch; the report and the command line sit on top. A lower layer never imports a higher
-one, not even inside a function, and no module falls back to something else when one of
-steplaw's own modules fails to import (that would hide broken code). Within a package,
-modules do not import each other in a cycle. This table is the one statement of the rule;
-tests/test_imports.py reads it and checks every import of every module against it:
+torch; the report and the commands (steplaw/cli/, every `steplaw ...` command and entry
+point) sit on top. A layer imports only the layers above it in this table, never one
+below it, not even inside a function, and no module falls back to something else when
+one of steplaw's own modules fails to import (that would hide broken code). Within a
+package, modules do not import each other in a cycle. This table is the one statement of
+the rule; tests/test_imports.py reads it and checks every import of every module against
+it, and that each row names only layers above it:
 
     layer     may import (besides its own modules and the neutral ones)
     ops       nothing
     optim     ops
     models    ops
     data      nothing
-    train     ops optim models data
     laws      nothing
+    train     ops optim models data
+    trainers  ops optim models data train
     sweep     ops optim models data train laws
     report    ops optim models data train laws sweep
     cli       everything
 
-    neutral:  errors units runtable progress fileio
-    cli:      cli doctor __main__ cliargs */cli train.ddp
+    neutral:  errors units runtable progress fileio trial
+    cli:      __main__
 
-A layer is a subpackage (steplaw.<layer>.*). The neutral modules (steplaw.<name>, plain
+A layer is a subpackage (steplaw.<layer>.*), with no exceptions: a command module lives
+in steplaw/cli/, not in the package it serves. The neutral modules (steplaw.<name>, plain
 data and helpers: errors, units, the run-table columns, progress lines, atomic file
 writes) import nothing but each other, and any module may import them, as it may this
-package's `__version__`. The cli layer is steplaw.cli, steplaw.doctor, steplaw.__main__,
-steplaw.cliargs (argument parsing shared by the commands, so only commands use it),
-every steplaw.<package>.cli module, and the other command entry points named in the row
-(steplaw.train.ddp, which torchrun starts).
+package's `__version__`. The `cli:` line names the top-level modules that belong to the
+cli layer (steplaw.__main__, for `python -m steplaw`).
 """
 
 __version__ = "0.1.0"

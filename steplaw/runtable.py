@@ -10,7 +10,7 @@ so the law fitters can use it without importing a trainer.
     row = to_row(run_id, config_dict, result_dict, counts, spec_id)
     result_dict = result_from_row(row)       # and back (a replayed table row's result)
 
-`config_dict` is `RunConfig.to_dict()`, `result_dict` is `RunResult.to_dict()` (or None
+`config_dict` is `RunConfig.to_dict()` (or a trial's, steplaw.trial: another trainer's run), `result_dict` is `RunResult.to_dict()` (or None
 for a run not yet finished), `counts` is {"non_embedding", "active", "total"} from the
 model accounting. Numbers that are missing or not finite are None. `rows_to_csv` and
 `rows_to_json` write rows with exactly these columns (what `steplaw runs` prints).
@@ -51,6 +51,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("top_k", "", "experts per token (empty for dense models)"),
     Column("reason", "", "why the run is not ok (failed or diverged); empty otherwise"),
     Column("stack", "", "the stack (16 hex) that trained this run together with other runs of its model shape; empty: alone"),
+    Column("trainer", "", "what trained the run: steplaw, hf, MODULE:FUNCTION, command (steplaw.trial), or replay"),
 )
 NAMES: list[str] = [column.name for column in COLUMNS]
 # The loss columns a sweep may minimise (a spec's `objective`): "loss", the smoothed final
@@ -100,13 +101,15 @@ def _int_or_none(value):
 def config_fields(config: dict, counts: dict | None = None) -> dict:
     """The run-table columns known before a run: from a RunConfig dict and the model's
     parameter counts ({"non_embedding", "active", "total"}, optional)."""
-    moe = (config.get("model") or {}).get("moe")
+    model = config.get("model")
+    moe = model.get("moe") if isinstance(model, dict) else None
     counts = counts or {}
     return {
+        "trainer": config.get("trainer") or ("replay" if "replay" in config else "steplaw"),
         "N": _int_or_none(counts.get("non_embedding")),
         "N_active": _int_or_none(counts.get("active")),
         "N_total": _int_or_none(counts.get("total")),
-        "D": int(config["tokens"]),
+        "D": int(config["tokens"] if "tokens" in config else config["D"]),  # a trial (steplaw.trial) names it D
         "lr": float(config["lr"]),
         "batch_tokens": int(config["batch_tokens"]),
         "seq_len": _int_or_none(config.get("seq_len")),

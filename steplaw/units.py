@@ -1,7 +1,7 @@
 """Numbers as users type them on the command line: 2M, 1e9, 7B, 1.5T, 32768.
 
 `parse_count` is the one parser of counts in steplaw (parameters, tokens, batch sizes,
-FLOP budgets); `steplaw.cliargs` wraps it as argparse types.
+FLOP budgets); `steplaw.cli.args` wraps it as argparse types.
 """
 from __future__ import annotations
 

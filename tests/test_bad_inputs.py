@@ -282,7 +282,7 @@ def test_cli_bad_input_subprocess(argv, match, paths):
     assert_one_line_error(completed.stderr, match)
 
 
-# ---------------------------------------------------------------- python -m steplaw.train.ddp
+# ---------------------------------------------------------------- python -m steplaw.cli.ddp
 
 def _config_dict(**changes) -> dict:
     from steplaw.models.config import ModelConfig
@@ -321,13 +321,13 @@ def _write(path, content) -> str:
 
 @pytest.mark.parametrize("make_argv,match", _cases(DDP_CASES))
 def test_ddp_bad_input(make_argv, match, tmp_path, no_training, capsys):
-    from steplaw.train import ddp
+    from steplaw.cli import ddp
 
     code = ddp.main(make_argv(tmp_path))
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert_one_line_error(err, match)
-    assert err.startswith("python -m steplaw.train.ddp: error:")
+    assert err.startswith("python -m steplaw.cli.ddp: error:")
 
 
 # ---------------------------------------------------------------- Python API

@@ -1,4 +1,4 @@
-"""steplaw.cliargs: argument types, output-path checks, one-line errors (and the helpers of
+"""steplaw.cli.args: argument types, output-path checks, one-line errors (and the helpers of
 steplaw.errors the commands use: config_errors, warn)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from steplaw import cliargs
+from steplaw.cli import args as cliargs
 from steplaw.errors import UserError, config_errors, warn
 
 
@@ -185,6 +185,6 @@ def test_table_column_flags_live_in_cliargs():
     cliargs.add_table_args(parser, with_compute=True, needs="loss")
     args = parser.parse_args(["runs.csv", "--col-N", "params", "--col-C", "flops"])
     assert (args.runs, args.col_N, args.col_C, args.table_needs) == ("runs.csv", "params", "flops", "loss")
-    import steplaw.laws.cli
+    import steplaw.cli.laws
 
-    assert not hasattr(steplaw.laws.cli, "add_table_args")
+    assert not hasattr(steplaw.cli.laws, "add_table_args")

@@ -1,5 +1,9 @@
 """Imports run one way through the package, as the table in steplaw/__init__.py says.
 
+The table is an order: each layer's row names only layers above it, and a module's
+layer is its subpackage with no exceptions (a command module lives in steplaw/cli/, on
+top), so no package imports a higher layer at all.
+
 Every module's source is parsed (nothing is imported), so imports inside functions count
 as much as those at the top: a cycle hidden in a function is still a cycle. Three checks:
 each import goes from a layer to one it may import; modules do not import each other in
@@ -24,9 +28,9 @@ _CATCHES_IMPORT_FAILURE = {"ImportError", "ModuleNotFoundError", "Exception", "B
 
 @dataclass
 class Rules:
-    may_import: dict[str, set[str]]  # layer -> the layers it may import ("*": all)
+    may_import: dict[str, set[str]]  # layer -> the layers it may import ("*": all), in the table's order
     neutral: set[str]  # steplaw.<name> modules anyone may import
-    cli: set[str]  # steplaw.<name> modules of the cli layer; "*/cli" = steplaw.<pkg>.cli
+    cli: set[str]  # top-level steplaw.<name> modules of the cli layer (e.g. __main__)
 
 
 def parse_rules(package: Path) -> Rules:
@@ -136,7 +140,7 @@ def layer_of(name: str, rules: Rules) -> str | None:
         return "ops"
     if parts[1] in rules.neutral and len(parts) == 2:
         return "neutral"
-    if ".".join(parts[1:]) in rules.cli or (len(parts) == 3 and parts[2] == "cli" and "*/cli" in rules.cli):
+    if len(parts) == 2 and parts[1] in rules.cli:
         return "cli"
     return parts[1] if parts[1] in rules.may_import else None
 
@@ -222,6 +226,31 @@ def test_layer_table_places_every_subpackage(rules):
         assert allowed <= set(rules.may_import) | {"*"}, f"{layer} may import an unknown layer: {allowed}"
 
 
+def upward_rows(rules: Rules) -> list[str]:
+    """Rows of the table that name a layer not above them: the table must be an order."""
+    order = list(rules.may_import)
+    found = []
+    for position, (layer, allowed) in enumerate(rules.may_import.items()):
+        above = set(order[:position])
+        if "*" in allowed:
+            if position != len(order) - 1:
+                found.append(f"{layer} may import everything but is not the last row")
+        elif allowed - above:
+            found.append(f"{layer} may import {sorted(allowed - above)}, not above it in the table")
+    return found
+
+
+def test_layer_table_is_an_order(rules):
+    found = upward_rows(rules)
+    assert not found, "the layer table of steplaw/__init__.py:\n" + "\n".join(found)
+    assert list(rules.may_import)[-1] == "cli", "the commands sit on top"
+
+
+def test_no_command_module_outside_the_cli_package():
+    strays = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("cli.py"))
+    assert not strays, f"command modules belong in steplaw/cli/: {strays}"
+
+
 def test_imports_run_down_the_layers(modules, rules):
     found = layer_violations(modules, rules)
     assert not found, "imports against the layer table in steplaw/__init__.py:\n" + "\n".join(found)
@@ -249,7 +278,7 @@ _TABLE = '''"""Toy.
     cli       everything
 
     neutral:  errors
-    cli:      cli */cli high.entry
+    cli:      entry
 """
 '''
 
@@ -267,12 +296,19 @@ def test_checker_finds_an_upward_import_inside_a_function(tmp_path):
     package = _toy(tmp_path, {
         "low/a.py": "from toy.errors import E\ndef f():\n    from toy.high import b\n",
         "high/b.py": "from toy.low import a\n",
-        "high/cli.py": "from toy.high import b\n",
-        "high/entry.py": "import toy.cli\n",
-        "cli.py": "import toy.high.cli\n",
+        "high/c.py": "import toy.cli.main\n",
+        "cli/__init__.py": "",
+        "cli/main.py": "from toy.high import b\n",
+        "entry.py": "import toy.cli.main\n",
     })
     found = layer_violations(scan(package), parse_rules(package))
-    assert found == ["toy.low.a:3 (low) imports toy.high.b (high)"]
+    assert found == ["toy.high.c:1 (high) imports toy.cli.main (cli)", "toy.low.a:3 (low) imports toy.high.b (high)"]
+
+
+def test_checker_finds_a_row_naming_a_lower_layer(tmp_path):
+    package = _toy(tmp_path, {"__init__.py": _TABLE.replace("low       nothing", "low       high")})
+    assert upward_rows(parse_rules(package)) == ["low may import ['high'], not above it in the table"]
+    assert upward_rows(parse_rules(_toy(tmp_path / "ok", {}))) == []
 
 
 def test_checker_finds_relative_imports_a_cycle_and_a_fallback(tmp_path):
@@ -280,9 +316,9 @@ def test_checker_finds_relative_imports_a_cycle_and_a_fallback(tmp_path):
         "low/a.py": "from . import b\n",
         "low/b.py": "def f():\n    from .a import g\n",
         "errors.py": "try:\n    from toy.low import a\nexcept ImportError:\n    a = None\n",
-        "cli.py": "import importlib\ntry:\n    importlib.import_module('toy._C')\nexcept Exception:\n    pass\n",
-        "high/cli.py": "import importlib\ndef load(name):\n    try:\n        return importlib.import_module(name)\n"
-                       "    except ImportError as exc:\n        raise SystemExit(str(exc))\n",
+        "entry.py": "import importlib\ntry:\n    importlib.import_module('toy._C')\nexcept Exception:\n    pass\n",
+        "high/load.py": "import importlib\ndef load(name):\n    try:\n        return importlib.import_module(name)\n"
+                        "    except ImportError as exc:\n        raise SystemExit(str(exc))\n",
         "high/e.py": "try:\n    from toy.low import a\nexcept ImportError as exc:\n    raise SystemExit(str(exc))\n",
         "high/d.py": "for name in ['toy.low.a']:\n    try:\n        __import__(name)\n    except ModuleNotFoundError:\n"
                      "        continue\n    raise\n",
@@ -290,8 +326,8 @@ def test_checker_finds_relative_imports_a_cycle_and_a_fallback(tmp_path):
     modules = scan(package)
     assert import_cycles(modules) == [["toy.low.a", "toy.low.b"]]
     assert modules["toy.errors"].fallbacks == [("toy.low.a", 2)]
-    assert modules["toy.cli"].fallbacks == []  # the optional compiled extension
-    assert modules["toy.high.cli"].fallbacks == []  # the failure becomes an error
+    assert modules["toy.entry"].fallbacks == []  # the optional compiled extension
+    assert modules["toy.high.load"].fallbacks == []  # the failure becomes an error
     assert modules["toy.high.d"].fallbacks == [("<dynamic>", 3)]
     assert modules["toy.high.e"].fallbacks == [("toy.low.a", 2)]  # ours: broken code, not a user error
     assert layer_violations(modules, parse_rules(package)) == ["toy.errors:2 (neutral) imports toy.low.a (low)"]

@@ -39,6 +39,7 @@ from steplaw.sweep.planner import GridPlanner, RunView
 from steplaw.sweep.spec import count_params
 from steplaw.sweep.store import DriverLock, ResultStore
 from steplaw.train.config import RunConfig
+from steplaw.trial import Trial
 
 PROG = "steplaw sweep"  # the name the driver's warnings go under
 
@@ -222,6 +223,8 @@ class _Sweep:
 
 
 def _config_of(config: dict):
+    if "contract" in config:  # a trial for another trainer (steplaw.trial)
+        return Trial.from_dict(config)
     if "replay" in config:
         from steplaw.sweep.replay import ReplayRun
 
@@ -230,6 +233,8 @@ def _config_of(config: dict):
 
 
 def _cost(config, counts: dict | None) -> float:
+    if isinstance(config, Trial):
+        return float(config.N_active or config.N) * config.D
     if not isinstance(config, RunConfig):
         return 0.0
     params = (counts or {}).get("active") or (config.model.d_model**2 * 12 * config.model.n_layers)

@@ -49,7 +49,7 @@ class RunView:
     loss: float | None = None
 
 
-def cell_key(config: dict, drop=("lr", "batch_tokens")) -> str:
+def cell_key(config: dict, drop=("lr", "batch_tokens", "batch_seqs")) -> str:
     """Identity of a run's cell: its config without the searched fields."""
     return json.dumps({k: v for k, v in config.items() if k not in drop}, sort_keys=True, separators=(",", ":"))
 
@@ -262,8 +262,6 @@ def spec_cells(spec, max_batch_tokens: int | None = None) -> list[SearchCell]:
     (2^(k/2), shared by all cells) and the batch lattice: seq_len x 2^j tokens from one
     sequence up to tokens / min_steps (and `max_batch_tokens`). The spec's explicit LR and
     batch lists do not bound the search; its centre scales set the Step Law prior."""
-    from steplaw.train.config import RunConfig
-
     seq_len = spec.seq_len
     lrs = [_sig(2.0 ** (k / LR_STEPS_PER_OCTAVE)) for k in range(LR_LATTICE[0], LR_LATTICE[1] + 1)]
     cells = []
@@ -278,8 +276,8 @@ def spec_cells(spec, max_batch_tokens: int | None = None) -> list[SearchCell]:
             raise UserError(f"cell {grid_cell.label}: D={grid_cell.tokens} leaves no batch size between one sequence "
                             f"({seq_len} tokens) and D / min_steps: expected D >= seq_len x min_steps")
 
-        def make(i, j, model=grid_cell.model, tokens=grid_cell.tokens, lrs=lrs, batch_sizes=batch_sizes):
-            return RunConfig(model=model, tokens=tokens, lr=lrs[i], batch_tokens=int(batch_sizes[j]), **spec.fixed)
+        def make(i, j, grid_cell=grid_cell, lrs=lrs, batch_sizes=batch_sizes):
+            return spec.run_of(grid_cell, lrs[i], int(batch_sizes[j]))
 
         lr_index = {lr: i for i, lr in enumerate(lrs)}
         bs_index = {int(bs): j for j, bs in enumerate(batch_sizes)}

@@ -2,7 +2,7 @@
 
     steplaw sweep --replay TABLE [--col-N ... --bs-unit sequences --seq-len L] --planner adaptive --out DIR
 
-The table is read as `steplaw fit` reads it (steplaw.laws.cli.load_table: same flags,
+The table is read as `steplaw fit` reads it (steplaw.cli.laws.load_table: same flags,
 same units). Its (N, D) cells become the sweep's cells; a planner may propose only the
 (lr, B) points the table holds for a cell, and a "run" returns that row's loss and
 status at once (`replay_executor`). The sweep directory that results is an ordinary one:

@@ -35,11 +35,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steplaw.errors import UserError, config_errors
+from steplaw.errors import UserError, config_errors, raise_problems
 from steplaw.laws.published import step_law
 from steplaw.models.config import ModelConfig, MoEConfig
 from steplaw.runtable import OBJECTIVES
 from steplaw.train.config import RunConfig
+from steplaw.trial import Trial
 from steplaw.units import parse_count
 
 __all__ = ["ModelSpec", "SweepSpec", "Cell", "step_law", "count_params", "lr_grid", "batch_grid", "validate_runs",
@@ -54,6 +55,9 @@ MAX_TOKENS = 10**15
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "tokens", "lr", "batch_tokens"}
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
 _MOE_FIELDS = {f.name for f in dataclasses.fields(MoEConfig)}
+# The fixed settings a trial names (steplaw.trial); the others go in its `settings`.
+_TRIAL_SETTINGS = ("schedule", "warmup_tokens", "min_lr_ratio", "decay_fraction", "seed")
+_USER_MODEL_KEYS = ("name", "params", "active_params", "args")
 
 
 def count_params(model: ModelConfig) -> dict:
@@ -68,9 +72,18 @@ def count_params(model: ModelConfig) -> dict:
 class ModelSpec:
     """One model size: a parameter target (non-embedding) or an explicit shape."""
 
-    params: float | None = None  # target non-embedding parameter count (shape from the recipe)
+    params: float | None = None  # target non-embedding parameter count (shape from the recipe); a user model: N as given
     shape: dict | None = None  # explicit ModelConfig fields (overrides the recipe)
     moe: dict | None = None  # MoEConfig fields; None: dense
+    # A user's own model (another trainer's): its name, N_active, and its own table of
+    # settings, handed to the trainer untouched (steplaw.trial).
+    name: str | None = None
+    active_params: float | None = None
+    args: dict | None = None
+
+    @property
+    def is_user_model(self) -> bool:
+        return self.name is not None
 
     def build(self, vocab_size: int, seq_len: int) -> ModelConfig:
         with config_errors(f"model {self.label()} has a bad MoE setting"):
@@ -89,6 +102,8 @@ class ModelSpec:
         return model
 
     def label(self) -> str:
+        if self.name is not None:
+            return self.name
         if self.shape is not None:
             text = "d{d_model}L{n_layers}".format(**{"d_model": "?", "n_layers": "?", **self.shape})
         else:
@@ -117,6 +132,9 @@ class Cell:
     batch_sizes: list[int]  # tokens
     lr_center: float
     batch_center: float
+    n_active: int | None = None  # activated parameters (MoE), when not n_params
+    name: str = ""  # the model's name in a trial (its label, or a user model's name)
+    args: dict = field(default_factory=dict)  # a trial's `args`: a user model's table, or steplaw's shape
 
     def configs(self, fixed: dict) -> list[RunConfig]:
         return [
@@ -143,6 +161,9 @@ class SweepSpec:
     # The loss a cell's optimum minimises, a run-table column (steplaw.runtable.OBJECTIVES): the adaptive
     # planner searches it, and `steplaw fit DIR` / `steplaw report DIR` fit it by default.
     objective: str = "loss"
+    # Who trains the runs: "steplaw" (steplaw's own trainer: runs are RunConfigs), or
+    # another trainer ("hf", "MODULE:FUNCTION", "command"): runs are trials (steplaw.trial).
+    trainer: str = "steplaw"
 
     def __post_init__(self):
         _check_types(self, skip=("models", "tokens", "fixed", "lrs", "batch_sizes"))
@@ -170,8 +191,9 @@ class SweepSpec:
         if not self.tokens:
             raise UserError("the sweep has no token budgets: expected at least one D")
         self._check_grid()
+        self._check_models()
         unknown = set(self.fixed) - _RUN_FIELDS
-        if unknown:
+        if unknown and self.trainer == "steplaw":
             raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of "
                             f"{sorted(_RUN_FIELDS)}")
         eval_tokens = self.fixed.get("eval_tokens", RunConfig.__dataclass_fields__["eval_tokens"].default)
@@ -181,6 +203,37 @@ class SweepSpec:
         seq_len = self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default)
         if isinstance(seq_len, bool) or not (isinstance(seq_len, int) and seq_len >= 1):
             raise UserError(f"seq_len={seq_len!r}: expected a positive whole number of tokens")
+
+    def _check_models(self):
+        """User models: unique names, and a trainer that can train them; a foreign
+        trainer: no steplaw-only model settings (MoE shape)."""
+        names = [m.name for m in self.models if isinstance(m, ModelSpec) and m.name is not None]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UserError(f"model name {twice[0]!r} is given {names.count(twice[0])} times: expected unique model names")
+        for model in self.models:
+            if self.trainer == "steplaw" and model.is_user_model:
+                raise UserError(f"model {model.name!r} is a user model (name, params, args): expected a trainer for it "
+                                "(--trainer MODULE:FUNCTION, --trainer hf or --trainer-cmd); steplaw's own trainer sizes "
+                                "its models from params or a shape")
+            if self.trainer != "steplaw" and model.moe is not None:
+                raise UserError(f"model {model.label()} has an MoE shape, a steplaw-only setting: expected a user model "
+                                f"(name, params, active_params, args) for trainer {self.trainer!r}")
+
+    def run_of(self, cell: Cell, lr: float, batch_tokens: int):
+        """One run of a cell: a RunConfig for steplaw's trainer, else a trial."""
+        if self.trainer == "steplaw":
+            return RunConfig(model=cell.model, tokens=cell.tokens, lr=lr, batch_tokens=batch_tokens, **self.fixed)
+        from steplaw.optim.schedule import DEFAULT_WARMUP_FRACTION
+
+        named = {k: self.fixed[k] for k in _TRIAL_SETTINGS if k in self.fixed}
+        warmup = named.pop("warmup_tokens", None)
+        if warmup is None:  # steplaw's default fraction, in tokens (a trial says what it is); one per cell, not per batch
+            warmup = round(DEFAULT_WARMUP_FRACTION * cell.tokens)
+        return Trial(model=cell.name, args=cell.args, N=int(cell.n_params), N_active=cell.n_active, D=cell.tokens, lr=lr,
+                     batch_tokens=batch_tokens, seq_len=self.seq_len, warmup_tokens=int(warmup), objective=self.objective,
+                     trainer=self.trainer, settings={k: v for k, v in self.fixed.items() if k not in _TRIAL_SETTINGS},
+                     **named)
 
     def _check_grid(self):
         """The grid's lists: counts given as text (a spec file's "1M", or YAML's 1e6) read as
@@ -218,12 +271,18 @@ class SweepSpec:
     def cells(self) -> list[Cell]:
         cells = []
         for model_spec in self.models:
-            model = model_spec.build(self.vocab_size, self.seq_len)
-            counts = count_params(model)
-            if counts["total"] > MAX_PARAMS:
-                raise UserError(f"model {model_spec.label()} has {counts['total']:.3g} parameters: expected at most "
-                                f"{MAX_PARAMS:.0e}")
-            n_law = counts["active"] if model.moe is not None else counts["non_embedding"]
+            if model_spec.is_user_model:  # N as the user gave it; no shape of ours
+                model, n_law = None, int(model_spec.params)
+                n_active = int(model_spec.active_params) if model_spec.active_params is not None else None
+                name, args = model_spec.name, dict(model_spec.args or {})
+            else:
+                model = model_spec.build(self.vocab_size, self.seq_len)
+                counts = count_params(model)
+                if counts["total"] > MAX_PARAMS:
+                    raise UserError(f"model {model_spec.label()} has {counts['total']:.3g} parameters: expected at most "
+                                    f"{MAX_PARAMS:.0e}")
+                n_law = counts["active"] if model.moe is not None else counts["non_embedding"]
+                n_active, name, args = None, model_spec.label(), model.to_dict()
             for tokens in self.tokens:
                 lr_law, bs_law = step_law(n_law, tokens)
                 lr_center = lr_law * self.lr_center_scale
@@ -238,6 +297,9 @@ class SweepSpec:
                         bs_center, self.batch_points, self.seq_len, tokens, self.min_steps),
                     lr_center=lr_center,
                     batch_center=bs_center,
+                    n_active=n_active,
+                    name=name,
+                    args=args,
                 ))
         return cells
 
@@ -245,7 +307,7 @@ class SweepSpec:
         """Every run of the sweep, cell by cell (ids unique: duplicates are dropped)."""
         seen, runs = set(), []
         for cell in self.cells():
-            for config in cell.configs(self.fixed):
+            for config in (self.run_of(cell, lr, bs) for bs in cell.batch_sizes for lr in cell.lrs):
                 run_id = config.run_id()
                 if run_id not in seen:
                     seen.add(run_id)
@@ -256,6 +318,10 @@ class SweepSpec:
         data = dataclasses.asdict(self)
         if data["objective"] == "loss":  # the default: left out, so specs written before it keep their spec_id
             del data["objective"]
+        if data["trainer"] == "steplaw":  # the same
+            del data["trainer"]
+        new = ("name", "active_params", "args")  # unset: left out, so older specs keep their spec_id
+        data["models"] = [{k: v for k, v in m.items() if not (k in new and v is None)} for m in data["models"]]
         return data
 
     @classmethod
@@ -273,7 +339,7 @@ class SweepSpec:
         return cls(models=[_model_spec(m) for m in models], **data)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SweepSpec:
+    def from_file(cls, path: str | Path, trainer: str | None = None) -> SweepSpec:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"sweep spec {str(path)!r} does not exist or is not a file: expected a TOML, YAML or JSON file")
@@ -287,7 +353,10 @@ class SweepSpec:
         data = _parse_spec_text(path, text)
         if not isinstance(data, dict):
             raise UserError(f"{path} holds {type(data).__name__}: expected a table of sweep settings")
-        return cls.from_dict(data.get("sweep", data))
+        data = data.get("sweep", data)
+        if trainer is not None and isinstance(data, dict):  # the command line's trainer, for the file's models
+            data = {**data, "trainer": trainer}
+        return cls.from_dict(data)
 
 
 def _parse_spec_text(path: Path, text: str):
@@ -342,6 +411,8 @@ def _model_spec(entry) -> ModelSpec:
     if not isinstance(entry, dict):
         raise UserError(f"model entry {entry!r}: expected a parameter count or a table")
     entry = dict(entry)
+    if entry.get("name") is not None:
+        return _user_model(entry)
     params = _count(entry.pop("params", None), "model params")
     moe = entry.pop("moe", None)
     shape = entry.pop("shape", None) or ({k: entry.pop(k) for k in list(entry)} if entry else None)
@@ -365,6 +436,32 @@ def _model_spec(entry) -> ModelSpec:
         if unknown:
             raise UserError(f"MoE setting {sorted(unknown)[0]!r} is unknown: expected one of {sorted(_MOE_FIELDS)}")
     return ModelSpec(params=float(params) if params is not None else None, shape=shape, moe=moe)
+
+
+def _user_model(entry: dict) -> ModelSpec:
+    """A user's model: {name, params (N as the run table defines it), active_params, args}."""
+    name = entry["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"model name {name!r}: expected a non-empty text")
+    unknown = sorted(set(entry) - set(_USER_MODEL_KEYS))
+    if unknown:
+        raise UserError(f"model {name!r} has key {unknown[0]!r}: expected only {', '.join(_USER_MODEL_KEYS)} (the model's own "
+                        "settings go in its args table)")
+    counts = {}
+    for key in ("params", "active_params"):
+        value = _count(entry.get(key), f"model {name!r} {key}")
+        if value is None:
+            if key == "params":
+                raise UserError(f"model {name!r} has no params: expected params = N, its non-embedding parameter count "
+                                "(the N of the run table)")
+            continue
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_PARAMS):
+            raise UserError(f"model {name!r} {key}={value!r}: expected a positive parameter count up to {MAX_PARAMS:.0e}")
+        counts[key] = float(value)
+    args = entry.get("args") or {}
+    if not isinstance(args, dict):
+        raise UserError(f"model {name!r} args={args!r}: expected a table of the model's own settings")
+    return ModelSpec(params=counts["params"], name=name, active_params=counts.get("active_params"), args=dict(args))
 
 
 def lr_grid(center: float, span: float, points: int) -> list[float]:
@@ -442,6 +539,9 @@ def validate_runs(configs: list[RunConfig], local: bool = True) -> None:
     machine_checked: set = set()
     vocab_checked: set = set()
     for config in configs:
+        if isinstance(config, Trial):  # another trainer's: the contract's own rules
+            raise_problems(config.problems())
+            continue
         where = (repr(config.device), repr(config.data))
         on_this_machine = local and where not in machine_checked
         config.validate(on_this_machine=on_this_machine)

@@ -35,13 +35,18 @@ _STATUS_SQL = "CASE WHEN status IN ('ok', 'diverged', 'failed') THEN status ELSE
 # How each schema gives the run-table columns (steplaw.runtable.NAMES) that are not a
 # plain column of that name; `export_select` reads every other column by its name, so a
 # column added to the run table can never be paired with another's values.
+# What trained a run (the run table's `trainer`): a trial names its trainer; a stored
+# RunConfig is steplaw's, a replayed row a replay.
+_TRAINER_SQL = ("COALESCE(json_extract(config, '$.trainer'), "
+                "CASE WHEN json_extract(config, '$.replay') IS NOT NULL THEN 'replay' ELSE 'steplaw' END)")
 EXPORT_EXPRESSIONS = {
     2: {"status": _STATUS_SQL, "N_active": "COALESCE(N_active, N)",
-        "stack": "json_extract(result, '$.stack')"},  # from the result: stores made before the column have it there
+        # stack: from the result, where stores made before the column have it
+        "stack": "json_extract(result, '$.stack')", "trainer": _TRAINER_SQL},
     1: {**{name: old for old, name in V1_RENAMES.items()}, "status": _STATUS_SQL, "spec_id": "NULL",
         "N_active": "COALESCE(n_active, n_params)", "seq_len": "json_extract(config, '$.seq_len')",
         "n_experts": "json_extract(config, '$.model.moe.n_experts')", "top_k": "json_extract(config, '$.model.moe.top_k')",
-        "stack": "NULL"},
+        "stack": "NULL", "trainer": _TRAINER_SQL},
 }
 
 

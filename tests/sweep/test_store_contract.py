@@ -42,7 +42,7 @@ def test_row_mapping_from_config_result_and_counts():
     assert row == {"run_id": "abc", "status": "ok", "spec_id": "s1", "N": counts.non_embedding, "N_active": counts.active,
                    "N_total": counts.total, "D": 2**16, "lr": 0.01, "batch_tokens": 512, "seq_len": 64, "loss": 3.25,
                    "val_loss": None, "compute": 1e12, "n_experts": 4, "top_k": 2, "reason": None,
-                   "stack": None}
+                   "stack": None, "trainer": "steplaw"}
     assert counts.active < counts.non_embedding
     assert set(runtable.BY_NAME) == set(runtable.NAMES) and all(c.description for c in runtable.COLUMNS)
 
@@ -87,7 +87,8 @@ def test_store_rows_are_run_table_rows(tmp_path):
     with ResultStore(tmp_path, readonly=True) as store:
         spec_id = store.meta("spec_id")
         columns = {r[1] for r in store.conn.execute("PRAGMA table_info(runs)")}
-    assert set(EXPORT_COLUMNS) <= columns  # the store's columns carry the run table's names
+    # the store's columns carry the run table's names; `trainer` is read from each run's config
+    assert set(EXPORT_COLUMNS) - {"trainer"} <= columns
     for row, config in zip(rows, sorted(runs, key=lambda c: c.run_id())):
         expected = runtable.to_row(config.run_id(), config.to_dict(), as_result(sweep_fakes.fake_run(config)).to_dict(),
                                    {"non_embedding": row["N"], "active": row["N_active"], "total": row["N_total"]}, spec_id)

@@ -75,7 +75,7 @@ def test_configs_recipe_and_parsers_do_not_import_torch():
     import sys
 
     code = (
-        "import sys, argparse; import steplaw.train.cli as t, steplaw.data.cli as d; "
+        "import sys, argparse; import steplaw.cli.train as t, steplaw.cli.data as d; "
         "import steplaw.train.config, steplaw.models.recipe, steplaw.models.accounting; "
         "from steplaw.train import RunConfig; from steplaw.models import model_for_params; model_for_params(3e6); "
         "p = argparse.ArgumentParser().add_subparsers(); t.add_commands(p); d.add_commands(p); "

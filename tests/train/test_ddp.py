@@ -24,7 +24,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "steplaw.train.ddp", str(tmp_path / "config.json"), str(tmp_path / "result.json"),
+        "-m", "steplaw.cli.ddp", str(tmp_path / "config.json"), str(tmp_path / "result.json"),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]

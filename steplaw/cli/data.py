@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from steplaw import cliargs
+from steplaw.cli import args as cliargs
 from steplaw.data.tokenizers import DEFAULT_BPE_VOCAB
 from steplaw.errors import UserError
 

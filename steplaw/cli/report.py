@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from steplaw import cliargs
+from steplaw.cli import args as cliargs
+from steplaw.cli.laws import add_spec_args
 from steplaw.errors import UserError, warn
-from steplaw.laws.cli import add_spec_args
 from steplaw.report.build import write_report
 
 

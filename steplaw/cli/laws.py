@@ -10,7 +10,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from steplaw import cliargs
+from steplaw.cli import args as cliargs
 from steplaw.errors import UserError, warn
 from steplaw.runtable import json_safe
 from steplaw.sweep.store import export_rows, sweep_objective

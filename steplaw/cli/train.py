@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from steplaw import cliargs
+from steplaw.cli import args as cliargs
 from steplaw.errors import UserError
 
 DEFAULT_TOP_K = 2

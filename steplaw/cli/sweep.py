@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
-from steplaw import cliargs
-from steplaw.cliargs import count, nonnegative_float, positive_float, positive_int
+from steplaw.cli import args as cliargs
+from steplaw.cli.args import count, nonnegative_float, positive_float, positive_int
 from steplaw.errors import UserError, warn
 from steplaw.fileio import write_atomic
 from steplaw.runtable import OBJECTIVES
@@ -122,12 +123,24 @@ def _add_execution_flags(parser, ray: bool = True):
     group.add_argument("--max-attempts", type=positive_int, default=2,
                        help="tries per failed run, over all invocations (default 2)")
     group.add_argument("--retry-failed", action="store_true", help="give runs that failed all their attempts new ones")
-    group.add_argument("--run-fn", default="steplaw.train:run", metavar="MODULE:FUNCTION",
-                       help="the training function, run_fn(RunConfig, run_dir=...) -> RunResult (default steplaw.train:run)")
+    group.add_argument("--trainer", default="steplaw", metavar="steplaw|MODULE:FUNCTION",
+                       help="what trains the runs: steplaw's own trainer (default) or a function(trial, report) -> result "
+                            "(see steplaw.trial)")
+    group.add_argument("--trainer-cmd", metavar="TEMPLATE",
+                       help="a command per run, e.g. 'python train.py --lr {lr} --out {run_dir}': trial fields in braces "
+                            "(shell-quoted), {trial_json} the whole trial; it writes {run_dir}/result.json")
+    group.add_argument("--run-timeout", type=positive_float, metavar="SECONDS",
+                       help="--trainer-cmd: kill and fail a run after this many seconds")
+    group.add_argument("--trainer-resumes", action="store_true",
+                       help="--trainer-cmd: the command resumes from what an unfinished attempt left in its run_dir "
+                            "(default: the directory is cleared before each attempt)")
+    # steplaw's own trainer swapped for a function of a RunConfig (the tests' fake trainers);
+    # a user's trainer goes through --trainer or --trainer-cmd and the trial contract.
+    group.add_argument("--run-fn", default="steplaw.train:run", help=argparse.SUPPRESS)
     group.add_argument("--stack", type=stack_size, default="auto", metavar="auto|K|off",
                        help="train runs of one model shape (different lr, tokens and, for small dense models, batch size) "
                             "together, as one stacked model: auto (as many as fit "
-                            "memory and pay off; default), at most K per stack, or off (with the default --run-fn)")
+                            "memory and pay off; default), at most K per stack, or off (steplaw's own trainer only)")
     group.add_argument("--quiet", "-q", action="store_true", help="no progress line")
 
 
@@ -145,12 +158,66 @@ def load_run_fn(name: str):
     return fn
 
 
+def trainer_name(args) -> str:
+    """The spec's `trainer`: steplaw, hf, MODULE:FUNCTION or command (--trainer-cmd)."""
+    name = getattr(args, "trainer", "steplaw")
+    if getattr(args, "trainer_cmd", None) is not None:
+        if name != "steplaw":
+            raise UserError(f"--trainer {name} and --trainer-cmd both name a trainer: expected one of them")
+        return "command"
+    return name
+
+
+def check_trainer(args) -> None:
+    """Mistakes in the trainer flags, before anything runs (exit 2)."""
+    name = trainer_name(args)
+    if name == "steplaw":
+        for flag, value in (("--run-timeout", args.run_timeout), ("--trainer-resumes", args.trainer_resumes or None)):
+            if value is not None:
+                raise UserError(f"{flag} applies to --trainer-cmd only: expected --trainer-cmd with it")
+        load_run_fn(args.run_fn)
+        return
+    if isinstance(getattr(args, "stack", "auto"), int):
+        raise UserError(f"--stack {args.stack} is a setting of steplaw's own trainer: a {name} trainer's runs run alone "
+                        "(expected no --stack, or --trainer steplaw)")
+    if getattr(args, "moe_experts", None) is not None:
+        raise UserError(f"--moe-experts is a setting of steplaw's own trainer (its MoE shape): expected a user model "
+                        f"(name, params, active_params, args) in the spec for a {name} trainer")
+    if name == "command":
+        from steplaw.trainers.command import template_fields
+
+        template_fields(args.trainer_cmd)
+        return
+    if args.run_timeout is not None or args.trainer_resumes:
+        raise UserError("--run-timeout and --trainer-resumes apply to --trainer-cmd only: expected --trainer-cmd with them")
+    if name == "hf":
+        raise UserError("--trainer hf is not built yet (issue 21, item 5): expected steplaw, MODULE:FUNCTION, or "
+                        "--trainer-cmd with your own script")
+    from steplaw.trainers.python import load_function
+
+    load_function(name)
+
+
+def make_trainer(args):
+    """The run function the executors call, and whether its runs may stack."""
+    name = trainer_name(args)
+    if name == "steplaw":
+        return load_run_fn(args.run_fn)
+    if name == "command":
+        from steplaw.trainers.command import CommandTrainer
+
+        return CommandTrainer(args.trainer_cmd, cwd=os.getcwd(), timeout=args.run_timeout, resumes=args.trainer_resumes)
+    from steplaw.trainers.python import PythonTrainer
+
+    return PythonTrainer(name)
+
+
 def spec_from_args(args):
     from steplaw.sweep.spec import ModelSpec, SweepSpec
 
     _check_grid_flags(args)
     if args.spec:
-        data = SweepSpec.from_file(args.spec).to_dict()
+        data = SweepSpec.from_file(args.spec, trainer=trainer_name(args)).to_dict()
     elif args.params is None and args.tokens is None:
         data = stored_spec(args.out) or {}  # resume with the stored spec
     else:
@@ -177,6 +244,7 @@ def spec_from_args(args):
         raise UserError("no sweep to run: expected a spec file, or --params and --tokens, or an --out directory holding "
                         "spec.json")
     data["models"] = [m if isinstance(m, ModelSpec) else _clean_model(m) for m in data["models"]]
+    data["trainer"] = trainer_name(args)
     return SweepSpec.from_dict(data)
 
 
@@ -232,11 +300,12 @@ def _clean_model(entry):
 
 
 def group_fn_for(run_fn, stack):
-    """What trains a group of stacked runs: steplaw.train.stacked.run_group for the default
-    training function; None (every run alone) for another --run-fn or --stack off."""
+    """What trains a group of stacked runs: steplaw.train.stacked.run_group for steplaw's
+    own trainer (the one that declares "stack"); None (every run alone) for any other
+    trainer or --stack off."""
     from steplaw.train.runner import run
 
-    if stack == "off" or run_fn is not run:
+    if stack == "off" or run_fn is not run or "stack" not in getattr(run_fn, "capabilities", ("stack",)):
         return None
     from steplaw.train.stacked import run_group
 
@@ -277,7 +346,9 @@ def run_spec(spec, args):
     from steplaw.sweep.spec import validate_runs
 
     _check_out(args.out)
-    run_fn = load_run_fn(args.run_fn)
+    run_fn = make_trainer(args)
+    if spec.trainer != "steplaw" and not args.quiet:
+        warn(f"the {spec.trainer} trainer's runs run alone (stacking is steplaw's own trainer's)", "steplaw sweep")
     planner = make_planner(spec, args)
     grid_runs = spec.expand()
     # The adaptive planner proposes runs as it goes, all with the spec's fixed settings:
@@ -354,7 +425,7 @@ def cmd_sweep(args) -> int:
     if getattr(args, "replay", None):
         return cmd_replay(args)
     _check_out(args.out)
-    load_run_fn(args.run_fn)
+    check_trainer(args)
     spec = spec_from_args(args)
     if args.dry_run:
         check_spec_change(spec, args)
@@ -454,7 +525,7 @@ def cmd_demo(args) -> int:
 
 def add_planner_flags(parser) -> None:
     """--planner, the run budgets, and --replay TABLE with the table flags of `steplaw fit`."""
-    from steplaw.cliargs import add_table_args
+    from steplaw.cli.args import add_table_args
 
     group = parser.add_argument_group("planner")
     group.add_argument("--planner", choices=["grid", "adaptive"], default="grid",
@@ -507,7 +578,7 @@ def dry_run_adaptive(spec, args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from steplaw.laws.cli import load_table
+    from steplaw.cli.laws import load_table
     from steplaw.progress import ProgressLine
     from steplaw.sweep.driver import run_sweep
     from steplaw.sweep.planner import AdaptivePlanner

@@ -1,8 +1,9 @@
 """`steplaw ...`: the command line.
 
-Each concern adds its own subcommands from its own module (a function
-`add_commands(subparsers)` that sets `func` to a `cmd_*` handler on each parser), so this
-file only wires them together. Errors go through steplaw.cliargs: a user mistake is one
+Every command lives in this package, on top of the layers it uses: each module here adds
+the subcommands of one concern (a function `add_commands(subparsers)` that sets `func` to
+a `cmd_*` handler on each parser: laws, train, data, sweep, report, doctor; ddp is the
+torchrun entry point), so this file only wires them together. Errors go through steplaw.cli.args: a user mistake is one
 line on stderr and exit code 2, never a traceback; a bug keeps its traceback.
 """
 from __future__ import annotations
@@ -10,16 +11,16 @@ from __future__ import annotations
 import importlib
 import sys
 
-from steplaw import cliargs
+from steplaw.cli import args as cliargs
 
 # Modules that contribute subcommands, in help order.
 COMMAND_MODULES = [
-    "steplaw.laws.cli",  # predict, fit, fit-loss, plan
-    "steplaw.train.cli",  # train
-    "steplaw.data.cli",  # data prepare
-    "steplaw.sweep.cli",  # sweep, runs, demo
-    "steplaw.report.cli",  # report
-    "steplaw.doctor",  # doctor
+    "steplaw.cli.laws",  # predict, fit, fit-loss, plan
+    "steplaw.cli.train",  # train
+    "steplaw.cli.data",  # data prepare
+    "steplaw.cli.sweep",  # sweep, runs, demo
+    "steplaw.cli.report",  # report
+    "steplaw.cli.doctor",  # doctor
 ]
 
 

@@ -1,6 +1,6 @@
 """Entry point for multi-process runs of a RunConfig given as JSON.
 
-    torchrun --standalone --nproc_per_node 2 -m steplaw.train.ddp CONFIG.json [RESULT.json] [--run-dir DIR]
+    torchrun --standalone --nproc_per_node 2 -m steplaw.cli.ddp CONFIG.json [RESULT.json] [--run-dir DIR]
 
 Every process trains its share of each batch (DDP: gloo on CPU, NCCL on GPU); rank 0
 writes the RunResult. `steplaw train` under torchrun does the same from CLI options.
@@ -14,11 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from steplaw import cliargs
+from steplaw.cli import args as cliargs
 from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
 
-PROG = "python -m steplaw.train.ddp"
+PROG = "python -m steplaw.cli.ddp"
 
 
 def main(argv: list[str] | None = None) -> int:
