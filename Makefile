@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.14.1
 # Extras of pyproject.toml to install (`test` names everything the tests and the linter need).
 EXTRAS ?= test
 PYTEST_ARGS ?=
+# The test suite runs one pytest-xdist worker per core (the Ray tests in one group, one
+# after another); PYTEST_XDIST= runs it in one process.
+PYTEST_XDIST ?= -n $(shell nproc) --dist loadgroup
 RESULTS_DIR ?= bench/results
 # Parallel compile jobs for the extension (nvcc is memory hungry; 2 fits 24 GB).
 export MAX_JOBS ?= 2
@@ -66,7 +69,7 @@ lint: venv
 # pytest exits 5 when it collects no test; that is not a failure of the build.
 test: build
 	$(PY) -m ruff check .; lint=$$?; \
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; \
+	$(PY) -m pytest -m "not gpu" $(PYTEST_XDIST) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; \
 	if [ $$lint -ne 0 ]; then echo "ruff found problems (listed above)"; fi; \
 	exit $$(( rc || lint ))
 
