@@ -103,6 +103,13 @@ def _stored_warnings(data: dict, path: Path) -> list[str]:
     return [f"{path} (from its fit): {w}" for w in data.get("warnings") or [] if isinstance(w, str)]
 
 
+def _constant(data: dict, key: str) -> float:
+    """A loss-law constant; null (how strict JSON stores a fit's NaN) reads back as NaN, so the
+    law's own checks name it (e.g. no compute-optimal split) instead of a damaged-file error."""
+    value = data[key]
+    return float("nan") if value is None else float(value)
+
+
 def read_law(path) -> SavedHparamLaw | SavedLossLaw:
     """A law file written by `steplaw fit --save` or `steplaw fit-loss --save`."""
     path = Path(path)
@@ -121,8 +128,8 @@ def read_law(path) -> SavedHparamLaw | SavedLossLaw:
                                   source=str(data.get("source", "")), path=str(path), warnings=_stored_warnings(data, path))
         if kind == LOSS_KIND:
             rows = np.asarray((data.get("bootstrap") or {}).get("rows") or [], float).reshape(-1, 5)
-            return SavedLossLaw(E=float(data["E"]), A=float(data["A"]), B=float(data["B"]), alpha=float(data["alpha"]),
-                                beta=float(data["beta"]), flops_per_param_token=float(data.get("flops_per_param_token", 6.0)),
+            constants = {key: _constant(data, key) for key in ("E", "A", "B", "alpha", "beta")}
+            return SavedLossLaw(**constants, flops_per_param_token=float(data.get("flops_per_param_token", 6.0)),
                                 n_column=str(data.get("n_column", "N")), fitted_range=dict(data.get("fitted_range") or {}),
                                 source=str(data.get("source", "")), path=str(path), samples=rows,
                                 refused_terms=tuple(str(t) for t in data.get("refused_terms") or ()),
