@@ -230,14 +230,24 @@ def _fits_warnings(fits: dict) -> list[str]:
 def cmd_fit_loss(args) -> int:
     from steplaw.laws.loss import fit_loss
     from steplaw.laws.published import range_warnings, step_law
+    from steplaw.laws.rollout import holdout_lines, holdout_loss, parse_holdout, rollout_lines, rollout_loss
     from steplaw.laws.saved import loss_law_record, write_json
     from steplaw.laws.text import loss_fit_lines
 
     args.budget = parse_count(args.budget, "--budget")
+    rule = parse_holdout(args.holdout) if args.holdout is not None else None
     save = cliargs.check_output_file(args.save, "--save") if args.save else None
     table = load_table(args)
-    fit = fit_loss(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
+    holdout = None
+    if rule is not None:  # the law is fitted on the rest: what is saved and shown is that fit
+        fit, holdout = holdout_loss(table, rule, n_column=args.n_column, n_boot=args.n_boot, seed=args.seed)
+    else:
+        fit = fit_loss(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
     result = {**fit.to_dict(), "source": table.source}
+    if holdout is not None:
+        result["holdout"] = holdout
+    if args.rollout:
+        result["rollout"] = rollout_loss(table, args.rollout, n_column=args.n_column)
     if args.budget:
         n_opt, d_opt = fit.compute_optimal(args.budget)
         lr, bs = step_law(n_opt, d_opt)
@@ -256,6 +266,10 @@ def cmd_fit_loss(args) -> int:
     else:
         print(_describe_table(table))
         print("\n".join(loss_fit_lines(fit, result)))
+        if holdout is not None:
+            print("\n".join(holdout_lines(holdout)))
+        if args.rollout:
+            print("\n".join(rollout_lines(result["rollout"])))
         if save is not None:
             print(f"wrote {save}")
     _warn(args, result["warnings"])
@@ -339,6 +353,11 @@ def _add_fit(subparsers) -> None:
                                  help="also give N_opt, D_opt, the loss there and the Step Law's hyperparameters")
     fit_loss_parser.add_argument("--save", default=None, metavar="FILE",
                                  help="write the fitted law for `steplaw plan --loss-law FILE`")
+    fit_loss_parser.add_argument("--holdout", default=None, metavar="RULE",
+                                 help="fit on the runs the rule leaves and score the law on those it holds out: "
+                                      "N>=X, D>=Y, C>=Z or largest, comma-joined for 'and' (e.g. N>=1e9)")
+    fit_loss_parser.add_argument("--rollout", choices=["N", "D"], default=None,
+                                 help="also an expanding-window check: fit on the k smallest N (or D), predict the next")
     fit_loss_parser.add_argument("--json", action="store_true", help="print one JSON object")
     fit_loss_parser.set_defaults(func=cmd_fit_loss)
 

@@ -398,7 +398,7 @@ def optimal_interval(samples, compute_flops: float, flops_per_param_token: float
     return {"N": tuple(np.exp(percentile_interval(log_n[ok]))), "D": tuple(np.exp(percentile_interval(log_d[ok])))}
 
 
-def _cell_best_losses(table: RunTable, n_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cell_best_losses(table: RunTable, n_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     valid = table.valid & np.isfinite(n_values)
     keys = np.column_stack([n_values[valid], table.D[valid]])
     cells, inverse = np.unique(keys, axis=0, return_inverse=True)
@@ -440,7 +440,10 @@ def fit_loss(
     """
     check_bootstrap(n_boot, seed)
     n_values = table.param_counts(n_column)
-    cells, best_loss = _cell_best_losses(table, n_values)
+    cells, best_loss = cell_best_losses(table, n_values)
+    if len(cells) == 0:
+        raise UserError(f"{table.source} has no finished run with a finite loss and {n_column}; the loss law needs "
+                        "at least 5 (N, D) cells.")
     refused, refusals = _refused_terms(cells)
     free = _free_mask(refused)
 
