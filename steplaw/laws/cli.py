@@ -192,13 +192,23 @@ def cmd_fit(args) -> int:
 
     out_dir = _fit_out_dir(args)
     save = cliargs.check_output_file(args.save, "--save") if args.save else None
+    from steplaw.laws.rollout import holdout_hparam_lines, holdout_hparams, parse_holdout
+
+    rule = parse_holdout(args.holdout) if args.holdout is not None else None
     table = load_table(args)
     columns = _n_columns(table, args.n_column)
-    fits = {column: fit_hparams(table, gap=args.gap, n_boot=args.n_boot, seed=args.seed, n_column=column,
-                                fit_bs_N=args.fit_bs_N, sparsity=args.sparsity) for column in columns}
+    options = {"gap": args.gap, "n_boot": args.n_boot, "seed": args.seed, "fit_bs_N": args.fit_bs_N,
+               "sparsity": args.sparsity}
+    if rule is not None:  # every fit on the rest; the primary one scored on the held-out cells
+        holdout = {column: holdout_hparams(table, rule, n_column=column, **options) for column in columns}
+        fits, holdout = {column: pair[0] for column, pair in holdout.items()}, holdout[columns[0]][1]
+    else:
+        fits, holdout = {column: fit_hparams(table, n_column=column, **options) for column in columns}, None
     primary = fits[columns[0]]
     warnings = _fits_warnings(fits)
     result = {**primary.to_dict(), "source": table.source, "warnings": warnings}
+    if holdout is not None:
+        result["holdout"] = holdout
     if len(fits) > 1:
         result["by_n_column"] = {column: fit.to_dict() for column, fit in fits.items() if column != columns[0]}
     written = _write_fit_files(args, out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
@@ -210,6 +220,8 @@ def cmd_fit(args) -> int:
         print(_describe_table(table))
         for column in columns:
             print("\n".join(fit_lines(fits[column])))
+        if holdout is not None:
+            print("\n".join(holdout_hparam_lines(holdout)))
         if written:
             print("wrote " + ", ".join(str(path) for path in written))
     _warn(args, warnings)
@@ -334,6 +346,9 @@ def _add_fit(subparsers) -> None:
                      help="write fit.json and PNG plots here (default: RUNS_fit/ beside a file, RUNS/fit/ for a sweep)")
     fit.add_argument("--save", default=None, metavar="FILE",
                      help="write the fitted law for `steplaw predict --law FILE` / `steplaw plan --hparam-law FILE`")
+    fit.add_argument("--holdout", default=None, metavar="RULE",
+                     help="fit on the runs the rule leaves and score the laws on the cells it holds out: "
+                          "N>=X, D>=Y, C>=Z or largest, comma-joined for 'and'")
     fit.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     fit.add_argument("--json", action="store_true", help="print one JSON object (files only with --out)")
     fit.set_defaults(func=cmd_fit)

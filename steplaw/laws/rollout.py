@@ -181,3 +181,58 @@ def rollout_lines(rollout: dict) -> list[str]:
     if rollout["mean_abs_rel_error"] is not None:
         lines.append(f"  mean over steps: {rollout['mean_abs_rel_error']:.2%}")
     return lines
+
+
+def holdout_hparams(table: RunTable, rule: HoldoutRule, *, n_column: str = "N", gap: float = 0.0025,
+                    quad_window: float = 0.03, **fit_args) -> tuple:
+    """(fit on the rest, holdout dict) for the LR and batch laws: per held-out (N, D) cell its
+    optimum (as the fit locates it), the law's LR and batch there, their factors
+    exp|ln(predicted / observed)| and the relative loss gap of the run nearest the prediction."""
+    from steplaw.laws.cells import cell_optima
+    from steplaw.laws.fit import fit_hparams
+    from steplaw.laws.scores import CellRuns, score_one, summary_of
+
+    n_values = table.param_counts(n_column)
+    held = held_out_rows(table, rule, n_values) & table.valid
+    if not held.any():
+        raise UserError(f"--holdout {rule.text!r} holds out no finished run of {table.source}; loosen the rule.")
+    try:
+        fitted = fit_hparams(subset(table, ~held), gap=gap, quad_window=quad_window, n_column=n_column, **fit_args)
+    except UserError as exc:
+        raise UserError(f"--holdout {rule.text!r} leaves too little to fit on: {exc}") from None
+    part = subset(table, held)
+    sparsity = np.ones(len(part)) if part.N_active is None else \
+        np.where(np.isfinite(part.N_active), part.N_active / part.N, 1.0)
+    cells, _, run_rows = cell_optima(part, n_values[held], sparsity, gap, quad_window)
+    if not cells:
+        raise UserError(f"--holdout {rule.text!r} holds out no cell with two finished runs, so no optimum to "
+                        "predict; hold out whole cells.")
+    rows = []
+    for cell, cell_rows in zip(cells, run_rows):
+        lr, bs = (float(v) for v in fitted.predict(cell.N, cell.D, cell.sparsity if fitted.sparsity else None))
+        score = score_one(CellRuns.of(cell, part.lr[cell_rows], part.batch_tokens[cell_rows], part.loss[cell_rows]),
+                          lr, bs)
+        rows.append({"N": cell.N, "D": cell.D, "lr": cell.opt_lr, "predicted_lr": lr, "lr_factor": score["lr_factor"],
+                     "batch_tokens": cell.opt_bs, "predicted_batch_tokens": bs, "bs_factor": score["bs_factor"],
+                     "loss_gap": score["gap"]})
+    cell_range = np.array([[c.N, c.D] for c in cells])
+    return fitted, {"rule": rule.text, "fitted_on": fitted.fitted_range, "predicted_range": _range(cell_range),
+                    "rows": rows, "lr_factor": summary_of(rows, "lr_factor"), "bs_factor": summary_of(rows, "bs_factor"),
+                    "loss_gap": summary_of(rows, "loss_gap")}
+
+
+def holdout_hparam_lines(holdout: dict) -> list[str]:
+    on = holdout["fitted_on"]
+    lines = [f"holdout {holdout['rule']}: fitted on N {on['N'][0]:.3g} to {on['N'][1]:.3g}, "
+             f"D {on['D'][0]:.3g} to {on['D'][1]:.3g}; predicted:"]
+    for row in holdout["rows"]:
+        gap = "-" if row["loss_gap"] is None else f"{row['loss_gap']:.2%}"
+        lines.append(f"    N={row['N']:.4g} D={row['D']:.4g}: lr {row['lr']:.3g} observed, {row['predicted_lr']:.3g} "
+                     f"predicted (x{row['lr_factor']:.3f}); batch {row['batch_tokens']:.4g} observed, "
+                     f"{row['predicted_batch_tokens']:.4g} predicted (x{row['bs_factor']:.3f}); loss gap {gap}")
+    def mean(key, scale=1.0, spec=".3f"):
+        value = holdout[key]["mean"]
+        return "-" if value is None else format(value * scale, spec)
+    lines.append(f"  mean over {len(holdout['rows'])} held-out cell(s): LR factor {mean('lr_factor')}, batch factor "
+                 f"{mean('bs_factor')}, loss gap {mean('loss_gap', 100, '.3f')}%")
+    return lines

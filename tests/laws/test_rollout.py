@@ -90,3 +90,32 @@ def test_rollout_needs_four_values_and_parse_keeps_the_terms(capsys, tmp_path):
     path.write_text("N,D,loss\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
     assert main(["fit-loss", str(path), "--rollout", "N", "--n-boot", "0"]) == 2
     assert "--rollout N needs at least 4 distinct values of N" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sweep_csv(tmp_path_factory):
+    from steplaw.laws.synthetic import synthetic_runs
+
+    table = synthetic_runs(seed=2, n_values=(6e7, 1.2e8, 2.4e8, 4.8e8, 9.6e8), d_values=(2e9, 8e9, 3.2e10),
+                           lr_steps=9, bs_steps=6)
+    rows = [(table.N[i], table.D[i], table.lr[i], table.batch_tokens[i], table.status[i],
+             "" if not np.isfinite(table.loss[i]) else repr(float(table.loss[i]))) for i in range(len(table))]
+    path = tmp_path_factory.mktemp("sweep") / "runs.csv"
+    path.write_text("N,D,lr,batch_tokens,status,loss\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    return path
+
+
+def test_fit_holdout_on_N_6e7_to_4_8e8_predicts_lr_and_batch_at_N_9_6e8(capsys, sweep_csv):
+    out = _json(capsys, ["fit", str(sweep_csv), "--holdout", "N>=9e8", "--n-boot", "20"])
+    hold = out["holdout"]
+    assert out["fitted_range"]["N"] == pytest.approx([6e7, 4.8e8]) and hold["predicted_range"]["N"] == [9.6e8, 9.6e8]
+    assert len(hold["rows"]) == 3
+    for row in hold["rows"]:  # the synthetic truth is a power law: the extrapolation lands near it
+        assert row["lr_factor"] == pytest.approx(np.exp(abs(np.log(row["predicted_lr"] / row["lr"]))))
+        assert row["lr_factor"] < 1.25 and row["bs_factor"] < 1.4 and row["loss_gap"] < 0.005
+    assert hold["lr_factor"]["max"] == max(r["lr_factor"] for r in hold["rows"])
+    assert main(["fit", str(sweep_csv), "--holdout", "N>=9e8", "--n-boot", "0", "--no-plots",
+                 "--out", str(sweep_csv.parent / "fit")]) == 0
+    assert "holdout N>=9e8: fitted on N 6e+07 to 4.8e+08" in capsys.readouterr().out
+    assert main(["fit", str(sweep_csv), "--holdout", "N>=1e12", "--json"]) == 2
+    assert "holds out no finished run" in capsys.readouterr().err
