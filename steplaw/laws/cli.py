@@ -249,6 +249,10 @@ def cmd_fit_loss(args) -> int:
     args.budget = parse_count(args.budget, "--budget")
     rule = parse_holdout(args.holdout) if args.holdout is not None else None
     save = cliargs.check_output_file(args.save, "--save") if args.save else None
+    if args.method == "isoflop":
+        if args.save or args.holdout or args.rollout:
+            raise UserError("--save, --holdout and --rollout need the parametric loss law; use --method both.")
+        return _fit_loss_isoflop(args, load_table(args))
     table = load_table(args)
     holdout = None
     if rule is not None:  # the law is fitted on the rest: what is saved and shown is that fit
@@ -260,6 +264,12 @@ def cmd_fit_loss(args) -> int:
         result["holdout"] = holdout
     if args.rollout:
         result["rollout"] = rollout_loss(table, args.rollout, n_column=args.n_column)
+    iso = None
+    if args.method == "both":
+        from steplaw.laws.isoflop import isoflop_fit
+
+        iso = isoflop_fit(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
+        result["isoflop"] = iso.to_dict()
     if args.budget:
         n_opt, d_opt = fit.compute_optimal(args.budget)
         lr, bs = step_law(n_opt, d_opt)
@@ -278,12 +288,37 @@ def cmd_fit_loss(args) -> int:
     else:
         print(_describe_table(table))
         print("\n".join(loss_fit_lines(fit, result)))
+        if iso is not None:
+            from steplaw.laws.isoflop import isoflop_lines
+
+            print("\n".join(isoflop_lines(iso)))
         if holdout is not None:
             print("\n".join(holdout_lines(holdout)))
         if args.rollout:
             print("\n".join(rollout_lines(result["rollout"])))
         if save is not None:
             print(f"wrote {save}")
+    _warn(args, result["warnings"])
+    return 0
+
+
+def _fit_loss_isoflop(args, table) -> int:
+    """fit-loss --method isoflop: the compute-optimal N(C), D(C) from IsoFLOP parabolas alone."""
+    from steplaw.laws.isoflop import isoflop_fit, isoflop_lines
+
+    iso = isoflop_fit(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
+    result = {**iso.to_dict(), "source": table.source}
+    if args.budget:
+        n_opt, d_opt = iso.compute_optimal(args.budget)
+        result["at_budget"] = {"compute": args.budget, "N_opt": n_opt, "D_opt": d_opt}
+    if args.json:
+        print(_json(result))
+    else:
+        print(_describe_table(table))
+        print("\n".join(isoflop_lines(iso)))
+        if args.budget:
+            print(f"at C = {args.budget:.3g} FLOPs: N_opt = {result['at_budget']['N_opt']:.4g}, "
+                  f"D_opt = {result['at_budget']['D_opt']:.4g}")
     _warn(args, result["warnings"])
     return 0
 
@@ -368,6 +403,9 @@ def _add_fit(subparsers) -> None:
                                  help="also give N_opt, D_opt, the loss there and the Step Law's hyperparameters")
     fit_loss_parser.add_argument("--save", default=None, metavar="FILE",
                                  help="write the fitted law for `steplaw plan --loss-law FILE`")
+    fit_loss_parser.add_argument("--method", choices=["parametric", "isoflop", "both"], default="parametric",
+                                 help="parametric: the law L(N, D) (default); isoflop: N_opt(C), D_opt(C) from a "
+                                      "parabola of loss in log N per compute budget (Chinchilla Approach 2); both")
     fit_loss_parser.add_argument("--holdout", default=None, metavar="RULE",
                                  help="fit on the runs the rule leaves and score the law on those it holds out: "
                                       "N>=X, D>=Y, C>=Z or largest, comma-joined for 'and' (e.g. N>=1e9)")
