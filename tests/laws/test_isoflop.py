@@ -16,7 +16,10 @@ E, A, B, ALPHA, BETA = 1.82, 482.0, 2085.0, 0.35, 0.37
 TRUE_N_EXPONENT = BETA / (ALPHA + BETA)
 
 
-def _rows(budgets=(1e18, 3e18, 1e19, 3e19, 1e20), factors=np.geomspace(1 / 6, 6, 9), noise=0.002, seed=1):
+FACTORS = tuple(np.geomspace(1 / 6, 6, 9))  # sizes per budget, around its optimum
+
+
+def _rows(budgets=(1e18, 3e18, 1e19, 3e19, 1e20), factors=FACTORS, noise=0.002, seed=1):
     rng = np.random.default_rng(seed)
     g = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA))
     rows = []
