@@ -1,4 +1,4 @@
-"""`steplaw predict`, `steplaw fit`, `steplaw fit-loss` and `steplaw plan` (texts: steplaw.laws.text).
+"""`steplaw predict`, `steplaw fit`, `steplaw fit-loss`, `steplaw plan` and `steplaw score` (texts: steplaw.laws.text).
 
 Data goes to stdout, warnings to stderr. Sweep directories are resolved here (through
 steplaw.sweep.store.export_rows): steplaw.laws itself reads only rows and files.
@@ -327,12 +327,56 @@ def _fit_loss_isoflop(args, table) -> int:
 def cmd_plan(args) -> int:
     from steplaw.laws.plan import make_plan, plan_lines
 
+    save = cliargs.check_output_file(args.save, "--save") if args.save else None
     plan = make_plan(compute=parse_count(args.compute, "--compute"), params=parse_count(args.params, "--params"),
                      tokens=parse_count(args.tokens, "--tokens"), loss_law=args.loss_law, hparam_law=args.hparam_law,
                      seq_len=args.seq_len)
-    print(_json(plan) if args.json else "\n".join(plan_lines(plan)))
+    if save is not None:
+        from steplaw.laws.saved import write_json
+        from steplaw.laws.scoring import plan_record
+
+        write_json(save, plan_record(plan))
+    print(_json(plan) if args.json else "\n".join(plan_lines(plan) + ([f"wrote {save}"] if save else [])))
     _warn(args, plan["warnings"])
     return 0
+
+
+# ---------------------------------------------------------------------------- score
+def cmd_score(args) -> int:
+    from steplaw.laws.scoring import read_plan, score_lines, score_plan, score_runs
+
+    loss, lr, bs = (parse_count(v, name) for v, name in ((args.loss, "--loss"), (args.lr, "--lr"),
+                                                         (args.batch_tokens, "--batch-tokens")))
+    if (loss is None) == (args.runs is None):
+        raise UserError("score needs the outcome: --loss L (with --lr / --batch-tokens if they differ from the "
+                        "plan) or --runs TABLE, one of them.")
+    plan = read_plan(args.plan)
+    if args.runs is not None:
+        args.table_needs, args.col_lr, args.col_bs = "loss", "lr", None
+        score = score_runs(plan, load_table(args))
+    else:
+        score = score_plan(plan, loss, lr, bs)
+    print(_json({"plan": args.plan, **score}) if args.json else "\n".join(score_lines(plan, score)))
+    return 0
+
+
+def _add_score(subparsers) -> None:
+    score = subparsers.add_parser(
+        "score", help="score a saved plan against the run's outcome (rel_error, inside_interval)",
+        description="How far a run's final loss fell from a plan saved by `steplaw plan --save`, and whether it "
+                    "fell inside the plan's 95% interval.")
+    score.add_argument("plan", metavar="PLAN.json", help="a plan file from `steplaw plan --save`")
+    score.add_argument("--loss", default=None, metavar="NATS", help="the run's final loss")
+    score.add_argument("--lr", default=None, metavar="LR", help="the peak LR it ran with (default: the plan's)")
+    score.add_argument("--batch-tokens", default=None, metavar="B", help="the batch it ran with, in tokens")
+    score.add_argument("--runs", default=None, metavar="TABLE",
+                       help="instead of --loss: a table of runs or a sweep directory; its best finished run at the "
+                            "plan's N and D (within 10%%) is scored")
+    score.add_argument("--col-N", default="N", metavar="NAME", help="with --runs: the N column (default N)")
+    score.add_argument("--col-D", default=None, metavar="NAME", help="with --runs: the token column (default D)")
+    score.add_argument("--col-loss", default=None, metavar="NAME", help="with --runs: the loss column (default loss)")
+    score.add_argument("--json", action="store_true", help="print one JSON object")
+    score.set_defaults(func=cmd_score)
 
 
 # ---------------------------------------------------------------------------- parsers
@@ -430,6 +474,9 @@ def _add_plan(subparsers) -> None:
                       help="step_law (default), deepseek, kaplan, porian, or a file from `steplaw fit --save`")
     plan.add_argument("--seq-len", type=cliargs.positive_int, default=2048, metavar="L",
                       help="tokens per sequence for the batch in sequences (default 2048)")
+    plan.add_argument("--save", default=None, metavar="PLAN.json",
+                      help="also write the plan (prediction, interval, laws and their hashes, assumptions, date) "
+                           "for `steplaw score` after the run")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 
@@ -438,3 +485,4 @@ def add_commands(subparsers) -> None:
     _add_predict(subparsers)
     _add_fit(subparsers)
     _add_plan(subparsers)
+    _add_score(subparsers)
