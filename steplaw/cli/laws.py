@@ -1,4 +1,4 @@
-"""`steplaw predict`, `steplaw fit`, `steplaw fit-loss` and `steplaw plan` (texts: steplaw.laws.text).
+"""`steplaw predict`, `steplaw fit`, `steplaw fit-loss`, `steplaw plan` and `steplaw score` (texts: steplaw.laws.text).
 
 Data goes to stdout, warnings to stderr. Sweep directories are resolved here (through
 steplaw.sweep.store.export_rows): steplaw.laws itself reads only rows and files.
@@ -192,13 +192,23 @@ def cmd_fit(args) -> int:
 
     out_dir = _fit_out_dir(args)
     save = cliargs.check_output_file(args.save, "--save") if args.save else None
+    from steplaw.laws.rollout import holdout_hparam_lines, holdout_hparams, parse_holdout
+
+    rule = parse_holdout(args.holdout) if args.holdout is not None else None
     table = load_table(args)
     columns = _n_columns(table, args.n_column)
-    fits = {column: fit_hparams(table, gap=args.gap, n_boot=args.n_boot, seed=args.seed, n_column=column,
-                                fit_bs_N=args.fit_bs_N, sparsity=args.sparsity) for column in columns}
+    options = {"gap": args.gap, "n_boot": args.n_boot, "seed": args.seed, "fit_bs_N": args.fit_bs_N,
+               "sparsity": args.sparsity}
+    if rule is not None:  # every fit on the rest; the primary one scored on the held-out cells
+        holdout = {column: holdout_hparams(table, rule, n_column=column, **options) for column in columns}
+        fits, holdout = {column: pair[0] for column, pair in holdout.items()}, holdout[columns[0]][1]
+    else:
+        fits, holdout = {column: fit_hparams(table, n_column=column, **options) for column in columns}, None
     primary = fits[columns[0]]
     warnings = _fits_warnings(fits)
     result = {**primary.to_dict(), "source": table.source, "warnings": warnings}
+    if holdout is not None:
+        result["holdout"] = holdout
     if len(fits) > 1:
         result["by_n_column"] = {column: fit.to_dict() for column, fit in fits.items() if column != columns[0]}
     written = _write_fit_files(args, out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
@@ -210,6 +220,8 @@ def cmd_fit(args) -> int:
         print(_describe_table(table))
         for column in columns:
             print("\n".join(fit_lines(fits[column])))
+        if holdout is not None:
+            print("\n".join(holdout_hparam_lines(holdout)))
         if written:
             print("wrote " + ", ".join(str(path) for path in written))
     _warn(args, warnings)
@@ -230,14 +242,34 @@ def _fits_warnings(fits: dict) -> list[str]:
 def cmd_fit_loss(args) -> int:
     from steplaw.laws.loss import fit_loss
     from steplaw.laws.published import range_warnings, step_law
+    from steplaw.laws.rollout import holdout_lines, holdout_loss, parse_holdout, rollout_lines, rollout_loss
     from steplaw.laws.saved import loss_law_record, write_json
     from steplaw.laws.text import loss_fit_lines
 
     args.budget = parse_count(args.budget, "--budget")
+    rule = parse_holdout(args.holdout) if args.holdout is not None else None
     save = cliargs.check_output_file(args.save, "--save") if args.save else None
+    if args.method == "isoflop":
+        if args.save or args.holdout or args.rollout:
+            raise UserError("--save, --holdout and --rollout need the parametric loss law; use --method both.")
+        return _fit_loss_isoflop(args, load_table(args))
     table = load_table(args)
-    fit = fit_loss(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
+    holdout = None
+    if rule is not None:  # the law is fitted on the rest: what is saved and shown is that fit
+        fit, holdout = holdout_loss(table, rule, n_column=args.n_column, n_boot=args.n_boot, seed=args.seed)
+    else:
+        fit = fit_loss(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
     result = {**fit.to_dict(), "source": table.source}
+    if holdout is not None:
+        result["holdout"] = holdout
+    if args.rollout:
+        result["rollout"] = rollout_loss(table, args.rollout, n_column=args.n_column)
+    iso = None
+    if args.method == "both":
+        from steplaw.laws.isoflop import isoflop_fit
+
+        iso = isoflop_fit(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
+        result["isoflop"] = iso.to_dict()
     if args.budget:
         n_opt, d_opt = fit.compute_optimal(args.budget)
         lr, bs = step_law(n_opt, d_opt)
@@ -256,8 +288,37 @@ def cmd_fit_loss(args) -> int:
     else:
         print(_describe_table(table))
         print("\n".join(loss_fit_lines(fit, result)))
+        if iso is not None:
+            from steplaw.laws.isoflop import isoflop_lines
+
+            print("\n".join(isoflop_lines(iso)))
+        if holdout is not None:
+            print("\n".join(holdout_lines(holdout)))
+        if args.rollout:
+            print("\n".join(rollout_lines(result["rollout"])))
         if save is not None:
             print(f"wrote {save}")
+    _warn(args, result["warnings"])
+    return 0
+
+
+def _fit_loss_isoflop(args, table) -> int:
+    """fit-loss --method isoflop: the compute-optimal N(C), D(C) from IsoFLOP parabolas alone."""
+    from steplaw.laws.isoflop import isoflop_fit, isoflop_lines
+
+    iso = isoflop_fit(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
+    result = {**iso.to_dict(), "source": table.source}
+    if args.budget:
+        n_opt, d_opt = iso.compute_optimal(args.budget)
+        result["at_budget"] = {"compute": args.budget, "N_opt": n_opt, "D_opt": d_opt}
+    if args.json:
+        print(_json(result))
+    else:
+        print(_describe_table(table))
+        print("\n".join(isoflop_lines(iso)))
+        if args.budget:
+            print(f"at C = {args.budget:.3g} FLOPs: N_opt = {result['at_budget']['N_opt']:.4g}, "
+                  f"D_opt = {result['at_budget']['D_opt']:.4g}")
     _warn(args, result["warnings"])
     return 0
 
@@ -266,12 +327,56 @@ def cmd_fit_loss(args) -> int:
 def cmd_plan(args) -> int:
     from steplaw.laws.plan import make_plan, plan_lines
 
+    save = cliargs.check_output_file(args.save, "--save") if args.save else None
     plan = make_plan(compute=parse_count(args.compute, "--compute"), params=parse_count(args.params, "--params"),
                      tokens=parse_count(args.tokens, "--tokens"), loss_law=args.loss_law, hparam_law=args.hparam_law,
                      seq_len=args.seq_len)
-    print(_json(plan) if args.json else "\n".join(plan_lines(plan)))
+    if save is not None:
+        from steplaw.laws.saved import write_json
+        from steplaw.laws.scoring import plan_record
+
+        write_json(save, plan_record(plan))
+    print(_json(plan) if args.json else "\n".join(plan_lines(plan) + ([f"wrote {save}"] if save else [])))
     _warn(args, plan["warnings"])
     return 0
+
+
+# ---------------------------------------------------------------------------- score
+def cmd_score(args) -> int:
+    from steplaw.laws.scoring import read_plan, score_lines, score_plan, score_runs
+
+    loss, lr, bs = (parse_count(v, name) for v, name in ((args.loss, "--loss"), (args.lr, "--lr"),
+                                                         (args.batch_tokens, "--batch-tokens")))
+    if (loss is None) == (args.runs is None):
+        raise UserError("score needs the outcome: --loss L (with --lr / --batch-tokens if they differ from the "
+                        "plan) or --runs TABLE, one of them.")
+    plan = read_plan(args.plan)
+    if args.runs is not None:
+        args.table_needs, args.col_lr, args.col_bs = "loss", "lr", None
+        score = score_runs(plan, load_table(args))
+    else:
+        score = score_plan(plan, loss, lr, bs)
+    print(_json({"plan": args.plan, **score}) if args.json else "\n".join(score_lines(plan, score)))
+    return 0
+
+
+def _add_score(subparsers) -> None:
+    score = subparsers.add_parser(
+        "score", help="score a saved plan against the run's outcome (rel_error, inside_interval)",
+        description="How far a run's final loss fell from a plan saved by `steplaw plan --save`, and whether it "
+                    "fell inside the plan's 95% interval.")
+    score.add_argument("plan", metavar="PLAN.json", help="a plan file from `steplaw plan --save`")
+    score.add_argument("--loss", default=None, metavar="NATS", help="the run's final loss")
+    score.add_argument("--lr", default=None, metavar="LR", help="the peak LR it ran with (default: the plan's)")
+    score.add_argument("--batch-tokens", default=None, metavar="B", help="the batch it ran with, in tokens")
+    score.add_argument("--runs", default=None, metavar="TABLE",
+                       help="instead of --loss: a table of runs or a sweep directory; its best finished run at the "
+                            "plan's N and D (within 10%%) is scored")
+    score.add_argument("--col-N", default="N", metavar="NAME", help="with --runs: the N column (default N)")
+    score.add_argument("--col-D", default=None, metavar="NAME", help="with --runs: the token column (default D)")
+    score.add_argument("--col-loss", default=None, metavar="NAME", help="with --runs: the loss column (default loss)")
+    score.add_argument("--json", action="store_true", help="print one JSON object")
+    score.set_defaults(func=cmd_score)
 
 
 # ---------------------------------------------------------------------------- parsers
@@ -320,6 +425,9 @@ def _add_fit(subparsers) -> None:
                      help="write fit.json and PNG plots here (default: RUNS_fit/ beside a file, RUNS/fit/ for a sweep)")
     fit.add_argument("--save", default=None, metavar="FILE",
                      help="write the fitted law for `steplaw predict --law FILE` / `steplaw plan --hparam-law FILE`")
+    fit.add_argument("--holdout", default=None, metavar="RULE",
+                     help="fit on the runs the rule leaves and score the laws on the cells it holds out: "
+                          "N>=X, D>=Y, C>=Z or largest, comma-joined for 'and'")
     fit.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     fit.add_argument("--json", action="store_true", help="print one JSON object (files only with --out)")
     fit.set_defaults(func=cmd_fit)
@@ -339,6 +447,14 @@ def _add_fit(subparsers) -> None:
                                  help="also give N_opt, D_opt, the loss there and the Step Law's hyperparameters")
     fit_loss_parser.add_argument("--save", default=None, metavar="FILE",
                                  help="write the fitted law for `steplaw plan --loss-law FILE`")
+    fit_loss_parser.add_argument("--method", choices=["parametric", "isoflop", "both"], default="parametric",
+                                 help="parametric: the law L(N, D) (default); isoflop: N_opt(C), D_opt(C) from a "
+                                      "parabola of loss in log N per compute budget (Chinchilla Approach 2); both")
+    fit_loss_parser.add_argument("--holdout", default=None, metavar="RULE",
+                                 help="fit on the runs the rule leaves and score the law on those it holds out: "
+                                      "N>=X, D>=Y, C>=Z or largest, comma-joined for 'and' (e.g. N>=1e9)")
+    fit_loss_parser.add_argument("--rollout", choices=["N", "D"], default=None,
+                                 help="also an expanding-window check: fit on the k smallest N (or D), predict the next")
     fit_loss_parser.add_argument("--json", action="store_true", help="print one JSON object")
     fit_loss_parser.set_defaults(func=cmd_fit_loss)
 
@@ -358,6 +474,9 @@ def _add_plan(subparsers) -> None:
                       help="step_law (default), deepseek, kaplan, porian, or a file from `steplaw fit --save`")
     plan.add_argument("--seq-len", type=cliargs.positive_int, default=2048, metavar="L",
                       help="tokens per sequence for the batch in sequences (default 2048)")
+    plan.add_argument("--save", default=None, metavar="PLAN.json",
+                      help="also write the plan (prediction, interval, laws and their hashes, assumptions, date) "
+                           "for `steplaw score` after the run")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 
@@ -366,3 +485,4 @@ def add_commands(subparsers) -> None:
     _add_predict(subparsers)
     _add_fit(subparsers)
     _add_plan(subparsers)
+    _add_score(subparsers)

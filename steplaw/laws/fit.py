@@ -192,6 +192,31 @@ def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str,
     return kept, refused
 
 
+def _unswept_laws(table: RunTable, run_rows: list[np.ndarray]) -> dict[str, dict]:
+    """A refusal record for the LR law ("lr") when every cell ran one learning rate, and for
+    the batch-size law ("bs") when every cell ran one batch size: such a cell's "optimum" in
+    that variable is the one value it ran, so its exponents would fit the grid, not the data
+    (printed with an interval of zero width). One batch size makes the LR law conditional on it."""
+    out = {}
+    for key, values, law, unit in (("lr", table.lr, "learning-rate", ""), ("bs", table.batch_tokens, "batch-size",
+                                                                          " tokens")):
+        per_cell = [identify.distinct_values(values[rows]) for rows in run_rows]
+        if not per_cell or any(v.size > 1 for v in per_cell):
+            continue
+        ran = identify.distinct_values(np.concatenate(per_cell))
+        what = "learning rate" if key == "lr" else "batch size"
+        ran_words = (f"one {what} ({ran[0]:.4g}{unit})" if ran.size == 1
+                     else f"one {what} each ({ran[0]:.4g} to {ran[-1]:.4g}{unit})")
+        reason = (f"the {law} law is not fitted because every cell was run at {ran_words}, so no cell has an optimum "
+                  f"in {what} and its exponents would only restate the grid")
+        if key == "bs":
+            reason += (f"; the learning-rate law is conditional on that batch size, B = {ran[0]:.4g} tokens"
+                       if ran.size == 1 else "; the learning-rate law is conditional on each cell's batch size")
+        reason += f" (sweep {what}s within each cell to fit it)."
+        out[key] = {"law": law, "variable": "all", "reason": reason}
+    return out
+
+
 # Weight rows solved at a time: as many as fit in ~64 MB of weights (all of them for a
 # few thousand runs, where fewer, larger products are faster), so memory stays bounded
 # for sweeps of 50,000 runs whatever n_boot.
@@ -370,6 +395,11 @@ def fit_hparams(
     bs_names, bs_refused = _law_variables(cell_logs, BS_VARIABLES + (("N",) if fit_bs_N else ()) + extra, "batch-size",
                                           n_column)
     refused += bs_refused
+    unswept = _unswept_laws(table, run_rows)
+    if "lr" in unswept:
+        lr_names, refused = [], [r for r in refused if r["law"] != "learning-rate"] + [unswept["lr"]]
+    if "bs" in unswept:
+        bs_names, refused = [], [r for r in refused if r["law"] != "batch-size"] + [unswept["bs"]]
 
     rows_all = np.concatenate(run_rows)
     run_logs = {"N": np.log(n_values[rows_all]), "D": np.log(table.D[rows_all]), "S": np.log(s_values[rows_all])}
@@ -381,6 +411,9 @@ def fit_hparams(
     )
     lr_law, fold_lr = _law_from_coefs(lr_names, lr_means, coefs["lr"], cell_logs, n_boot)
     bs_law, fold_bs = _law_from_coefs(bs_names, bs_means, coefs["bs"], cell_logs, n_boot)
+    for key, law in (("lr", lr_law), ("bs", bs_law)):
+        if key in unswept:  # the constant is the grid's one value: an interval of zero width would say nothing
+            law.ci = {}
     laws = {"learning-rate": lr_law, "batch-size": bs_law}
 
     cell_runs = [CellRuns.of(cell, table.lr[rows], table.batch_tokens[rows], table.loss[rows])

@@ -27,6 +27,7 @@ G = (alpha A / (beta B))^(1/(alpha+beta))  (Hoffmann et al. 2022, Eq. 4).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,33 +71,56 @@ class LossFormula:
         """Predicted loss of N parameters trained on D tokens."""
         return self.E + self.A / np.asarray(N, float) ** self.alpha + self.B / np.asarray(D, float) ** self.beta
 
+    def split_problem(self) -> str | None:
+        """Why the law has no compute-optimal split, or None. The split takes powers and
+        logs of alpha, beta, A and B: each must be a positive finite number."""
+        if self.refused_terms:
+            return no_split_reason(self.refused_terms)
+        return degenerate_split_reason({"alpha": self.alpha, "beta": self.beta, "A": self.A, "B": self.B})
+
+    def _checked_split(self) -> None:
+        problem = self.split_problem()
+        if problem:
+            raise UserError(problem)
+
     @property
     def n_exponent(self) -> float:
+        self._checked_split()
         return self.beta / (self.alpha + self.beta)
 
     @property
     def d_exponent(self) -> float:
+        self._checked_split()
         return self.alpha / (self.alpha + self.beta)
 
     @property
     def G(self) -> float:
+        self._checked_split()
         return float((self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta)))
 
     def compute_optimal(self, compute_flops: float) -> tuple[float, float]:
         """(N_opt, D_opt) minimizing the loss at a budget of `compute_flops` FLOPs."""
         if not (np.isfinite(compute_flops) and compute_flops > 0):
             raise UserError(f"compute budget must be a positive number of FLOPs, got {compute_flops!r}.")
-        if self.refused_terms:
-            raise UserError(no_split_reason(self.refused_terms))
-        if not (self.alpha > 0 and self.beta > 0):
-            raise UserError(f"the loss law's exponents alpha={self.alpha:.3g}, beta={self.beta:.3g} are not both "
-                            "positive, so it has no compute-optimal split.")
+        self._checked_split()
         scaled = compute_flops / self.flops_per_param_token
         return float(self.G * scaled**self.n_exponent), float(scaled**self.d_exponent / self.G)
 
     def formula_dict(self) -> dict:
         return {"law": "L = E + A / N^alpha + B / D^beta", "E": self.E, "A": self.A, "B": self.B,
                 "alpha": self.alpha, "beta": self.beta, "flops_per_param_token": self.flops_per_param_token}
+
+
+def degenerate_split_reason(values: dict) -> str | None:
+    """One sentence naming the constants (alpha, beta, A, B) that are not positive finite
+    numbers, which leave a loss law without a compute-optimal split; None when all are."""
+    bad = [f"{name} = {value:.3g}" for name, value in values.items()
+           if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0)]
+    if not bad:
+        return None
+    return (f"the loss law's {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a positive finite number, so "
+            "it has no compute-optimal N and D: the data do not show both terms falling with scale (fit it on "
+            "cells whose loss falls with both N and D, or plan with a given --params and --tokens).")
 
 
 def no_split_reason(refused_terms) -> str:
@@ -327,13 +351,23 @@ class LossFit(LossFormula):
             "fitted_range": self.fitted_range,
             "refused_terms": list(self.refused_terms),
             "compute_optimal": self._split_dict(),
-            "warnings": list(self.warnings),
+            "warnings": self._warnings_with_split(),
         }
+
+    def _warnings_with_split(self) -> list[str]:
+        """The fit's warnings, with the sentence saying why there is no compute-optimal split
+        when the fit did not already say it (a law built or edited by hand, say)."""
+        warnings = list(self.warnings)
+        problem = self.split_problem()
+        if problem and not self.refused_terms and problem not in warnings:
+            warnings.append(problem)
+        return warnings
 
     def _split_dict(self) -> dict:
         """The compute-optimal split's formulas, or why the law has none."""
-        if self.refused_terms:
-            return {"refused": no_split_reason(self.refused_terms)}
+        problem = self.split_problem()
+        if problem:
+            return {"refused": problem}
         return {
             "compute": f"C = {self.flops_per_param_token:.4g} * N * D",
             "flops_per_param_token": self.flops_per_param_token,
@@ -358,10 +392,13 @@ def optimal_interval(samples, compute_flops: float, flops_per_param_token: float
         scaled = np.log(compute_flops / flops_per_param_token)
         log_n = log_g + scaled * beta / (alpha + beta)
         log_d = scaled * alpha / (alpha + beta) - log_g
+        ok &= np.isfinite(log_n) & np.isfinite(log_d)
+    if not ok.any():  # no resample has a compute-optimal split: no interval, not (nan, nan)
+        return None
     return {"N": tuple(np.exp(percentile_interval(log_n[ok]))), "D": tuple(np.exp(percentile_interval(log_d[ok])))}
 
 
-def _cell_best_losses(table: RunTable, n_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cell_best_losses(table: RunTable, n_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     valid = table.valid & np.isfinite(n_values)
     keys = np.column_stack([n_values[valid], table.D[valid]])
     cells, inverse = np.unique(keys, axis=0, return_inverse=True)
@@ -403,7 +440,10 @@ def fit_loss(
     """
     check_bootstrap(n_boot, seed)
     n_values = table.param_counts(n_column)
-    cells, best_loss = _cell_best_losses(table, n_values)
+    cells, best_loss = cell_best_losses(table, n_values)
+    if len(cells) == 0:
+        raise UserError(f"{table.source} has no finished run with a finite loss and {n_column}; the loss law needs "
+                        "at least 5 (N, D) cells.")
     refused, refusals = _refused_terms(cells)
     free = _free_mask(refused)
 
@@ -435,12 +475,12 @@ def fit_loss(
 def _exponent_warnings(theta, intervals: dict, refused, log_n, log_d) -> list[str]:
     """Exponents that do not fall with scale or that the data barely constrain; collinear cells."""
     warnings = []
-    alpha, beta = theta[3], theta[4]
-    if not refused and (alpha <= 0 or beta <= 0):
-        warnings.append(
-            f"fitted exponent alpha={alpha:.3g} / beta={beta:.3g} is not positive: the data do not show that term "
-            "falling with scale, so the compute-optimal split is meaningless."
-        )
+    a, b, _, alpha, beta = (float(v) for v in theta)
+    if not refused:
+        problem = degenerate_split_reason({"alpha": alpha, "beta": beta, "A": math.exp(min(a, 700.0)),
+                                           "B": math.exp(min(b, 700.0))})
+        if problem:
+            warnings.append(problem)
     for name, variable in (("alpha", "N"), ("beta", "D")):
         message = identify.wide_interval("loss", variable, intervals.get(name, (np.nan, np.nan)))
         if message and variable not in refused:

@@ -114,6 +114,7 @@ def make_plan(*, compute: float | None = None, params: float | None = None, toke
         "D_interval": list(interval["D"]) if interval else None,
         "tokens_per_parameter": d / n,
         "predicted_loss": float(loss.predict(n, d)),
+        "predicted_loss_interval": loss.loss_interval(n, d) if isinstance(loss, SavedLossLaw) else None,
         "lr": lr, "batch_tokens": bs, "seq_len": seq_len,
         "batch_seqs": bs / seq_len if bs else None,
         "steps": d / bs if bs else None,
@@ -137,7 +138,9 @@ def plan_lines(plan: dict) -> list[str]:
         f"compute C = {plan['compute']:.4g} FLOPs ({plan['mode']}; loss law {loss['key']}: {loss.get('citation', '')})",
         f"  model      N = {plan['N']:.4g} parameters{span('N')}",
         f"  tokens     D = {plan['D']:.4g}{span('D')}  ({plan['tokens_per_parameter']:.1f} tokens per parameter)",
-        f"  loss       {plan['predicted_loss']:.4f} nats (predicted by the loss law)",
+        f"  loss       {plan['predicted_loss']:.4f} nats (predicted by the loss law"
+        + (", 95% interval {:.4f} to {:.4f} with the runs' scatter)".format(*plan["predicted_loss_interval"])
+           if plan.get("predicted_loss_interval") else ")"),
         f"  peak LR    {fmt(plan['lr'], '.3g')}  (hyperparameter law {hp['key']}: {hp.get('citation', '')})",
         f"  batch      {fmt(plan['batch_tokens'], '.4g')} tokens = {fmt(plan['batch_seqs'], '.1f')} sequences of "
         f"{plan['seq_len']}; {fmt(plan['steps'], '.4g')} steps",

@@ -45,7 +45,8 @@ def loss_law_record(fit: LossFit, source: str) -> dict:
     return {"kind": LOSS_KIND, "version": VERSION, "source": source, **fit.formula_dict(),
             "n_column": fit.n_column, "intervals": fit.intervals, "fitted_range": fit.fitted_range,
             "bootstrap": {"columns": ["ln_A", "ln_B", "ln_E", "alpha", "beta"], "rows": samples.tolist()},
-            "refused_terms": list(fit.refused_terms), "warnings": list(fit.warnings)}
+            "refused_terms": list(fit.refused_terms), "rms_log_residual": fit.rms_log_residual,
+            "warnings": list(fit.warnings)}
 
 
 @dataclass
@@ -93,14 +94,38 @@ class SavedLossLaw(LossFormula):
     samples: np.ndarray = field(default_factory=lambda: np.empty((0, 5)))
     refused_terms: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)  # the fit's own, stored in the file
+    rms_log_residual: float = 0.0  # scatter of the cells' log loss about the fit (0: a file without it)
 
     def optimal_interval(self, compute_flops: float) -> dict | None:
         return optimal_interval(self.samples if len(self.samples) else None, compute_flops, self.flops_per_param_token)
+
+    def loss_interval(self, n_params: float, tokens: float, draws: int = 20, seed: int = 0) -> list[float] | None:
+        """95% prediction interval of the loss at (N, D): the bootstrap over cells (parameter
+        uncertainty) combined with the observed scatter of the runs about the fit (each
+        resample's log prediction plus draws of N(0, rms_log_residual^2)); None without a bootstrap."""
+        if not len(self.samples):
+            return None
+        a, b, e, alpha, beta = self.samples.T
+        with np.errstate(all="ignore"):
+            log_pred = np.logaddexp(np.logaddexp(a - alpha * np.log(n_params), b - beta * np.log(tokens)), e)
+        log_pred = log_pred[np.isfinite(log_pred)]
+        if not log_pred.size:
+            return None
+        noise = np.random.default_rng(seed).standard_normal((log_pred.size, draws)) * self.rms_log_residual
+        low, high = np.percentile(log_pred[:, None] + noise, [2.5, 97.5])
+        return [float(np.exp(low)), float(np.exp(high))]
 
 
 def _stored_warnings(data: dict, path: Path) -> list[str]:
     """The warnings the fit gave, saved with the law: whoever uses the file hears them too."""
     return [f"{path} (from its fit): {w}" for w in data.get("warnings") or [] if isinstance(w, str)]
+
+
+def _constant(data: dict, key: str) -> float:
+    """A loss-law constant; null (how strict JSON stores a fit's NaN) reads back as NaN, so the
+    law's own checks name it (e.g. no compute-optimal split) instead of a damaged-file error."""
+    value = data[key]
+    return float("nan") if value is None else float(value)
 
 
 def read_law(path) -> SavedHparamLaw | SavedLossLaw:
@@ -121,11 +146,12 @@ def read_law(path) -> SavedHparamLaw | SavedLossLaw:
                                   source=str(data.get("source", "")), path=str(path), warnings=_stored_warnings(data, path))
         if kind == LOSS_KIND:
             rows = np.asarray((data.get("bootstrap") or {}).get("rows") or [], float).reshape(-1, 5)
-            return SavedLossLaw(E=float(data["E"]), A=float(data["A"]), B=float(data["B"]), alpha=float(data["alpha"]),
-                                beta=float(data["beta"]), flops_per_param_token=float(data.get("flops_per_param_token", 6.0)),
+            constants = {key: _constant(data, key) for key in ("E", "A", "B", "alpha", "beta")}
+            return SavedLossLaw(**constants, flops_per_param_token=float(data.get("flops_per_param_token", 6.0)),
                                 n_column=str(data.get("n_column", "N")), fitted_range=dict(data.get("fitted_range") or {}),
                                 source=str(data.get("source", "")), path=str(path), samples=rows,
                                 refused_terms=tuple(str(t) for t in data.get("refused_terms") or ()),
+                                rms_log_residual=float(data.get("rms_log_residual") or 0.0),
                                 warnings=_stored_warnings(data, path))
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{str(path)!r} is a damaged law file (missing or bad {exc}).") from None

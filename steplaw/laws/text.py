@@ -88,7 +88,7 @@ def loss_fit_lines(fit, result: dict) -> list[str]:
         lines.append(f"  {key:<6} {getattr(fit, key):.5g}   [{fmt(low, '.5g')}, {fmt(high, '.5g')}]")
     co = result["compute_optimal"]
     if "refused" in co:
-        return lines + [f"compute-optimal N and D: none: {co['refused']}"]
+        return lines + ["compute-optimal N and D: none (refused: see the warnings)"]
     lines.append(f"compute-optimal with {co['compute']}: N_opt ~ C^{co['N_exponent']:.3f}, "
                  f"D_opt ~ C^{co['D_exponent']:.3f}")
     at = result.get("at_budget")

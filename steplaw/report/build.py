@@ -5,7 +5,8 @@
 It reads the sweep store (steplaw.sweep.store.export_rows, and the store's meta key
 "planner"), fits the hyperparameter laws (steplaw.laws.fit.fit_hparams), draws the
 fit's figures (steplaw.report.plots) and lays out: which planner proposed the runs, the
-fitted laws beside the Step Law with the exponents the data could not identify, every
+fitted laws beside the Step Law with the exponents the data could not identify, the loss
+law L(N, D) with its compute-optimal split or why it has none (steplaw.laws.loss), every
 published law scored on the sweep's cells (ranked), one line per (N, D) cell with the
 runs it used, its best run and whether that run sits on the grid's edge
 (steplaw.laws.cells.grid_edge, the one definition), the failed runs with their reasons,
@@ -30,6 +31,7 @@ from steplaw.fileio import write_atomic
 from steplaw.laws.cells import grid_edge
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.identify import distinct_values
+from steplaw.laws.loss import fit_loss
 from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
 from steplaw.laws.saved import write_json
 from steplaw.laws.table import read_runs, select_spec
@@ -84,6 +86,55 @@ def fit_sweep(rows: list[dict], source: str, n_boot: int, gap: float, seed: int 
         return table, fit_hparams(table, gap=gap, n_boot=n_boot, seed=seed, sparsity=_mixes_sparsity(table)), None
     except UserError as exc:
         return table, None, str(exc)
+
+
+LOSS_BOOT_MAX = 200  # the loss law's bootstrap is a side result of the report: capped
+
+
+def fit_sweep_loss(table, n_boot: int, seed: int = 0):
+    """(loss fit, None) or (None, why the loss law could not be fitted)."""
+    if table is None:
+        return None, "the runs could not be read as a table (see above)."
+    try:
+        return fit_loss(table, n_boot=min(n_boot, LOSS_BOOT_MAX), seed=seed), None
+    except UserError as exc:
+        return None, str(exc)
+
+
+def loss_law_blocks(loss_fit, loss_error: str | None, shown_warnings=()) -> list[tuple]:
+    """The loss law's constants, its compute-optimal exponents or the sentence saying why it
+    has none, and its own warnings (not those of the table, shown with the other fit)."""
+    blocks: list[tuple] = [("h2", "Loss law L(N, D) = E + A / N^alpha + B / D^beta")]
+    if loss_fit is None:
+        return blocks + [("p", f"No loss law was fitted: {loss_error}")]
+    data = loss_fit.to_dict()
+    rows = []
+    for key in ("E", "A", "B", "alpha", "beta"):
+        interval = data["intervals"].get(key)
+        span = f"[{_num(interval[0], 4)}, {_num(interval[1], 4)}]" if interval else "–"
+        rows.append([key, "not fitted" if _refused_key(key, data["refused_terms"]) else _num(data[key], 5), span])
+    blocks.append(("table", ["constant", "value", "95% interval"], rows))
+    blocks.append(("p", f"{data['n_cells']} (N, D) cells, best run per cell, N column `{data['n_column']}`; "
+                        f"rms log residual {data['rms_log_residual']:.2e}; {data['n_boot']} bootstrap resamples "
+                        "of the cells."))
+    split = data["compute_optimal"]
+    if "refused" in split:
+        blocks.append(("p", f"No compute-optimal split: {split['refused']}"))
+    else:
+        spans = split.get("exponent_intervals") or {}
+
+        def exponent(key):
+            low_high = spans.get(key)
+            return f"{split[key]:.3f}" + (f" [{_num(low_high[0], 3)}, {_num(low_high[1], 3)}]" if low_high else "")
+        blocks.append(("p", f"Compute-optimal split under {split['compute']}: N_opt ~ C^{exponent('N_exponent')}, "
+                            f"D_opt ~ C^{exponent('D_exponent')}."))
+    skip = set(shown_warnings) | {split.get("refused")}
+    blocks += [("p", f"Note: {w}") for w in data["warnings"] if w not in skip]
+    return blocks
+
+
+def _refused_key(key: str, refused_terms) -> bool:
+    return ("N" in refused_terms and key in ("A", "alpha")) or ("D" in refused_terms and key in ("B", "beta"))
 
 
 def _mixes_sparsity(table) -> bool:
@@ -314,12 +365,15 @@ def _run_blocks(rows: list[dict], reasons: dict) -> list[tuple]:
 def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str | None, figures: list[Path],
                  out_dir: Path, *, planner: str = DEFAULT_PLANNER, reasons: dict | None = None,
                  planner_cells: list[dict] | None = None, figures_note: str | None = None,
-                 objective: str = "loss") -> list[tuple]:
-    """The report as blocks: overview, laws and scores, cells, figures, failed runs, runs."""
+                 objective: str = "loss", loss: tuple | None = None) -> list[tuple]:
+    """The report as blocks: overview, laws and scores, the loss law (`loss`: the pair of
+    fit_sweep_loss), cells, figures, failed runs, runs."""
     cells = cell_summaries(rows, objective)
     attach_planner_states(cells, planner_cells or [])
     blocks = _overview_blocks(sweep_dir, rows, planner, objective)
     blocks += _fit_blocks(fit, fit_error, _unbracketed_note(cells))
+    if loss is not None:
+        blocks += loss_law_blocks(*loss, shown_warnings=table.warnings if table is not None else ())
     blocks += _cell_blocks(cells, fit)
     if figures:
         blocks.append(("h2", "Figures"))
@@ -383,7 +437,7 @@ def _inline_code(text: str) -> str:
 
 def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.0025, html_report: bool = True,
                  plots: bool = True, spec: str | None = None, all_specs: bool = False, warn=None) -> list[Path]:
-    """Write report.md (+ figures/*.png), report.html, runs.csv and fit.json into
+    """Write report.md (+ figures/*.png), report.html, runs.csv, fit.json and loss_fit.json into
     `out_dir` (default SWEEP_DIR/report); returns the report paths. A directory swept with
     several specs needs `spec` (its runs only) or `all_specs` (steplaw.laws.table.select_spec);
     `warn(message)` hears the warning of specs reported together. Every file is written
@@ -412,8 +466,11 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
                 figures_note = heatmap_cells(fit)[1]
             except UserError as exc:
                 plots_note = f"No figures: {exc}"
+    loss = fit_sweep_loss(table, n_boot)
+    if loss[0] is not None:
+        write_json(out_dir / "loss_fit.json", loss[0].to_dict())
     blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons,
-                          planner_cells=planner_cells, figures_note=figures_note, objective=objective)
+                          planner_cells=planner_cells, figures_note=figures_note, objective=objective, loss=loss)
     for note in (plots_note, specs_note and f"Warning: {specs_note}"):
         if note:
             blocks.insert(3, ("p", note))

@@ -124,11 +124,11 @@ def test_loss_table_without_lr_or_batch():
 
 
 def test_batched_bootstrap_matches_one_scipy_fit_per_resample():
-    from steplaw.laws.loss import _cell_best_losses, _fit_batch, _fit_once
+    from steplaw.laws.loss import _fit_batch, _fit_once, cell_best_losses
 
     table = read_runs(_rows(TRUTHS[1], noise=5e-3, seed=3), needs="loss")
     fit = fit_loss(table, n_boot=0)
-    cells, best = _cell_best_losses(table, table.N)
+    cells, best = cell_best_losses(table, table.N)
     log_n, log_d, log_loss = np.log(cells[:, 0]), np.log(cells[:, 1]), np.log(best)
     counts = np.random.default_rng(0).multinomial(len(cells), np.full(len(cells), 1 / len(cells)), size=8).astype(float)
     theta = np.array([np.log(fit.A), np.log(fit.B), np.log(fit.E), fit.alpha, fit.beta])
