@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import namedtuple
 
 import pytest
@@ -122,3 +121,56 @@ def test_plan_trunks_groups_runs_that_differ_only_in_tokens():
     a, b, c = wsd(30), wsd(60), wsd(60, lr=0.02)
     alone = wsd(60, warmup_tokens=None)
     assert plan_trunks([a, c, b, alone]) == [[a, b], [c], [alone]]
+
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    torch.set_num_threads(1)
+    from steplaw.train import tracking
+    tracking.PROGRESS_INTERVAL_S = 0.0  # a report every step
+    from steplaw.train.branch import train_trunk
+    from steplaw.train.config import RunConfig
+    configs = [RunConfig.from_dict(c) for c in json.loads(sys.argv[2])]
+    def progress(info):
+        print(json.dumps({"step": info["step"], "steps": info["steps"]}), flush=True)
+        time.sleep(0.01)  # slow enough for the parent to kill it mid-trunk
+    train_trunk(configs, sys.argv[1], progress=progress, checkpoint_every=7,
+                on_result=lambda c, r: print(json.dumps({"done": c.run_id()}), flush=True))
+""")
+
+
+def test_a_trunk_killed_mid_stable_phase_resumes_without_retraining_a_branch(tmp_path):
+    """A real kill -9 of the process training the trunk, in the stable phase after its
+    first branch; the rerun ends every run as alone and trains no finished branch again."""
+    configs = [wsd(s) for s in STEPS]
+    points = branch_points(configs)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), os.getcwd()) if p))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), json.dumps([c.to_dict() for c in configs])],
+                             stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    finished = []
+    try:
+        for line in child.stdout:
+            event = json.loads(line)
+            finished += [event["done"]] if "done" in event else []
+            if finished and event.get("steps") == STEPS[-1] and event.get("step", 0) >= points[0] + 10:
+                os.kill(child.pid, signal.SIGKILL)
+                break
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    assert finished == [configs[0].run_id()]
+    assert not (tmp_path / f"branch-{configs[2].run_id()}.json").exists()
+    kept = sorted(int(p.stem.removeprefix("trunk-")) for p in tmp_path.glob("trunk-*.pt"))
+    assert 1 <= len(kept) <= 2 and kept[-1] > points[0]  # the rerun resumes from a stable-phase checkpoint
+    stored = (tmp_path / f"branch-{configs[0].run_id()}.json").read_bytes()
+    heard = []
+    results = train_trunk(configs, tmp_path, on_result=lambda c, r: heard.append(c.run_id()))
+    assert heard == [c.run_id() for c in configs[1:]]  # the finished branch is not trained again
+    assert (tmp_path / f"branch-{configs[0].run_id()}.json").read_bytes() == stored
+    for result, config in zip(results, configs):
+        assert_same_as_alone(result, run(config))
+    assert not list(tmp_path.glob("trunk-*.pt"))
