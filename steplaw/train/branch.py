@@ -112,13 +112,31 @@ def branches(config: RunConfig) -> bool:
     return config.schedule == "wsd" and config.warmup_tokens is not None and 0 < config.decay_fraction < 1
 
 
-def plan_trunks(configs: list[RunConfig]) -> list[list[RunConfig]]:
+def plan_trunks(configs: list[RunConfig], stack: bool = False) -> list[list[RunConfig]]:
     """Group `configs` by `trunk_key` (runs that may not branch: groups of one, to run
-    alone), in the order in which each key first appears."""
+    alone), in the order in which each key first appears. stack=True: runs that differ in
+    lr too share a (stacked) trunk where they form a full lr x budget grid with the
+    "steplaw" optimizer; the others fall back to a trunk per lr."""
     groups: dict[str, list[RunConfig]] = {}
     for i, config in enumerate(configs):
         groups.setdefault(trunk_key(config) if branches(config) else f"alone:{i}", []).append(config)
-    return list(groups.values())
+    if not stack:
+        return list(groups.values())
+    stacked: dict[str, list[RunConfig]] = {}
+    for key, group in groups.items():
+        fields = json.loads(key) if not key.startswith("alone:") else None
+        if fields is not None and fields["optimizer"] == "steplaw":
+            fields.pop("lr")
+            key = json.dumps(fields, sort_keys=True)
+        stacked.setdefault(key, []).extend(group)
+    out = []
+    for group in stacked.values():
+        lrs, budgets = {c.lr for c in group}, {c.tokens for c in group}
+        if len(lrs) > 1 and len(group) != len(lrs) * len(budgets):
+            out.extend(g for g in plan_trunks(group))  # not a full grid: a trunk per lr
+        else:
+            out.append(group)
+    return out
 
 
 def branch_points(configs: list[RunConfig]) -> list[int]:
@@ -189,11 +207,15 @@ class TrunkDir:
         return found
 
     def save_checkpoint(self, state: TrainState, train_s: float) -> Path:
-        path = self.path / f"trunk-{state.step:09d}.pt"
+        return self.save_payload(state.step, {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                                              "losses": list(state.tracker.losses), "train_s": train_s})
+
+    def save_payload(self, step: int, payload: dict) -> Path:
+        """Write the checkpoint at `step` durably (with the trunk's id, the step and torch's
+        RNG state added) and record the disk its checkpoints now use."""
+        path = self.path / f"trunk-{step:09d}.pt"
         tmp = path.with_suffix(".pt.tmp")
-        torch.save({"trunk": self.ident, "step": state.step, "model": state.model.state_dict(),
-                    "optimizer": state.optimizer.state_dict(), "losses": list(state.tracker.losses),
-                    "rng": ckpt.rng_state(), "train_s": train_s}, tmp)
+        torch.save({"trunk": self.ident, "step": step, "rng": ckpt.rng_state(), **payload}, tmp)
         ckpt._sync(tmp)
         os.replace(tmp, path)
         fsync_dir(self.path)
@@ -246,13 +268,15 @@ class TrunkDir:
         write_atomic(self.result_path(config), ckpt.result_json(result, indent=2) + "\n")
 
 
-def _check_disk(directory: Path, config: RunConfig) -> int:
-    """Refuse (one sentence) a trunk whose checkpoints would not fit the free disk."""
-    need = MAX_CHECKPOINTS * checkpoint_bytes(config)
+def _check_disk(directory: Path, config: RunConfig, members: int = 1) -> int:
+    """Refuse (one sentence) a trunk (of `members` stacked runs) whose checkpoints would
+    not fit the free disk; the bytes they may take."""
+    one = members * checkpoint_bytes(config)
+    need = MAX_CHECKPOINTS * one
     free = shutil.disk_usage(directory).free
     if need > free:
         raise UserError(f"the trunk's checkpoints need about {need / 2**20:.1f} MiB ({MAX_CHECKPOINTS} of "
-                        f"{checkpoint_bytes(config) / 2**20:.1f} MiB) but {str(directory)!r} has {free / 2**20:.1f} MiB free")
+                        f"{one / 2**20:.1f} MiB) but {str(directory)!r} has {free / 2**20:.1f} MiB free")
     return need
 
 
@@ -273,8 +297,16 @@ def train_trunk(
     progress: bool | ProgressFn | None = None,
     checkpoint_every: int | None = None,
 ) -> list[RunResult | None]:
-    """Train `configs` as one trunk with a cooldown branch per run (see the module doc)."""
+    """Train `configs` as one trunk with a cooldown branch per run (see the module doc).
+    Runs of several lrs (every lr at every budget) train as a stacked trunk
+    (steplaw.train.branch_stack), without `checkpoint_every`."""
     configs = list(configs)
+    if len({c.lr for c in configs}) > 1:
+        if checkpoint_every is not None:
+            raise UserError("checkpoint_every: a stacked trunk checkpoints at its branch points only")
+        from steplaw.train.branch_stack import train_stacked_trunk
+
+        return train_stacked_trunk(configs, trunk_dir, done, on_result, progress)
     points = branch_points(configs)
     if _Distributed().active:
         raise UserError("a trunk trains in one process: run it without torchrun")
