@@ -37,12 +37,12 @@ from steplaw.train.branch import train_trunk
 def case(quick: bool) -> dict:
     if quick:
         model = ModelConfig(d_model=16, n_layers=1, n_heads=1, d_ff=48, max_seq_len=8)
-        steps, name = (20, 40, 80, 160), "quick d16x1, seq 8, 4 budgets x2 (20..160 steps), 2 LRs"
+        steps, name = (10, 20, 40, 80), "quick d16x1, seq 8, 4 budgets x2 (10..80 steps), 2 LRs"
     else:
         model = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=96, max_seq_len=8)
         steps, name = (100, 200, 400, 800), "d32x2, seq 8, batch 64, 4 budgets x2 (100..800 steps), 2 LRs, 20% 1-sqrt cooldown"
     configs = [RunConfig(model=model, tokens=s * 64, lr=lr, batch_tokens=64, seq_len=8, device="cpu", eval_tokens=1024,
-                         schedule="wsd", warmup_tokens=10 * 64, decay_fraction=0.2, decay_shape="sqrt", min_lr_ratio=0.0)
+                         schedule="wsd", warmup_tokens=(2 if quick else 10) * 64, decay_fraction=0.2, decay_shape="sqrt", min_lr_ratio=0.0)
                for lr in (0.003, 0.01) for s in steps]
     return {"name": name, "configs": configs}
 

@@ -130,10 +130,12 @@ def plan_trunks(configs: list[RunConfig], stack: bool = False) -> list[list[RunC
             key = json.dumps(fields, sort_keys=True)
         stacked.setdefault(key, []).extend(group)
     out = []
+    position = {id(c): i for i, c in enumerate(configs)}
     for group in stacked.values():
+        group.sort(key=lambda c: position[id(c)])  # in the given order
         lrs, budgets = {c.lr for c in group}, {c.tokens for c in group}
         if len(lrs) > 1 and len(group) != len(lrs) * len(budgets):
-            out.extend(g for g in plan_trunks(group))  # not a full grid: a trunk per lr
+            out.extend(plan_trunks(group))  # not a full grid: a trunk per lr
         else:
             out.append(group)
     return out

@@ -173,6 +173,7 @@ class _Trunk:
                 result = new_result(self.configs[i])
                 result.status, result.reason, result.trunk = "diverged", member.reason, self.folder.ident
                 record_training(result, member.tracker, member.steps, member.setup.plan, member.train_s)
+                result.moe_max_mean_load = member.moe_load  # of its last training batch, as alone
                 result.tokens_trained = result.tokens if i == self.longest[member.config.lr] else 0
                 self.finish(i, result)
 

@@ -25,7 +25,7 @@ from steplaw.train.branch import branch_points, checkpoint_bytes, plan_trunks, t
 TINY = ModelConfig(d_model=16, n_layers=2, n_heads=1, d_ff=48, max_seq_len=8)
 TINY_MOE = ModelConfig(d_model=16, n_layers=2, n_heads=1, d_ff=48, max_seq_len=8,
                        moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, bias_update_rate=1e-3))
-STEPS = (30, 60, 120)  # budgets x2 apart, 32-token batches
+STEPS = (20, 40, 80)  # budgets x2 apart, 32-token batches
 
 
 def wsd(steps: int, model=TINY, **overrides) -> RunConfig:
@@ -55,10 +55,10 @@ def assert_same_as_alone(branch, alone):
 
 @pytest.mark.parametrize("model,shape", [(TINY, "sqrt"), (TINY_MOE, "linear")], ids=["dense-sqrt", "moe-linear"])
 def test_branches_end_as_their_runs_alone_to_the_last_bit(tmp_path, model, shape, dtype):
-    configs = [wsd(s, model, decay_shape=shape) for s in (60, 30, 120)]  # in any order
+    configs = [wsd(s, model, decay_shape=shape) for s in (40, 20, 80)]  # in any order
     heard = []
     results = train_trunk(configs, tmp_path, on_result=lambda c, r: heard.append(c.tokens))
-    assert heard == [30 * 32, 60 * 32, 120 * 32]  # shortest first, as the trunk passes each branch point
+    assert heard == [20 * 32, 40 * 32, 80 * 32]  # shortest first, as the trunk passes each branch point
     for result, config in zip(results, configs):
         alone = run(config)
         assert alone.trunk is None and alone.tokens_trained == alone.tokens
@@ -66,8 +66,8 @@ def test_branches_end_as_their_runs_alone_to_the_last_bit(tmp_path, model, shape
         assert result.trunk == trunk_id(configs)
     # The longest run is charged the stable phase; the others their cooldowns only.
     points = branch_points(configs)
-    assert [r.tokens_trained for r in results] == [(60 - points[0]) * 32, (30 - points[1]) * 32, 120 * 32]
-    assert sum(r.tokens_trained for r in results) == (120 + 8 + 15) * 32  # points: 52, 22, 90
+    assert [r.tokens_trained for r in results] == [(40 - points[0]) * 32, (20 - points[1]) * 32, 80 * 32]
+    assert sum(r.tokens_trained for r in results) == (80 + 10 + 5) * 32  # points: 30, 15, 60
     info = json.loads((tmp_path / "trunk.json").read_text())
     assert 0 < info["peak_disk_bytes"] <= 2 * checkpoint_bytes(configs[2])
     assert not list(tmp_path.glob("trunk-*.pt"))  # every branch finished: no checkpoint left
@@ -94,7 +94,7 @@ def test_a_stable_phase_that_diverges_ends_each_unbranched_run_as_alone(tmp_path
 
 Bad = namedtuple("Bad", "configs match")
 BAD = {
-    "lr differs": Bad([wsd(30), wsd(60, lr=0.02)], "differs from run .* in lr: the runs of a trunk may differ only in tokens"),
+    "seed differs": Bad([wsd(30), wsd(60, seed=1)], "differs from run .* in seed: the runs of a trunk may differ only in tokens"),
     "same budget twice": Bad([wsd(30), wsd(30)], "tokens=960 appears twice"),
     "warmup a fraction": Bad([wsd(30, warmup_tokens=None)], "warmup_tokens is not set"),
     "decay fraction 1": Bad([wsd(30, decay_fraction=1.0)], r"decay_fraction=1.0: .* in \(0, 1\)"),
@@ -174,3 +174,34 @@ def test_a_trunk_killed_mid_stable_phase_resumes_without_retraining_a_branch(tmp
     for result, config in zip(results, configs):
         assert_same_as_alone(result, run(config))
     assert not list(tmp_path.glob("trunk-*.pt"))
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_MOE], ids=["dense", "moe"])
+def test_a_stack_of_lrs_branches_as_one_and_each_member_ends_as_alone(tmp_path, model, dtype):
+    """K lrs x M budgets as one stacked trunk (steplaw.train.branch_stack): every run ends
+    as alone to the last bit, as stack members do (tests/train/test_stacked.py); the
+    lr that diverges in the stable phase leaves, its runs diverged as alone."""
+    configs = [wsd(s, model, lr=lr) for s in STEPS[:2] for lr in (0.004, 0.015, 30.0)]
+    assert plan_trunks(configs, stack=True) == [configs]
+    heard = []
+    results = train_trunk(configs, tmp_path, on_result=lambda c, r: heard.append((c.lr, c.tokens)))
+    assert heard[:2] == [(30.0, 640), (30.0, 1280)]  # the diverged lr first, at its divergence
+    for result, config in zip(results, configs):
+        alone = run(config)
+        assert result.status == alone.status and result.reason == alone.reason
+        assert result.final_train_loss == alone.final_train_loss and result.final_val_loss == alone.final_val_loss
+        assert result.curve == alone.curve and result.steps == alone.steps
+        assert result.moe_max_mean_load == alone.moe_max_mean_load
+        assert result.trunk == trunk_id(configs)
+    point = branch_points(configs[:1])[0]
+    assert [r.tokens_trained for r in results[:2]] == [(20 - point) * 32] * 2  # cooldowns only
+    assert [r.tokens_trained for r in results[3:5]] == [40 * 32] * 2  # each lr's longest: its stable phase
+    assert not list(tmp_path.glob("trunk-*.pt"))
+    assert train_trunk(configs, tmp_path, done={configs[0].run_id()})[0] is None
+
+
+def test_a_stacked_trunk_needs_a_full_grid(tmp_path):
+    configs = [wsd(30, lr=0.004), wsd(60, lr=0.004), wsd(30, lr=0.015)]
+    with pytest.raises(UserError, match=r"a stacked trunk needs every lr at every budget \(2 lrs x 2 budgets\), got 3 runs"):
+        train_trunk(configs, tmp_path)
+    assert plan_trunks(configs, stack=True) == [configs[:2], configs[2:]]
