@@ -24,11 +24,11 @@ from pathlib import Path
 from steplaw.errors import UserError
 from steplaw.runtable import finite_or_none
 from steplaw.train import checkpoint as ckpt
-from steplaw.train.branch import MAX_CHECKPOINTS, OnResult, TrunkDir, _check_disk, branch_points, trunk_id
 from steplaw.train.config import RunConfig, RunResult
 from steplaw.train.runner import new_result, prepare, record_training
 from steplaw.train.stacked import _check_stack, _member_step, build_stack, drop_frozen, member_setup, stack_loop, stack_step
 from steplaw.train.tracking import LossTracker, ProgressFn, ProgressReporter
+from steplaw.train.trunk import MAX_CHECKPOINTS, OnResult, TrunkDir, _check_disk, branch_points, trunk_id
 
 
 def _grid(configs: list[RunConfig]) -> tuple[list[float], list[int], dict[tuple[float, int], int]]:

@@ -20,6 +20,7 @@ from steplaw.errors import UserError
 from steplaw.models import ModelConfig, MoEConfig
 from steplaw.train import RunConfig, run
 from steplaw.train import branch as branch_module
+from steplaw.train import trunk as trunk_module
 from steplaw.train.branch import branch_points, checkpoint_bytes, plan_trunks, train_trunk, trunk_id
 
 TINY = ModelConfig(d_model=16, n_layers=2, n_heads=1, d_ff=48, max_seq_len=8)
@@ -112,7 +113,7 @@ def test_bad_trunks_are_refused_in_one_sentence_before_training(tmp_path, case):
 
 def test_a_trunk_that_would_not_fit_the_disk_is_refused(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(branch_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(trunk_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(UserError, match=r"the trunk's checkpoints need about .* MiB \(2 of .* MiB\) but .* has 0.0 MiB free"):
         train_trunk([wsd(30), wsd(60)], tmp_path)
 
@@ -205,3 +206,24 @@ def test_a_stacked_trunk_needs_a_full_grid(tmp_path):
     with pytest.raises(UserError, match=r"a stacked trunk needs every lr at every budget \(2 lrs x 2 budgets\), got 3 runs"):
         train_trunk(configs, tmp_path)
     assert plan_trunks(configs, stack=True) == [configs[:2], configs[2:]]
+
+
+def test_an_interrupted_stacked_trunk_resumes_from_its_checkpoint(tmp_path):
+    """A stacked trunk stopped after its first budget's branches (the caller's on_result
+    raising, as a crash would stop it): the rerun trains only the rest, from the
+    checkpoint, and every run ends as alone."""
+    configs = [wsd(s, lr=lr) for s in STEPS[:2] for lr in (0.004, 0.015)]
+
+    def crash(config, result):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_trunk(configs, tmp_path, on_result=crash)
+    assert len(list(tmp_path.glob("branch-*.json"))) == 1 and len(list(tmp_path.glob("trunk-*.pt"))) == 1
+    heard = []
+    results = train_trunk(configs, tmp_path, on_result=lambda c, r: heard.append(c.run_id()))
+    assert heard == [c.run_id() for c in configs[1:]]
+    for result, config in zip(results, configs):
+        alone = run(config)
+        assert result.final_train_loss == alone.final_train_loss and result.final_val_loss == alone.final_val_loss
+        assert result.curve == alone.curve
