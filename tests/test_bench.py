@@ -34,7 +34,7 @@ demo = _load("demo")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["adamw.py", "moe.py", "train.py", "fit.py", "sweep.py", "trainer_cmd.py"])
+@pytest.mark.parametrize("script", ["adamw.py", "moe.py", "train.py", "fit.py", "sweep.py", "trainer_cmd.py", "branch.py"])
 def test_quick_benchmark_prints_json(script):
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True, timeout=300

@@ -19,6 +19,9 @@ from steplaw.models.config import ModelConfig, known_fields
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on GPU, fp32 on CPU
 OPTIMIZERS = ("steplaw", "torch")  # steplaw.optim.FusedAdamW, torch.optim.AdamW
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+# Fields added after run ids were first stored, with their defaults: a config at a default
+# here hashes as it did before the field existed, so stored sweeps keep their run ids.
+_LATER_DEFAULTS = {"decay_shape": "linear"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class RunConfig:
     warmup_tokens: int | None = None  # None: a default fraction of `tokens` (see steplaw.optim.schedule)
     min_lr_ratio: float = 0.1  # cosine/WSD end at min_lr_ratio * lr
     decay_fraction: float = 0.2  # WSD: fraction of training spent decaying
+    decay_shape: str = "linear"  # WSD cooldown: "linear" or "sqrt" (1-sqrt; see steplaw.optim.schedule)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -92,7 +96,11 @@ class RunConfig:
         minutes deep-copying configs in to_dict()."""
         cached = self.__dict__.get("_run_id")
         if cached is None:
-            canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            fields = self.to_dict()
+            for name, default in _LATER_DEFAULTS.items():  # ids of runs stored before these fields stay
+                if fields.get(name) == default:
+                    fields.pop(name)
+            canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
             cached = hashlib.sha256(canonical.encode()).hexdigest()[:16]
             object.__setattr__(self, "_run_id", cached)  # not a field: equality, asdict and ids ignore it
         return cached
@@ -101,7 +109,7 @@ class RunConfig:
 def _run_problems(c: RunConfig) -> list[str]:
     """The rules of validate(): each field on its own, then the rules between fields
     (checked only for fields valid on their own, so one mistake gives one sentence)."""
-    from steplaw.optim.schedule import SCHEDULES
+    from steplaw.optim.schedule import DECAY_SHAPES, SCHEDULES
 
     model = c.model.problems() if isinstance(c.model, ModelConfig) else [f"model={c.model!r}: expected a ModelConfig"]
     fields = {
@@ -123,6 +131,8 @@ def _run_problems(c: RunConfig) -> list[str]:
     }
     if c.schedule not in SCHEDULES:
         fields["schedule"] = f"schedule={c.schedule!r}: expected one of {', '.join(SCHEDULES)}"
+    if c.decay_shape not in DECAY_SHAPES:
+        fields["decay_shape"] = f"decay_shape={c.decay_shape!r}: expected one of {', '.join(DECAY_SHAPES)}"
     if not (isinstance(c.device, str) and _DEVICE.match(c.device)):
         fields["device"] = f"device={c.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
     if c.precision not in PRECISIONS:
@@ -201,6 +211,14 @@ class RunResult:
     # Stacked runs (steplaw.train.stacked): the id of the stack that trained this run with
     # other runs of its model shape; wall_s and tokens_per_s are then its share of the stack's.
     stack: str | None = None
+    # WSD branches (steplaw.train.branch): the id (16 hex) of the trunk whose stable phase
+    # this run branched off; None for a run trained alone.
+    trunk: str | None = None
+    # Tokens this result actually trained (None in results stored before the field): a
+    # run alone's `tokens`; in a trunk, the longest run trained the shared stable phase
+    # and the others only their cooldowns, so the sum over a trunk's results is what it
+    # trained (steplaw.train.branch).
+    tokens_trained: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

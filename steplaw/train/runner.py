@@ -139,7 +139,8 @@ class Setup:
 
     def lr_multiplier(self, step: int) -> float:
         c = self.config
-        return lr_multiplier(step, self.plan.steps, self.warmup_steps, c.schedule, c.min_lr_ratio, c.decay_fraction)
+        return lr_multiplier(step, self.plan.steps, self.warmup_steps, c.schedule, c.min_lr_ratio, c.decay_fraction,
+                             c.decay_shape)
 
     def batch(self, step: int, rank_slice: slice, micro: int):
         """Inputs and targets of micro-batch `micro` of step `step` on this rank."""
@@ -153,7 +154,7 @@ def prepare(config: RunConfig, world_size: int = 1, local_rank: int = 0) -> Setu
     device work."""
     from steplaw.data.tokens import load_token_data
 
-    check_schedule(config.schedule, config.min_lr_ratio, config.decay_fraction)
+    check_schedule(config.schedule, config.min_lr_ratio, config.decay_fraction, config.decay_shape)
     device = resolve_device(config.device, local_rank)
     plan, warmup = plan_steps(config, device, world_size)
     if config.seq_len > config.model.max_seq_len:
@@ -206,6 +207,7 @@ def record_training(result: RunResult, tracker: LossTracker, steps: int, plan: B
     finite = tracker.finite()
     result.steps = steps
     result.tokens = steps * plan.batch_tokens
+    result.tokens_trained = result.tokens  # a trunk's branches count their own share (steplaw.train.branch)
     result.curve = loss_curve(finite, plan.batch_tokens)
     result.final_train_loss = finite_or_none(tracker.smoothed) if finite else None
     result.tokens_per_s = result.tokens / train_s if train_s > 0 else None
