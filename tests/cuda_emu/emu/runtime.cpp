@@ -328,7 +328,7 @@ void run_block(unsigned bx, unsigned by, unsigned bz) {
     if (done == n) return;
     if (first_warp) {
       record_error("deadlock: " + thread_name(*first_warp) + " waits at the warp operation at " +
-                   where(first_warp->site) + " for lanes that wait elsewhere");
+                   where(first_warp->site) + " for lanes of its mask that returned or wait elsewhere");
       return;
     }
     if (done > 0) {
