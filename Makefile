@@ -21,7 +21,7 @@ export MAX_JOBS ?= 2
 # machines' result folder), else bench/results.
 GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),$(RESULTS_DIR))
 
-.PHONY: venv build lint test test-fast demo bench gpu-check clean
+.PHONY: venv build lint test test-fast test-cuda-emu demo bench gpu-check clean
 
 # The requirements come from pyproject.toml, the one list of them: the build system's,
 # the package's and those of the extras in EXTRAS (following `steplaw[...]` inside an
@@ -69,13 +69,26 @@ lint: venv
 # pytest exits 5 when it collects no test; that is not a failure of the build.
 test: build
 	$(PY) -m ruff check .; lint=$$?; \
-	$(PY) -m pytest -m "not gpu" $(PYTEST_XDIST) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; \
+	$(MAKE) --no-print-directory test-cuda-emu VENV=$(VENV); emu=$$?; \
+	$(PY) -m pytest -m "not gpu and not cuda_emu" $(PYTEST_XDIST) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; \
 	if [ $$lint -ne 0 ]; then echo "ruff found problems (listed above)"; fi; \
-	exit $$(( rc || lint ))
+	if [ $$emu -ne 0 ]; then echo "make test-cuda-emu failed (above)"; fi; \
+	exit $$(( rc || lint || emu ))
 
 # The same without the tests marked slow: the loop to run while editing.
 test-fast: build
-	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -m "not gpu and not slow and not cuda_emu" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The CUDA kernels and their launch code run on the CPU through the test-only emulation of
+# tests/cuda_emu: builds it from the working tree into build/cuda_emu (ninja: only what
+# changed), never into the package, and runs the tests marked cuda_emu. SANITIZE=1: the
+# AddressSanitizer + UBSan build (build/cuda_emu_asan), with libasan preloaded into Python.
+SANITIZE ?=
+ASAN_LIB = $(shell $${CXX:-c++} -print-file-name=libasan.so)
+test-cuda-emu: venv
+	$(PY) tests/cuda_emu/build.py $(if $(SANITIZE),--sanitize)
+	$(if $(SANITIZE),LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0 SANITIZE=1) \
+	$(PY) -m pytest -m cuda_emu tests/cuda_emu $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 demo: build
 	$(VENV)/bin/steplaw demo

@@ -8,6 +8,8 @@ every step. The steps come in the order of how much their answer matters:
   1. build       steplaw._C in place with its CUDA kernels, on all cores
   2. ops_smoke   each op's CUDA kernel against its PyTorch reference on small cases
                  (bench/ops_smoke.py): do the kernels run, and do they agree?
+  2b. sanitizer  when compute-sanitizer exists: the op smoke run under its memcheck and
+                 racecheck tools (out-of-bounds and misaligned accesses, shared-memory races)
   3. doctor      what was built and what runs where
   4. gpu_tests   the tests marked `gpu`, with what the budget leaves them
   5. benchmarks  bench/*.py on the GPU, each with its share of the rest (--quick when
@@ -27,6 +29,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +157,33 @@ def step_smoke(check: Check, env: dict) -> dict:
                        + (f"; failing: {', '.join(failing)}" if failing else ""), **result}
 
 
+def compute_sanitizer() -> str | None:
+    """The compute-sanitizer executable: on PATH, or in the CUDA toolkit's bin/."""
+    found = shutil.which("compute-sanitizer")
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        candidate = Path(home or "") / "bin" / "compute-sanitizer"
+        if not found and home and candidate.exists():
+            found = str(candidate)
+    return found
+
+
+# Seconds each compute-sanitizer tool may take (the smoke run is ~10x slower under it).
+SANITIZER_S = 120
+
+
+def step_sanitizer(check: Check, env: dict, tool_path: str) -> dict:
+    tools = {}
+    for tool in ("memcheck", "racecheck"):
+        cmd = [tool_path, "--tool", tool, "--error-exitcode", "3", sys.executable, "bench/ops_smoke.py", "--device", "cuda"]
+        proc = run(cmd, env, min(SANITIZER_S, max(MIN_STEP_S, check.remaining() / 3)))
+        errors = re.findall(r"^========= (?:ERROR SUMMARY|RACECHECK SUMMARY): .*$", proc["stdout"] + proc["stderr"], re.M)
+        tools[tool] = {"status": _status(proc), "rc": proc["rc"], "seconds": proc["seconds"], "summary": errors[-1:] or None,
+                       "log_tail": _tail(proc["stdout"] + proc["stderr"]) if proc["rc"] != 0 else ""}
+    statuses = {t["status"] for t in tools.values()}
+    return {"status": "passed" if statuses == {"passed"} else "failed", "tools": tools,
+            "summary": ", ".join(f"{name}: {t['status']}" for name, t in tools.items())}
+
+
 def step_doctor(check: Check, env: dict) -> dict:
     proc = run([sys.executable, "-m", "steplaw", "doctor", "--json"], env, min(60, check.remaining()))
     try:
@@ -256,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     cap = torch.cuda.get_device_capability()
     env.setdefault("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}")
     scripts = _present_benchmarks()
-    steps = [("ops_smoke", step_smoke), ("doctor", step_doctor),
+    sanitizer = compute_sanitizer()
+    steps = [("ops_smoke", step_smoke)]
+    if sanitizer:
+        steps.append(("sanitizer", lambda c, e: step_sanitizer(c, e, sanitizer)))
+    steps += [("doctor", step_doctor),
              ("gpu_tests", lambda c, e: step_gpu_tests(c, e, len(scripts)))]
     for name, step in ([] if args.skip_build else [("build", step_build)]) + steps:
         if check.remaining() < MIN_STEP_S:

@@ -14,6 +14,7 @@
 
 #include "adamw/adamw_common.h"
 #include "adamw/adamw_math.h"
+#include "common/cuda_kernel.h"
 #include "common/multi_tensor.cuh"
 
 namespace steplaw {
@@ -154,7 +155,7 @@ void launch_bucket(const std::vector<const ParamSlot*>& slots, const std::vector
       },
       [&](int i) { return mta::chunk_count(slots[i]->param.numel(), slots[i]->members); },
       [&](const Table& table, int n_blocks) {
-        adamw_kernel<param_t, T><<<n_blocks, kThreads, 0, stream>>>(
+        STEPLAW_LAUNCH((n_blocks, kThreads, 0, stream), adamw_kernel<param_t, T>)(
             table, hparams.const_data_ptr<double>(), grad_scale, found_inf);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -225,6 +226,6 @@ void fused_adamw_cuda(
 }  // namespace adamw
 }  // namespace steplaw
 
-TORCH_LIBRARY_IMPL(steplaw, CUDA, m) {
+STEPLAW_CUDA_LIBRARY_IMPL(m) {
   m.impl("fused_adamw_", &steplaw::adamw::fused_adamw_cuda);
 }

@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <tuple>
 
+#include "common/cuda_kernel.h"
 #include "moe/moe_checks.h"
 #include "moe/moe_index.h"
 
@@ -45,7 +46,7 @@ template <typename scalar_t, typename score_t>
 __global__ void route_kernel(const scalar_t* __restrict__ logits, int64_t tokens, int32_t experts, int32_t k,
                              bool use_sigmoid, bool renormalize, const score_t* __restrict__ bias,
                              int32_t* __restrict__ ids, score_t* __restrict__ weights) {
-  extern __shared__ __align__(16) unsigned char route_smem[];
+  STEPLAW_DYNAMIC_SHARED(unsigned char, route_smem);
   score_t* top_val = reinterpret_cast<score_t*>(route_smem) + threadIdx.x * k;
   int32_t* top_idx = reinterpret_cast<int32_t*>(reinterpret_cast<score_t*>(route_smem) + blockDim.x * k) +
                      threadIdx.x * k;
@@ -58,7 +59,7 @@ __global__ void route_kernel(const scalar_t* __restrict__ logits, int64_t tokens
 // counts[e] += number of the n ids equal to e (ids outside [0, E) trip an assert).
 __global__ void histogram_kernel(const int32_t* __restrict__ ids, int64_t n, int32_t experts,
                                  int64_t* __restrict__ counts) {
-  extern __shared__ int hist_smem[];
+  STEPLAW_DYNAMIC_SHARED(int, hist_smem);
   for (int e = threadIdx.x; e < experts; e += blockDim.x) hist_smem[e] = 0;
   __syncthreads();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -79,7 +80,7 @@ __global__ void histogram_kernel(const int32_t* __restrict__ ids, int64_t n, int
 // chunk_counts[c * E + e] = slots of chunk c that chose expert e.
 __global__ void count_chunks_kernel(const int32_t* __restrict__ ids, int64_t slots, int64_t chunk, int32_t experts,
                                     int32_t* __restrict__ chunk_counts) {
-  extern __shared__ int count_smem[];
+  STEPLAW_DYNAMIC_SHARED(int, count_smem);
   for (int e = threadIdx.x; e < experts; e += blockDim.x) count_smem[e] = 0;
   __syncthreads();
   const int64_t start = static_cast<int64_t>(blockIdx.x) * chunk;
@@ -99,7 +100,7 @@ __global__ void count_chunks_kernel(const int32_t* __restrict__ ids, int64_t slo
 __global__ void scan_chunks_kernel(int32_t* __restrict__ chunk_counts, int64_t chunks, int32_t experts,
                                    int64_t pad_multiple, int64_t capacity, int64_t* __restrict__ offsets,
                                    int64_t* __restrict__ dropped) {
-  extern __shared__ int64_t total_smem[];
+  STEPLAW_DYNAMIC_SHARED(int64_t, total_smem);
   constexpr int kBatch = 16;  // loads in flight per thread: the walk over chunks is latency bound
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     int64_t running = 0;
@@ -133,7 +134,7 @@ __global__ void assign_rows_kernel(const int32_t* __restrict__ ids, int64_t slot
                                    int64_t capacity, const int32_t* __restrict__ chunk_base,
                                    const int64_t* __restrict__ offsets, int64_t* __restrict__ row_map,
                                    int64_t* __restrict__ src_index) {
-  extern __shared__ int next_rank[];
+  STEPLAW_DYNAMIC_SHARED(int, next_rank);
   const int lane = threadIdx.x;
   const int32_t* base = chunk_base + static_cast<int64_t>(blockIdx.x) * experts;
   for (int e = lane; e < experts; e += kWarp) next_rank[e] = base[e];
@@ -185,7 +186,7 @@ int threads_for(int64_t vectors) {
 template <typename V>
 __global__ void scatter_tokens_kernel(const V* __restrict__ x, V* __restrict__ out, const int64_t* __restrict__ row_map,
                                       int32_t k, int64_t vectors) {
-  extern __shared__ int64_t scatter_rows[];
+  STEPLAW_DYNAMIC_SHARED(int64_t, scatter_rows);
   const int64_t t = blockIdx.x;
   for (int j = threadIdx.x; j < k; j += blockDim.x) scatter_rows[j] = row_map[t * k + j];
   __syncthreads();
@@ -213,7 +214,7 @@ template <typename V>
 void launch_zero_free_rows(void* out, const int64_t* src_index, int64_t rows, int64_t row_bytes, cudaStream_t stream) {
   const int64_t vectors = row_bytes / static_cast<int64_t>(sizeof(V));
   const int64_t blocks = std::min<int64_t>(rows, 16384);
-  zero_free_rows_kernel<V><<<blocks, threads_for(vectors), 0, stream>>>(static_cast<V*>(out), src_index, rows, vectors);
+  STEPLAW_LAUNCH((blocks, threads_for(vectors), 0, stream), zero_free_rows_kernel<V>)(static_cast<V*>(out), src_index, rows, vectors);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -235,7 +236,7 @@ void launch_scatter(const at::Tensor& x, at::Tensor& out, const at::Tensor& row_
                     cudaStream_t stream) {
   const int64_t vectors = row_bytes / static_cast<int64_t>(sizeof(V));
   const int32_t k = static_cast<int32_t>(row_map.size(1));
-  scatter_tokens_kernel<V><<<x.size(0), threads_for(vectors), k * sizeof(int64_t), stream>>>(
+  STEPLAW_LAUNCH((x.size(0), threads_for(vectors), k * sizeof(int64_t), stream), scatter_tokens_kernel<V>)(
       static_cast<const V*>(x.data_ptr()), static_cast<V*>(out.data_ptr()), row_map.data_ptr<int64_t>(), k, vectors);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -248,7 +249,7 @@ __global__ void combine_kernel(const scalar_t* __restrict__ y, const int64_t* __
                                int32_t k, int64_t hidden, int64_t y_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
-  extern __shared__ int64_t combine_smem[];
+  STEPLAW_DYNAMIC_SHARED(int64_t, combine_smem);
   int64_t* rows = combine_smem;
   acc_t* w = reinterpret_cast<acc_t*>(combine_smem + k);
   const int64_t t = blockIdx.x;
@@ -378,14 +379,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& logi
     const int64_t per_thread = k * static_cast<int64_t>(sizeof(score_t) + sizeof(int32_t));
     int64_t threads = std::min<int64_t>(128, std::max<int64_t>(1, 32768 / per_thread));
     if (threads >= kWarp) threads = threads / kWarp * kWarp;
-    route_kernel<scalar_t, score_t><<<ceil_div(tokens, threads), threads, threads * per_thread, stream>>>(
+    STEPLAW_LAUNCH((ceil_div(tokens, threads), threads, threads * per_thread, stream), route_kernel<scalar_t, score_t>)(
         logits.data_ptr<scalar_t>(), tokens, experts, static_cast<int32_t>(k), use_sigmoid, renormalize,
         bias.defined() ? bias.data_ptr<score_t>() : nullptr, ids.data_ptr<int32_t>(), weights.data_ptr<score_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const int64_t slots = tokens * k;
   const int64_t blocks = std::min<int64_t>(ceil_div(slots, 256), 1024);
-  histogram_kernel<<<blocks, 256, experts * sizeof(int), stream>>>(ids.data_ptr<int32_t>(), slots, experts,
+  STEPLAW_LAUNCH((blocks, 256, experts * sizeof(int), stream), histogram_kernel)(ids.data_ptr<int32_t>(), slots, experts,
                                                                    counts.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {ids, weights, counts};
@@ -425,17 +426,17 @@ PermuteOutputs permute_cuda(const at::Tensor& x_in, const at::Tensor& ids_in, in
   const int64_t chunks = ceil_div(slots, chunk);
   at::Tensor chunk_counts = at::empty({std::max<int64_t>(chunks, 1) * experts}, x.options().dtype(at::kInt));
   if (chunks > 0) {
-    count_chunks_kernel<<<chunks, 256, experts * sizeof(int), stream>>>(ids.data_ptr<int32_t>(), slots, chunk, e32,
+    STEPLAW_LAUNCH((chunks, 256, experts * sizeof(int), stream), count_chunks_kernel)(ids.data_ptr<int32_t>(), slots, chunk, e32,
                                                                         chunk_counts.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  scan_chunks_kernel<<<1, 1024, experts * sizeof(int64_t), stream>>>(chunk_counts.data_ptr<int32_t>(), chunks, e32,
+  STEPLAW_LAUNCH((1, 1024, experts * sizeof(int64_t), stream), scan_chunks_kernel)(chunk_counts.data_ptr<int32_t>(), chunks, e32,
                                                                      pad_multiple, capacity,
                                                                      offsets.data_ptr<int64_t>(),
                                                                      dropped.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (chunks > 0) {
-    assign_rows_kernel<<<chunks, kWarp, experts * sizeof(int), stream>>>(
+    STEPLAW_LAUNCH((chunks, kWarp, experts * sizeof(int), stream), assign_rows_kernel)(
         ids.data_ptr<int32_t>(), slots, chunk, e32, capacity, chunk_counts.data_ptr<int32_t>(),
         offsets.data_ptr<int64_t>(), row_map.data_ptr<int64_t>(), src_index.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -474,7 +475,7 @@ at::Tensor combine_cuda(const at::Tensor& y_in, const at::Tensor& row_map_in, co
     const int threads = threads_for(hidden / vec);
     auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
-      combine_kernel<scalar_t, V><<<tokens, threads, smem, stream>>>(
+      STEPLAW_LAUNCH((tokens, threads, smem, stream), combine_kernel<scalar_t, V>)(
           y.data_ptr<scalar_t>(), row_map.data_ptr<int64_t>(), w_ptr, out.data_ptr<scalar_t>(),
           static_cast<int32_t>(k), hidden, y.size(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -516,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
       const int threads = threads_for(hidden / vec);
       auto launch = [&](auto vec_tag) {
         constexpr int V = decltype(vec_tag)::value;
-        unpermute_backward_kernel<scalar_t, V><<<tokens, threads, 0, stream>>>(
+        STEPLAW_LAUNCH((tokens, threads, 0, stream), unpermute_backward_kernel<scalar_t, V>)(
             grad_out.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), row_map.data_ptr<int64_t>(),
             weights.data_ptr<acc_t>(), grad_y.data_ptr<scalar_t>(), grad_w.data_ptr<acc_t>(),
             static_cast<int32_t>(k), hidden, y.size(0));
@@ -533,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(steplaw, CUDA, m) {
+STEPLAW_CUDA_LIBRARY_IMPL(m) {
   m.impl("moe_route", &route_cuda);
   m.impl("moe_permute", &permute_cuda);
   m.impl("moe_permute_backward", &permute_backward_cuda);

@@ -13,6 +13,14 @@
 
 #include "common/macros.h"
 
+// The device branches below (the GPU's, also taken by the CUDA emulation of tests/cuda_emu,
+// whose intrinsics compute the same correctly rounded operations on the CPU).
+#if defined(__CUDA_ARCH__) || defined(STEPLAW_CUDA_EMU)
+#define STEPLAW_DEVICE_MATH 1
+#else
+#define STEPLAW_DEVICE_MATH 0
+#endif
+
 namespace steplaw {
 namespace moe {
 
@@ -87,7 +95,7 @@ STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE void topk_insert(S* vals, int32_t* idx,
 // double-rounding cases of probability ~1e-9) and IEEE division, on both devices.
 template <typename S>
 STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE S exp_of(S x) {
-#if defined(__CUDA_ARCH__)
+#if STEPLAW_DEVICE_MATH
   return static_cast<S>(exp(static_cast<double>(x)));
 #else
   return std::exp(x);
@@ -95,7 +103,7 @@ STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE S exp_of(S x) {
 }
 
 STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE float div_of(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if STEPLAW_DEVICE_MATH
   return __fdiv_rn(a, b);
 #else
   return a / b;
@@ -145,7 +153,7 @@ STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE void route_token(const L* logits, int32
 // acc + w * v rounded twice (never fused into an FMA), as the PyTorch reference
 // computes it, so that unpermute outputs are bitwise equal across CPU, CUDA, reference.
 STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE float mul_add_unfused(float w, float v, float acc) {
-#if defined(__CUDA_ARCH__)
+#if STEPLAW_DEVICE_MATH
   return __fadd_rn(__fmul_rn(w, v), acc);
 #else
   return w * v + acc;  // moe_cpu.cpp turns FMA contraction off
@@ -153,7 +161,7 @@ STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE float mul_add_unfused(float w, float v,
 }
 
 STEPLAW_HOST_DEVICE STEPLAW_FORCE_INLINE double mul_add_unfused(double w, double v, double acc) {
-#if defined(__CUDA_ARCH__)
+#if STEPLAW_DEVICE_MATH
   return __dadd_rn(__dmul_rn(w, v), acc);
 #else
   return w * v + acc;
