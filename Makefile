@@ -88,7 +88,7 @@ ASAN_LIB = $(shell $${CXX:-c++} -print-file-name=libasan.so)
 test-cuda-emu: venv
 	$(PY) tests/cuda_emu/build.py $(if $(SANITIZE),--sanitize)
 	$(if $(SANITIZE),LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0 SANITIZE=1) \
-	$(PY) -m pytest -m cuda_emu tests/cuda_emu $(PYTEST_XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest -m cuda_emu tests/cuda_emu $(PYTEST_ARGS)
 
 demo: build
 	$(VENV)/bin/steplaw demo

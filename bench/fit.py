@@ -28,7 +28,7 @@ import numpy as np
 from bench.harness import log, report, time_interleaved
 from steplaw.laws.cells import quadratic_optimum
 from steplaw.laws.fit import fit_hparams
-from steplaw.laws.loss import _cell_best_losses, _fit_batch, _fit_once, fit_loss
+from steplaw.laws.loss import _fit_batch, _fit_once, cell_best_losses, fit_loss
 from steplaw.laws.synthetic import synthetic_runs
 from steplaw.laws.table import read_runs
 
@@ -78,7 +78,7 @@ def chinchilla_table(seed: int = 0):
 
 def loss_bootstrap_contenders(table, n_boot: int):
     point = fit_loss(table, n_boot=0)
-    cells, best = _cell_best_losses(table, table.N)
+    cells, best = cell_best_losses(table, table.N)
     log_n, log_d, log_loss = np.log(cells[:, 0]), np.log(cells[:, 1]), np.log(best)
     counts = np.random.default_rng(0).multinomial(len(cells), np.full(len(cells), 1 / len(cells)), size=n_boot)
     counts = counts.astype(float)

@@ -39,7 +39,8 @@ def test_two_gloo_processes_equal_one(tmp_path):
 
 def test_result_file_is_written_atomically(tmp_path, monkeypatch):
     """Rank 0's result goes through fileio.write_atomic (a reader never sees half of it)."""
-    from steplaw.train import ddp, runner
+    from steplaw.cli import ddp
+    from steplaw.train import runner
     from steplaw.train.config import RunResult
 
     config = RunConfig(model=TINY, tokens=1024, lr=3e-3, batch_tokens=1024, seq_len=64, device="cpu")

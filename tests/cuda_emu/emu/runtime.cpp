@@ -456,7 +456,6 @@ void launch(const char* name, dim3 grid, dim3 block, size_t smem, const std::fun
   while (!kernel.empty() && kernel.back() == ' ') kernel.pop_back();
   TORCH_CHECK(!g_unchecked_launch, "CUDA emulation: launch of ", kernel,
               " follows a launch that no C10_CUDA_KERNEL_LAUNCH_CHECK() checked");
-  g_unchecked_launch = true;
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= 2147483647u && grid.y <= 65535 &&
                   grid.z <= 65535,
@@ -467,6 +466,9 @@ void launch(const char* name, dim3 grid, dim3 block, size_t smem, const std::fun
               ",", block.y, ",", block.z, ")");
   TORCH_CHECK(smem <= kMaxDynamicSmem, "CUDA error (emulated): invalid argument: ", kernel, " launched with ", smem,
               " bytes of dynamic shared memory (at most ", kMaxDynamicSmem, " without cudaFuncSetAttribute)");
+  // Only a launch that passed its configuration checks is pending: a refused one has
+  // already raised, as the real launch's error would at its C10_CUDA_KERNEL_LAUNCH_CHECK.
+  g_unchecked_launch = true;
   ++g_launch_counts[kernel];
 
   Run run;
