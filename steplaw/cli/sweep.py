@@ -19,7 +19,6 @@ exits 1.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -145,17 +144,9 @@ def _add_execution_flags(parser, ray: bool = True):
 
 
 def load_run_fn(name: str):
-    module_name, _, attr = name.partition(":")
-    if not attr:
-        raise UserError(f"--run-fn {name!r}: expected MODULE:FUNCTION, e.g. steplaw.train:run")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"--run-fn {name!r}: cannot import {module_name!r} ({exc})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UserError(f"--run-fn {name!r}: {module_name} has no function {attr!r}")
-    return fn
+    from steplaw.trainers.python import load_function
+
+    return load_function(name, "--run-fn", "MODULE:FUNCTION, e.g. steplaw.train:run")
 
 
 def trainer_name(args) -> str:

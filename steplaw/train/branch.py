@@ -57,7 +57,6 @@ from pathlib import Path
 import torch
 
 from steplaw.errors import UserError
-from steplaw.runtable import finite_or_none
 from steplaw.train import checkpoint as ckpt
 from steplaw.train.config import RunConfig, RunResult
 from steplaw.train.runner import (
@@ -66,13 +65,13 @@ from steplaw.train.runner import (
     TrainState,
     _Distributed,
     build_state,
-    evaluate,
     failure_reason,
     mean_moe_load,
     new_result,
     plan_steps,
     prepare,
     record_training,
+    train_and_evaluate,
     train_loop,
 )
 from steplaw.train.tracking import LossTracker, ProgressFn
@@ -252,12 +251,7 @@ def _cooldown(folder: TrunkDir, branch: _Branch) -> RunResult:
     state = build_state(setup, None, dist)
     _restore(state, saved)
     try:
-        outcome = train_loop(setup, state, dist, _options(None, None))
-        result.status, result.reason = outcome.status, outcome.reason
-        record_training(result, state.tracker, outcome.steps, setup.plan, outcome.train_s)
-        result.moe_max_mean_load = mean_moe_load(state.model.moe_layers())
-        if outcome.status == "ok":
-            result.final_val_loss = finite_or_none(evaluate(state.model, setup, dist))
+        train_and_evaluate(setup, state, dist, _options(None, None), result)
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         result.status, result.reason = "failed", failure_reason(exc)
     ckpt.restore_rng(saved["rng"])  # the trunk goes on as if the branch had not drawn from it

@@ -313,13 +313,7 @@ def run(
         is_main = dist.rank == 0
         options = LoopOptions(run_path if is_main else None, checkpoint_every, stop_after_steps,
                               progress if is_main else None, started)
-        outcome = train_loop(setup, state, dist, options)
-        result.status, result.reason = outcome.status, outcome.reason
-        record_training(result, state.tracker, outcome.steps, setup.plan, outcome.train_s)
-        result.moe_max_mean_load = mean_moe_load(state.model.moe_layers())
-        if outcome.status == "ok":
-            # A NaN validation loss is no measurement: None keeps results strict JSON.
-            result.final_val_loss = finite_or_none(evaluate(state.model, setup, dist))
+        train_and_evaluate(setup, state, dist, options, result)
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         result.status, result.reason = "failed", failure_reason(exc)
     finally:
@@ -329,6 +323,20 @@ def run(
     if run_path is not None and dist.rank == 0 and result.status != "pending":
         ckpt.save_result(run_path, result)
     return result
+
+
+def train_and_evaluate(setup: Setup, state: TrainState, dist: _Distributed, options: LoopOptions,
+                       result: RunResult) -> None:
+    """Train `state` to the end of its plan and write the outcome into `result`: status,
+    the training record, the MoE load of the last training batch and, when it ended ok,
+    the validation loss (a run alone and a WSD branch end the same way)."""
+    outcome = train_loop(setup, state, dist, options)
+    result.status, result.reason = outcome.status, outcome.reason
+    record_training(result, state.tracker, outcome.steps, setup.plan, outcome.train_s)
+    result.moe_max_mean_load = mean_moe_load(state.model.moe_layers())
+    if outcome.status == "ok":
+        # A NaN validation loss is no measurement: None keeps results strict JSON.
+        result.final_val_loss = finite_or_none(evaluate(state.model, setup, dist))
 
 
 def mean_moe_load(moe_layers, member: int | None = None) -> float | None:

@@ -18,18 +18,19 @@ from steplaw.errors import UserError
 from steplaw.trial import Trial, diverging, parse_result
 
 
-def load_function(target: str):
-    """The function MODULE:FUNCTION names; UserError when it cannot be found."""
+def load_function(target: str, flag: str = "--trainer",
+                  expected: str = "steplaw, hf or MODULE:FUNCTION (e.g. mytrain:train)"):
+    """The function MODULE:FUNCTION names; UserError naming `flag` when it cannot be found."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise UserError(f"--trainer {target!r}: expected steplaw, hf or MODULE:FUNCTION (e.g. mytrain:train)")
+        raise UserError(f"{flag} {target!r}: expected {expected}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(f"--trainer {target!r}: cannot import {module_name!r} ({exc})") from None
+        raise UserError(f"{flag} {target!r}: cannot import {module_name!r} ({exc})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UserError(f"--trainer {target!r}: {module_name} has no function {attr!r}")
+        raise UserError(f"{flag} {target!r}: {module_name} has no function {attr!r}")
     return fn
 
 
