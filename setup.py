@@ -10,6 +10,8 @@ Environment:
   STEPLAW_NO_EXT=1         build no extension at all (pure-PyTorch reference ops)
   TORCH_CUDA_ARCH_LIST     target GPUs; defaults to "9.0" when no GPU is visible
   STEPLAW_DEBUG=1          -O0 -g
+  STEPLAW_QUICK_BUILD=1    -O1 (C++ only): half the compile time, for builds that check the
+                           packaging rather than run fast (tests/test_sdist.py)
 """
 import glob
 import os
@@ -70,7 +72,7 @@ def _extensions():
     )
     include_dirs = [os.path.join(HERE, "csrc")]
     debug = _truthy("STEPLAW_DEBUG")
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = ["-O0", "-g"] if debug else ["-O1"] if _truthy("STEPLAW_QUICK_BUILD") else ["-O3"]
     # No -std flag: torch picks the standard its headers need (C++20 for torch >= 2.12).
     cxx_flags += ["-fopenmp"] if sys.platform != "darwin" else []
     # The stable ABI of the oldest Python pyproject allows (3.11): one _C.abi3.so for all.

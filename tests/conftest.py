@@ -21,6 +21,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray" in item.keywords or "ray" in item.path.name:
             item.add_marker(pytest.mark.xdist_group("ray"))
+    # The tests marked slow first (a stable sort keeps the rest in collection order): the
+    # workers then finish together instead of one running a 60 s test at the end while the
+    # other idles, which is most of the difference between CPU time / workers and wall time.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     have_cuda = False
     if importlib.util.find_spec("torch") is not None:
         import torch

@@ -18,6 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # two fresh pytest processes of the stack tests: 30-50 s each
+
 # The environment of each narrower path, and the stack tests run there: every
 # stacked-vs-alone test on AVX2 (what most users without AVX-512 run), the bit-for-bit
 # dense and MoE cases in float32 and float64 on the pre-AVX2 path.
