@@ -299,8 +299,8 @@ def fit_loss(
 
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(cells), np.full(len(cells), 1.0 / len(cells)), size=n_boot).astype(float)
-    samples = _fit_batch(log_n, log_d, log_loss, counts * weights, theta, delta, basis, asym) if n_boot \
-        else np.empty((0, 5))
+    samples = form.place(_fit_batch(log_n, log_d, log_loss, counts * weights, theta, delta, basis, asym), refused) \
+        if n_boot else np.empty((0, 5))
     intervals, exponent_intervals = _intervals(samples, refused, form) if n_boot else ({}, {})
 
     a, b, e, alpha, beta = theta

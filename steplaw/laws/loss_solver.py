@@ -36,9 +36,10 @@ FULL = np.eye(5)
 
 
 def projection(basis) -> np.ndarray:
-    """The orthogonal projection (5, 5) onto the span of the basis columns."""
+    """The orthogonal projection (5, 5) onto the span of the basis columns, which are
+    mutually orthogonal (steplaw.laws.loss_forms builds them so): a sum of q q^T / |q|^2."""
     q = FULL if basis is None else np.asarray(basis, float)
-    return q @ np.linalg.pinv(q)
+    return sum(np.outer(column, column) / (column @ column) for column in q.T)
 
 
 def _asym_weights(resid, weights, asym: float):
@@ -162,7 +163,8 @@ def fit_batch(log_n, log_d, log_loss, weights: np.ndarray, start: np.ndarray, de
     Hessian started from the IRLS normal matrix, with a backtracking Armijo line search
     per row. A row stops when a step moves no parameter by _STEP_TOL or gains less than
     _GAIN_TOL of its objective. theta moves only inside the span of `basis`: gradients
-    and the inverse Hessian are projected onto it, so every BFGS step stays there."""
+    and the inverse Hessian are projected onto it, so every BFGS step stays there (up to
+    rounding: the caller puts the rows back exactly, steplaw.laws.loss_forms.LossForm.place)."""
     count = weights.shape[0]
     proj = projection(basis)
     theta = np.repeat(start[None, :], count, axis=0)
