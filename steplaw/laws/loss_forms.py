@@ -143,7 +143,7 @@ def choose_form(table, base: LossForm, *, n_column: str = "N", forms=FORMS) -> t
     ranked = sorted(scores, key=scores.get)
     winner, runner_up = ranked[0], (ranked[1] if len(ranked) > 1 else None)
     choice = {"by": "rollout N", "chosen": winner, "mean_abs_rel_error": scores,
-              "compared_on": {"N": common}, "runner_up": runner_up,
+              "compared_on": {"steps": len(common), "N": [float(common[0]), float(common[-1])]}, "runner_up": runner_up,
               "margin": None if runner_up is None else scores[runner_up] - scores[winner]}
     return base.with_name(winner), choice
 
@@ -151,7 +151,7 @@ def choose_form(table, base: LossForm, *, n_column: str = "N", forms=FORMS) -> t
 def choice_lines(choice: dict) -> list[str]:
     """--form auto's choice as text: each form's rollout error, the winner and the margin."""
     parts = [f"{name} {err:.3%}" for name, err in choice["mean_abs_rel_error"].items()]
-    steps = len(choice["compared_on"]["N"])
+    steps = choice["compared_on"]["steps"]
     line = (f"form auto (rollout by N, mean |rel_error| over the {steps} step(s) every form fits): "
             f"{'; '.join(parts)} -> {choice['chosen']}")
     if choice["margin"] is not None:
