@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from steplaw.errors import UserError
-from steplaw.laws.loss_forms import LossForm, choose_form
+from steplaw.laws.form_choice import choose_form
+from steplaw.laws.loss_forms import LossForm
 from steplaw.laws.rollout import held_out_rows, holdout_loss, parse_holdout, rollout_loss, subset
 from steplaw.laws.table import read_runs
 

@@ -299,7 +299,7 @@ def cmd_fit_loss(args) -> int:
     table = load_table(args)
     choice = None
     if args.form == "auto":
-        from steplaw.laws.loss_forms import choose_form
+        from steplaw.laws.form_choice import choose_form
 
         # With --holdout the form is chosen on the runs the law is fitted on, never on those it is scored on.
         chosen_on = table if rule is None else _without_held_out(table, rule, args.n_column)
@@ -338,7 +338,7 @@ def cmd_fit_loss(args) -> int:
 
 
 def _print_fit_loss(table, fit, result: dict, iso, save) -> None:
-    from steplaw.laws.loss_forms import choice_lines
+    from steplaw.laws.form_choice import choice_lines
     from steplaw.laws.rollout import holdout_lines, rollout_lines
     from steplaw.laws.text import loss_fit_lines
 
