@@ -239,31 +239,85 @@ def _fits_warnings(fits: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- fit-loss
+def _loss_form(args):
+    """The LossForm of --form/--E/--weights/--underprediction-penalty (name 'chinchilla' for auto)."""
+    from steplaw.laws.loss_forms import LossForm
+
+    fixed_e = parse_count(args.E, "--E") if args.E is not None else None
+    return LossForm("chinchilla" if args.form == "auto" else args.form, fixed_e, args.weights,
+                    args.underprediction_penalty)
+
+
+def _at_budget(fit, budget: float) -> tuple[dict, list[str]]:
+    """fit-loss --budget: N_opt, D_opt with intervals, the predicted loss with its prediction
+    interval (the one plan gives), the Step Law's hyperparameters; and the range warnings."""
+    from steplaw.laws.published import range_warnings, step_law
+
+    n_opt, d_opt = fit.compute_optimal(budget)
+    lr, bs = step_law(n_opt, d_opt)
+    interval = fit.optimal_interval(budget)
+    # N_opt and D_opt beyond the cells are the law's extrapolation: say so, as plan does.
+    warnings = range_warnings("the fitted loss law", fit.fitted_range, {"N": n_opt, "D": d_opt})
+    return {"compute": budget, "N_opt": n_opt, "D_opt": d_opt,
+            "N_interval": list(interval["N"]) if interval else None,
+            "D_interval": list(interval["D"]) if interval else None,
+            "predicted_loss": float(fit.predict(n_opt, d_opt)),
+            "predicted_loss_interval": fit.loss_interval(n_opt, d_opt),
+            "step_law_lr": lr, "step_law_batch_tokens": bs}, warnings
+
+
+def _add_holdout_intervals(fit, holdout: dict) -> None:
+    """Each held-out cell's 95% prediction interval and whether its loss fell inside."""
+    inside = []
+    for row in holdout["rows"]:
+        row["interval"] = fit.loss_interval(row["N"], row["D"])
+        if row["interval"] is not None:
+            row["inside_interval"] = bool(row["interval"][0] <= row["loss"] <= row["interval"][1])
+            inside.append(row["inside_interval"])
+    holdout["inside_interval"] = {"count": int(sum(inside)), "of": len(inside)} if inside else None
+
+
+def _without_held_out(table, rule, n_column: str):
+    from steplaw.laws.rollout import held_out_rows, subset
+
+    return subset(table, ~(held_out_rows(table, rule, table.param_counts(n_column)) & table.valid))
+
+
 def cmd_fit_loss(args) -> int:
     from steplaw.laws.loss import fit_loss
-    from steplaw.laws.published import range_warnings, step_law
-    from steplaw.laws.rollout import holdout_lines, holdout_loss, parse_holdout, rollout_lines, rollout_loss
+    from steplaw.laws.rollout import holdout_loss, parse_holdout, rollout_loss
     from steplaw.laws.saved import loss_law_record, write_json
-    from steplaw.laws.text import loss_fit_lines
 
     args.budget = parse_count(args.budget, "--budget")
     rule = parse_holdout(args.holdout) if args.holdout is not None else None
     save = cliargs.check_output_file(args.save, "--save") if args.save else None
+    form = _loss_form(args)
     if args.method == "isoflop":
-        if args.save or args.holdout or args.rollout:
-            raise UserError("--save, --holdout and --rollout need the parametric loss law; use --method both.")
+        if args.save or args.holdout or args.rollout or args.form != "chinchilla":
+            raise UserError("--save, --holdout, --rollout and --form need the parametric loss law; use --method both.")
         return _fit_loss_isoflop(args, load_table(args))
     table = load_table(args)
+    choice = None
+    if args.form == "auto":
+        from steplaw.laws.form_choice import choose_form
+
+        # With --holdout the form is chosen on the runs the law is fitted on, never on those it is scored on.
+        chosen_on = table if rule is None else _without_held_out(table, rule, args.n_column)
+        form, choice = choose_form(chosen_on, form, n_column=args.n_column)
+    options = {"n_column": args.n_column, "form": form}
     holdout = None
     if rule is not None:  # the law is fitted on the rest: what is saved and shown is that fit
-        fit, holdout = holdout_loss(table, rule, n_column=args.n_column, n_boot=args.n_boot, seed=args.seed)
+        fit, holdout = holdout_loss(table, rule, n_boot=args.n_boot, seed=args.seed, **options)
+        _add_holdout_intervals(fit, holdout)
     else:
-        fit = fit_loss(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
+        fit = fit_loss(table, n_boot=args.n_boot, seed=args.seed, **options)
     result = {**fit.to_dict(), "source": table.source}
+    if choice is not None:
+        result["form_choice"] = choice
     if holdout is not None:
         result["holdout"] = holdout
     if args.rollout:
-        result["rollout"] = rollout_loss(table, args.rollout, n_column=args.n_column)
+        result["rollout"] = rollout_loss(table, args.rollout, **options)
     iso = None
     if args.method == "both":
         from steplaw.laws.isoflop import isoflop_fit
@@ -271,35 +325,37 @@ def cmd_fit_loss(args) -> int:
         iso = isoflop_fit(table, n_boot=args.n_boot, seed=args.seed, n_column=args.n_column)
         result["isoflop"] = iso.to_dict()
     if args.budget:
-        n_opt, d_opt = fit.compute_optimal(args.budget)
-        lr, bs = step_law(n_opt, d_opt)
-        interval = fit.optimal_interval(args.budget)
-        # N_opt and D_opt beyond the cells are the law's extrapolation: say so, as plan does.
-        result["warnings"] += range_warnings("the fitted loss law", fit.fitted_range, {"N": n_opt, "D": d_opt})
-        result["at_budget"] = {"compute": args.budget, "N_opt": n_opt, "D_opt": d_opt,
-                               "N_interval": list(interval["N"]) if interval else None,
-                               "D_interval": list(interval["D"]) if interval else None,
-                               "predicted_loss": float(fit.predict(n_opt, d_opt)),
-                               "step_law_lr": lr, "step_law_batch_tokens": bs}
+        result["at_budget"], budget_warnings = _at_budget(fit, args.budget)
+        result["warnings"] += budget_warnings
     if save is not None:
         write_json(save, loss_law_record(fit, table.source))
     if args.json:
         print(_json(result))
     else:
-        print(_describe_table(table))
-        print("\n".join(loss_fit_lines(fit, result)))
-        if iso is not None:
-            from steplaw.laws.isoflop import isoflop_lines
-
-            print("\n".join(isoflop_lines(iso)))
-        if holdout is not None:
-            print("\n".join(holdout_lines(holdout)))
-        if args.rollout:
-            print("\n".join(rollout_lines(result["rollout"])))
-        if save is not None:
-            print(f"wrote {save}")
+        _print_fit_loss(table, fit, result, iso, save)
     _warn(args, result["warnings"])
     return 0
+
+
+def _print_fit_loss(table, fit, result: dict, iso, save) -> None:
+    from steplaw.laws.form_choice import choice_lines
+    from steplaw.laws.rollout import holdout_lines, rollout_lines
+    from steplaw.laws.text import loss_fit_lines
+
+    print(_describe_table(table))
+    if "form_choice" in result:
+        print("\n".join(choice_lines(result["form_choice"])))
+    print("\n".join(loss_fit_lines(fit, result)))
+    if iso is not None:
+        from steplaw.laws.isoflop import isoflop_lines
+
+        print("\n".join(isoflop_lines(iso)))
+    if "holdout" in result:
+        print("\n".join(holdout_lines(result["holdout"])))
+    if "rollout" in result:
+        print("\n".join(rollout_lines(result["rollout"])))
+    if save is not None:
+        print(f"wrote {save}")
 
 
 def _fit_loss_isoflop(args, table) -> int:
@@ -455,6 +511,16 @@ def _add_fit(subparsers) -> None:
                                       "N>=X, D>=Y, C>=Z or largest, comma-joined for 'and' (e.g. N>=1e9)")
     fit_loss_parser.add_argument("--rollout", choices=["N", "D"], default=None,
                                  help="also an expanding-window check: fit on the k smallest N (or D), predict the next")
+    fit_loss_parser.add_argument("--form", choices=["chinchilla", "tied", "auto"], default="chinchilla",
+                                 help="chinchilla: five free constants (default); tied: alpha = beta; auto: the form "
+                                      "with the lower rollout-by-N error (says which won and by how much)")
+    fit_loss_parser.add_argument("--E", default=None, metavar="NATS",
+                                 help="fix the irreducible loss E at this value instead of fitting it")
+    fit_loss_parser.add_argument("--weights", choices=["none", "compute"], default="none",
+                                 help="cell weights: none (default) or compute (C / mean C: large cells count most)")
+    fit_loss_parser.add_argument("--underprediction-penalty", type=float, default=1.0, metavar="K",
+                                 help="weigh cells the law predicts too low K times more (K >= 1; default 1, "
+                                      "symmetric)")
     fit_loss_parser.add_argument("--json", action="store_true", help="print one JSON object")
     fit_loss_parser.set_defaults(func=cmd_fit_loss)
 

@@ -26,33 +26,22 @@ G = (alpha A / (beta B))^(1/(alpha+beta))  (Hoffmann et al. 2022, Eq. 4).
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize
 
 from steplaw.errors import UserError
 from steplaw.laws import identify
+from steplaw.laws.loss_forms import LossForm
+from steplaw.laws.loss_solver import fit_batch as _fit_batch
+from steplaw.laws.loss_solver import fit_once as _fit_once
+from steplaw.laws.loss_solver import grid_objective, grid_starts, lse_terms
 from steplaw.laws.stats import NO_INTERVALS, check_bootstrap, percentile_interval
 from steplaw.laws.table import RunTable
 
 HUBER_DELTA = 1e-3
-# Grid of starting points (Hoffmann et al. 2022 App. D.2 use a similar grid).
-_GRID = {
-    "a": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
-    "b": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
-    "e": [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
-    "alpha": [0.0, 0.5, 1.0, 1.5, 2.0],
-    "beta": [0.0, 0.5, 1.0, 1.5, 2.0],
-}
 _N_STARTS = 8  # quasi-Newton runs from the best grid points
-_BFGS_ITERATIONS = 200
-# A resample stops when no parameter moves by _STEP_TOL (exponents to ~1e-6, far below
-# the bootstrap's own Monte Carlo error) or a step gains under _GAIN_TOL of the objective.
-_STEP_TOL, _GAIN_TOL = 1e-6, 1e-10
-_LINE_SEARCH_HALVINGS = 30
 
 
 class LossFormula:
@@ -141,182 +130,6 @@ class LossLaw(LossFormula):
     flops_per_param_token: float = 6.0
 
 
-def _lse_terms(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> np.ndarray:
-    a, b, e, alpha, beta = theta
-    return np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-
-
-def _objective(theta, log_n, log_d, log_loss, weights, delta):
-    terms = _lse_terms(theta, log_n, log_d)
-    top = terms.max(axis=0)
-    exp = np.exp(terms - top)
-    total = exp.sum(axis=0)
-    pred = top + np.log(total)
-    soft = exp / total
-    resid = pred - log_loss
-    small = np.abs(resid) <= delta
-    # Scaled by 1/delta^2 so the objective is O(1) for the optimizer tolerances.
-    huber = np.where(small, 0.5 * resid**2, delta * (np.abs(resid) - 0.5 * delta)) / delta**2
-    dres = np.where(small, resid, delta * np.sign(resid)) / delta**2 * weights
-    grad = np.array([
-        np.sum(dres * soft[0]),
-        np.sum(dres * soft[1]),
-        np.sum(dres * soft[2]),
-        -np.sum(dres * soft[0] * log_n),
-        -np.sum(dres * soft[1] * log_d),
-    ])
-    return float(np.sum(weights * huber)), grad
-
-
-# A refused term is held at a = -1000 (its share exp(-1000) vanishes) with exponent 0,
-# and only the other parameters are fitted. Parameter order: (a, b, e, alpha, beta).
-_FROZEN = {"N": {0: -1000.0, 3: 0.0}, "D": {1: -1000.0, 4: 0.0}}
-
-
-def _free_mask(refused_terms) -> np.ndarray:
-    free = np.ones(5, dtype=bool)
-    for term in refused_terms:
-        free[list(_FROZEN[term])] = False
-    return free
-
-
-def _freeze(theta: np.ndarray, refused_terms) -> np.ndarray:
-    theta = np.array(theta, float)
-    for term in refused_terms:
-        for index, value in _FROZEN[term].items():
-            theta[..., index] = value
-    return theta
-
-
-def _grid_objective(log_n, log_d, log_loss, delta, refused_terms=()) -> tuple[np.ndarray, np.ndarray]:
-    starts = np.unique(_freeze(np.array(list(itertools.product(*_GRID.values()))), refused_terms), axis=0)  # (S, 5)
-    a, b, e, alpha, beta = (starts[:, i : i + 1] for i in range(5))
-    terms = np.stack([a - alpha * log_n[None], b - beta * log_d[None], np.broadcast_to(e, (len(starts), log_n.size))])
-    pred = np.logaddexp.reduce(terms, axis=0)
-    resid = np.abs(pred - log_loss[None])
-    huber = np.where(resid <= delta, 0.5 * resid**2, delta * (resid - 0.5 * delta)).sum(axis=1)
-    return starts, huber
-
-
-def _fit_once(log_n, log_d, log_loss, weights, starts, delta, free=None) -> np.ndarray:
-    """The best of BFGS runs from `starts` over the `free` parameters (default: all five)."""
-    free = np.ones(5, dtype=bool) if free is None else free
-    best, best_value = None, np.inf
-    for start in starts:
-        base = np.array(start, float)
-
-        def objective(x, base=base):
-            full = base.copy()
-            full[free] = x
-            value, grad = _objective(full, log_n, log_d, log_loss, weights, delta)
-            return value, grad[free]
-
-        # Quasi-Newton with full BFGS: with 5 parameters it is what L-BFGS computes, and
-        # scipy's L-BFGS-B driver was 10-30x slower here (it spends its time in threaded
-        # BLAS calls on tiny vectors when the cores are busy).
-        result = minimize(objective, base[free], jac=True, method="BFGS", options={"maxiter": 2000, "gtol": 1e-9})
-        if result.fun < best_value:
-            best, best_value = base.copy(), result.fun
-            best[free] = result.x
-    return best
-
-
-def _batched_prediction(theta, log_n, log_d):
-    """log L_hat (B, n) and the shares of its three terms, for parameter rows theta (B, 5).
-
-    The terms are exponentiated directly (two exp and one log per point instead of a
-    shifted log-sum-exp): for any plausible loss law they lie far inside float range, and
-    the clip at +-300 only keeps a wild resample finite.
-    """
-    u0 = np.exp(np.clip(theta[:, 0:1] - theta[:, 3:4] * log_n, -300.0, 300.0))
-    u1 = np.exp(np.clip(theta[:, 1:2] - theta[:, 4:5] * log_d, -300.0, 300.0))
-    u2 = np.exp(np.clip(theta[:, 2:3], -300.0, 300.0))
-    total = u0 + u1 + u2
-    inverse = 1.0 / total
-    return np.log(total), (u0 * inverse, u1 * inverse, u2 * inverse)
-
-
-def _huber(resid, weights, delta) -> np.ndarray:
-    absr = np.abs(resid)
-    return np.sum(weights * np.where(absr <= delta, 0.5 * resid * resid, delta * (absr - 0.5 * delta)), axis=1)
-
-
-def _batched_state(theta, log_n, log_d, log_loss, weights, delta):
-    """Objective (B,), gradient (B, 5) and IRLS normal matrix (B, 5, 5) of every resample."""
-    pred, (s0, s1, s2) = _batched_prediction(theta, log_n, log_d)
-    resid = pred - log_loss
-    jac_t = np.stack([s0, s1, s2, -s0 * log_n, -s1 * log_d], axis=1)  # (B, 5, n)
-    psi = np.clip(resid, -delta, delta) * weights
-    irls = weights * np.minimum(1.0, delta / np.maximum(np.abs(resid), 1e-300))
-    grad = np.matmul(jac_t, psi[..., None])[..., 0]  # batched matrix products, not einsum loops
-    normal = np.matmul(jac_t * irls[:, None, :], jac_t.transpose(0, 2, 1))
-    return _huber(resid, weights, delta), grad, normal
-
-
-def _batched_value_grad(theta, log_n, log_d, log_loss, weights, delta):
-    """Objective (B,) and gradient (B, 5) of every resample."""
-    pred, (s0, s1, s2) = _batched_prediction(theta, log_n, log_d)
-    resid = pred - log_loss
-    psi = np.clip(resid, -delta, delta) * weights
-    p0, p1 = psi * s0, psi * s1
-    grad = np.stack([p0.sum(1), p1.sum(1), (psi * s2).sum(1), -(p0 @ log_n), -(p1 @ log_d)], axis=1)
-    return _huber(resid, weights, delta), grad
-
-
-def _fit_batch(log_n, log_d, log_loss, weights: np.ndarray, start: np.ndarray, delta: float, free=None) -> np.ndarray:
-    """Minimize the weighted Huber objective for every row of `weights` (B, n) from `start`:
-    BFGS on all rows at once (the method of the point fit, vectorized), its inverse
-    Hessian started from the IRLS normal matrix, with a backtracking Armijo line search
-    per row. A row stops when a step moves no parameter by _STEP_TOL or gains less than
-    _GAIN_TOL of its objective. Parameters outside `free` stay at their start: their
-    gradient and their rows of the inverse Hessian are zero."""
-    count = weights.shape[0]
-    mask = np.ones(5) if free is None else np.asarray(free, float)
-    theta = np.repeat(start[None, :], count, axis=0)
-    value, grad, normal = _batched_state(theta, log_n, log_d, log_loss, weights, delta)
-    grad = grad * mask
-    eye = np.eye(5)
-    normal = normal * np.outer(mask, mask) + np.diag(1.0 - mask)  # frozen: identity, no coupling
-    scale = np.einsum("bii->bi", normal).max(axis=1)[:, None, None]
-    hinv = np.linalg.inv(normal + 1e-6 * scale * eye) * np.outer(mask, mask)
-    active = np.arange(count)
-    for _ in range(_BFGS_ITERATIONS):
-        if active.size == 0:
-            break
-        direction = -np.matmul(hinv[active], grad[active][..., None])[..., 0]
-        slope = np.sum(direction * grad[active], axis=1)
-        step_size = np.ones(active.size)
-        accepted = np.zeros(active.size, dtype=bool)
-        new_theta, new_value, new_grad = theta[active].copy(), value[active].copy(), grad[active].copy()
-        for _ in range(_LINE_SEARCH_HALVINGS):  # backtracking: only rows not yet accepted are evaluated
-            todo = np.flatnonzero(~accepted)
-            if todo.size == 0:
-                break
-            trial = theta[active[todo]] + step_size[todo, None] * direction[todo]
-            t_value, t_grad = _batched_value_grad(trial, log_n, log_d, log_loss, weights[active[todo]], delta)
-            t_grad = t_grad * mask
-            ok = t_value <= value[active[todo]] + 1e-4 * step_size[todo] * slope[todo]
-            hit = todo[ok]
-            new_theta[hit], new_value[hit], new_grad[hit] = trial[ok], t_value[ok], t_grad[ok]
-            accepted[hit] = True
-            step_size[todo[~ok]] *= 0.5
-        s_vec = new_theta - theta[active]
-        y_vec = new_grad - grad[active]
-        sy = np.sum(s_vec * y_vec, axis=1)
-        update = accepted & (sy > 1e-12 * np.linalg.norm(s_vec, axis=1) * np.linalg.norm(y_vec, axis=1) + 1e-300)
-        if update.any():
-            rows = active[update]
-            rho = 1.0 / sy[update]
-            left = eye - rho[:, None, None] * s_vec[update][:, :, None] * y_vec[update][:, None, :]
-            hinv[rows] = np.matmul(np.matmul(left, hinv[rows]), left.transpose(0, 2, 1)) + \
-                rho[:, None, None] * s_vec[update][:, :, None] * s_vec[update][:, None, :]
-        gain = value[active] - new_value
-        stalled = ~accepted | (np.abs(s_vec).max(axis=1) < _STEP_TOL) | (gain <= _GAIN_TOL * value[active])
-        theta[active], value[active], grad[active] = new_theta, new_value, new_grad
-        active = active[~stalled]
-    return theta
-
-
 @dataclass
 class LossFit(LossFormula):
     E: float
@@ -335,10 +148,15 @@ class LossFit(LossFormula):
     samples: np.ndarray | None = None  # bootstrap (a, b, e, alpha, beta) rows, a = ln A
     fitted_range: dict = field(default_factory=dict)
     refused_terms: tuple[str, ...] = ()
+    form: LossForm = field(default_factory=LossForm)
 
     def optimal_interval(self, compute_flops: float) -> dict | None:
         """95% bootstrap intervals of N_opt and D_opt at `compute_flops`, or None without a bootstrap."""
         return optimal_interval(self.samples, compute_flops, self.flops_per_param_token)
+
+    def loss_interval(self, n_params: float, tokens: float) -> list[float] | None:
+        """95% prediction interval of the loss at (N, D) (see `loss_interval`)."""
+        return loss_interval(self.samples, self.rms_log_residual, n_params, tokens)
 
     def to_dict(self) -> dict:
         return {
@@ -350,6 +168,7 @@ class LossFit(LossFormula):
             "rms_log_residual": self.rms_log_residual,
             "fitted_range": self.fitted_range,
             "refused_terms": list(self.refused_terms),
+            "form": self.form.to_dict(),
             "compute_optimal": self._split_dict(),
             "warnings": self._warnings_with_split(),
         }
@@ -398,6 +217,25 @@ def optimal_interval(samples, compute_flops: float, flops_per_param_token: float
     return {"N": tuple(np.exp(percentile_interval(log_n[ok]))), "D": tuple(np.exp(percentile_interval(log_d[ok])))}
 
 
+def loss_interval(samples, rms_log_residual: float, n_params: float, tokens: float, draws: int = 20,
+                  seed: int = 0) -> list[float] | None:
+    """95% prediction interval of the loss at (N, D): the bootstrap over cells (parameter
+    uncertainty) combined with the observed scatter of the runs about the fit (each
+    resample's log prediction plus draws of N(0, rms_log_residual^2)); None without a bootstrap.
+    `fit-loss` and `plan` (steplaw.laws.saved.SavedLossLaw) both give this one."""
+    if samples is None or not len(samples):
+        return None
+    a, b, e, alpha, beta = np.asarray(samples, float).T
+    with np.errstate(all="ignore"):
+        log_pred = np.logaddexp(np.logaddexp(a - alpha * np.log(n_params), b - beta * np.log(tokens)), e)
+    log_pred = log_pred[np.isfinite(log_pred)]
+    if not log_pred.size:
+        return None
+    noise = np.random.default_rng(seed).standard_normal((log_pred.size, draws)) * rms_log_residual
+    low, high = np.percentile(log_pred[:, None] + noise, [2.5, 97.5])
+    return [float(np.exp(low)), float(np.exp(high))]
+
+
 def cell_best_losses(table: RunTable, n_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     valid = table.valid & np.isfinite(n_values)
     keys = np.column_stack([n_values[valid], table.D[valid]])
@@ -410,17 +248,17 @@ def cell_best_losses(table: RunTable, n_values: np.ndarray) -> tuple[np.ndarray,
 _TERMS = {"N": "A/N^alpha", "D": "B/D^beta"}
 
 
-def _refused_terms(cells: np.ndarray) -> tuple[tuple[str, ...], list[str]]:
+def _refused_terms(cells: np.ndarray, form: LossForm) -> tuple[tuple[str, ...], list[str]]:
     """The terms the cells cannot identify, with one warning sentence each; a UserError
     when neither term is identifiable or there are fewer cells than parameters."""
     problems = {name: identify.exponent_problem(cells[:, column], name) for column, name in ((0, "N"), (1, "D"))}
     refused = tuple(name for name, problem in problems.items() if problem is not None)
     if len(refused) == 2:
         raise UserError(f"cannot fit the loss law: {problems['N']}, and {problems['D']}.")
-    n_params = 5 - 2 * len(refused)
+    n_params = form.n_parameters(refused)
     if len(cells) < n_params:
-        raise UserError(f"the loss law has {n_params} parameters but the table has {len(cells)} (N, D) cell(s); "
-                        f"need at least {n_params}.")
+        raise UserError(f"the loss law ({form.describe()}) has {n_params} parameters but the table has {len(cells)} "
+                        f"(N, D) cell(s); need at least {n_params}.")
     warnings = []
     for name in refused:
         other = "D" if name == "N" else "N"
@@ -432,43 +270,52 @@ def _refused_terms(cells: np.ndarray) -> tuple[tuple[str, ...], list[str]]:
 
 def fit_loss(
     table: RunTable, n_boot: int = 200, seed: int = 0, *, n_column: str = "N", delta: float = HUBER_DELTA,
+    form: LossForm | None = None,
 ) -> LossFit:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to the per-cell best losses of `table`.
 
-    n_column: which parameter count is N; n_boot: bootstrap resamples of the cells.
-    A term the cells cannot identify is left out (see the module docstring).
+    n_column: which parameter count is N; n_boot: bootstrap resamples of the cells;
+    form: the form and fitting choices (steplaw.laws.loss_forms; default chinchilla, E
+    free, unweighted, symmetric). A term the cells cannot identify is left out (see the
+    module docstring).
     """
+    form = form or LossForm()
     check_bootstrap(n_boot, seed)
     n_values = table.param_counts(n_column)
     cells, best_loss = cell_best_losses(table, n_values)
     if len(cells) == 0:
         raise UserError(f"{table.source} has no finished run with a finite loss and {n_column}; the loss law needs "
                         "at least 5 (N, D) cells.")
-    refused, refusals = _refused_terms(cells)
-    free = _free_mask(refused)
+    refused, refusals = _refused_terms(cells, form)
+    basis = form.basis(refused)
+    flops_per_param_token = _flops_per_param_token(table, n_values)
+    weights = form.cell_weights(cells, flops_per_param_token)
+    asym = form.underprediction_penalty
 
     log_n, log_d, log_loss = np.log(cells[:, 0]), np.log(cells[:, 1]), np.log(best_loss)
-    starts, values = _grid_objective(log_n, log_d, log_loss, delta, refused)
-    theta = _fit_once(log_n, log_d, log_loss, np.ones_like(log_n), starts[np.argsort(values)[:_N_STARTS]], delta, free)
+    starts = np.unique(form.place(grid_starts(), refused), axis=0)
+    values = grid_objective(log_n, log_d, log_loss, delta, starts, weights, asym)
+    theta = _fit_once(log_n, log_d, log_loss, weights, starts[np.argsort(values)[:_N_STARTS]], delta, basis, asym)
 
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(cells), np.full(len(cells), 1.0 / len(cells)), size=n_boot).astype(float)
-    samples = _fit_batch(log_n, log_d, log_loss, counts, theta, delta, free) if n_boot else np.empty((0, 5))
-    intervals, exponent_intervals = _intervals(samples, refused) if n_boot else ({}, {})
+    samples = form.place(_fit_batch(log_n, log_d, log_loss, counts * weights, theta, delta, basis, asym), refused) \
+        if n_boot else np.empty((0, 5))
+    intervals, exponent_intervals = _intervals(samples, refused, form) if n_boot else ({}, {})
 
     a, b, e, alpha, beta = theta
-    pred = np.logaddexp.reduce(_lse_terms(theta, log_n, log_d), axis=0)
+    pred = np.logaddexp.reduce(lse_terms(theta, log_n, log_d), axis=0)
     warnings = list(table.warnings) + refusals + ([] if n_boot else [NO_INTERVALS])
     warnings += _exponent_warnings(theta, intervals, refused, log_n, log_d)
     return LossFit(
         E=float(np.exp(e)), A=0.0 if "N" in refused else float(np.exp(a)),
         B=0.0 if "D" in refused else float(np.exp(b)), alpha=float(alpha), beta=float(beta),
-        intervals=intervals, flops_per_param_token=_flops_per_param_token(table, n_values), n_cells=len(cells),
+        intervals=intervals, flops_per_param_token=flops_per_param_token, n_cells=len(cells),
         n_column=n_column, rms_log_residual=float(np.sqrt(np.mean((pred - log_loss) ** 2))), n_boot=int(n_boot),
         exponent_intervals=exponent_intervals, warnings=warnings, samples=samples,
         fitted_range={"N": [float(cells[:, 0].min()), float(cells[:, 0].max())],
                       "D": [float(cells[:, 1].min()), float(cells[:, 1].max())]},
-        refused_terms=refused,
+        refused_terms=refused, form=form,
     )
 
 
@@ -491,7 +338,9 @@ def _exponent_warnings(theta, intervals: dict, refused, log_n, log_d) -> list[st
     return warnings
 
 
-def _intervals(samples: np.ndarray, refused=()) -> tuple[dict, dict]:
+def _intervals(samples: np.ndarray, refused=(), form: LossForm | None = None) -> tuple[dict, dict]:
+    """Percentile intervals of the constants and of the split's exponents. What the form holds
+    fixed has none: a fixed E, and a tied law's exponents of the split (0.5 by construction)."""
     # A wild resample can put ln A or ln B past exp's range (overflow to inf): such a
     # sample is left out of the percentiles like any non-finite one, so the warning is noise.
     with np.errstate(over="ignore"):
@@ -503,7 +352,9 @@ def _intervals(samples: np.ndarray, refused=()) -> tuple[dict, dict]:
     for name in refused:
         for key in ("A", "alpha") if name == "N" else ("B", "beta"):
             del intervals[key]
-    if refused:
+    if form is not None and form.E is not None:
+        del intervals["E"]
+    if refused or (form is not None and form.name == "tied"):
         return intervals, {}
     total = samples[:, 3] + samples[:, 4]
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -164,10 +164,15 @@ def holdout_lines(holdout: dict, label: str = "holdout") -> list[str]:
     lines = [f"{label}{rule}: fitted on N {on['N'][0]:.3g} to {on['N'][1]:.3g}, "
              f"D {on['D'][0]:.3g} to {on['D'][1]:.3g}; predicted:"]
     for row in holdout["rows"]:
+        span = "" if not row.get("interval") else \
+            f" [{row['interval'][0]:.4f}, {row['interval'][1]:.4f}]{'' if row['inside_interval'] else ' (outside)'}"
         lines.append(f"    N={row['N']:.4g} D={row['D']:.4g}: observed {row['loss']:.4f}, predicted "
-                     f"{row['predicted']:.4f}, rel_error {row['rel_error']:+.2%}")
-    lines.append(f"  mean |rel_error| {holdout['mean_abs_rel_error']:.2%} over {len(holdout['rows'])} held-out cell(s)")
-    return lines
+                     f"{row['predicted']:.4f}{span}, rel_error {row['rel_error']:+.2%}")
+    line = f"  mean |rel_error| {holdout['mean_abs_rel_error']:.2%} over {len(holdout['rows'])} held-out cell(s)"
+    inside = holdout.get("inside_interval")
+    if inside:
+        line += f"; {inside['count']} of {inside['of']} inside their 95% prediction interval"
+    return lines + [line]
 
 
 def rollout_lines(rollout: dict) -> list[str]:

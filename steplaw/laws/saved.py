@@ -18,7 +18,7 @@ import numpy as np
 from steplaw.errors import UserError
 from steplaw.fileio import write_atomic
 from steplaw.laws.fit import HparamFit, PowerLaw
-from steplaw.laws.loss import LossFit, LossFormula, optimal_interval
+from steplaw.laws.loss import LossFit, LossFormula, loss_interval, optimal_interval
 from steplaw.laws.published import check_moe_counts, range_warnings
 from steplaw.runtable import json_safe
 
@@ -46,6 +46,7 @@ def loss_law_record(fit: LossFit, source: str) -> dict:
             "n_column": fit.n_column, "intervals": fit.intervals, "fitted_range": fit.fitted_range,
             "bootstrap": {"columns": ["ln_A", "ln_B", "ln_E", "alpha", "beta"], "rows": samples.tolist()},
             "refused_terms": list(fit.refused_terms), "rms_log_residual": fit.rms_log_residual,
+            "form": fit.form.to_dict(),
             "warnings": list(fit.warnings)}
 
 
@@ -100,20 +101,9 @@ class SavedLossLaw(LossFormula):
         return optimal_interval(self.samples if len(self.samples) else None, compute_flops, self.flops_per_param_token)
 
     def loss_interval(self, n_params: float, tokens: float, draws: int = 20, seed: int = 0) -> list[float] | None:
-        """95% prediction interval of the loss at (N, D): the bootstrap over cells (parameter
-        uncertainty) combined with the observed scatter of the runs about the fit (each
-        resample's log prediction plus draws of N(0, rms_log_residual^2)); None without a bootstrap."""
-        if not len(self.samples):
-            return None
-        a, b, e, alpha, beta = self.samples.T
-        with np.errstate(all="ignore"):
-            log_pred = np.logaddexp(np.logaddexp(a - alpha * np.log(n_params), b - beta * np.log(tokens)), e)
-        log_pred = log_pred[np.isfinite(log_pred)]
-        if not log_pred.size:
-            return None
-        noise = np.random.default_rng(seed).standard_normal((log_pred.size, draws)) * self.rms_log_residual
-        low, high = np.percentile(log_pred[:, None] + noise, [2.5, 97.5])
-        return [float(np.exp(low)), float(np.exp(high))]
+        """95% prediction interval of the loss at (N, D): steplaw.laws.loss.loss_interval, the
+        one `fit-loss` gives (bootstrap over cells and the runs' scatter); None without a bootstrap."""
+        return loss_interval(self.samples, self.rms_log_residual, n_params, tokens, draws, seed)
 
 
 def _stored_warnings(data: dict, path: Path) -> list[str]:

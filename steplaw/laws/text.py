@@ -78,19 +78,26 @@ def fit_lines(fit) -> list[str]:
 def loss_fit_lines(fit, result: dict) -> list[str]:
     lines = [f"L(N, D) = E + A / N^alpha + B / D^beta   (N = {fit.n_column}; {fit.n_cells} cells, best run per cell; "
              f"Huber on log-loss; rms log residual {fit.rms_log_residual:.2e})"]
+    form = getattr(fit, "form", None)
+    if form is not None:
+        lines.append(f"  form: {form.describe()}")
     unfitted = {"N": ("A", "alpha"), "D": ("B", "beta")}
     refused = {key for term in fit.refused_terms for key in unfitted[term]}
     for key in ("E", "A", "B", "alpha", "beta"):
         if key in refused:
             lines.append(f"  {key:<6} not fitted (refused: see the warnings)")
             continue
+        if key == "E" and form is not None and form.E is not None:
+            lines.append(f"  {key:<6} {fit.E:.5g}   (fixed by --E)")
+            continue
         low, high = fit.intervals.get(key, (None, None))
         lines.append(f"  {key:<6} {getattr(fit, key):.5g}   [{fmt(low, '.5g')}, {fmt(high, '.5g')}]")
     co = result["compute_optimal"]
     if "refused" in co:
         return lines + ["compute-optimal N and D: none (refused: see the warnings)"]
+    tied = " (alpha = beta: 0.5 by the form, not measured)" if form is not None and form.name == "tied" else ""
     lines.append(f"compute-optimal with {co['compute']}: N_opt ~ C^{co['N_exponent']:.3f}, "
-                 f"D_opt ~ C^{co['D_exponent']:.3f}")
+                 f"D_opt ~ C^{co['D_exponent']:.3f}{tied}")
     at = result.get("at_budget")
     if at:
         span = ""
@@ -98,9 +105,15 @@ def loss_fit_lines(fit, result: dict) -> list[str]:
             span = (f" (95% intervals N {at['N_interval'][0]:.3g} to {at['N_interval'][1]:.3g}, "
                     f"D {at['D_interval'][0]:.3g} to {at['D_interval'][1]:.3g})")
         lines.append(f"at C = {at['compute']:.3g} FLOPs: N_opt = {at['N_opt']:.4g}, D_opt = {at['D_opt']:.4g}{span}, "
-                     f"predicted loss {at['predicted_loss']:.4f}; Step Law there: lr {at['step_law_lr']:.3g}, "
+                     f"predicted loss {at['predicted_loss']:.4f}{_loss_span(at.get('predicted_loss_interval'))}; "
+                     f"Step Law there: lr {at['step_law_lr']:.3g}, "
                      f"batch {at['step_law_batch_tokens']:.3g} tokens")
     return lines
+
+
+def _loss_span(interval) -> str:
+    """' [low, high] (95% prediction interval)' or '' without one."""
+    return "" if not interval else f" [{interval[0]:.4f}, {interval[1]:.4f}] (95% prediction interval)"
 
 
 def prediction_lines(predictions, laws, seq_len: int, head: str) -> list[str]:

@@ -35,6 +35,7 @@ from steplaw.laws.loss import fit_loss
 from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
 from steplaw.laws.saved import write_json
 from steplaw.laws.table import read_runs, select_spec
+from steplaw.report.loss_checks import loss_check_blocks, loss_checks
 from steplaw.report.plots import heatmap_cells, plot_fit
 from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv
 
@@ -365,15 +366,16 @@ def _run_blocks(rows: list[dict], reasons: dict) -> list[tuple]:
 def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str | None, figures: list[Path],
                  out_dir: Path, *, planner: str = DEFAULT_PLANNER, reasons: dict | None = None,
                  planner_cells: list[dict] | None = None, figures_note: str | None = None,
-                 objective: str = "loss", loss: tuple | None = None) -> list[tuple]:
+                 objective: str = "loss", loss: tuple | None = None, loss_checks: dict | None = None) -> list[tuple]:
     """The report as blocks: overview, laws and scores, the loss law (`loss`: the pair of
-    fit_sweep_loss), cells, figures, failed runs, runs."""
+    fit_sweep_loss, with `loss_checks`: steplaw.report.loss_checks), cells, figures, failed runs, runs."""
     cells = cell_summaries(rows, objective)
     attach_planner_states(cells, planner_cells or [])
     blocks = _overview_blocks(sweep_dir, rows, planner, objective)
     blocks += _fit_blocks(fit, fit_error, _unbracketed_note(cells))
     if loss is not None:
         blocks += loss_law_blocks(*loss, shown_warnings=table.warnings if table is not None else ())
+        blocks += loss_check_blocks(loss_checks)
     blocks += _cell_blocks(cells, fit)
     if figures:
         blocks.append(("h2", "Figures"))
@@ -436,11 +438,13 @@ def _inline_code(text: str) -> str:
 
 
 def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.0025, html_report: bool = True,
-                 plots: bool = True, spec: str | None = None, all_specs: bool = False, warn=None) -> list[Path]:
+                 plots: bool = True, spec: str | None = None, all_specs: bool = False, warn=None,
+                 loss_holdout: str | None = None, loss_rollout: str | None = None) -> list[Path]:
     """Write report.md (+ figures/*.png), report.html, runs.csv, fit.json and loss_fit.json into
     `out_dir` (default SWEEP_DIR/report); returns the report paths. A directory swept with
     several specs needs `spec` (its runs only) or `all_specs` (steplaw.laws.table.select_spec);
-    `warn(message)` hears the warning of specs reported together. Every file is written
+    `warn(message)` hears the warning of specs reported together. `loss_holdout` (a rule) and
+    `loss_rollout` (N or D) add the loss law's extrapolation checks. Every file is written
     atomically: a crash leaves the old report or the new one."""
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "runs.sqlite").is_file():
@@ -467,10 +471,12 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
             except UserError as exc:
                 plots_note = f"No figures: {exc}"
     loss = fit_sweep_loss(table, n_boot)
+    checks = loss_checks(table, loss_holdout, loss_rollout, min(n_boot, LOSS_BOOT_MAX)) if table is not None else None
     if loss[0] is not None:
-        write_json(out_dir / "loss_fit.json", loss[0].to_dict())
+        write_json(out_dir / "loss_fit.json", {**loss[0].to_dict(), **(checks or {})})
     blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons,
-                          planner_cells=planner_cells, figures_note=figures_note, objective=objective, loss=loss)
+                          planner_cells=planner_cells, figures_note=figures_note, objective=objective, loss=loss,
+                          loss_checks=checks)
     for note in (plots_note, specs_note and f"Warning: {specs_note}"):
         if note:
             blocks.insert(3, ("p", note))

@@ -39,7 +39,7 @@ def test_holdout_fit_on_N_2e7_to_9e8_predicts_N_1_7e9_to_3_2e9_within_half_a_per
     assert hold["rule"] == "N>=1e9" and out["fitted_range"]["N"][1] < 1e9  # the law saved / shown: fitted on the rest
     assert hold["fitted_on"]["N"] == pytest.approx([2e7, N_LADDER[6]])
     assert hold["predicted_range"]["N"] == pytest.approx([N_LADDER[7], 3.2e9])
-    assert len(hold["rows"]) == 10 and set(hold["rows"][0]) == {"N", "D", "loss", "predicted", "rel_error"}
+    assert len(hold["rows"]) == 10 and {"N", "D", "loss", "predicted", "rel_error"} <= set(hold["rows"][0])
     for row in hold["rows"]:
         assert row["rel_error"] == pytest.approx(row["predicted"] / row["loss"] - 1)
     mean = np.mean([abs(r["rel_error"]) for r in hold["rows"]])
