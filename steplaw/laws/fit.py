@@ -35,26 +35,31 @@ import numpy as np
 from steplaw.errors import UserError
 from steplaw.laws import identify
 from steplaw.laws.cells import CellOptimum, cell_optima
+from steplaw.laws.schedules import schedule_of_runs
 from steplaw.laws.scores import CellRuns, score_cells, summary_of
 from steplaw.laws.stats import NO_INTERVALS, check_bootstrap, percentile_interval
 from steplaw.laws.table import RunTable
 
 LR_VARIABLES = ("N", "D")
 BS_VARIABLES = ("D",)
+LR_FORMS = ("cells", "batch")
 
 
 @dataclass
 class PowerLaw:
-    """y = coef * prod(x_k ** exps[k]) over N, D and S (sparsity, 1 = dense); ci: 95% intervals."""
+    """y = coef * prod(x_k ** exps[k]) over N, D, S (sparsity, 1 = dense) and B (batch tokens,
+    only in a batch-aware LR law, steplaw.laws.lr_batch); ci: 95% intervals."""
 
     coef: float
     exps: dict[str, float]
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def __call__(self, N, D, S=None):
+    def __call__(self, N, D, S=None, B=None):
+        if "B" in self.exps and B is None:
+            raise UserError("this learning-rate law depends on the batch size; give the batch in tokens.")
         values = {"N": np.asarray(N, float), "D": np.asarray(D, float),
-                  "S": np.asarray(1.0 if S is None else S, float)}
-        out = self.coef * np.ones(np.broadcast(values["N"], values["D"], values["S"]).shape)
+                  "S": np.asarray(1.0 if S is None else S, float), "B": np.asarray(1.0 if B is None else B, float)}
+        out = self.coef * np.ones(np.broadcast(values["N"], values["D"], values["S"], values["B"]).shape)
         for name, exp in self.exps.items():
             out = out * values[name] ** exp
         return out
@@ -97,9 +102,13 @@ class HparamFit:
     fitted_range: dict = field(default_factory=dict)
     law_cells: dict = field(default_factory=dict)  # law -> per-cell scores (not in to_dict: large)
     loss_column: str = "loss"  # the table column each cell's best and near-optimal runs were judged by
+    lr_batch: object | None = None  # steplaw.laws.lr_batch.BatchLRFit with lr_form="batch"
+    schedule: str = "unknown"  # the runs' LR schedule label (steplaw.laws.schedules)
 
     def to_dict(self) -> dict:
         return {
+            "schedule": self.schedule,
+            "lr_batch": self.lr_batch.to_dict() if self.lr_batch is not None else None,
             "n_column": self.n_column,
             "loss_column": self.loss_column,
             "gap": self.gap,
@@ -192,6 +201,14 @@ def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str,
     return kept, refused
 
 
+def one_value_words(per_cell: list[np.ndarray], what: str, unit: str) -> str:
+    """'one batch size (1.049e+06 tokens)' or 'one batch size each (a to b tokens)': what every
+    cell ran when each ran a single value (the one wording of every such refusal)."""
+    ran = identify.distinct_values(np.concatenate(per_cell))
+    return (f"one {what} ({ran[0]:.4g}{unit})" if ran.size == 1
+            else f"one {what} each ({ran[0]:.4g} to {ran[-1]:.4g}{unit})")
+
+
 def _unswept_laws(table: RunTable, run_rows: list[np.ndarray]) -> dict[str, dict]:
     """A refusal record for the LR law ("lr") when every cell ran one learning rate, and for
     the batch-size law ("bs") when every cell ran one batch size: such a cell's "optimum" in
@@ -205,10 +222,8 @@ def _unswept_laws(table: RunTable, run_rows: list[np.ndarray]) -> dict[str, dict
             continue
         ran = identify.distinct_values(np.concatenate(per_cell))
         what = "learning rate" if key == "lr" else "batch size"
-        ran_words = (f"one {what} ({ran[0]:.4g}{unit})" if ran.size == 1
-                     else f"one {what} each ({ran[0]:.4g} to {ran[-1]:.4g}{unit})")
-        reason = (f"the {law} law is not fitted because every cell was run at {ran_words}, so no cell has an optimum "
-                  f"in {what} and its exponents would only restate the grid")
+        reason = (f"the {law} law is not fitted because every cell was run at {one_value_words(per_cell, what, unit)}, "
+                  f"so no cell has an optimum in {what} and its exponents would only restate the grid")
         if key == "bs":
             reason += (f"; the learning-rate law is conditional on that batch size, B = {ran[0]:.4g} tokens"
                        if ran.size == 1 else "; the learning-rate law is conditional on each cell's batch size")
@@ -375,6 +390,8 @@ def fit_hparams(
     quad_window: float = 0.03,
     sparsity: bool = False,
     score_laws: bool = True,
+    lr_form: str = "cells",
+    allow_mixed_schedules: bool = False,
 ) -> HparamFit:
     """Fit eta = a N^alpha D^beta [S^g] and B = c D^gamma [N^delta] [S^e] to the near-optimal runs.
 
@@ -384,10 +401,21 @@ def fit_hparams(
     fit_bs_N: also fit an exponent of N in the batch-size law;
     sparsity: also fit an exponent of S = N_active / N in both laws (MoE with dense);
     quad_window: runs within this relative loss of the best feed the quadratic optimum;
-    score_laws: score every published law on the cells (law_scores).
+    score_laws: score every published law on the cells (law_scores);
+    lr_form: 'cells' (eta(N, D) from each cell's optimum) or 'batch' (also the batch-aware law
+    eta(N, D, B) from each (N, D, B) row's optimum in LR, steplaw.laws.lr_batch);
+    allow_mixed_schedules: fit runs of several LR schedules together (with a warning) instead of refusing.
     """
+    if lr_form not in LR_FORMS:
+        raise UserError(f"lr_form must be one of {', '.join(LR_FORMS)}, got {lr_form!r}.")
     n_values, s_values = _check_args(table, gap, n_boot, seed, n_column, sparsity)
     cells, skipped, run_rows = cell_optima(table, n_values, s_values, gap, quad_window)
+    schedule, schedule_warnings = schedule_of_runs(table.schedule, table.valid, allow_mixed_schedules)
+    lr_batch = None
+    if lr_form == "batch":
+        from steplaw.laws.lr_batch import fit_lr_batch
+
+        lr_batch = fit_lr_batch(table, n_values, run_rows, gap, n_boot, seed, n_column)
     cell_logs = {"N": np.log([c.N for c in cells]), "D": np.log([c.D for c in cells]),
                  "S": np.log([c.sparsity for c in cells])}
     extra = ("S",) if sparsity else ()
@@ -432,7 +460,8 @@ def fit_hparams(
     return HparamFit(
         lr_law=lr_law, bs_law=bs_law, cells=cells, validation=validation, counts=counts, n_column=n_column,
         gap=float(gap), n_boot=int(n_boot), seed=int(seed), skipped_cells=skipped,
-        warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs, n_boot),
+        warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs, n_boot) + schedule_warnings
+        + (lr_batch.warnings if lr_batch is not None else []), lr_batch=lr_batch, schedule=schedule,
         law_scores=scored.ranking, scoring=scored.definition, law_cells=scored.per_law, refused=refused,
         sparsity=_sparsity_verdict(laws, refused) if sparsity else None, fitted_range=fitted_range,
         loss_column=table.loss_column,
