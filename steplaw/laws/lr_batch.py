@@ -26,7 +26,7 @@ import numpy as np
 from steplaw.errors import UserError
 from steplaw.laws import identify
 from steplaw.laws.cells import grid_edge
-from steplaw.laws.fit import LR_VARIABLES, PowerLaw, _law_variables, one_value_words
+from steplaw.laws.powerlaw import LR_VARIABLES, PowerLaw, law_variables, one_value_words
 from steplaw.laws.stats import percentile_interval
 from steplaw.laws.table import RunTable
 
@@ -154,7 +154,7 @@ def fit_lr_batch(table: RunTable, n_values: np.ndarray, run_rows: list[np.ndarra
     cells = sorted({row.cell for row in used})
     cell_logs = {"N": np.log([n_values[run_rows[c][0]] for c in cells]),
                  "D": np.log([table.D[run_rows[c][0]] for c in cells])}
-    names, refused = _law_variables(cell_logs, LR_VARIABLES, LAW_NAME, n_column)
+    names, refused = law_variables(cell_logs, LR_VARIABLES, LAW_NAME, n_column)
     names = names + ["B"]
     logs = {"N": np.log([r.N for r in used]), "D": np.log([r.D for r in used]), "B": np.log([r.B for r in used])}
     means = [float(logs[name].mean()) for name in names]
