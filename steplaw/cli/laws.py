@@ -240,6 +240,7 @@ def cmd_fit(args) -> int:
     rule = parse_holdout(args.holdout) if args.holdout is not None else None
     table = load_table(args)
     columns = _n_columns(table, args.n_column)
+    critical = _critical_batch(args, table, columns[0]) if args.critical_batch else None
     options = {"gap": args.gap, "n_boot": args.n_boot, "seed": args.seed, "fit_bs_N": args.fit_bs_N,
                "sparsity": args.sparsity, "lr_form": args.lr_form,
                "allow_mixed_schedules": args.allow_mixed_schedules}
@@ -253,6 +254,11 @@ def cmd_fit(args) -> int:
     result = {**primary.to_dict(), "source": table.source, "warnings": warnings}
     if holdout is not None:
         result["holdout"] = holdout
+    if critical is not None:
+        from steplaw.laws.critical import critical_record
+
+        result["critical_batch"] = critical_record(critical, primary.bs_law if primary.bs_law.exps else None)
+        result["warnings"] = warnings = warnings + critical.warnings
     if len(fits) > 1:
         result["by_n_column"] = {column: fit.to_dict() for column, fit in fits.items() if column != columns[0]}
     written = _write_fit_files(args, out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
@@ -271,10 +277,25 @@ def cmd_fit(args) -> int:
                 print("\n".join(batch_law_lines(fits[column].lr_batch)))
         if holdout is not None:
             print("\n".join(holdout_hparam_lines(holdout)))
+        if critical is not None:
+            from steplaw.laws.critical import critical_lines
+
+            print("\n".join(critical_lines(critical, primary.bs_law if primary.bs_law.exps else None)))
         if written:
             print("wrote " + ", ".join(str(path) for path in written))
     _warn(args, warnings)
     return 0
+
+
+def _critical_batch(args, table, n_column: str):
+    """fit --critical-batch: B_crit per cell from the runs' loss curves (steplaw.laws.critical)."""
+    from steplaw.laws.critical import critical_batch
+
+    targets = None
+    if args.critical_targets is not None:
+        targets = [parse_count(part.strip(), "--critical-targets") for part in args.critical_targets.split(",")
+                   if part.strip()]
+    return critical_batch(table, n_column=n_column, targets=targets, n_boot=args.n_boot, seed=args.seed)
 
 
 def _fits_warnings(fits: dict) -> list[str]:
@@ -488,6 +509,11 @@ def _add_fit(subparsers) -> None:
                           "from each (N, D, batch) row's optimum in LR, for `predict --batch-tokens`")
     fit.add_argument("--allow-mixed-schedules", action="store_true",
                      help="fit runs of several LR schedules together (with a warning) instead of refusing")
+    fit.add_argument("--critical-batch", action="store_true",
+                     help="also the critical batch size per cell from the runs' loss curves (McCandlish et al. 2018) "
+                          "and a B_crit(D) law beside B_opt(D)")
+    fit.add_argument("--critical-targets", default=None, metavar="L1,L2",
+                     help="with --critical-batch: the target losses in nats (default: from the curves)")
     fit.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     fit.add_argument("--json", action="store_true", help="print one JSON object (files only with --out)")
     fit.set_defaults(func=cmd_fit)
