@@ -41,6 +41,22 @@ def sweep_rows(sweep_dir) -> list[dict]:
                         "restore it from a backup or rerun the sweep into a new directory.") from None
 
 
+def _add_store_details(sweep_dir, rows: list[dict], curves: bool) -> None:
+    """Each row's LR schedule label (from its stored config) and, with `curves`, its loss
+    curve: the run-table columns `schedule` and `curve` that steplaw.laws.table reads."""
+    from steplaw.laws.schedules import label_of_config
+    from steplaw.sweep.store import ResultStore
+
+    with ResultStore(sweep_dir, readonly=True) as store:
+        for row in rows:
+            try:
+                row["schedule"] = label_of_config(store.config(row["run_id"])) or ""
+            except (TypeError, ValueError):  # a config the store cannot give back: the schedule is unknown
+                row["schedule"] = ""
+            if curves:
+                row["curve"] = [list(point) for point in store.curve(row["run_id"])]
+
+
 def add_spec_args(parser) -> None:
     """--spec / --all-specs: which of a sweep directory's specs to fit (steplaw.laws.table.select_spec)."""
     group = parser.add_mutually_exclusive_group()
@@ -59,6 +75,7 @@ def load_table(args):
     source, name, col_loss, note = args.runs, None, args.col_loss, None
     if Path(args.runs).is_dir():
         source, name = sweep_rows(args.runs), str(args.runs)
+        _add_store_details(args.runs, source, curves=bool(getattr(args, "critical_batch", False)))
         if hasattr(args, "all_specs"):  # commands with add_spec_args (not sweep --replay)
             source, note = select_spec(source, args.spec_id, args.all_specs, f"sweep directory {name!r}")
         if col_loss is None:
@@ -88,24 +105,36 @@ def _predict_from_file(args) -> int:
     law = read_law(args.law)
     if not isinstance(law, SavedHparamLaw):
         raise UserError(f"--law {args.law!r} holds a loss law; predict needs a file from `steplaw fit --save`.")
-    lr, bs, warnings = law.predict(args.params, args.tokens, n_active=args.moe_active)
+    from steplaw.laws.schedules import mismatch_warning
+
+    lr, bs, warnings = law.predict(args.params, args.tokens, n_active=args.moe_active, batch_tokens=args.batch_tokens)
     warnings = law.warnings + warnings  # the fit's own warnings travel with its file
+    schedule_note = mismatch_warning(law.schedule, f"law file {args.law}", args.schedule)
+    warnings += [schedule_note] if schedule_note else []
+    at_batch = args.batch_tokens is not None
+    lr_formula = (law.lr_batch_law if at_batch else law.lr_law).formula("lr")
     out = {"law": args.law, "n_column": law.n_column, "lr": lr, "batch_tokens": bs, "batch_seqs": bs / args.seq_len,
-           "seq_len": args.seq_len, "lr_law": law.lr_law.formula("lr"), "bs_law": law.bs_law.formula("B"),
-           "warnings": warnings}
+           "seq_len": args.seq_len, "lr_law": lr_formula, "bs_law": law.bs_law.formula("B"),
+           "schedule": law.schedule, "batch_given": at_batch, "warnings": warnings}
+    if at_batch:  # the batch the law would choose, for comparison with the one given
+        out["optimal_batch_tokens"] = law.predict(args.params, args.tokens, n_active=args.moe_active)[1]
     if args.json:
         print(_json({"inputs": {"n_params": args.params, "tokens": args.tokens, "n_active": args.moe_active,
-                                "seq_len": args.seq_len}, "predictions": [out]}))
+                                "seq_len": args.seq_len, "batch_tokens": args.batch_tokens,
+                                "schedule": args.schedule}, "predictions": [out]}))
     else:
-        print(f"fitted law {args.law} (N = {law.n_column}): peak LR {lr:.3g}, batch {bs:.4g} tokens = "
-              f"{bs / args.seq_len:.1f} sequences of {args.seq_len}")
-        print(f"  {out['lr_law']}   {out['bs_law']}")
+        which = "your" if at_batch else "optimal"
+        print(f"fitted law {args.law} (N = {law.n_column}, schedule {law.schedule}): peak LR {lr:.3g} at {which} "
+              f"batch {bs:.4g} tokens = {bs / args.seq_len:.1f} sequences of {args.seq_len}")
+        print(f"  {out['lr_law']}   {out['bs_law']}"
+              + (f"   (optimal batch {out['optimal_batch_tokens']:.4g} tokens)" if at_batch else ""))
     _warn(args, warnings)
     return 0
 
 
 def cmd_predict(args) -> int:
     from steplaw.laws.published import LAWS, disagreements, predict_all
+    from steplaw.laws.schedules import check_kind
     from steplaw.laws.text import prediction_lines
 
     args.params = parse_count(args.params, "--params")
@@ -113,12 +142,17 @@ def cmd_predict(args) -> int:
     args.moe_active = parse_count(args.moe_active, "--moe-active")
     args.compute = parse_count(args.compute, "--compute")
     args.loss = parse_count(args.loss, "--loss")
+    args.batch_tokens = parse_count(args.batch_tokens, "--batch-tokens")
+    args.schedule = check_kind(args.schedule)
     if args.law.endswith(".json") or "/" in args.law or Path(args.law).is_file():
         return _predict_from_file(args)
+    if args.batch_tokens is not None:
+        raise UserError("--batch-tokens needs a batch-aware law file from `steplaw fit --lr-form batch --save` "
+                        f"(--law FILE); the published laws ({args.law}) give the LR at their own optimal batch only.")
     predictions = predict_all(
         args.params, args.tokens, n_active=args.moe_active, compute=args.compute, loss=args.loss, laws=args.law
     )
-    notes = disagreements(predictions)
+    notes = disagreements(predictions) + _schedule_notes(predictions, LAWS, args.schedule)
     if args.json:
         print(_json({
             "inputs": {"n_params": args.params, "tokens": args.tokens, "n_active": args.moe_active,
@@ -135,6 +169,15 @@ def cmd_predict(args) -> int:
                                      f"{head}, D = {args.tokens:.4g} tokens, sequence length {args.seq_len}")))
     _warn(args, [w for p in predictions for w in p.warnings] + notes)
     return 0
+
+
+def _schedule_notes(predictions, laws, wanted) -> list[str]:
+    """A warning per published law fitted under another schedule than --schedule."""
+    from steplaw.laws.schedules import mismatch_warning
+
+    notes = (mismatch_warning(laws[key].schedule_kind, f"{laws[key].name} ({key})", wanted)
+             for key in dict.fromkeys(p.law for p in predictions))
+    return [note for note in notes if note]
 
 
 # ---------------------------------------------------------------------------- fit
@@ -197,8 +240,10 @@ def cmd_fit(args) -> int:
     rule = parse_holdout(args.holdout) if args.holdout is not None else None
     table = load_table(args)
     columns = _n_columns(table, args.n_column)
+    critical = _critical_batch(args, table, columns[0]) if args.critical_batch else None
     options = {"gap": args.gap, "n_boot": args.n_boot, "seed": args.seed, "fit_bs_N": args.fit_bs_N,
-               "sparsity": args.sparsity}
+               "sparsity": args.sparsity, "lr_form": args.lr_form,
+               "allow_mixed_schedules": args.allow_mixed_schedules}
     if rule is not None:  # every fit on the rest; the primary one scored on the held-out cells
         holdout = {column: holdout_hparams(table, rule, n_column=column, **options) for column in columns}
         fits, holdout = {column: pair[0] for column, pair in holdout.items()}, holdout[columns[0]][1]
@@ -209,6 +254,11 @@ def cmd_fit(args) -> int:
     result = {**primary.to_dict(), "source": table.source, "warnings": warnings}
     if holdout is not None:
         result["holdout"] = holdout
+    if critical is not None:
+        from steplaw.laws.critical import critical_record
+
+        result["critical_batch"] = critical_record(critical, primary.bs_law if primary.bs_law.exps else None)
+        result["warnings"] = warnings = warnings + critical.warnings
     if len(fits) > 1:
         result["by_n_column"] = {column: fit.to_dict() for column, fit in fits.items() if column != columns[0]}
     written = _write_fit_files(args, out_dir, result, table, primary, not args.no_plots) if out_dir is not None else []
@@ -220,12 +270,32 @@ def cmd_fit(args) -> int:
         print(_describe_table(table))
         for column in columns:
             print("\n".join(fit_lines(fits[column])))
+            print(f"schedule of the runs: {fits[column].schedule}")
+            if fits[column].lr_batch is not None:
+                from steplaw.laws.lr_batch import batch_law_lines
+
+                print("\n".join(batch_law_lines(fits[column].lr_batch)))
         if holdout is not None:
             print("\n".join(holdout_hparam_lines(holdout)))
+        if critical is not None:
+            from steplaw.laws.critical import critical_lines
+
+            print("\n".join(critical_lines(critical, primary.bs_law if primary.bs_law.exps else None)))
         if written:
             print("wrote " + ", ".join(str(path) for path in written))
     _warn(args, warnings)
     return 0
+
+
+def _critical_batch(args, table, n_column: str):
+    """fit --critical-batch: B_crit per cell from the runs' loss curves (steplaw.laws.critical)."""
+    from steplaw.laws.critical import critical_batch
+
+    targets = None
+    if args.critical_targets is not None:
+        targets = [parse_count(part.strip(), "--critical-targets") for part in args.critical_targets.split(",")
+                   if part.strip()]
+    return critical_batch(table, n_column=n_column, targets=targets, n_boot=args.n_boot, seed=args.seed)
 
 
 def _fits_warnings(fits: dict) -> list[str]:
@@ -386,7 +456,7 @@ def cmd_plan(args) -> int:
     save = cliargs.check_output_file(args.save, "--save") if args.save else None
     plan = make_plan(compute=parse_count(args.compute, "--compute"), params=parse_count(args.params, "--params"),
                      tokens=parse_count(args.tokens, "--tokens"), loss_law=args.loss_law, hparam_law=args.hparam_law,
-                     seq_len=args.seq_len)
+                     seq_len=args.seq_len, schedule=args.schedule)
     if save is not None:
         from steplaw.laws.saved import write_json
         from steplaw.laws.scoring import plan_record
@@ -456,6 +526,12 @@ def _add_predict(subparsers) -> None:
                          help="training FLOPs for DeepSeek's law (default 6*N*D)")
     predict.add_argument("--loss", default=None, metavar="NATS",
                          help="expected final loss for Kaplan's critical batch (default: Kaplan's L(N, D))")
+    predict.add_argument("--batch-tokens", default=None, metavar="B",
+                         help="the batch you will train with, in tokens: the LR for it from a law file fitted with "
+                              "`steplaw fit --lr-form batch`")
+    predict.add_argument("--schedule", default=None, metavar="KIND",
+                         help="the LR schedule you will train with (cosine, wsd, constant, multistep, linear): warn "
+                              "when a law was fitted under another")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     predict.set_defaults(func=cmd_predict)
 
@@ -484,6 +560,16 @@ def _add_fit(subparsers) -> None:
     fit.add_argument("--holdout", default=None, metavar="RULE",
                      help="fit on the runs the rule leaves and score the laws on the cells it holds out: "
                           "N>=X, D>=Y, C>=Z or largest, comma-joined for 'and'")
+    fit.add_argument("--lr-form", choices=["cells", "batch"], default="cells",
+                     help="cells: the LR law from each cell's optimum (default); batch: also lr = a*N^a*D^b*B^delta "
+                          "from each (N, D, batch) row's optimum in LR, for `predict --batch-tokens`")
+    fit.add_argument("--allow-mixed-schedules", action="store_true",
+                     help="fit runs of several LR schedules together (with a warning) instead of refusing")
+    fit.add_argument("--critical-batch", action="store_true",
+                     help="also the critical batch size per cell from the runs' loss curves (McCandlish et al. 2018) "
+                          "and a B_crit(D) law beside B_opt(D)")
+    fit.add_argument("--critical-targets", default=None, metavar="L1,L2",
+                     help="with --critical-batch: the target losses in nats (default: from the curves)")
     fit.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     fit.add_argument("--json", action="store_true", help="print one JSON object (files only with --out)")
     fit.set_defaults(func=cmd_fit)
@@ -543,6 +629,9 @@ def _add_plan(subparsers) -> None:
     plan.add_argument("--save", default=None, metavar="PLAN.json",
                       help="also write the plan (prediction, interval, laws and their hashes, assumptions, date) "
                            "for `steplaw score` after the run")
+    plan.add_argument("--schedule", default=None, metavar="KIND",
+                      help="the LR schedule you will train with (cosine, wsd, constant, multistep, linear): warn "
+                           "when the hyperparameter law was fitted under another")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 

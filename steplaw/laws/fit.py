@@ -35,46 +35,15 @@ import numpy as np
 from steplaw.errors import UserError
 from steplaw.laws import identify
 from steplaw.laws.cells import CellOptimum, cell_optima
+from steplaw.laws.lr_batch import fit_lr_batch
+from steplaw.laws.powerlaw import LR_VARIABLES, PowerLaw, law_variables, one_value_words
+from steplaw.laws.schedules import schedule_of_runs
 from steplaw.laws.scores import CellRuns, score_cells, summary_of
 from steplaw.laws.stats import NO_INTERVALS, check_bootstrap, percentile_interval
 from steplaw.laws.table import RunTable
 
-LR_VARIABLES = ("N", "D")
 BS_VARIABLES = ("D",)
-
-
-@dataclass
-class PowerLaw:
-    """y = coef * prod(x_k ** exps[k]) over N, D and S (sparsity, 1 = dense); ci: 95% intervals."""
-
-    coef: float
-    exps: dict[str, float]
-    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    def __call__(self, N, D, S=None):
-        values = {"N": np.asarray(N, float), "D": np.asarray(D, float),
-                  "S": np.asarray(1.0 if S is None else S, float)}
-        out = self.coef * np.ones(np.broadcast(values["N"], values["D"], values["S"]).shape)
-        for name, exp in self.exps.items():
-            out = out * values[name] ** exp
-        return out
-
-    def to_dict(self) -> dict:
-        out = {"coef": self.coef}
-        for name, exp in self.exps.items():
-            out[f"exp_{name}"] = exp
-        out["ci"] = {key: [float(low), float(high)] for key, (low, high) in self.ci.items()}
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PowerLaw:
-        exps = {key[4:]: float(value) for key, value in data.items() if key.startswith("exp_")}
-        ci = {key: tuple(value) for key, value in (data.get("ci") or {}).items()}
-        return cls(coef=float(data["coef"]), exps=exps, ci=ci)
-
-    def formula(self, name: str) -> str:
-        terms = " * ".join(f"{var}^{exp:+.4f}" for var, exp in self.exps.items())
-        return f"{name} = {self.coef:.4g}" + (f" * {terms}" if terms else " (constant)")
+LR_FORMS = ("cells", "batch")
 
 
 @dataclass
@@ -97,9 +66,13 @@ class HparamFit:
     fitted_range: dict = field(default_factory=dict)
     law_cells: dict = field(default_factory=dict)  # law -> per-cell scores (not in to_dict: large)
     loss_column: str = "loss"  # the table column each cell's best and near-optimal runs were judged by
+    lr_batch: object | None = None  # steplaw.laws.lr_batch.BatchLRFit with lr_form="batch"
+    schedule: str = "unknown"  # the runs' LR schedule label (steplaw.laws.schedules)
 
     def to_dict(self) -> dict:
         return {
+            "schedule": self.schedule,
+            "lr_batch": self.lr_batch.to_dict() if self.lr_batch is not None else None,
             "n_column": self.n_column,
             "loss_column": self.loss_column,
             "gap": self.gap,
@@ -159,39 +132,6 @@ def _check_args(table: RunTable, gap, n_boot, seed, n_column: str, sparsity: boo
     return n_values, s_values
 
 
-# S = N_active / N, so with N and S in one law the other parameter count is implied:
-# log N_other = log N -+ log S. Its spread is what tells N's exponent from S's.
-_IMPLIED_N = {"N": ("N_active", +1.0, "N_active"), "N_active": ("N", -1.0, "the total N")}
-
-
-def _law_variables(cell_logs: dict, candidates: tuple[str, ...], law: str,
-                   n_column: str = "N") -> tuple[list[str], list[dict]]:
-    """The candidates the cells can identify, and one refusal record per one they cannot."""
-    kept, refused = [], []
-    for name in candidates:
-        problem = identify.exponent_problem(np.exp(cell_logs[name]), name)
-        if problem is None and name == "S" and "N" in kept and n_column in _IMPLIED_N:
-            # With N and S both in the law only the implied other count separates them: an
-            # MoE sweep whose total N barely moves cannot tell N_active's exponent from S's.
-            other, sign, words = _IMPLIED_N[n_column]
-            implied = identify.exponent_problem(np.exp(cell_logs["N"] + sign * cell_logs["S"]), other)
-            if implied is not None:
-                problem = f"{n_column} and the sparsity are told apart only by {words}, and {implied}"
-        if problem is None:
-            kept.append(name)
-        else:
-            refused.append({"law": law, "variable": name, "reason": identify.refusal(law, name, problem)})
-    if len(kept) > 1:
-        design = np.column_stack([np.ones(cell_logs["D"].size)] + [cell_logs[name] for name in kept])
-        if np.linalg.matrix_rank(design) < design.shape[1]:
-            raise UserError(
-                f"cannot separate the effects of {' and '.join(kept)} in the {law} law: across the cells one is a "
-                "linear function of the others in log space (e.g. a fixed tokens-per-parameter ratio); add cells off "
-                "that line."
-            )
-    return kept, refused
-
-
 def _unswept_laws(table: RunTable, run_rows: list[np.ndarray]) -> dict[str, dict]:
     """A refusal record for the LR law ("lr") when every cell ran one learning rate, and for
     the batch-size law ("bs") when every cell ran one batch size: such a cell's "optimum" in
@@ -205,10 +145,8 @@ def _unswept_laws(table: RunTable, run_rows: list[np.ndarray]) -> dict[str, dict
             continue
         ran = identify.distinct_values(np.concatenate(per_cell))
         what = "learning rate" if key == "lr" else "batch size"
-        ran_words = (f"one {what} ({ran[0]:.4g}{unit})" if ran.size == 1
-                     else f"one {what} each ({ran[0]:.4g} to {ran[-1]:.4g}{unit})")
-        reason = (f"the {law} law is not fitted because every cell was run at {ran_words}, so no cell has an optimum "
-                  f"in {what} and its exponents would only restate the grid")
+        reason = (f"the {law} law is not fitted because every cell was run at {one_value_words(per_cell, what, unit)}, "
+                  f"so no cell has an optimum in {what} and its exponents would only restate the grid")
         if key == "bs":
             reason += (f"; the learning-rate law is conditional on that batch size, B = {ran[0]:.4g} tokens"
                        if ran.size == 1 else "; the learning-rate law is conditional on each cell's batch size")
@@ -375,6 +313,8 @@ def fit_hparams(
     quad_window: float = 0.03,
     sparsity: bool = False,
     score_laws: bool = True,
+    lr_form: str = "cells",
+    allow_mixed_schedules: bool = False,
 ) -> HparamFit:
     """Fit eta = a N^alpha D^beta [S^g] and B = c D^gamma [N^delta] [S^e] to the near-optimal runs.
 
@@ -384,15 +324,24 @@ def fit_hparams(
     fit_bs_N: also fit an exponent of N in the batch-size law;
     sparsity: also fit an exponent of S = N_active / N in both laws (MoE with dense);
     quad_window: runs within this relative loss of the best feed the quadratic optimum;
-    score_laws: score every published law on the cells (law_scores).
+    score_laws: score every published law on the cells (law_scores);
+    lr_form: 'cells' (eta(N, D) from each cell's optimum) or 'batch' (also the batch-aware law
+    eta(N, D, B) from each (N, D, B) row's optimum in LR, steplaw.laws.lr_batch);
+    allow_mixed_schedules: fit runs of several LR schedules together (with a warning) instead of refusing.
     """
+    if lr_form not in LR_FORMS:
+        raise UserError(f"lr_form must be one of {', '.join(LR_FORMS)}, got {lr_form!r}.")
     n_values, s_values = _check_args(table, gap, n_boot, seed, n_column, sparsity)
     cells, skipped, run_rows = cell_optima(table, n_values, s_values, gap, quad_window)
+    schedule, schedule_warnings = schedule_of_runs(table.schedule, table.valid, allow_mixed_schedules)
+    lr_batch = None
+    if lr_form == "batch":
+        lr_batch = fit_lr_batch(table, n_values, run_rows, gap, n_boot, seed, n_column)
     cell_logs = {"N": np.log([c.N for c in cells]), "D": np.log([c.D for c in cells]),
                  "S": np.log([c.sparsity for c in cells])}
     extra = ("S",) if sparsity else ()
-    lr_names, refused = _law_variables(cell_logs, LR_VARIABLES + extra, "learning-rate", n_column)
-    bs_names, bs_refused = _law_variables(cell_logs, BS_VARIABLES + (("N",) if fit_bs_N else ()) + extra, "batch-size",
+    lr_names, refused = law_variables(cell_logs, LR_VARIABLES + extra, "learning-rate", n_column)
+    bs_names, bs_refused = law_variables(cell_logs, BS_VARIABLES + (("N",) if fit_bs_N else ()) + extra, "batch-size",
                                           n_column)
     refused += bs_refused
     unswept = _unswept_laws(table, run_rows)
@@ -432,7 +381,8 @@ def fit_hparams(
     return HparamFit(
         lr_law=lr_law, bs_law=bs_law, cells=cells, validation=validation, counts=counts, n_column=n_column,
         gap=float(gap), n_boot=int(n_boot), seed=int(seed), skipped_cells=skipped,
-        warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs, n_boot),
+        warnings=_fit_warnings(table, cells, skipped, refused, laws, cell_logs, n_boot) + schedule_warnings
+        + (lr_batch.warnings if lr_batch is not None else []), lr_batch=lr_batch, schedule=schedule,
         law_scores=scored.ranking, scoring=scored.definition, law_cells=scored.per_law, refused=refused,
         sparsity=_sparsity_verdict(laws, refused) if sparsity else None, fitted_range=fitted_range,
         loss_column=table.loss_column,

@@ -40,7 +40,7 @@ MIN_DISTINCT = {"N": 3, "D": 3, "S": 2}
 MAX_INTERVAL_WIDTH = 1.0
 MAX_CORRELATION = 0.95
 
-VARIABLE_WORDS = {"N": "N", "D": "D", "S": "the sparsity N_active/N"}
+VARIABLE_WORDS = {"N": "N", "D": "D", "S": "the sparsity N_active/N", "B": "the batch size B"}
 
 
 def distinct_values(values: np.ndarray) -> np.ndarray:

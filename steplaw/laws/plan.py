@@ -24,6 +24,7 @@ from steplaw.laws.published import LAWS, LawInputs, range_warnings
 from steplaw.laws.published_loss import LOSS_LAWS
 from steplaw.laws.published_loss import loss_law as published_loss_law
 from steplaw.laws.saved import SavedHparamLaw, SavedLossLaw, read_law
+from steplaw.laws.schedules import check_kind, mismatch_warning
 
 DEFAULT_LOSS_LAW = "besiroglu"
 DEFAULT_HPARAM_LAW = "step_law"
@@ -51,8 +52,9 @@ def _resolve_hparam_law(value: str) -> tuple[object, dict]:
             raise UserError(f"{value!r} holds a loss law; --hparam-law needs a file from `steplaw fit --save`.")
         return law, {"key": value, "name": "fitted hyperparameter law", "citation": law.source,
                      "lr_law": law.lr_law.formula("lr"), "bs_law": law.bs_law.formula("B"), "n_column": law.n_column,
-                     "fitted_range": law.fitted_range,
-                     "schedule": "the schedule of the runs the law was fitted on (its LR is a peak LR of that schedule)"}
+                     "fitted_range": law.fitted_range, "schedule_kind": law.schedule,
+                     "schedule": f"{law.schedule}: the schedule of the runs the law was fitted on (its LR is a peak LR "
+                                 "of that schedule)"}
     if value not in LAWS:
         raise UserError(f"unknown hyperparameter law {value!r}; expected one of {', '.join(LAWS)} or a file from "
                         "`steplaw fit --save`.")
@@ -80,9 +82,12 @@ def _model_and_tokens(law, compute, params, tokens) -> tuple[float, float, float
 
 
 def make_plan(*, compute: float | None = None, params: float | None = None, tokens: float | None = None,
-              loss_law: str = DEFAULT_LOSS_LAW, hparam_law: str = DEFAULT_HPARAM_LAW, seq_len: int = 2048) -> dict:
-    """The plan as plain data (see the module docstring); N parameters, D tokens, FLOPs."""
+              loss_law: str = DEFAULT_LOSS_LAW, hparam_law: str = DEFAULT_HPARAM_LAW, seq_len: int = 2048,
+              schedule: str | None = None) -> dict:
+    """The plan as plain data (see the module docstring); N parameters, D tokens, FLOPs.
+    schedule: the LR schedule kind the run will use (warned about when the law's differs)."""
     compute, params, tokens = _check("compute", compute), _check("params", params), _check("tokens", tokens)
+    schedule = check_kind(schedule)
     if not (isinstance(seq_len, int) and seq_len > 0):
         raise UserError(f"seq_len must be a positive integer, got {seq_len!r}.")
     loss, loss_info = _resolve_loss_law(loss_law)
@@ -108,6 +113,9 @@ def make_plan(*, compute: float | None = None, params: float | None = None, toke
                          "(fit your own with `steplaw fit-loss --save` for one).")
     if lr is None:
         warnings.append(f"{hparam_info['key']} gives no learning rate at N={n:.3g}.")
+    mismatch = mismatch_warning(hparam_info.get("schedule_kind", "unknown"),
+                                f"hyperparameter law {hparam_info['key']}", schedule)
+    warnings += [mismatch] if mismatch else []
     return {
         "mode": mode, "N": n, "D": d, "compute": c,
         "N_interval": list(interval["N"]) if interval else None,
@@ -118,7 +126,8 @@ def make_plan(*, compute: float | None = None, params: float | None = None, toke
         "lr": lr, "batch_tokens": bs, "seq_len": seq_len,
         "batch_seqs": bs / seq_len if bs else None,
         "steps": d / bs if bs else None,
-        "schedule": hparam_info.get("schedule", ""),
+        "schedule": hparam_info.get("schedule", ""), "schedule_kind": hparam_info.get("schedule_kind", "unknown"),
+        "planned_schedule": schedule,
         "loss_law": loss_info, "hparam_law": hparam_info,
         "warnings": warnings, "notes": notes,
     }

@@ -182,6 +182,9 @@ class Law:
     range_note: str
     predict: Callable[[LawInputs], Prediction]
     schedule: str = ""  # the training setup the law was fitted with (what its LR means)
+    # Its kind (steplaw.laws.schedules.KINDS, or "unknown" where the paper does not say):
+    # what `predict/plan --schedule` is checked against.
+    schedule_kind: str = "unknown"
 
     def info(self) -> dict:
         return {
@@ -194,6 +197,7 @@ class Law:
             "fitted_range": {k: list(v) for k, v in self.fitted_range.items()},
             "range_note": self.range_note,
             "schedule": self.schedule,
+            "schedule_kind": self.schedule_kind,
         }
 
 
@@ -310,6 +314,9 @@ LAWS: dict[str, Law] = {
         range_note="approximate extent of the paper's (N, D) grid (our reading, not a stated range)",
         predict=_predict_step,
         schedule="AdamW; warmup, then decay to a fixed final LR of 1e-5 (not a fraction of the peak), as fitted",
+        # "Predictable Scale: Part I" (arXiv:2503.04715), training setup: cosine decay to a
+        # fixed minimum LR of 1e-5 rather than a fraction of the peak.
+        schedule_kind="cosine",
     ),
     "deepseek": Law(
         key="deepseek",
@@ -323,6 +330,9 @@ LAWS: dict[str, Law] = {
         predict=_predict_deepseek,
         schedule="AdamW; 2,000 warmup steps, then multi-step decay: 31.6% of the peak after 80% of the tokens, "
                  "10% after 90%",
+        # arXiv:2401.02954 Sec. 2.3: the multi-step scheduler (the same warmup-and-step-decay
+        # strategy the DeepSeek-V2-Lite model card describes: x0.316 at ~80% and ~90% of tokens).
+        schedule_kind="multistep",
     ),
     "kaplan": Law(
         key="kaplan",
@@ -338,6 +348,7 @@ LAWS: dict[str, Law] = {
         range_note="extent of Kaplan's models (768 to 1.5e9 parameters, 22M to 23B tokens)",
         predict=_predict_kaplan,
         schedule="Adam; 3,000-step linear warmup, cosine decay to zero; batch 512 x 1024 tokens for the LR fit",
+        schedule_kind="cosine",  # arXiv:2001.08361 Appendix D.6 (the runs of Eq. D.1)
     ),
     "porian": Law(
         key="porian",
@@ -350,6 +361,9 @@ LAWS: dict[str, Law] = {
         range_note="the paper's model sizes, 5M to 901M parameters",
         predict=_predict_porian,
         schedule="AdamW with beta2 tuned at small batches; warmup and cosine decay (see the paper for the details)",
+        # arXiv:2406.19146 decays with a cosine matched to each run's length (one of the three
+        # factors it finds behind the Kaplan/Chinchilla gap); its final-LR details are unchecked here.
+        schedule_kind="cosine",
     ),
 }
 

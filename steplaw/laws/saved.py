@@ -37,7 +37,16 @@ def write_json(path, obj) -> Path:
 def hparam_law_record(fit: HparamFit, source: str) -> dict:
     return {"kind": HPARAM_KIND, "version": VERSION, "source": source, "n_column": fit.n_column,
             "lr_law": fit.lr_law.to_dict(), "bs_law": fit.bs_law.to_dict(), "fitted_range": fit.fitted_range,
-            "sparsity": fit.sparsity, "gap": fit.gap, "warnings": list(fit.warnings)}
+            "sparsity": fit.sparsity, "gap": fit.gap, "warnings": list(fit.warnings), "schedule": fit.schedule,
+            **_lr_batch_record(fit)}
+
+
+def _lr_batch_record(fit: HparamFit) -> dict:
+    """The batch-aware LR law (`fit --lr-form batch`), when fitted: its law, range and delta's verdict."""
+    if fit.lr_batch is None:
+        return {}
+    return {"lr_batch_law": fit.lr_batch.law.to_dict(), "lr_batch_range": fit.lr_batch.fitted_range,
+            "lr_batch_delta": fit.lr_batch.delta}
 
 
 def loss_law_record(fit: LossFit, source: str) -> dict:
@@ -59,10 +68,17 @@ class SavedHparamLaw:
     source: str
     path: str
     warnings: list[str] = field(default_factory=list)  # the fit's own, stored in the file
+    schedule: str = "unknown"  # the LR schedule of the runs it was fitted on (steplaw.laws.schedules)
+    lr_batch_law: PowerLaw | None = None  # eta(N, D, B) from `fit --lr-form batch`
+    lr_batch_range: dict = field(default_factory=dict)
 
-    def predict(self, n_params: float, tokens: float, n_active: float | None = None) -> tuple[float, float, list[str]]:
+    def predict(self, n_params: float, tokens: float, n_active: float | None = None,
+                batch_tokens: float | None = None) -> tuple[float, float, list[str]]:
         """(peak lr, batch tokens, warnings) for N non-embedding parameters (MoE: total, with
-        n_active activated) trained on D tokens, in the units the law was fitted with."""
+        n_active activated) trained on D tokens, in the units the law was fitted with. With
+        `batch_tokens` the LR is the batch-aware law's for that batch (and the batch is yours)."""
+        if batch_tokens is not None:
+            return self._predict_at_batch(n_params, tokens, n_active, batch_tokens)
         n_params, n_active = check_moe_counts(n_params, n_active)
         warnings = []
         if self.n_column == "N_active":
@@ -78,6 +94,21 @@ class SavedHparamLaw:
         warnings += range_warnings(self.path, self.fitted_range, values)
         lr, bs = self.lr_law(n, tokens, sparsity), self.bs_law(n, tokens, sparsity)
         return float(lr), float(bs), warnings
+
+    def _predict_at_batch(self, n_params, tokens, n_active, batch_tokens) -> tuple[float, float, list[str]]:
+        if self.lr_batch_law is None:
+            raise UserError(f"--batch-tokens needs a batch-aware law; {self.path} was fitted without one (its LR law "
+                            "is the LR at each cell's optimal batch): refit with `steplaw fit --lr-form batch --save`.")
+        if not (isinstance(batch_tokens, (int, float)) and np.isfinite(batch_tokens) and batch_tokens > 0):
+            raise UserError(f"--batch-tokens must be a positive number of tokens, got {batch_tokens!r}.")
+        n_params, n_active = check_moe_counts(n_params, n_active)
+        warnings = []
+        if self.n_column == "N_active" and n_active is None:
+            warnings.append(f"{self.path}: fitted on activated parameters; a dense model's N stands for them.")
+        n = n_active if self.n_column == "N_active" and n_active is not None else n_params
+        values = {"N": n, "D": tokens, "B": batch_tokens}
+        warnings += range_warnings(f"{self.path} (batch-aware LR law)", self.lr_batch_range, values)
+        return float(self.lr_batch_law(n, tokens, B=batch_tokens)), float(batch_tokens), warnings
 
 
 @dataclass
@@ -133,7 +164,10 @@ def read_law(path) -> SavedHparamLaw | SavedLossLaw:
         if kind == HPARAM_KIND:
             return SavedHparamLaw(lr_law=PowerLaw.from_dict(data["lr_law"]), bs_law=PowerLaw.from_dict(data["bs_law"]),
                                   n_column=str(data.get("n_column", "N")), fitted_range=dict(data.get("fitted_range") or {}),
-                                  source=str(data.get("source", "")), path=str(path), warnings=_stored_warnings(data, path))
+                                  source=str(data.get("source", "")), path=str(path), warnings=_stored_warnings(data, path),
+                                  schedule=str(data.get("schedule") or "unknown"),
+                                  lr_batch_law=PowerLaw.from_dict(data["lr_batch_law"]) if data.get("lr_batch_law") else None,
+                                  lr_batch_range=dict(data.get("lr_batch_range") or {}))
         if kind == LOSS_KIND:
             rows = np.asarray((data.get("bootstrap") or {}).get("rows") or [], float).reshape(-1, 5)
             constants = {key: _constant(data, key) for key in ("E", "A", "B", "alpha", "beta")}

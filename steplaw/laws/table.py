@@ -13,6 +13,10 @@ runs table; others are kept but ignored):
   status        ok / diverged / failed / pending (optional; rows without it count as ok)
   compute       training FLOPs (optional; gives D = C / (6 N) when there is no D column)
   seq_len       tokens per sequence (optional; converts a batch counted in sequences)
+  schedule      the LR schedule the run trained under, e.g. cosine or wsd (optional;
+                steplaw.laws.schedules: a law records it, a fit refuses a mixture)
+  curve         the run's loss curve [[tokens, loss], ...] as JSON text or a list
+                (optional; the critical batch size, steplaw.laws.critical, needs it)
 
 `read_runs` accepts a CSV, JSONL or Parquet file (Parquet needs pyarrow) or a list of
 dicts (e.g. `steplaw.sweep.store.export_rows(sweep_dir)`: the CLI and the report resolve
@@ -73,6 +77,8 @@ class RunTable:
     warnings: list[str] = field(default_factory=list)
     has_hparams: bool = True
     loss_column: str = "loss"  # the column `loss` was read from (e.g. val_loss)
+    schedule: np.ndarray | None = None  # object array of LR-schedule labels ('' unknown); None: no such column
+    curve: np.ndarray | None = None  # object array of (k, 2) [tokens, loss] arrays (None: no curve); None: no column
 
     def __len__(self) -> int:
         return int(self.N.shape[0])
@@ -396,6 +402,8 @@ def read_runs(
     cols, warnings = _read_columns(rows, name, has_hparams, columns)
     cols["status"] = np.array([str(row.get(col_status, "ok") or "ok").strip().lower() for row in rows], dtype=object)
     cols["run_id"] = np.array([str(row.get("run_id", index)) for index, row in enumerate(rows)], dtype=object)
+    cols["schedule"] = _schedule_column(rows)
+    cols["curve"] = _curve_column(rows, name)
     finished = np.array([s in OK_STATUSES for s in cols["status"]])
     design = ("N", "D", "lr", "batch_tokens") if has_hparams else ("N", "D")
     skipped = _drop_incomplete(cols, finished, design, name)
@@ -408,8 +416,37 @@ def read_runs(
         N=cols["N"], D=cols["D"], lr=cols["lr"], batch_tokens=cols["batch_tokens"], loss=cols["loss"], valid=valid,
         status=cols["status"], run_id=cols["run_id"], N_active=cols["N_active"], N_total=cols["N_total"],
         compute=cols["compute"], source=name, dropped=dropped, warnings=warnings, has_hparams=has_hparams,
-        loss_column=col_loss,
+        loss_column=col_loss, schedule=cols["schedule"], curve=cols["curve"],
     )
+
+
+def _schedule_column(rows: list[dict]) -> np.ndarray | None:
+    """The schedule labels (stripped, lower case; '' where a row names none), or None without the column."""
+    if not _has_column(rows, "schedule"):
+        return None
+    return np.array([str(row.get("schedule") or "").strip().lower() for row in rows], dtype=object)
+
+
+def _curve_column(rows: list[dict], name: str) -> np.ndarray | None:
+    """Each row's loss curve as a (k, 2) float array of [tokens, loss] (None where empty), or None without the column."""
+    if not _has_column(rows, "curve"):
+        return None
+    out = np.empty(len(rows), dtype=object)
+    for index, row in enumerate(rows):
+        value = row.get("curve")
+        if isinstance(value, str):
+            value = value.strip()
+            try:
+                value = json.loads(value) if value else None
+            except json.JSONDecodeError:
+                raise UserError(f"{name} row {index + 1}: column 'curve' is not JSON; expected [[tokens, loss], ...].") from None
+        try:
+            points = np.asarray(value if value else [], dtype=float).reshape(-1, 2) if value is not None else None
+        except (TypeError, ValueError):
+            raise UserError(f"{name} row {index + 1}: column 'curve' holds {str(value)[:40]!r}; expected "
+                            "[[tokens, loss], ...].") from None
+        out[index] = points if points is not None and len(points) else None
+    return out
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from steplaw.laws.loss import fit_loss
 from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
 from steplaw.laws.saved import write_json
 from steplaw.laws.table import read_runs, select_spec
+from steplaw.report.critical import critical_blocks, insert_critical
 from steplaw.report.loss_checks import loss_check_blocks, loss_checks
 from steplaw.report.plots import heatmap_cells, plot_fit
 from steplaw.sweep.store import ResultStore, export_rows, rows_to_csv
@@ -477,6 +478,7 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
     blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons,
                           planner_cells=planner_cells, figures_note=figures_note, objective=objective, loss=loss,
                           loss_checks=checks)
+    blocks = insert_critical(blocks, critical_blocks(sweep_dir, rows, fit, objective, min(n_boot, LOSS_BOOT_MAX)))
     for note in (plots_note, specs_note and f"Warning: {specs_note}"):
         if note:
             blocks.insert(3, ("p", note))
