@@ -143,12 +143,6 @@ def _add_execution_flags(parser, ray: bool = True):
     group.add_argument("--quiet", "-q", action="store_true", help="no progress line")
 
 
-def load_run_fn(name: str):
-    from steplaw.trainers.python import load_function
-
-    return load_function(name, "--run-fn", "MODULE:FUNCTION, e.g. steplaw.train:run")
-
-
 def trainer_name(args) -> str:
     """The spec's `trainer`: steplaw, hf, MODULE:FUNCTION or command (--trainer-cmd)."""
     name = getattr(args, "trainer", "steplaw")
@@ -166,7 +160,7 @@ def check_trainer(args) -> None:
         for flag, value in (("--run-timeout", args.run_timeout), ("--trainer-resumes", args.trainer_resumes or None)):
             if value is not None:
                 raise UserError(f"{flag} applies to --trainer-cmd only: expected --trainer-cmd with it")
-        load_run_fn(args.run_fn)
+        make_trainer(args).check()
         return
     if isinstance(getattr(args, "stack", "auto"), int):
         raise UserError(f"--stack {args.stack} is a setting of steplaw's own trainer: a {name} trainer's runs run alone "
@@ -190,10 +184,13 @@ def check_trainer(args) -> None:
 
 
 def make_trainer(args):
-    """The run function the executors call, and whether its runs may stack."""
+    """The trainer object (steplaw.trainers) the sweep hands its runs to; what it can do
+    (stack, branch, resume) is its `capabilities`."""
     name = trainer_name(args)
     if name == "steplaw":
-        return load_run_fn(args.run_fn)
+        from steplaw.trainers.steplaw import SteplawTrainer
+
+        return SteplawTrainer(run_fn=getattr(args, "run_fn", None) or "steplaw.train:run")
     if name == "command":
         from steplaw.trainers.command import CommandTrainer
 
@@ -236,7 +233,7 @@ def spec_from_args(args):
                         "spec.json")
     data["models"] = [m if isinstance(m, ModelSpec) else _clean_model(m) for m in data["models"]]
     data["trainer"] = trainer_name(args)
-    return SweepSpec.from_dict(data)
+    return SweepSpec.from_dict(data).bind(make_trainer(args))
 
 
 def _check_grid_flags(args):
@@ -290,32 +287,20 @@ def _clean_model(entry):
     return entry
 
 
-def group_fn_for(run_fn, stack):
-    """What trains a group of stacked runs: steplaw.train.stacked.run_group for steplaw's
-    own trainer (the one that declares "stack"); None (every run alone) for any other
-    trainer or --stack off."""
-    from steplaw.train.runner import run
-
-    if stack == "off" or run_fn is not run or "stack" not in getattr(run_fn, "capabilities", ("stack",)):
-        return None
-    from steplaw.train.stacked import run_group
-
-    return run_group
-
-
-def make_executor_factory(args, run_fn):
-    group_fn = group_fn_for(run_fn, getattr(args, "stack", "auto"))
+def make_executor_factory(args, trainer):
+    """The executor the command line asks for, running `trainer` (its "stack" groups through
+    the trainer's own run_group: steplaw.sweep.execution.group_function)."""
     if getattr(args, "executor", "local") == "ray":
         def make():
             from steplaw.sweep.ray_executor import RayExecutor
 
-            return RayExecutor(run_fn, address=args.address, group_fn=group_fn,
+            return RayExecutor(trainer, address=args.address,
                                **_given(cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run))
     else:
         def make():
             from steplaw.sweep.executors import LocalExecutor
 
-            return LocalExecutor(run_fn, group_fn=group_fn, workers=args.workers, threads_per_worker=args.threads_per_worker,
+            return LocalExecutor(trainer, workers=args.workers, threads_per_worker=args.threads_per_worker,
                                  **_given(workers_per_gpu=args.workers_per_gpu))
     return make
 
@@ -337,19 +322,20 @@ def run_spec(spec, args):
     from steplaw.sweep.spec import validate_runs
 
     _check_out(args.out)
-    run_fn = make_trainer(args)
-    if spec.trainer != "steplaw" and not args.quiet:
+    trainer = make_trainer(args)
+    spec.bind(trainer)
+    if "stack" not in trainer.capabilities and trainer.name != "steplaw" and not args.quiet:
         warn(f"the {spec.trainer} trainer's runs run alone (stacking is steplaw's own trainer's)", "steplaw sweep")
     planner = make_planner(spec, args)
     grid_runs = spec.expand()
     # The adaptive planner proposes runs as it goes, all with the spec's fixed settings:
     # checking the grid's runs checks every setting its proposals can carry.
-    validate_runs(grid_runs, local=getattr(args, "executor", "local") != "ray")
+    validate_runs(grid_runs, local=getattr(args, "executor", "local") != "ray", trainer=trainer)
     runs = grid_runs if planner is None else []
     line = ProgressLine(len(runs), enabled=not args.quiet)
-    return run_sweep(runs, args.out, make_executor_factory(args, run_fn), max_attempts=args.max_attempts,
+    return run_sweep(runs, args.out, make_executor_factory(args, trainer), max_attempts=args.max_attempts,
                      spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed, new_spec=args.new_spec,
-                     planner=planner, stack=getattr(args, "stack", "auto"))
+                     planner=planner, stack=getattr(args, "stack", "auto"), trainer=trainer)
 
 
 def report_failures(summary, out) -> int:
@@ -421,7 +407,7 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         check_spec_change(spec, args)
         runs = spec.expand()
-        validate_runs(runs, local=args.executor != "ray")
+        validate_runs(runs, local=args.executor != "ray", trainer=make_trainer(args))
         if getattr(args, "planner", "grid") == "adaptive":
             return dry_run_adaptive(spec, args)
         cells = spec.cells()

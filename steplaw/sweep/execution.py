@@ -1,4 +1,4 @@
-"""What every executor shares: running one config or one group through a run function,
+"""What every executor shares: running one config or one group through a trainer,
 and what comes back (steplaw.sweep.executors and steplaw.sweep.ray_executor use it).
 
 A run reports exactly once, as a `Completion` holding a `RunResult`: a run that raises is
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from steplaw import __version__
 from steplaw.fileio import write_atomic
-from steplaw.train.config import RunConfig, RunResult
+from steplaw.result import RunResult
 
 PROGRESS_INTERVAL_S = 0.5
 RESULT_NAME = "result.json"
@@ -81,7 +81,7 @@ def as_result(value) -> RunResult:
     return result
 
 
-def execute(run_fn, config: RunConfig, run_dir: str | None, progress=None) -> tuple[RunResult, str | None]:
+def execute(run_fn, config, run_dir: str | None, progress=None) -> tuple[RunResult, str | None]:
     """Run one config through `run_fn`: (its RunResult, the traceback tail if it raised)."""
     started = time.time()
     trace = None
@@ -144,6 +144,16 @@ def execute_group(group_fn, members: list[tuple], progress=None) -> list[tuple[R
     return out
 
 
+def group_function(trainer, group_fn=None):
+    """What trains a stacked group: `group_fn` when given, else the `run_group` of a
+    trainer that declares the "stack" capability (steplaw.trainers), else None."""
+    if group_fn is not None:
+        return group_fn
+    if "stack" in getattr(trainer, "capabilities", ()):
+        return trainer.run_group
+    return None
+
+
 def run_members(run_fn, group_fn, members: list[tuple], progress=None) -> list[tuple[RunResult, str | None]]:
     """A group of one through `run_fn` (checkpoints and resume as usual), more through `group_fn`."""
     if len(members) == 1 or group_fn is None:
@@ -151,7 +161,7 @@ def run_members(run_fn, group_fn, members: list[tuple], progress=None) -> list[t
     return execute_group(group_fn, members, progress)
 
 
-def _keep_result(run_dir: str, result: RunResult, config: RunConfig):
+def _keep_result(run_dir: str, result: RunResult, config):
     """result.json in the run directory, unless the run function wrote it (train.run does)."""
     path = os.path.join(run_dir, RESULT_NAME)
     if os.path.exists(path):

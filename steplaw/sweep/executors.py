@@ -1,18 +1,19 @@
 """Where runs execute: a local pool of worker processes, or inline (Ray tasks on a
 cluster: steplaw.sweep.ray_executor; what they share: steplaw.sweep.execution).
 
-All take the run function as a parameter (`run_fn(config: RunConfig, run_dir=...,
+All take the run function as a parameter (`run_fn(config, run_dir=...,
 [progress=...]) -> RunResult`, importable by name so that it pickles), so the driver and
 the tests can swap it. All report every submitted run exactly once, as a `Completion`
 holding a `RunResult`: a run that raises is `failed` with the error as its reason, a
 worker that dies (out of memory, killed) is `failed` with how it died.
 
 The interface the driver uses: `capacity`, `idle()`, `running()`, `submit(run_id,
-config: RunConfig, run_dir)`, `submit_group([(run_id, config, run_dir), ...])`,
+config, run_dir)`, `submit_group([(run_id, config, run_dir), ...])`,
 `poll(timeout) -> (completions, progress updates)` and `close(force=False)`.
 
 Stacked runs: an executor given a `group_fn` (`group_fn(configs, run_dirs=...,
-progress=...) -> [RunResult]`, e.g. steplaw.train.stacked.run_group) takes a group of
+progress=...) -> [RunResult]`; by default the `run_group` of a trainer that declares the
+"stack" capability, e.g. steplaw's own) takes a group of
 runs as one unit: one worker slot (one Ray task) trains them together and reports one
 completion per member. A worker that dies fails every member of its group. A group of
 one takes the single-run path (`run_fn`).
@@ -44,10 +45,10 @@ from steplaw.sweep.execution import (
     cpu_count,
     describe_exit,
     failed,
+    group_function,
     run_members,
     versions,
 )
-from steplaw.train.config import RunConfig
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # steplaw/
 
@@ -136,6 +137,7 @@ class LocalExecutor:
     slots: list = field(default_factory=list, init=False)
 
     def __post_init__(self):
+        self.group_fn = group_function(self.run_fn, self.group_fn)
         gpus = self.gpus
         if gpus is None:
             import torch
@@ -181,7 +183,7 @@ class LocalExecutor:
         child_conn.close()
         slot.process, slot.conn, slot.run_ids = process, parent_conn, []
 
-    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
+    def submit(self, run_id: str, config, run_dir: str | None):
         self.submit_group([(run_id, config, run_dir)])
 
     def submit_group(self, members: list[tuple]):
@@ -291,7 +293,7 @@ class InlineExecutor:
         if capacity < 1:
             raise UserError(f"capacity={capacity}: expected at least 1 run at a time")
         self.run_fn = run_fn
-        self.group_fn = group_fn
+        self.group_fn = group_function(run_fn, group_fn)
         self._capacity = capacity
         self.run_dirs = run_dirs
         self.queue: deque = deque()  # ([(run_id, config, run_dir), ...], submitted at): one unit each
@@ -307,7 +309,7 @@ class InlineExecutor:
     def running(self) -> dict[str, float]:
         return {member[0]: started for members, started in self.queue for member in members}
 
-    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
+    def submit(self, run_id: str, config, run_dir: str | None):
         self.submit_group([(run_id, config, run_dir)])
 
     def submit_group(self, members: list[tuple]):

@@ -12,8 +12,7 @@ import socket
 import time
 
 from steplaw.errors import UserError
-from steplaw.sweep.execution import Completion, Progress, cpu_count, failed, run_members, versions
-from steplaw.train.config import RunConfig
+from steplaw.sweep.execution import Completion, Progress, cpu_count, failed, group_function, run_members, versions
 
 
 def _ray_task(run_fn, group_fn, members: list[tuple], threads: int):
@@ -75,8 +74,8 @@ class RayExecutor:
         self._capacity = max_in_flight or max(1, int(min(by_cpu, by_gpu)))
         self.task = ray.remote(_ray_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
         self.run_fn_ref = ray.put(run_fn)
-        self.group_fn = group_fn
-        self.group_fn_ref = ray.put(group_fn)
+        self.group_fn = group_function(run_fn, group_fn)
+        self.group_fn_ref = ray.put(self.group_fn)
         self.threads = max(1, int(cpus_per_run))
         self.refs: dict = {}  # ObjectRef -> (run ids of its group, started); a task's resources hold one group
 
@@ -90,7 +89,7 @@ class RayExecutor:
     def running(self) -> dict[str, float]:
         return {run_id: started for run_ids, started in self.refs.values() for run_id in run_ids}
 
-    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
+    def submit(self, run_id: str, config, run_dir: str | None):
         self.submit_group([(run_id, config, run_dir)])
 
     def submit_group(self, members: list[tuple]):
