@@ -140,6 +140,9 @@ def _add_execution_flags(parser, ray: bool = True):
                        help="train runs of one model shape (different lr, tokens and, for small dense models, batch size) "
                             "together, as one stacked model: auto (as many as fit "
                             "memory and pay off; default), at most K per stack, or off (steplaw's own trainer only)")
+    group.add_argument("--branch", choices=["auto", "off"], default=None,
+                       help="WSD runs equal but in D: auto (default with --set schedule=wsd) trains them as one trunk, the "
+                            "stable phase once and a cooldown branch per D (same runs and run ids); off: every D alone")
     group.add_argument("--quiet", "-q", action="store_true", help="no progress line")
 
 
@@ -233,6 +236,8 @@ def spec_from_args(args):
                         "spec.json")
     data["models"] = [m if isinstance(m, ModelSpec) else _clean_model(m) for m in data["models"]]
     data["trainer"] = trainer_name(args)
+    if getattr(args, "branch", None) is not None:
+        data["branch"] = args.branch
     return SweepSpec.from_dict(data).bind(make_trainer(args))
 
 
@@ -331,11 +336,33 @@ def run_spec(spec, args):
     # The adaptive planner proposes runs as it goes, all with the spec's fixed settings:
     # checking the grid's runs checks every setting its proposals can carry.
     validate_runs(grid_runs, local=getattr(args, "executor", "local") != "ray", trainer=trainer)
+    branch = check_branch(spec, trainer, grid_runs, args)
     runs = grid_runs if planner is None else []
     line = ProgressLine(len(runs), enabled=not args.quiet)
     return run_sweep(runs, args.out, make_executor_factory(args, trainer), max_attempts=args.max_attempts,
                      spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed, new_spec=args.new_spec,
-                     planner=planner, stack=getattr(args, "stack", "auto"), trainer=trainer)
+                     planner=planner, stack=getattr(args, "stack", "auto"), trainer=trainer,
+                     branch=branch)
+
+
+def check_branch(spec, trainer, runs, args) -> str:
+    """Whether the sweep branches ("auto" or "off"), its trunks checked before anything
+    runs (a bad branching setting, given --branch, is one sentence: exit 2); a sweep that
+    would branch but cannot says so once."""
+    wanted = spec.branch or "auto"
+    if wanted == "off" or spec.fixed.get("schedule") != "wsd":
+        return "off"
+    quiet = getattr(args, "quiet", False)
+    if "branch" not in getattr(trainer, "capabilities", ()):
+        if not quiet:
+            warn(f"the {trainer.name} trainer does not branch WSD runs (no 'branch' capability): every D trains alone",
+                 "steplaw sweep")
+        return "off"
+    if hasattr(trainer, "check_trunks"):
+        alone = trainer.check_trunks(runs, explicit=spec.branch is not None)
+        if alone and not quiet:
+            warn(alone, "steplaw sweep")
+    return "auto"
 
 
 def report_failures(summary, out) -> int:

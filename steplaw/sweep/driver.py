@@ -30,6 +30,7 @@ again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import warnings
@@ -100,7 +101,8 @@ def _native(config) -> bool:
 
 def run_sweep(runs: list, sweep_dir: str | Path, make_executor, *, max_attempts: int = 2,
               spec: dict | None = None, progress: ProgressLine | bool = True, retry_failed: bool = False,
-              planner=None, new_spec: bool = False, stack: str | int = "auto", trainer=None) -> SweepSummary:
+              planner=None, new_spec: bool = False, stack: str | int = "auto", trainer=None,
+              branch: str = "auto") -> SweepSummary:
     """Run the sweep's runs not yet finished in the store of `sweep_dir`.
 
     `planner` (steplaw.sweep.planner) proposes the runs from the finished ones; None runs
@@ -112,7 +114,9 @@ def run_sweep(runs: list, sweep_dir: str | Path, make_executor, *, max_attempts:
     may stack train together ("auto", at most K per stack, or "off"), when `trainer`
     (steplaw.trainers) declares "stack" and the executor has a `group_fn`. `trainer`
     also rebuilds stored runs of an interrupted batch and counts parameters; None: the
-    runs are trials or replayed rows, which carry both.
+    runs are trials or replayed rows, which carry both. `branch` ("auto" or "off"): with
+    "auto" and a trainer that declares "branch", runs that share a WSD trunk (equal but
+    in D) train as one unit through its `run_trunk` (see `_trunks`).
     """
     if stack not in ("auto", "off") and "stack" in _capabilities(trainer):  # a bad `stack`: a UserError up front
         trainer.plan_stacks([], stack)
@@ -138,7 +142,7 @@ def run_sweep(runs: list, sweep_dir: str | Path, make_executor, *, max_attempts:
         line = progress if isinstance(progress, ProgressLine) else ProgressLine(0, enabled=bool(progress))
         line.total = sweep.total()
         if sweep.queue():
-            _drive(sweep, make_executor(), line, summary, sweep_dir, started, stack)
+            _drive(sweep, make_executor(), line, summary, sweep_dir, started, stack, branch)
         owned = sweep.owned_ids()
         summary.total = len(owned)
         summary.counts, summary.stacked = store.outcome_counts(owned)
@@ -261,11 +265,62 @@ def _cost(config, counts: dict | None) -> float:
     return float((counts or {}).get("active") or 0) * getattr(config, "tokens", 0)
 
 
-def _groups(sweep: _Sweep, executor, queue: list[str], stack) -> list[list[str]]:
-    """The groups of run ids to hand out now: at most one per idle worker slot."""
+def _trunks(sweep: _Sweep) -> dict[str, list[str]]:
+    """run id -> the run ids of its trunk, for every run of this sweep that shares one: the
+    trainer's `plan_trunks` (steplaw's: WSD runs equal but in D, and lr as a stacked trunk
+    where they form a full grid), else runs of the "wsd" schedule equal in every trial
+    field but D. A trunk holds its finished runs too, so that its id (and directory) stays
+    the same when a rerun finishes what a killed one left."""
+    trainer = sweep.trainer
+    owned = [run_id for run_id in sweep.configs if run_id in sweep.views and sweep.planner.owns(sweep.views[run_id])]
+    native = [run_id for run_id in owned if _native(sweep.configs[run_id])]
+    groups: list[list[str]] = []
+    if native and hasattr(trainer, "plan_trunks"):
+        by_config = {id(sweep.configs[r]): r for r in native}
+        groups = [[by_config[id(c)] for c in group] for group in trainer.plan_trunks([sweep.configs[r] for r in native])]
+    trials: dict[str, list[str]] = {}
+    for run_id in owned:
+        config = sweep.configs[run_id]
+        if isinstance(config, Trial) and config.schedule == "wsd":
+            key = json.dumps({**config.to_dict(), "D": None}, sort_keys=True, default=str)
+            trials.setdefault(key, []).append(run_id)
+    groups += list(trials.values())
+    return {run_id: group for group in groups if len(group) > 1 for run_id in group}
+
+
+def trunk_id(run_ids: list[str]) -> str:
+    """16 hex digits naming a trunk: a hash of its run ids (as steplaw.train.trunk.trunk_id)."""
+    ids = ",".join(sorted(run_ids))
+    return hashlib.sha256(f"trunk:{ids}".encode()).hexdigest()[:16]
+
+
+def _groups(sweep: _Sweep, executor, queue: list[str], stack, trunks: dict | None = None) -> list[tuple]:
+    """The units to hand out now, at most one per idle worker slot: (run ids, None) for a
+    run or a stack, (open run ids, every run id of the trunk) for a trunk."""
     idle = max(0, executor.idle())
     if not idle or not queue:
         return []
+    units: list[tuple] = []
+    if trunks:
+        rest, handed = [], set()
+        for run_id in queue:
+            if run_id not in trunks:
+                rest.append(run_id)
+            elif run_id not in handed and len(units) < idle:
+                members = trunks[run_id]
+                handed.update(members)
+                units.append(([r for r in members if r in queue], members))
+            elif run_id not in handed:
+                rest.append(run_id)  # no slot for its trunk now: it waits for one (never alone)
+        queue = [r for r in rest if r not in trunks]
+        idle -= len(units)
+        if not idle or not queue:
+            return units
+    return units + [(group, None) for group in _stacks(sweep, executor, queue, stack, idle)]
+
+
+def _stacks(sweep: _Sweep, executor, queue: list[str], stack, idle: int) -> list[list[str]]:
+    """The groups of run ids to hand out now: at most one per idle worker slot."""
     trainer = sweep.trainer
     if stack == "off" or "stack" not in _capabilities(trainer) or getattr(executor, "group_fn", None) is None:
         return [[run_id] for run_id in queue[:idle]]
@@ -294,9 +349,11 @@ def _warn(line, message: str, shown: set):
     warn(message, PROG)
 
 
-def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="auto"):
+def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="auto", branch="auto"):
     failed_seen = 0
     shown: set = set()
+    branching = branch != "off" and "branch" in _capabilities(sweep.trainer) and hasattr(executor, "submit_trunk")
+    trunks = _trunks(sweep) if branching else {}
     total_cost = sum(sweep.costs.get(r, 0.0) for r in sweep.queue())
     done_cost = 0.0
     finished = summary.reused
@@ -306,16 +363,21 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="au
         while queue or executor.running():
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                groups = _groups(sweep, executor, queue, stack)
+                groups = _groups(sweep, executor, queue, stack, trunks)
             for warning in caught:  # e.g. "stacks of K runs do not fit the memory budget"
                 _warn(line, str(warning.message), shown)
-            handing = [run_id for group in groups for run_id in group]
+            handing = [run_id for group, _ in groups for run_id in group]
             if handing:
                 handed = set(handing)
                 queue = [run_id for run_id in queue if run_id not in handed]
                 sweep.store.mark_running(*handing)  # one transaction for the batch
                 sweep.in_flight.update(handing)
-                for group in groups:
+                for group, trunk in groups:
+                    if trunk is not None:
+                        every = [(r, sweep.configs[r], str(sweep_dir / "runs" / r)) for r in trunk]
+                        done = {r for r in trunk if r not in group}
+                        executor.submit_trunk(every, str(sweep_dir / "trunks" / trunk_id(trunk)), done)
+                        continue
                     members = [(r, sweep.configs[r], str(sweep_dir / "runs" / r)) for r in group]
                     if len(members) == 1:
                         executor.submit(*members[0])
@@ -334,6 +396,8 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="au
             if completions:
                 if sweep.planner.name != "grid" and sweep.register(sweep.planner.propose(sweep.views)):
                     line.total = sweep.total()
+                    if branching:  # new runs may share a trunk (with each other: finished trunks keep their ids)
+                        trunks = {**_trunks(sweep), **{r: t for r, t in trunks.items() if r in sweep.in_flight}}
                     # the cells' states as they stand, for a report mid-sweep
                     sweep.store.set_meta("planner_cells", sweep.planner.cell_reports(sweep.views))
                     total_cost = done_cost + sum(sweep.costs.get(r, 0.0) for r in sweep.queue() + list(sweep.in_flight))

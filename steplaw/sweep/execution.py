@@ -161,6 +161,51 @@ def run_members(run_fn, group_fn, members: list[tuple], progress=None) -> list[t
     return execute_group(group_fn, members, progress)
 
 
+def execute_trunk(trainer, members: list[tuple], trunk_dir: str, done: set[str], on_done, progress=None) -> None:
+    """Train the (run_id, config, run_dir) `members` of one trunk through the trainer's
+    `run_trunk` (capability "branch"): `on_done(run_id, result, traceback tail)` once for
+    every member not in `done`, as each branch finishes (so that the driver stores it at
+    once); members the trainer did not report (it raised, or returned early) are failed."""
+    open_ids = [run_id for run_id, _, _ in members if run_id not in done]
+    run_dirs = {}
+    for run_id, config, run_dir in members:
+        if run_id in done or run_dir is None:
+            continue
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            _drop_failed_result(run_dir)
+            run_dirs[run_id] = (run_dir, config)
+        except OSError:
+            pass
+    started, reported = time.time(), set()
+
+    def on_result(run_id, value):
+        if run_id not in open_ids or run_id in reported:
+            return
+        reported.add(run_id)
+        result = as_result(value)
+        if result.wall_s is None:
+            result.wall_s = time.time() - started
+        if run_id in run_dirs and result.status in ("ok", "diverged"):
+            _keep_result(run_dirs[run_id][0], result, run_dirs[run_id][1])
+        on_done(run_id, result, None)
+
+    reason, trace = "the trainer's run_trunk returned without a result for this run", None
+    try:
+        os.makedirs(trunk_dir, exist_ok=True)
+        kwargs = {"progress": progress} if progress is not None and "progress" in _parameters(trainer.run_trunk) else {}
+        trainer.run_trunk([config for _, config, _ in members], trunk_dir, set(done), on_result, **kwargs)
+    except MemoryError:
+        reason = "out of memory (MemoryError in the trunk)"
+    except Exception as exc:  # noqa: BLE001  (as in execute: a crash is a result)
+        trace = "\n".join(tb.format_exc().strip().splitlines()[-6:])
+        reason = f"{type(exc).__name__}: {exc}"
+    for run_id in open_ids:
+        if run_id not in reported:
+            reported.add(run_id)
+            on_done(run_id, failed(reason, time.time() - started), trace)
+
+
 def _keep_result(run_dir: str, result: RunResult, config):
     """result.json in the run directory, unless the run function wrote it (train.run does)."""
     path = os.path.join(run_dir, RESULT_NAME)

@@ -160,9 +160,18 @@ class SweepSpec:
     # Who trains the runs: "steplaw" (steplaw's own trainer: runs are RunConfigs), or
     # another trainer ("hf", "MODULE:FUNCTION", "command"): runs are trials (steplaw.trial).
     trainer: str = "steplaw"
+    # WSD runs equal but in D train as one trunk with a cooldown branch per D: "auto" (when
+    # the schedule is wsd and the trainer can branch) or "off"; None: not given (auto). An
+    # execution choice, not part of what is measured: left out of the spec's dict and id.
+    branch: str | None = None
 
     def __post_init__(self):
-        _check_types(self, skip=("models", "tokens", "fixed", "lrs", "batch_sizes"))
+        _check_types(self, skip=("models", "tokens", "fixed", "lrs", "batch_sizes", "branch"))
+        if self.branch not in (None, "auto", "off"):
+            raise UserError(f"branch={self.branch!r}: expected 'auto' or 'off'")
+        if self.branch is not None and self.fixed.get("schedule", "cosine") != "wsd":
+            raise UserError(f"branch {self.branch!r} with schedule {self.fixed.get('schedule', 'cosine')!r}: only WSD runs "
+                            "branch off a shared trunk; expected --set schedule=wsd with it, or no --branch")
         if self.objective not in OBJECTIVES:
             raise UserError(f"objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)} "
                             "(the smoothed final training loss or the validation loss)")
@@ -325,6 +334,7 @@ class SweepSpec:
             del data["objective"]
         if data["trainer"] == "steplaw":  # the same
             del data["trainer"]
+        del data["branch"]  # how the runs train, not which: the same runs and spec id either way
         new = ("name", "active_params", "args")  # unset: left out, so older specs keep their spec_id
         data["models"] = [{k: v for k, v in m.items() if not (k in new and v is None)} for m in data["models"]]
         return data

@@ -83,10 +83,30 @@ class SteplawTrainer:
 
         return plan_trunks(configs, stack=True)
 
-    def trunk_id(self, configs: list[RunConfig]) -> str:
-        from steplaw.train.trunk import trunk_id
+    def check_trunks(self, configs: list[RunConfig], explicit: bool = False) -> str | None:
+        """Check the trunks `configs` form (UserError, one sentence: a branch point inside
+        the warmup, ...); with `explicit` (--branch given) also refuse a WSD run that cannot
+        branch (a warmup left to a fraction of D, a decay fraction of 1). Returns a note to
+        show once when some WSD runs will train alone, else None."""
+        from steplaw.train.trunk import branch_points, branches, plan_trunks
 
-        return trunk_id(configs)
+        wsd = [c for c in configs if c.schedule == "wsd"]
+        if explicit:
+            for config in wsd:
+                if not branches(config):
+                    branch_points([config])  # raises check_branching's sentence
+        for group in plan_trunks(configs, stack=True):
+            by_lr: dict[float, list[RunConfig]] = {}
+            for config in group:  # a stacked trunk: one trunk per lr, trained together
+                by_lr.setdefault(config.lr, []).append(config)
+            for members in by_lr.values():
+                if len(members) > 1:
+                    branch_points(members)
+        alone = [c for c in wsd if not branches(c)]
+        if alone:
+            return (f"{len(alone)} WSD run(s) train alone: a shared trunk needs warmup_tokens set (not a fraction of D) "
+                    "and a decay_fraction below 1 (e.g. --set warmup_tokens=4096)")
+        return None
 
     def run_trunk(self, configs: list[RunConfig], trunk_dir: str, done: set[str], on_result, progress=None) -> None:
         from steplaw.train.branch import train_trunk
