@@ -265,10 +265,10 @@ def _cost(config, counts: dict | None) -> float:
     return float((counts or {}).get("active") or 0) * getattr(config, "tokens", 0)
 
 
-def _trunks(sweep: _Sweep) -> dict[str, list[str]]:
+def _trunks(sweep: _Sweep, stack="auto") -> dict[str, list[str]]:
     """run id -> the run ids of its trunk, for every run of this sweep that shares one: the
     trainer's `plan_trunks` (steplaw's: WSD runs equal but in D, and lr as a stacked trunk
-    where they form a full grid), else runs of the "wsd" schedule equal in every trial
+    where they form a full grid, unless `stack` is "off"), else runs of the "wsd" schedule equal in every trial
     field but D. A trunk holds its finished runs too, so that its id (and directory) stays
     the same when a rerun finishes what a killed one left."""
     trainer = sweep.trainer
@@ -277,7 +277,8 @@ def _trunks(sweep: _Sweep) -> dict[str, list[str]]:
     groups: list[list[str]] = []
     if native and hasattr(trainer, "plan_trunks"):
         by_config = {id(sweep.configs[r]): r for r in native}
-        groups = [[by_config[id(c)] for c in group] for group in trainer.plan_trunks([sweep.configs[r] for r in native])]
+        configs = [sweep.configs[r] for r in native]
+        groups = [[by_config[id(c)] for c in group] for group in trainer.plan_trunks(configs, stack=stack != "off")]
     trials: dict[str, list[str]] = {}
     for run_id in owned:
         config = sweep.configs[run_id]
@@ -353,7 +354,7 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="au
     failed_seen = 0
     shown: set = set()
     branching = branch != "off" and "branch" in _capabilities(sweep.trainer) and hasattr(executor, "submit_trunk")
-    trunks = _trunks(sweep) if branching else {}
+    trunks = _trunks(sweep, stack) if branching else {}
     total_cost = sum(sweep.costs.get(r, 0.0) for r in sweep.queue())
     done_cost = 0.0
     finished = summary.reused
@@ -397,7 +398,7 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="au
                 if sweep.planner.name != "grid" and sweep.register(sweep.planner.propose(sweep.views)):
                     line.total = sweep.total()
                     if branching:  # new runs may share a trunk (with each other: finished trunks keep their ids)
-                        trunks = {**_trunks(sweep), **{r: t for r, t in trunks.items() if r in sweep.in_flight}}
+                        trunks = {**_trunks(sweep, stack), **{r: t for r, t in trunks.items() if r in sweep.in_flight}}
                     # the cells' states as they stand, for a report mid-sweep
                     sweep.store.set_meta("planner_cells", sweep.planner.cell_reports(sweep.views))
                     total_cost = done_cost + sum(sweep.costs.get(r, 0.0) for r in sweep.queue() + list(sweep.in_flight))

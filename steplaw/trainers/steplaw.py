@@ -78,10 +78,10 @@ class SteplawTrainer:
 
         return run_group(configs, run_dirs=run_dirs, progress=progress)
 
-    def plan_trunks(self, configs: list[RunConfig]) -> list[list[RunConfig]]:
+    def plan_trunks(self, configs: list[RunConfig], stack: bool = True) -> list[list[RunConfig]]:
         from steplaw.train.trunk import plan_trunks
 
-        return plan_trunks(configs, stack=True)
+        return plan_trunks(configs, stack=stack)
 
     def check_trunks(self, configs: list[RunConfig], explicit: bool = False) -> str | None:
         """Check the trunks `configs` form (UserError, one sentence: a branch point inside
