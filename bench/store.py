@@ -45,6 +45,7 @@ from steplaw.sweep.executors import InlineExecutor  # noqa: E402
 from steplaw.sweep.spec import count_params  # noqa: E402
 from steplaw.sweep.store import export_rows  # noqa: E402
 from steplaw.train.config import RunConfig, RunResult  # noqa: E402
+from steplaw.trainers.steplaw import SteplawTrainer  # noqa: E402
 
 SEQ_LEN = 64
 
@@ -89,7 +90,8 @@ def bowl_run(config: RunConfig, run_dir=None) -> RunResult:
 
 def build(sweep_dir: Path, runs: list[RunConfig]) -> float:
     started = time.perf_counter()
-    summary = run_sweep(runs, sweep_dir, lambda: InlineExecutor(bowl_run, capacity=256, run_dirs=False), progress=False)
+    summary = run_sweep(runs, sweep_dir, lambda: InlineExecutor(bowl_run, capacity=256, run_dirs=False), progress=False,
+                        trainer=SteplawTrainer())
     elapsed = time.perf_counter() - started
     log(f"built {summary.total} runs ({summary.counts}) in {elapsed:.1f} s")
     return elapsed
@@ -148,7 +150,8 @@ def main():
             n = len(runs)
             build_s = build(sweep_dir, runs)
             cases = [case(f"driver: run {n} instant runs into a new store", build_s, runs_per_s=n / build_s)]
-            rerun_s = time_call(lambda: run_sweep(runs, sweep_dir, lambda: None, progress=False), args.repeats)
+            rerun_s = time_call(lambda: run_sweep(runs, sweep_dir, lambda: None, progress=False,
+                        trainer=SteplawTrainer()), args.repeats)
             cases.append(case(f"driver: rerun of the finished {n}-run sweep (nothing to run)", rerun_s))
         cases.append(case(f"export_rows of {n} runs (in-process)", time_call(lambda: export_rows(sweep_dir), args.repeats)))
         d = str(sweep_dir)

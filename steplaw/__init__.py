@@ -10,7 +10,9 @@ Importing this package does not import torch; `steplaw.ops`, `steplaw.optim`,
 Import direction
 ----------------
 Imports run one way: the kernels' Python face (ops) is used by the optimizer and the
-models, those by one training run (train), runs by sweeps (sweep); the scaling laws
+models, those by one training run (train), which steplaw's own trainer (trainers) wraps;
+the sweep (sweep) knows trainers only through the trial contract (steplaw.trial) and the
+run record (steplaw.result), handed a trainer object by the commands; the scaling laws
 (laws) depend on no training code, so a table of runs from anywhere can be fitted without
 torch; the report and the commands (steplaw/cli/, every `steplaw ...` command and entry
 point) sit on top. A layer imports only the layers above it in this table, never one
@@ -28,17 +30,17 @@ it, and that each row names only layers above it:
     laws      nothing
     train     ops optim models data
     trainers  ops optim models data train
-    sweep     ops optim models data train laws
+    sweep     ops optim models data laws
     report    ops optim models data train laws sweep
     cli       everything
 
-    neutral:  errors units runtable progress fileio trial
+    neutral:  errors units runtable progress fileio trial result
     cli:      __main__
 
 A layer is a subpackage (steplaw.<layer>.*), with no exceptions: a command module lives
 in steplaw/cli/, not in the package it serves. The neutral modules (steplaw.<name>, plain
 data and helpers: errors, units, the run-table columns, progress lines, atomic file
-writes) import nothing but each other, and any module may import them, as it may this
+writes, the trial contract, the run record) import nothing but each other, and any module may import them, as it may this
 package's `__version__`. The `cli:` line names the top-level modules that belong to the
 cli layer (steplaw.__main__, for `python -m steplaw`).
 """

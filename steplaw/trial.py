@@ -23,6 +23,8 @@ The result a trainer returns (a dict, or result.json in run_dir):
     loss                 final training loss (required unless status is not "ok")
     val_loss, status ("ok" / "diverged" / "failed"), reason, tokens, steps, wall_s,
     curve [[tokens, loss], ...]      all optional
+    trunk, tokens_trained            a branch of a trunk (steplaw.trainers: "branch"): the
+                                     trunk's id (16 hex) and the tokens this result trained
 
 `parse_result` checks a result and turns it into the fields the sweep stores; anything
 wrong (malformed JSON, a NaN or negative loss, "ok" without a loss) becomes a failed
@@ -144,6 +146,13 @@ def parse_result(data, where: str = "the trainer") -> dict:
             out[name] = int(data[name])
     if _number(data.get("wall_s")) and data["wall_s"] >= 0:
         out["wall_s"] = float(data["wall_s"])
+    # A branch of a trunk (a trainer with the "branch" capability): which trunk, and the
+    # tokens this result trained (its cooldown; the longest run also the stable phase).
+    trunk = data.get("trunk")
+    if isinstance(trunk, str) and len(trunk) == 16 and all(c in "0123456789abcdef" for c in trunk):
+        out["trunk"] = trunk
+    if _number(data.get("tokens_trained")) and data["tokens_trained"] >= 0:
+        out["tokens_trained"] = int(data["tokens_trained"])
     return out
 
 

@@ -140,13 +140,10 @@ def _add_execution_flags(parser, ray: bool = True):
                        help="train runs of one model shape (different lr, tokens and, for small dense models, batch size) "
                             "together, as one stacked model: auto (as many as fit "
                             "memory and pay off; default), at most K per stack, or off (steplaw's own trainer only)")
+    group.add_argument("--branch", choices=["auto", "off"], default=None,
+                       help="WSD runs equal but in D: auto (default with --set schedule=wsd) trains them as one trunk, the "
+                            "stable phase once and a cooldown branch per D (same runs and run ids); off: every D alone")
     group.add_argument("--quiet", "-q", action="store_true", help="no progress line")
-
-
-def load_run_fn(name: str):
-    from steplaw.trainers.python import load_function
-
-    return load_function(name, "--run-fn", "MODULE:FUNCTION, e.g. steplaw.train:run")
 
 
 def trainer_name(args) -> str:
@@ -166,7 +163,7 @@ def check_trainer(args) -> None:
         for flag, value in (("--run-timeout", args.run_timeout), ("--trainer-resumes", args.trainer_resumes or None)):
             if value is not None:
                 raise UserError(f"{flag} applies to --trainer-cmd only: expected --trainer-cmd with it")
-        load_run_fn(args.run_fn)
+        make_trainer(args).check()
         return
     if isinstance(getattr(args, "stack", "auto"), int):
         raise UserError(f"--stack {args.stack} is a setting of steplaw's own trainer: a {name} trainer's runs run alone "
@@ -190,10 +187,13 @@ def check_trainer(args) -> None:
 
 
 def make_trainer(args):
-    """The run function the executors call, and whether its runs may stack."""
+    """The trainer object (steplaw.trainers) the sweep hands its runs to; what it can do
+    (stack, branch, resume) is its `capabilities`."""
     name = trainer_name(args)
     if name == "steplaw":
-        return load_run_fn(args.run_fn)
+        from steplaw.trainers.steplaw import SteplawTrainer
+
+        return SteplawTrainer(run_fn=getattr(args, "run_fn", None) or "steplaw.train:run")
     if name == "command":
         from steplaw.trainers.command import CommandTrainer
 
@@ -236,7 +236,9 @@ def spec_from_args(args):
                         "spec.json")
     data["models"] = [m if isinstance(m, ModelSpec) else _clean_model(m) for m in data["models"]]
     data["trainer"] = trainer_name(args)
-    return SweepSpec.from_dict(data)
+    if getattr(args, "branch", None) is not None:
+        data["branch"] = args.branch
+    return SweepSpec.from_dict(data).bind(make_trainer(args))
 
 
 def _check_grid_flags(args):
@@ -290,32 +292,20 @@ def _clean_model(entry):
     return entry
 
 
-def group_fn_for(run_fn, stack):
-    """What trains a group of stacked runs: steplaw.train.stacked.run_group for steplaw's
-    own trainer (the one that declares "stack"); None (every run alone) for any other
-    trainer or --stack off."""
-    from steplaw.train.runner import run
-
-    if stack == "off" or run_fn is not run or "stack" not in getattr(run_fn, "capabilities", ("stack",)):
-        return None
-    from steplaw.train.stacked import run_group
-
-    return run_group
-
-
-def make_executor_factory(args, run_fn):
-    group_fn = group_fn_for(run_fn, getattr(args, "stack", "auto"))
+def make_executor_factory(args, trainer):
+    """The executor the command line asks for, running `trainer` (its "stack" groups through
+    the trainer's own run_group: steplaw.sweep.execution.group_function)."""
     if getattr(args, "executor", "local") == "ray":
         def make():
             from steplaw.sweep.ray_executor import RayExecutor
 
-            return RayExecutor(run_fn, address=args.address, group_fn=group_fn,
+            return RayExecutor(trainer, address=args.address,
                                **_given(cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run))
     else:
         def make():
             from steplaw.sweep.executors import LocalExecutor
 
-            return LocalExecutor(run_fn, group_fn=group_fn, workers=args.workers, threads_per_worker=args.threads_per_worker,
+            return LocalExecutor(trainer, workers=args.workers, threads_per_worker=args.threads_per_worker,
                                  **_given(workers_per_gpu=args.workers_per_gpu))
     return make
 
@@ -337,19 +327,42 @@ def run_spec(spec, args):
     from steplaw.sweep.spec import validate_runs
 
     _check_out(args.out)
-    run_fn = make_trainer(args)
-    if spec.trainer != "steplaw" and not args.quiet:
+    trainer = make_trainer(args)
+    spec.bind(trainer)
+    if "stack" not in trainer.capabilities and trainer.name != "steplaw" and not args.quiet:
         warn(f"the {spec.trainer} trainer's runs run alone (stacking is steplaw's own trainer's)", "steplaw sweep")
     planner = make_planner(spec, args)
     grid_runs = spec.expand()
     # The adaptive planner proposes runs as it goes, all with the spec's fixed settings:
     # checking the grid's runs checks every setting its proposals can carry.
-    validate_runs(grid_runs, local=getattr(args, "executor", "local") != "ray")
+    validate_runs(grid_runs, local=getattr(args, "executor", "local") != "ray", trainer=trainer)
+    branch = check_branch(spec, trainer, grid_runs, args)
     runs = grid_runs if planner is None else []
     line = ProgressLine(len(runs), enabled=not args.quiet)
-    return run_sweep(runs, args.out, make_executor_factory(args, run_fn), max_attempts=args.max_attempts,
+    return run_sweep(runs, args.out, make_executor_factory(args, trainer), max_attempts=args.max_attempts,
                      spec=spec.to_dict(), progress=line, retry_failed=args.retry_failed, new_spec=args.new_spec,
-                     planner=planner, stack=getattr(args, "stack", "auto"))
+                     planner=planner, stack=getattr(args, "stack", "auto"), trainer=trainer,
+                     branch=branch)
+
+
+def check_branch(spec, trainer, runs, args) -> str:
+    """Whether the sweep branches ("auto" or "off"), its trunks checked before anything
+    runs (a bad branching setting, given --branch, is one sentence: exit 2); a sweep that
+    would branch but cannot says so once."""
+    wanted = spec.branch or "auto"
+    if wanted == "off" or spec.fixed.get("schedule") != "wsd":
+        return "off"
+    quiet = getattr(args, "quiet", False)
+    if "branch" not in getattr(trainer, "capabilities", ()):
+        if not quiet:
+            warn(f"the {trainer.name} trainer does not branch WSD runs (no 'branch' capability): every D trains alone",
+                 "steplaw sweep")
+        return "off"
+    if hasattr(trainer, "check_trunks"):
+        alone = trainer.check_trunks(runs, explicit=spec.branch is not None)
+        if alone and not quiet:
+            warn(alone, "steplaw sweep")
+    return "auto"
 
 
 def report_failures(summary, out) -> int:
@@ -421,7 +434,7 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         check_spec_change(spec, args)
         runs = spec.expand()
-        validate_runs(runs, local=args.executor != "ray")
+        validate_runs(runs, local=args.executor != "ray", trainer=make_trainer(args))
         if getattr(args, "planner", "grid") == "adaptive":
             return dry_run_adaptive(spec, args)
         cells = spec.cells()

@@ -15,17 +15,22 @@ back. A driver killed at any point leaves at worst some rows `running`; the next
 run is never recorded twice: the row is keyed by run id and a result overwrites only
 that row's attempt.
 
-Stacking (`stack`: "auto", a positive K or "off"; steplaw.train.stacked): when the
-executor can train groups (it has a `group_fn`), the runs handed out at one time that
-may stack (steplaw.train.stacked.stack_key: one model shape, differing in lr, token budget
-and, for small dense models, batch size) go to one worker slot as one group (`plan_stacks` says how many per
-group). Only runs ready now are grouped, never held back to wait for more; groups are
+The trainer (steplaw.trainers; chosen by the command line, handed in as `trainer`) is
+all the driver knows of what trains the runs: it rebuilds a stored run (`from_dict`),
+counts its parameters (`counts`), and what it may do is its `capabilities`.
+
+Stacking (`stack`: "auto", a positive K or "off"): when the trainer declares "stack" and
+the executor can train groups (it has a `group_fn`), the runs handed out at one time that
+may stack (for steplaw's own trainer: one model shape, differing in lr, token budget
+and, for small dense models, batch size) go to one worker slot as one group (the
+trainer's `plan_stacks` says how many per group). Only runs ready now are grouped, never held back to wait for more; groups are
 halved while workers would otherwise sit idle. A group's members are recorded one by
 one like any run: a killed stack leaves them `running`, and the next driver runs them
 again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import warnings
@@ -36,12 +41,11 @@ from steplaw.errors import warn
 from steplaw.progress import ProgressLine, format_duration
 from steplaw.runtable import result_fields
 from steplaw.sweep.planner import GridPlanner, RunView
-from steplaw.sweep.spec import count_params
 from steplaw.sweep.store import DriverLock, ResultStore
-from steplaw.train.config import RunConfig
 from steplaw.trial import Trial
 
 PROG = "steplaw sweep"  # the name the driver's warnings go under
+STACK_WINDOW = 32  # runs per stack the queue's window allows for under "auto", unless the trainer says
 
 
 @dataclass
@@ -77,19 +81,28 @@ class SweepSummary:
         return text
 
 
-def _counts(config, by_model: dict) -> dict | None:
+def _counts(config, by_model: dict, trainer) -> dict | None:
     """Parameter counts of a proposed run, counted once per model shape (a large sweep
     proposes thousands of runs of a few shapes)."""
-    if isinstance(config, RunConfig):
-        if config.model not in by_model:
-            by_model[config.model] = count_params(config.model)
-        return by_model[config.model]
-    return config.counts()  # a replayed run carries its table's counts
+    if hasattr(config, "counts"):  # a trial, or a replayed run: it carries its counts
+        return config.counts()
+    if trainer is None or not hasattr(trainer, "counts"):
+        return None
+    model = getattr(config, "model", None)
+    if model not in by_model:
+        by_model[model] = trainer.counts(config)
+    return by_model[model]
 
 
-def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, max_attempts: int = 2,
+def _native(config) -> bool:
+    """Whether `config` is the trainer's own run (not a trial, not a replayed row)."""
+    return not hasattr(config, "counts")
+
+
+def run_sweep(runs: list, sweep_dir: str | Path, make_executor, *, max_attempts: int = 2,
               spec: dict | None = None, progress: ProgressLine | bool = True, retry_failed: bool = False,
-              planner=None, new_spec: bool = False, stack: str | int = "auto") -> SweepSummary:
+              planner=None, new_spec: bool = False, stack: str | int = "auto", trainer=None,
+              branch: str = "auto") -> SweepSummary:
     """Run the sweep's runs not yet finished in the store of `sweep_dir`.
 
     `planner` (steplaw.sweep.planner) proposes the runs from the finished ones; None runs
@@ -98,13 +111,15 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
     invocations (`retry_failed` grants them `max_attempts` more); diverged runs are results.
     `spec` (a dict) is recorded as the directory's spec (ResultStore.record_spec): one that
     differs from the stored spec is refused unless `new_spec`. `stack`: how runs that
-    may stack (steplaw.train.stacked.stack_key) train together ("auto", at most K per stack, or "off"), when the
-    executor has a `group_fn`.
+    may stack train together ("auto", at most K per stack, or "off"), when `trainer`
+    (steplaw.trainers) declares "stack" and the executor has a `group_fn`. `trainer`
+    also rebuilds stored runs of an interrupted batch and counts parameters; None: the
+    runs are trials or replayed rows, which carry both. `branch` ("auto" or "off"): with
+    "auto" and a trainer that declares "branch", runs that share a WSD trunk (equal but
+    in D) train as one unit through its `run_trunk` (see `_trunks`).
     """
-    if stack not in ("auto", "off"):  # a bad `stack` is a UserError before anything starts
-        from steplaw.train.stacked import plan_stacks  # (lazily: it imports torch, which a replay does without)
-
-        plan_stacks([], stack)
+    if stack not in ("auto", "off") and "stack" in _capabilities(trainer):  # a bad `stack`: a UserError up front
+        trainer.plan_stacks([], stack)
     sweep_dir = Path(sweep_dir)
     started = time.time()
     if planner is None:
@@ -120,14 +135,14 @@ def run_sweep(runs: list[RunConfig], sweep_dir: str | Path, make_executor, *, ma
         if retry_failed:
             store.reset_failed()
         objective = (spec or {}).get("objective", "loss")
-        sweep = _Sweep(store, planner, max_attempts, spec_id, objective)
+        sweep = _Sweep(store, planner, max_attempts, spec_id, objective, trainer)
         sweep.register(planner.propose(sweep.views))
         summary = SweepSummary(sweep_dir, 0, planner=planner.name)
         summary.reused = sum(1 for view in sweep.views.values() if view.state != "open" and planner.owns(view))
         line = progress if isinstance(progress, ProgressLine) else ProgressLine(0, enabled=bool(progress))
         line.total = sweep.total()
         if sweep.queue():
-            _drive(sweep, make_executor(), line, summary, sweep_dir, started, stack)
+            _drive(sweep, make_executor(), line, summary, sweep_dir, started, stack, branch)
         owned = sweep.owned_ids()
         summary.total = len(owned)
         summary.counts, summary.stacked = store.outcome_counts(owned)
@@ -143,8 +158,9 @@ class _Sweep:
     """The driver's view of the store: RunViews for the planner, configs and the queue."""
 
     def __init__(self, store: ResultStore, planner, max_attempts: int, spec_id: str | None = None,
-                 objective: str = "loss"):
+                 objective: str = "loss", trainer=None):
         self.store, self.planner, self.max_attempts, self.spec_id = store, planner, max_attempts, spec_id
+        self.trainer = trainer
         self.objective = objective  # the run-table column the planner sees as a run's loss
         self.by_model: dict = {}
         self.configs: dict[str, object] = {}
@@ -172,7 +188,7 @@ class _Sweep:
             if run_id in self.configs:
                 continue
             self.configs[run_id] = config
-            count = _counts(config, self.by_model)
+            count = _counts(config, self.by_model, self.trainer)
             self.costs[run_id] = _cost(config, count)
             if run_id not in self.views:
                 new.append({**config.to_dict(), "run_id": run_id})
@@ -199,8 +215,8 @@ class _Sweep:
                 if view.state == "open" and run_id not in self.in_flight and self.planner.owns(view)]
         for run_id in todo:
             if run_id not in self.configs:  # an open run of an interrupted batch: rebuild it
-                self.configs[run_id] = _config_of(self.views[run_id].config)
-                self.costs[run_id] = _cost(self.configs[run_id], None)
+                self.configs[run_id] = _config_of(self.views[run_id].config, self.trainer)
+                self.costs[run_id] = _cost(self.configs[run_id], _counts(self.configs[run_id], self.by_model, self.trainer))
         if self.planner.name == "grid":
             todo.sort(key=lambda r: -self.costs[r])
         return todo
@@ -222,41 +238,100 @@ class _Sweep:
         return statuses
 
 
-def _config_of(config: dict):
+def _capabilities(trainer) -> tuple:
+    return tuple(getattr(trainer, "capabilities", ()) or ())
+
+
+def _config_of(config: dict, trainer):
+    """A stored run's config dict as the run object it was proposed as."""
     if "contract" in config:  # a trial for another trainer (steplaw.trial)
         return Trial.from_dict(config)
     if "replay" in config:
         from steplaw.sweep.replay import ReplayRun
 
         return ReplayRun.from_dict(config)
-    return RunConfig.from_dict(config)
+    if trainer is None or not hasattr(trainer, "from_dict"):
+        raise RuntimeError("the store holds an unfinished run of a trainer's own kind (e.g. steplaw's RunConfig): "
+                           "run_sweep needs that trainer (trainer=) to rebuild it")
+    return trainer.from_dict(config)
 
 
 def _cost(config, counts: dict | None) -> float:
+    """params x tokens, the driver's measure of a run's work (ETA, largest first)."""
     if isinstance(config, Trial):
         return float(config.N_active or config.N) * config.D
-    if not isinstance(config, RunConfig):
+    if not _native(config):
         return 0.0
-    params = (counts or {}).get("active") or (config.model.d_model**2 * 12 * config.model.n_layers)
-    return float(params) * config.tokens
+    return float((counts or {}).get("active") or 0) * getattr(config, "tokens", 0)
 
 
-def _groups(sweep: _Sweep, executor, queue: list[str], stack) -> list[list[str]]:
-    """The groups of run ids to hand out now: at most one per idle worker slot."""
+def _trunks(sweep: _Sweep, stack="auto") -> dict[str, list[str]]:
+    """run id -> the run ids of its trunk, for every run of this sweep that shares one: the
+    trainer's `plan_trunks` (steplaw's: WSD runs equal but in D, and lr as a stacked trunk
+    where they form a full grid, unless `stack` is "off"), else runs of the "wsd" schedule equal in every trial
+    field but D. A trunk holds its finished runs too, so that its id (and directory) stays
+    the same when a rerun finishes what a killed one left."""
+    trainer = sweep.trainer
+    owned = [run_id for run_id in sweep.configs if run_id in sweep.views and sweep.planner.owns(sweep.views[run_id])]
+    native = [run_id for run_id in owned if _native(sweep.configs[run_id])]
+    groups: list[list[str]] = []
+    if native and hasattr(trainer, "plan_trunks"):
+        by_config = {id(sweep.configs[r]): r for r in native}
+        configs = [sweep.configs[r] for r in native]
+        groups = [[by_config[id(c)] for c in group] for group in trainer.plan_trunks(configs, stack=stack != "off")]
+    trials: dict[str, list[str]] = {}
+    for run_id in owned:
+        config = sweep.configs[run_id]
+        if isinstance(config, Trial) and config.schedule == "wsd":
+            key = json.dumps({**config.to_dict(), "D": None}, sort_keys=True, default=str)
+            trials.setdefault(key, []).append(run_id)
+    groups += list(trials.values())
+    return {run_id: group for group in groups if len(group) > 1 for run_id in group}
+
+
+def trunk_id(run_ids: list[str]) -> str:
+    """16 hex digits naming a trunk: a hash of its run ids (as steplaw.train.trunk.trunk_id)."""
+    ids = ",".join(sorted(run_ids))
+    return hashlib.sha256(f"trunk:{ids}".encode()).hexdigest()[:16]
+
+
+def _groups(sweep: _Sweep, executor, queue: list[str], stack, trunks: dict | None = None) -> list[tuple]:
+    """The units to hand out now, at most one per idle worker slot: (run ids, None) for a
+    run or a stack, (open run ids, every run id of the trunk) for a trunk."""
     idle = max(0, executor.idle())
     if not idle or not queue:
         return []
-    if stack == "off" or getattr(executor, "group_fn", None) is None:
-        return [[run_id] for run_id in queue[:idle]]
-    from steplaw.train.stacked import AUTO_STACK_LIMIT, plan_stacks
+    units: list[tuple] = []
+    if trunks:
+        rest, handed = [], set()
+        for run_id in queue:
+            if run_id not in trunks:
+                rest.append(run_id)
+            elif run_id not in handed and len(units) < idle:
+                members = trunks[run_id]
+                handed.update(members)
+                units.append(([r for r in members if r in queue], members))
+            elif run_id not in handed:
+                rest.append(run_id)  # no slot for its trunk now: it waits for one (never alone)
+        queue = [r for r in rest if r not in trunks]
+        idle -= len(units)
+        if not idle or not queue:
+            return units
+    return units + [(group, None) for group in _stacks(sweep, executor, queue, stack, idle)]
 
+
+def _stacks(sweep: _Sweep, executor, queue: list[str], stack, idle: int) -> list[list[str]]:
+    """The groups of run ids to hand out now: at most one per idle worker slot."""
+    trainer = sweep.trainer
+    if stack == "off" or "stack" not in _capabilities(trainer) or getattr(executor, "group_fn", None) is None:
+        return [[run_id] for run_id in queue[:idle]]
     # a window of the queue large enough to fill every idle slot with full stacks even when
     # the runs of a stack are spread out in it (the grid's order interleaves batch sizes)
-    window = queue[:4 * idle * (stack if isinstance(stack, int) else max(AUTO_STACK_LIMIT.values()))]
-    trainable = [r for r in window if isinstance(sweep.configs[r], RunConfig)]
+    window = queue[:4 * idle * (stack if isinstance(stack, int) else getattr(trainer, "stack_window", STACK_WINDOW))]
+    trainable = [r for r in window if _native(sweep.configs[r])]
     by_config = {id(sweep.configs[r]): r for r in trainable}
-    groups = [[by_config[id(c)] for c in group] for group in plan_stacks([sweep.configs[r] for r in trainable], stack)]
-    groups += [[r] for r in window if not isinstance(sweep.configs[r], RunConfig)]  # replayed runs: alone
+    groups = [[by_config[id(c)] for c in group] for group in trainer.plan_stacks([sweep.configs[r] for r in trainable], stack)]
+    groups += [[r] for r in window if not _native(sweep.configs[r])]  # trials, replayed runs: alone
     position = {run_id: i for i, run_id in enumerate(window)}
     groups.sort(key=lambda group: min(position[run_id] for run_id in group))
     while len(groups) < idle and max(len(g) for g in groups) > 1:  # a worker idle costs more than a smaller stack
@@ -275,9 +350,11 @@ def _warn(line, message: str, shown: set):
     warn(message, PROG)
 
 
-def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="auto"):
+def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="auto", branch="auto"):
     failed_seen = 0
     shown: set = set()
+    branching = branch != "off" and "branch" in _capabilities(sweep.trainer) and hasattr(executor, "submit_trunk")
+    trunks = _trunks(sweep, stack) if branching else {}
     total_cost = sum(sweep.costs.get(r, 0.0) for r in sweep.queue())
     done_cost = 0.0
     finished = summary.reused
@@ -287,16 +364,21 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="au
         while queue or executor.running():
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                groups = _groups(sweep, executor, queue, stack)
+                groups = _groups(sweep, executor, queue, stack, trunks)
             for warning in caught:  # e.g. "stacks of K runs do not fit the memory budget"
                 _warn(line, str(warning.message), shown)
-            handing = [run_id for group in groups for run_id in group]
+            handing = [run_id for group, _ in groups for run_id in group]
             if handing:
                 handed = set(handing)
                 queue = [run_id for run_id in queue if run_id not in handed]
                 sweep.store.mark_running(*handing)  # one transaction for the batch
                 sweep.in_flight.update(handing)
-                for group in groups:
+                for group, trunk in groups:
+                    if trunk is not None:
+                        every = [(r, sweep.configs[r], str(sweep_dir / "runs" / r)) for r in trunk]
+                        done = {r for r in trunk if r not in group}
+                        executor.submit_trunk(every, str(sweep_dir / "trunks" / trunk_id(trunk)), done)
+                        continue
                     members = [(r, sweep.configs[r], str(sweep_dir / "runs" / r)) for r in group]
                     if len(members) == 1:
                         executor.submit(*members[0])
@@ -315,6 +397,8 @@ def _drive(sweep: _Sweep, executor, line, summary, sweep_dir, started, stack="au
             if completions:
                 if sweep.planner.name != "grid" and sweep.register(sweep.planner.propose(sweep.views)):
                     line.total = sweep.total()
+                    if branching:  # new runs may share a trunk (with each other: finished trunks keep their ids)
+                        trunks = {**_trunks(sweep, stack), **{r: t for r, t in trunks.items() if r in sweep.in_flight}}
                     # the cells' states as they stand, for a report mid-sweep
                     sweep.store.set_meta("planner_cells", sweep.planner.cell_reports(sweep.views))
                     total_cost = done_cost + sum(sweep.costs.get(r, 0.0) for r in sweep.queue() + list(sweep.in_flight))

@@ -1,4 +1,4 @@
-"""What every executor shares: running one config or one group through a run function,
+"""What every executor shares: running one config or one group through a trainer,
 and what comes back (steplaw.sweep.executors and steplaw.sweep.ray_executor use it).
 
 A run reports exactly once, as a `Completion` holding a `RunResult`: a run that raises is
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from steplaw import __version__
 from steplaw.fileio import write_atomic
-from steplaw.train.config import RunConfig, RunResult
+from steplaw.result import RunResult
 
 PROGRESS_INTERVAL_S = 0.5
 RESULT_NAME = "result.json"
@@ -81,7 +81,7 @@ def as_result(value) -> RunResult:
     return result
 
 
-def execute(run_fn, config: RunConfig, run_dir: str | None, progress=None) -> tuple[RunResult, str | None]:
+def execute(run_fn, config, run_dir: str | None, progress=None) -> tuple[RunResult, str | None]:
     """Run one config through `run_fn`: (its RunResult, the traceback tail if it raised)."""
     started = time.time()
     trace = None
@@ -144,6 +144,16 @@ def execute_group(group_fn, members: list[tuple], progress=None) -> list[tuple[R
     return out
 
 
+def group_function(trainer, group_fn=None):
+    """What trains a stacked group: `group_fn` when given, else the `run_group` of a
+    trainer that declares the "stack" capability (steplaw.trainers), else None."""
+    if group_fn is not None:
+        return group_fn
+    if "stack" in getattr(trainer, "capabilities", ()):
+        return trainer.run_group
+    return None
+
+
 def run_members(run_fn, group_fn, members: list[tuple], progress=None) -> list[tuple[RunResult, str | None]]:
     """A group of one through `run_fn` (checkpoints and resume as usual), more through `group_fn`."""
     if len(members) == 1 or group_fn is None:
@@ -151,7 +161,52 @@ def run_members(run_fn, group_fn, members: list[tuple], progress=None) -> list[t
     return execute_group(group_fn, members, progress)
 
 
-def _keep_result(run_dir: str, result: RunResult, config: RunConfig):
+def execute_trunk(trainer, members: list[tuple], trunk_dir: str, done: set[str], on_done, progress=None) -> None:
+    """Train the (run_id, config, run_dir) `members` of one trunk through the trainer's
+    `run_trunk` (capability "branch"): `on_done(run_id, result, traceback tail)` once for
+    every member not in `done`, as each branch finishes (so that the driver stores it at
+    once); members the trainer did not report (it raised, or returned early) are failed."""
+    open_ids = [run_id for run_id, _, _ in members if run_id not in done]
+    run_dirs = {}
+    for run_id, config, run_dir in members:
+        if run_id in done or run_dir is None:
+            continue
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            _drop_failed_result(run_dir)
+            run_dirs[run_id] = (run_dir, config)
+        except OSError:
+            pass
+    started, reported = time.time(), set()
+
+    def on_result(run_id, value):
+        if run_id not in open_ids or run_id in reported:
+            return
+        reported.add(run_id)
+        result = as_result(value)
+        if result.wall_s is None:
+            result.wall_s = time.time() - started
+        if run_id in run_dirs and result.status in ("ok", "diverged"):
+            _keep_result(run_dirs[run_id][0], result, run_dirs[run_id][1])
+        on_done(run_id, result, None)
+
+    reason, trace = "the trainer's run_trunk returned without a result for this run", None
+    try:
+        os.makedirs(trunk_dir, exist_ok=True)
+        kwargs = {"progress": progress} if progress is not None and "progress" in _parameters(trainer.run_trunk) else {}
+        trainer.run_trunk([config for _, config, _ in members], trunk_dir, set(done), on_result, **kwargs)
+    except MemoryError:
+        reason = "out of memory (MemoryError in the trunk)"
+    except Exception as exc:  # noqa: BLE001  (as in execute: a crash is a result)
+        trace = "\n".join(tb.format_exc().strip().splitlines()[-6:])
+        reason = f"{type(exc).__name__}: {exc}"
+    for run_id in open_ids:
+        if run_id not in reported:
+            reported.add(run_id)
+            on_done(run_id, failed(reason, time.time() - started), trace)
+
+
+def _keep_result(run_dir: str, result: RunResult, config):
     """result.json in the run directory, unless the run function wrote it (train.run does)."""
     path = os.path.join(run_dir, RESULT_NAME)
     if os.path.exists(path):

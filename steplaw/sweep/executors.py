@@ -1,18 +1,19 @@
 """Where runs execute: a local pool of worker processes, or inline (Ray tasks on a
 cluster: steplaw.sweep.ray_executor; what they share: steplaw.sweep.execution).
 
-All take the run function as a parameter (`run_fn(config: RunConfig, run_dir=...,
+All take the run function as a parameter (`run_fn(config, run_dir=...,
 [progress=...]) -> RunResult`, importable by name so that it pickles), so the driver and
 the tests can swap it. All report every submitted run exactly once, as a `Completion`
 holding a `RunResult`: a run that raises is `failed` with the error as its reason, a
 worker that dies (out of memory, killed) is `failed` with how it died.
 
 The interface the driver uses: `capacity`, `idle()`, `running()`, `submit(run_id,
-config: RunConfig, run_dir)`, `submit_group([(run_id, config, run_dir), ...])`,
+config, run_dir)`, `submit_group([(run_id, config, run_dir), ...])`,
 `poll(timeout) -> (completions, progress updates)` and `close(force=False)`.
 
 Stacked runs: an executor given a `group_fn` (`group_fn(configs, run_dirs=...,
-progress=...) -> [RunResult]`, e.g. steplaw.train.stacked.run_group) takes a group of
+progress=...) -> [RunResult]`; by default the `run_group` of a trainer that declares the
+"stack" capability, e.g. steplaw's own) takes a group of
 runs as one unit: one worker slot (one Ray task) trains them together and reports one
 completion per member. A worker that dies fails every member of its group. A group of
 one takes the single-run path (`run_fn`).
@@ -43,11 +44,12 @@ from steplaw.sweep.execution import (
     Progress,
     cpu_count,
     describe_exit,
+    execute_trunk,
     failed,
+    group_function,
     run_members,
     versions,
 )
-from steplaw.train.config import RunConfig
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # steplaw/
 
@@ -83,23 +85,41 @@ def _worker_main(conn, run_fn, threads: int, parent_pid: int, group_fn=None):
             return
         if message is None:
             return
-        members = message  # [(run_id, config, run_dir), ...]: one run, or a group to stack
+        trunk = None
+        if isinstance(message, tuple) and message and message[0] == "trunk":  # ("trunk", members, dir, done)
+            _, members, trunk_dir, done = message
+            trunk = (trunk_dir, done)
+        else:
+            members = message  # [(run_id, config, run_dir), ...]: one run, or a group to stack
         last = [0.0]
 
-        def progress(info, run_id=members[0][0], last=last):
+        first = members[0][0]
+
+        def progress(info, run_id=first, last=last):
             now = time.monotonic()
             if now - last[0] >= PROGRESS_INTERVAL_S:
                 last[0] = now
                 with contextlib.suppress(Exception):
                     conn.send(("progress", run_id, dict(info)))
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
-            outcomes = run_members(run_fn, group_fn, members, progress)
+        if trunk is not None:  # each branch's result goes back as it finishes
+            def send(run_id, result, trace):
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    conn.send(("done", run_id, result, host, versions(), trace))
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                execute_trunk(run_fn, members, trunk[0], trunk[1], send, progress)
+            outcomes = []
+            members = []
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                outcomes = run_members(run_fn, group_fn, members, progress)
         try:
             for warning in caught:
                 if warning.filename.startswith(_PACKAGE_DIR):  # steplaw's own: the driver shows it once
-                    conn.send(("progress", members[0][0], {"warning": str(warning.message)}))
+                    conn.send(("progress", first, {"warning": str(warning.message)}))
                 else:
                     warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
             for (run_id, _, _), (result, trace) in zip(members, outcomes):
@@ -136,6 +156,7 @@ class LocalExecutor:
     slots: list = field(default_factory=list, init=False)
 
     def __post_init__(self):
+        self.group_fn = group_function(self.run_fn, self.group_fn)
         gpus = self.gpus
         if gpus is None:
             import torch
@@ -181,7 +202,7 @@ class LocalExecutor:
         child_conn.close()
         slot.process, slot.conn, slot.run_ids = process, parent_conn, []
 
-    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
+    def submit(self, run_id: str, config, run_dir: str | None):
         self.submit_group([(run_id, config, run_dir)])
 
     def submit_group(self, members: list[tuple]):
@@ -198,6 +219,22 @@ class LocalExecutor:
             self._start(slot)
             slot.conn.send(members)
         slot.run_ids, slot.started = [run_id for run_id, _, _ in members], time.time()
+
+    def submit_trunk(self, members: list[tuple], trunk_dir: str, done: set[str]):
+        """Hand one trunk (every member, `done` ones too: they fix the trunk) to an idle
+        worker; a completion comes back for each member not in `done`, as it finishes."""
+        slot = next((s for s in self.slots if not s.run_ids), None)
+        if slot is None:
+            raise RuntimeError("submit_trunk() with no idle worker")
+        message = ("trunk", [tuple(m) for m in members], str(trunk_dir), set(done))
+        if slot.process is None or not slot.process.is_alive():
+            self._start(slot)
+        try:
+            slot.conn.send(message)
+        except (BrokenPipeError, OSError):
+            self._start(slot)
+            slot.conn.send(message)
+        slot.run_ids, slot.started = [m[0] for m in members if m[0] not in done], time.time()
 
     def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
         busy = [s for s in self.slots if s.run_ids]
@@ -291,7 +328,7 @@ class InlineExecutor:
         if capacity < 1:
             raise UserError(f"capacity={capacity}: expected at least 1 run at a time")
         self.run_fn = run_fn
-        self.group_fn = group_fn
+        self.group_fn = group_function(run_fn, group_fn)
         self._capacity = capacity
         self.run_dirs = run_dirs
         self.queue: deque = deque()  # ([(run_id, config, run_dir), ...], submitted at): one unit each
@@ -305,19 +342,28 @@ class InlineExecutor:
         return self._capacity - len(self.queue)
 
     def running(self) -> dict[str, float]:
-        return {member[0]: started for members, started in self.queue for member in members}
+        return {member[0]: unit[1] for unit in self.queue for member in unit[0]}
 
-    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
+    def submit(self, run_id: str, config, run_dir: str | None):
         self.submit_group([(run_id, config, run_dir)])
 
     def submit_group(self, members: list[tuple]):
         members = [(run_id, config, run_dir if self.run_dirs else None) for run_id, config, run_dir in members]
         self.queue.append((members, time.time()))
 
+    def submit_trunk(self, members: list[tuple], trunk_dir: str, done: set[str]):
+        members = [(run_id, config, run_dir if self.run_dirs else None) for run_id, config, run_dir in members]
+        self.queue.append(([m for m in members if m[0] not in done], time.time(), (members, str(trunk_dir), set(done))))
+
     def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
         done = []
         while self.queue:
-            members, _ = self.queue.popleft()
+            members, _, *trunk = self.queue.popleft()
+            if trunk:
+                every, trunk_dir, finished = trunk[0]
+                execute_trunk(self.run_fn, every, trunk_dir, finished,
+                              lambda run_id, result, trace: done.append(Completion(run_id, result, self.host, None, trace)))
+                continue
             for (run_id, _, _), (result, trace) in zip(members, run_members(self.run_fn, self.group_fn, members)):
                 done.append(Completion(run_id, result, self.host, None, trace))
         return done, []

@@ -12,8 +12,16 @@ import socket
 import time
 
 from steplaw.errors import UserError
-from steplaw.sweep.execution import Completion, Progress, cpu_count, failed, run_members, versions
-from steplaw.train.config import RunConfig
+from steplaw.sweep.execution import (
+    Completion,
+    Progress,
+    cpu_count,
+    execute_trunk,
+    failed,
+    group_function,
+    run_members,
+    versions,
+)
 
 
 def _ray_task(run_fn, group_fn, members: list[tuple], threads: int):
@@ -21,6 +29,19 @@ def _ray_task(run_fn, group_fn, members: list[tuple], threads: int):
 
     torch.set_num_threads(max(1, threads))
     outcomes = run_members(run_fn, group_fn, members)
+    return outcomes, socket.gethostname(), versions()
+
+
+def _ray_trunk_task(run_fn, members: list[tuple], trunk_dir: str, done: set, threads: int):
+    """One trunk as one task; its results come back together when it ends (each branch is
+    also kept durably in the trunk directory, which must be on storage the driver's node
+    shares, so that a lost task's rerun resumes from its checkpoints)."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    by_id = {}
+    execute_trunk(run_fn, members, trunk_dir, done, lambda run_id, result, trace: by_id.__setitem__(run_id, (result, trace)))
+    outcomes = [by_id[run_id] for run_id, _, _ in members if run_id not in done]
     return outcomes, socket.gethostname(), versions()
 
 
@@ -74,9 +95,10 @@ class RayExecutor:
             raise UserError(f"gpus_per_run={gpus_per_run} but the Ray cluster has no GPU: expected 0 GPUs per run here")
         self._capacity = max_in_flight or max(1, int(min(by_cpu, by_gpu)))
         self.task = ray.remote(_ray_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+        self.trunk_task = ray.remote(_ray_trunk_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
         self.run_fn_ref = ray.put(run_fn)
-        self.group_fn = group_fn
-        self.group_fn_ref = ray.put(group_fn)
+        self.group_fn = group_function(run_fn, group_fn)
+        self.group_fn_ref = ray.put(self.group_fn)
         self.threads = max(1, int(cpus_per_run))
         self.refs: dict = {}  # ObjectRef -> (run ids of its group, started); a task's resources hold one group
 
@@ -90,13 +112,18 @@ class RayExecutor:
     def running(self) -> dict[str, float]:
         return {run_id: started for run_ids, started in self.refs.values() for run_id in run_ids}
 
-    def submit(self, run_id: str, config: RunConfig, run_dir: str | None):
+    def submit(self, run_id: str, config, run_dir: str | None):
         self.submit_group([(run_id, config, run_dir)])
 
     def submit_group(self, members: list[tuple]):
         members = [tuple(m) for m in members]
         ref = self.task.remote(self.run_fn_ref, self.group_fn_ref, members, self.threads)
         self.refs[ref] = ([run_id for run_id, _, _ in members], time.time())
+
+    def submit_trunk(self, members: list[tuple], trunk_dir: str, done: set[str]):
+        members = [tuple(m) for m in members]
+        ref = self.trunk_task.remote(self.run_fn_ref, members, str(trunk_dir), set(done), self.threads)
+        self.refs[ref] = ([run_id for run_id, _, _ in members if run_id not in done], time.time())
 
     def poll(self, timeout: float) -> tuple[list[Completion], list[Progress]]:
         if not self.refs:

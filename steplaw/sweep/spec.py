@@ -1,6 +1,8 @@
 """What a sweep runs: model sizes x token budgets x (peak LR x batch size) per cell.
 
-A `SweepSpec` expands into `RunConfig`s. Each (N, D) *cell* gets its own grid:
+A `SweepSpec` expands into runs: steplaw's own trainer's `RunConfig`s, built by the
+trainer the spec is bound to (`SweepSpec.bind`; the sweep knows no RunConfig), or trials
+(steplaw.trial) for any other trainer. Each (N, D) *cell* gets its own grid:
 
 - Learning rates: `lr_points` values, log-spaced from centre/`lr_span` to
   centre*`lr_span` (default 5 points over x/÷ 4: a 16x range, ratio 2 between points).
@@ -16,7 +18,7 @@ values. The paper reports optima within about 2x of the law on its own models, s
 brackets them there; tiny models on a tiny corpus can sit further away, which the report
 flags as optima on the grid edge.
 
-Run ids are `RunConfig.run_id()`: a hash of the full config, so a changed setting is a
+Run ids are the run's `run_id()`: a hash of the full config, so a changed setting is a
 new run and an unchanged one is found again in the store.
 
 Checks: a spec (file, dict or flags) with a wrong type, an unknown key or an impossible
@@ -39,7 +41,6 @@ from steplaw.errors import UserError, config_errors, raise_problems
 from steplaw.laws.published import step_law
 from steplaw.models.config import ModelConfig, MoEConfig
 from steplaw.runtable import OBJECTIVES
-from steplaw.train.config import RunConfig
 from steplaw.trial import Trial
 from steplaw.units import parse_count
 
@@ -52,7 +53,9 @@ __all__ = ["ModelSpec", "SweepSpec", "Cell", "step_law", "count_params", "lr_gri
 MAX_PARAMS = 10**15
 MAX_TOKENS = 10**15
 
-_RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "tokens", "lr", "batch_tokens"}
+# The sequence length of every trainer's runs when the spec sets none (steplaw's own:
+# RunConfig.seq_len's default, checked in tests/sweep/test_spec.py).
+DEFAULT_SEQ_LEN = 128
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
 _MOE_FIELDS = {f.name for f in dataclasses.fields(MoEConfig)}
 # The fixed settings a trial names (steplaw.trial); the others go in its `settings`.
@@ -136,13 +139,6 @@ class Cell:
     name: str = ""  # the model's name in a trial (its label, or a user model's name)
     args: dict = field(default_factory=dict)  # a trial's `args`: a user model's table, or steplaw's shape
 
-    def configs(self, fixed: dict) -> list[RunConfig]:
-        return [
-            RunConfig(model=self.model, tokens=self.tokens, lr=lr, batch_tokens=bs, **fixed)
-            for bs in self.batch_sizes
-            for lr in self.lrs
-        ]
-
 
 @dataclass
 class SweepSpec:
@@ -164,9 +160,18 @@ class SweepSpec:
     # Who trains the runs: "steplaw" (steplaw's own trainer: runs are RunConfigs), or
     # another trainer ("hf", "MODULE:FUNCTION", "command"): runs are trials (steplaw.trial).
     trainer: str = "steplaw"
+    # WSD runs equal but in D train as one trunk with a cooldown branch per D: "auto" (when
+    # the schedule is wsd and the trainer can branch) or "off"; None: not given (auto). An
+    # execution choice, not part of what is measured: left out of the spec's dict and id.
+    branch: str | None = None
 
     def __post_init__(self):
-        _check_types(self, skip=("models", "tokens", "fixed", "lrs", "batch_sizes"))
+        _check_types(self, skip=("models", "tokens", "fixed", "lrs", "batch_sizes", "branch"))
+        if self.branch not in (None, "auto", "off"):
+            raise UserError(f"branch={self.branch!r}: expected 'auto' or 'off'")
+        if self.branch is not None and self.fixed.get("schedule", "cosine") != "wsd":
+            raise UserError(f"branch {self.branch!r} with schedule {self.fixed.get('schedule', 'cosine')!r}: only WSD runs "
+                            "branch off a shared trunk; expected --set schedule=wsd with it, or no --branch")
         if self.objective not in OBJECTIVES:
             raise UserError(f"objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)} "
                             "(the smoothed final training loss or the validation loss)")
@@ -192,15 +197,7 @@ class SweepSpec:
             raise UserError("the sweep has no token budgets: expected at least one D")
         self._check_grid()
         self._check_models()
-        unknown = set(self.fixed) - _RUN_FIELDS
-        if unknown and self.trainer == "steplaw":
-            raise UserError(f"fixed setting {sorted(unknown)[0]!r} is not a RunConfig field: expected one of "
-                            f"{sorted(_RUN_FIELDS)}")
-        eval_tokens = self.fixed.get("eval_tokens", RunConfig.__dataclass_fields__["eval_tokens"].default)
-        if self.objective == "val_loss" and eval_tokens == 0:
-            raise UserError("objective val_loss with eval_tokens=0: the runs would measure no validation loss; "
-                            "expected eval_tokens above 0 (e.g. --set eval_tokens=4096) or objective loss")
-        seq_len = self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default)
+        seq_len = self.fixed.get("seq_len", DEFAULT_SEQ_LEN)
         if isinstance(seq_len, bool) or not (isinstance(seq_len, int) and seq_len >= 1):
             raise UserError(f"seq_len={seq_len!r}: expected a positive whole number of tokens")
 
@@ -220,10 +217,27 @@ class SweepSpec:
                 raise UserError(f"model {model.label()} has an MoE shape, a steplaw-only setting: expected a user model "
                                 f"(name, params, active_params, args) for trainer {self.trainer!r}")
 
+    def bind(self, trainer) -> SweepSpec:
+        """Let `trainer` (steplaw.trainers; for trainer "steplaw" its SteplawTrainer) build
+        and check this spec's runs: steplaw's own runs are its RunConfigs, which the sweep
+        does not know. Checks the fixed settings against it; returns the spec."""
+        if hasattr(trainer, "check_spec"):
+            trainer.check_spec(self)
+        self.__dict__["_trainer"] = trainer  # not a field: not part of the spec's dict or id
+        return self
+
+    def _bound(self):
+        trainer = self.__dict__.get("_trainer")
+        if trainer is None or not hasattr(trainer, "run_of"):
+            raise RuntimeError("a spec of steplaw's own trainer builds its runs through it: call "
+                               "spec.bind(steplaw.trainers.steplaw.SteplawTrainer()) first")
+        return trainer
+
     def run_of(self, cell: Cell, lr: float, batch_tokens: int):
-        """One run of a cell: a RunConfig for steplaw's trainer, else a trial."""
+        """One run of a cell: the bound trainer's run for steplaw's trainer (a RunConfig),
+        else a trial."""
         if self.trainer == "steplaw":
-            return RunConfig(model=cell.model, tokens=cell.tokens, lr=lr, batch_tokens=batch_tokens, **self.fixed)
+            return self._bound().run_of(cell, lr, batch_tokens, self.fixed)
         from steplaw.optim.schedule import DEFAULT_WARMUP_FRACTION
 
         named = {k: self.fixed[k] for k in _TRIAL_SETTINGS if k in self.fixed}
@@ -266,7 +280,7 @@ class SweepSpec:
 
     @property
     def seq_len(self) -> int:
-        return int(self.fixed.get("seq_len", RunConfig.__dataclass_fields__["seq_len"].default))
+        return int(self.fixed.get("seq_len", DEFAULT_SEQ_LEN))
 
     def cells(self) -> list[Cell]:
         cells = []
@@ -303,7 +317,7 @@ class SweepSpec:
                 ))
         return cells
 
-    def expand(self) -> list[RunConfig]:
+    def expand(self) -> list:
         """Every run of the sweep, cell by cell (ids unique: duplicates are dropped)."""
         seen, runs = set(), []
         for cell in self.cells():
@@ -320,6 +334,7 @@ class SweepSpec:
             del data["objective"]
         if data["trainer"] == "steplaw":  # the same
             del data["trainer"]
+        del data["branch"]  # how the runs train, not which: the same runs and spec id either way
         new = ("name", "active_params", "args")  # unset: left out, so older specs keep their spec_id
         data["models"] = [{k: v for k, v in m.items() if not (k in new and v is None)} for m in data["models"]]
         return data
@@ -530,37 +545,19 @@ def _check_types(spec: SweepSpec, skip=()):
                 raise UserError(f"sweep spec setting {f.name}={value!r}: {problem}")
 
 
-def validate_runs(configs: list[RunConfig], local: bool = True) -> None:
-    """Check every run config before any run starts: RunConfig.validate() (types, ranges,
-    schedule, batch arithmetic, seq_len against the model), and with `local` (the runs
-    start on this machine) also the device and the data directory, once per distinct
-    (device, data), and that the models' vocabulary holds the data's tokens. Raises the
-    first config's UserError."""
-    machine_checked: set = set()
-    vocab_checked: set = set()
+def validate_runs(configs: list, local: bool = True, trainer=None) -> None:
+    """Check every run before any run starts: a trial by the contract's own rules, any
+    other run by its trainer's `validate` (steplaw's: RunConfig.validate(), and with
+    `local` the device, the data directory and its vocabulary). Raises the first UserError."""
+    native = []
     for config in configs:
-        if isinstance(config, Trial):  # another trainer's: the contract's own rules
+        if isinstance(config, Trial):
             raise_problems(config.problems())
-            continue
-        where = (repr(config.device), repr(config.data))
-        on_this_machine = local and where not in machine_checked
-        config.validate(on_this_machine=on_this_machine)
-        if on_this_machine:
-            machine_checked.add(where)
-        if local and config.data is not None and (config.data, config.model.vocab_size) not in vocab_checked:
-            _check_vocabulary(config.data, config.model.vocab_size)
-            vocab_checked.add((config.data, config.model.vocab_size))
+        else:
+            native.append(config)
+    if native and trainer is not None and hasattr(trainer, "validate"):
+        trainer.validate(native, local=local)
 
-
-def _check_vocabulary(data: str, vocab_size: int) -> None:
-    """Refuse a model vocabulary smaller than the token directory's, as every run would
-    (the data read and checked as `steplaw train` does)."""
-    from steplaw.data.tokens import load_token_data
-
-    load_token_data(data).check_model_vocab(vocab_size)
-
-
-# -- spec identity (the store keeps every spec a directory was swept with) --------------------
 
 def spec_id_of(spec: dict) -> str:
     """A spec's id: a hash of its canonical JSON (12 hex digits). Lists are hashed in the

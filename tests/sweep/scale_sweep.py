@@ -15,6 +15,7 @@ from steplaw.models.config import ModelConfig
 from steplaw.sweep.driver import run_sweep
 from steplaw.sweep.executors import InlineExecutor
 from steplaw.train.config import RunConfig, RunResult
+from steplaw.trainers.steplaw import SteplawTrainer
 
 _LOG = None
 
@@ -40,5 +41,6 @@ def fast_run(config: RunConfig, run_dir=None) -> RunResult:
 if __name__ == "__main__":
     out, runs, log, GENERATION = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     _LOG = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    summary = run_sweep(grid(runs), out, lambda: InlineExecutor(fast_run, capacity=128, run_dirs=False), progress=False)
+    summary = run_sweep(grid(runs), out, lambda: InlineExecutor(fast_run, capacity=128, run_dirs=False), progress=False,
+                        trainer=SteplawTrainer())
     print(summary.line())

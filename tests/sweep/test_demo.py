@@ -9,10 +9,11 @@ from steplaw.laws.table import read_runs
 from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings, spec_cells
 from steplaw.sweep.presets import DEMO_SEQ_LEN, demo_spec
 from steplaw.sweep.store import ResultStore, export_rows
+from steplaw.trainers.steplaw import SteplawTrainer
 
 
 def test_demo_full_preset_design():
-    spec = demo_spec("full")
+    spec = demo_spec("full").bind(SteplawTrainer())
     cells = spec_cells(spec)
     assert len(cells) == 9 and len({c.N for c in cells}) == 3 and len({c.D for c in cells}) == 3
     assert max(c.N for c in cells) / min(c.N for c in cells) > 10  # N spans more than a decade

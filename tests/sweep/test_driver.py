@@ -11,6 +11,7 @@ from steplaw.sweep.execution import describe_exit
 from steplaw.sweep.executors import LocalExecutor
 from steplaw.sweep.store import EXPORT_COLUMNS, ResultStore, export_rows, rows_to_csv
 from steplaw.train.config import RunConfig
+from steplaw.trainers.steplaw import SteplawTrainer
 
 MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64)
 
@@ -28,7 +29,7 @@ def test_sweep_stores_every_run_and_reuses_them(tmp_path, monkeypatch):
     log = tmp_path / "log"
     monkeypatch.setenv("SWEEP_FAKE_LOG", str(log))
     runs = configs([0])
-    summary = run_sweep(runs, tmp_path / "s", pool(), progress=False)
+    summary = run_sweep(runs, tmp_path / "s", pool(), progress=False, trainer=SteplawTrainer())
     assert summary.counts == {"ok": 6} and summary.ran == 6
     rows = export_rows(tmp_path / "s")
     assert [r["run_id"] for r in rows] == sorted(r.run_id() for r in runs)
@@ -38,14 +39,14 @@ def test_sweep_stores_every_run_and_reuses_them(tmp_path, monkeypatch):
         assert row["N"] > 0 and row["N_active"] == row["N"] and row["N_total"] > row["N"]
         assert row["n_experts"] is None and row["seq_len"] == 64 and row["D"] == 2**16
     # the same command again runs nothing
-    again = run_sweep(runs, tmp_path / "s", lambda: pytest.fail("no executor needed"), progress=False)
+    again = run_sweep(runs, tmp_path / "s", lambda: pytest.fail("no executor needed"), progress=False, trainer=SteplawTrainer())
     assert again.ran == 0 and again.reused == 6
     assert len(log.read_text().splitlines()) == 6
 
 
 def test_failures_retries_and_divergence(tmp_path, monkeypatch):
     runs = configs([1, 2, 3, 4], lrs=(0.01,), batches=(1024,))
-    summary = run_sweep(runs, tmp_path, pool(), max_attempts=2, progress=False)
+    summary = run_sweep(runs, tmp_path, pool(), max_attempts=2, progress=False, trainer=SteplawTrainer())
     by_seed = {}
     with ResultStore(tmp_path, readonly=True) as store:
         for row in store.rows():
@@ -59,12 +60,12 @@ def test_failures_retries_and_divergence(tmp_path, monkeypatch):
     assert by_seed[4]["loss"] is None  # NaN is stored as missing
     assert summary.ran == 2 + 2 + 2 + 1
     # out of attempts: the next invocation leaves them; --retry-failed tries again
-    assert run_sweep(runs, tmp_path, pool(), max_attempts=2, progress=False).ran == 0
-    assert run_sweep(runs, tmp_path, pool(), max_attempts=1, progress=False, retry_failed=True).ran == 2
+    assert run_sweep(runs, tmp_path, pool(), max_attempts=2, progress=False, trainer=SteplawTrainer()).ran == 0
+    assert run_sweep(runs, tmp_path, pool(), max_attempts=1, progress=False, trainer=SteplawTrainer(), retry_failed=True).ran == 2
 
 
 def test_csv_export_round_trips_floats(tmp_path):
-    run_sweep(configs([0], lrs=(0.0123456789,)), tmp_path, pool(1), progress=False)
+    run_sweep(configs([0], lrs=(0.0123456789,)), tmp_path, pool(1), progress=False, trainer=SteplawTrainer())
     rows = export_rows(tmp_path)
     lines = rows_to_csv(rows).splitlines()
     assert lines[0].split(",") == EXPORT_COLUMNS
@@ -74,13 +75,13 @@ def test_csv_export_round_trips_floats(tmp_path):
 
 def test_interrupted_rows_are_pending_and_rerun(tmp_path):
     runs = configs([0], lrs=(0.01,))
-    run_sweep(runs, tmp_path, pool(1), progress=False)
+    run_sweep(runs, tmp_path, pool(1), progress=False, trainer=SteplawTrainer())
     db = sqlite3.connect(tmp_path / "runs.sqlite")
     with db:  # as if a driver had died mid-run
         db.execute("UPDATE runs SET status='running', loss=NULL WHERE run_id=?", (runs[0].run_id(),))
     db.close()
     assert {r["status"] for r in export_rows(tmp_path)} == {"pending", "ok"}
-    summary = run_sweep(runs, tmp_path, pool(1), progress=False)
+    summary = run_sweep(runs, tmp_path, pool(1), progress=False, trainer=SteplawTrainer())
     assert summary.ran == 1 and summary.counts == {"ok": 2}
 
 
@@ -95,7 +96,7 @@ def test_second_driver_is_refused(tmp_path):
 
     with DriverLock(tmp_path):
         with pytest.raises(UserError, match="another"):
-            run_sweep(configs([0]), tmp_path, pool(), progress=False)
+            run_sweep(configs([0]), tmp_path, pool(), progress=False, trainer=SteplawTrainer())
 
 
 def test_retry_is_not_answered_by_a_stale_failed_result(tmp_path):

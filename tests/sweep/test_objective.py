@@ -16,6 +16,7 @@ from steplaw.sweep.planner import AdaptivePlanner, spec_cells
 from steplaw.sweep.spec import ModelSpec, SweepSpec, spec_id_of
 from steplaw.sweep.store import sweep_objective
 from steplaw.train.config import RunResult
+from steplaw.trainers.steplaw import SteplawTrainer
 
 SHAPES = [{"d_model": d, "n_layers": 1, "n_heads": 2, "d_ff": 2 * d, "max_seq_len": 64} for d in (16, 32, 64)]
 TRAIN_LR_SHIFT = 4.0  # the training loss's optimum sits at 4x the validation loss's LR
@@ -34,12 +35,12 @@ def two_losses_run(config, run_dir=None):
 
 def spec(objective="loss"):
     return SweepSpec(models=[ModelSpec(shape=s) for s in SHAPES], tokens=[65536, 262144, 1048576], lr_center_scale=0.05,
-                     batch_center_scale=0.3, fixed={"seq_len": 64, "device": "cpu"}, objective=objective)
+                     batch_center_scale=0.3, fixed={"seq_len": 64, "device": "cpu"}, objective=objective).bind(SteplawTrainer())
 
 
 def sweep(out, the_spec):
     planner = AdaptivePlanner(spec_cells(the_spec), None)
-    return run_sweep([], out, lambda: InlineExecutor(two_losses_run, capacity=4, run_dirs=False), progress=False,
+    return run_sweep([], out, lambda: InlineExecutor(two_losses_run, capacity=4, run_dirs=False), progress=False, trainer=SteplawTrainer(),
                      planner=planner, spec=the_spec.to_dict())
 
 
@@ -100,5 +101,7 @@ def test_a_bad_objective_is_refused(value):
 
 def test_a_validation_objective_needs_validation_tokens():
     with pytest.raises(UserError, match="eval_tokens=0"):
-        SweepSpec(models=[ModelSpec(shape=SHAPES[0])], tokens=[65536], fixed={"eval_tokens": 0}, objective="val_loss")
-    SweepSpec(models=[ModelSpec(shape=SHAPES[0])], tokens=[65536], fixed={"eval_tokens": 0})  # the training loss needs none
+        SweepSpec(models=[ModelSpec(shape=SHAPES[0])], tokens=[65536], fixed={"eval_tokens": 0},
+                  objective="val_loss").bind(SteplawTrainer())
+    # the training loss needs none
+    SweepSpec(models=[ModelSpec(shape=SHAPES[0])], tokens=[65536], fixed={"eval_tokens": 0}).bind(SteplawTrainer())

@@ -14,6 +14,7 @@ from steplaw.sweep.executors import InlineExecutor
 from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings, RunView, SearchCell, first_wave, plan_cell, spec_cells
 from steplaw.sweep.spec import ModelSpec, SweepSpec
 from steplaw.sweep.store import ResultStore, export_rows
+from steplaw.trainers.steplaw import SteplawTrainer
 
 SHAPES = [{"d_model": d, "n_layers": 1, "n_heads": 2, "d_ff": 2 * d, "max_seq_len": 64} for d in (16, 32, 64)]
 
@@ -21,13 +22,14 @@ SHAPES = [{"d_model": d, "n_layers": 1, "n_heads": 2, "d_ff": 2 * d, "max_seq_le
 def spec(tokens=(65536, 262144, 1048576), lr_scale=1.0, bs_scale=1.0, shapes=SHAPES, min_steps=16):
     # the centre scales move the prior: the Step Law is far from this landscape's optimum
     return SweepSpec(models=[ModelSpec(shape=s) for s in shapes], tokens=list(tokens), lr_center_scale=lr_scale,
-                     batch_center_scale=bs_scale, min_steps=min_steps, fixed={"seq_len": 64, "device": "cpu"})
+                     batch_center_scale=bs_scale, min_steps=min_steps, fixed={"seq_len": 64, "device": "cpu"}).bind(SteplawTrainer())
 
 
 def sweep(tmp_path, the_spec, settings=None, name="s"):
     planner = AdaptivePlanner(spec_cells(the_spec), settings)
     summary = run_sweep([], tmp_path / name, lambda: InlineExecutor(landscape_run, capacity=4, run_dirs=False),
-                        progress=False, planner=planner)
+                        progress=False,
+                        trainer=SteplawTrainer(), planner=planner)
     return summary, planner
 
 
@@ -160,7 +162,8 @@ def test_a_cell_waits_while_it_has_open_runs_and_later_cells_wait_for_the_first_
 
 def test_grid_planner_is_todays_behaviour(tmp_path):
     runs = spec(lr_scale=0.05).expand()
-    summary = run_sweep(runs, tmp_path / "g", lambda: InlineExecutor(landscape_run, capacity=4, run_dirs=False), progress=False)
+    summary = run_sweep(runs, tmp_path / "g", lambda: InlineExecutor(landscape_run, capacity=4, run_dirs=False), progress=False,
+                        trainer=SteplawTrainer())
     assert summary.planner == "grid" and summary.total == len(runs) and summary.cells == []
     with ResultStore(tmp_path / "g", readonly=True) as store:
         assert store.meta("planner") == "grid"

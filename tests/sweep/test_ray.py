@@ -12,6 +12,7 @@ from steplaw.sweep.driver import run_sweep  # noqa: E402
 from steplaw.sweep.ray_executor import RayExecutor  # noqa: E402
 from steplaw.sweep.store import ResultStore, export_rows  # noqa: E402
 from steplaw.train.config import RunConfig  # noqa: E402
+from steplaw.trainers.steplaw import SteplawTrainer  # noqa: E402
 
 MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64)
 
@@ -35,7 +36,7 @@ def test_ray_sweep_with_crashes_and_retries(tmp_path):
     runs = [RunConfig(model=MODEL, tokens=2**16, lr=0.01, batch_tokens=bs, seq_len=64, seed=seed)
             for seed in (0, 1, 2, 3) for bs in (512, 1024)]
     summary = run_sweep(runs, tmp_path, lambda: RayExecutor(sweep_fakes.fake_run, cpus_per_run=1),
-                        max_attempts=2, progress=False)
+                        max_attempts=2, progress=False, trainer=SteplawTrainer())
     assert summary.counts == {"ok": 4, "failed": 4}
     with ResultStore(tmp_path, readonly=True) as store:
         by_seed = {}

@@ -23,6 +23,7 @@ from steplaw.sweep.driver import run_sweep  # noqa: E402
 from steplaw.sweep.ray_executor import RayExecutor  # noqa: E402
 from steplaw.sweep.store import ResultStore  # noqa: E402
 from steplaw.train.config import RunConfig  # noqa: E402
+from steplaw.trainers.steplaw import SteplawTrainer  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -148,7 +149,7 @@ def test_worker_node_killed_mid_sweep_its_runs_finish_on_the_head(cluster, tmp_p
     killer = threading.Thread(target=kill_worker_mid_run, daemon=True)
     killer.start()
     summary = run_sweep(runs, tmp_path / "sweep", lambda: RayExecutor(sweep_fakes.node_run, cpus_per_run=1),
-                        max_attempts=2, progress=False)
+                        max_attempts=2, progress=False, trainer=SteplawTrainer())
     killer.join(timeout=60)
     assert killed.get("in_flight"), "the worker node ran nothing before it was killed"
     assert summary.counts == {"ok": len(runs)}

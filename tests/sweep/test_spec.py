@@ -6,6 +6,7 @@ import pytest
 from steplaw.errors import UserError
 from steplaw.sweep.spec import ModelSpec, SweepSpec, batch_grid, lr_grid, step_law
 from steplaw.train.config import RunConfig
+from steplaw.trainers.steplaw import SteplawTrainer
 
 SHAPE = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 96}
 
@@ -43,11 +44,11 @@ def test_step_law_values():
 def test_expand_counts_grid_and_ids_are_deterministic():
     spec = SweepSpec(models=[ModelSpec(shape=SHAPE), ModelSpec(shape={**SHAPE, "d_model": 64, "n_heads": 4})],
                      tokens=[2**17, 2**18], lr_points=4, batch_points=3, fixed={"seq_len": 64})
-    runs = spec.expand()
+    runs = spec.bind(SteplawTrainer()).expand()
     assert len(runs) == 2 * 2 * 4 * 3
     ids = [r.run_id() for r in runs]
     assert len(set(ids)) == len(ids)
-    again = SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).expand()
+    again = SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).bind(SteplawTrainer()).expand()
     assert [r.run_id() for r in again] == ids
     for cell in spec.cells():
         lr_law, bs_law = step_law(cell.n_params, cell.tokens)
@@ -58,8 +59,8 @@ def test_expand_counts_grid_and_ids_are_deterministic():
 
 def test_changed_setting_is_a_new_run():
     base = dict(models=[ModelSpec(shape=SHAPE)], tokens=[2**16], lr_points=2, batch_points=2, fixed={"seq_len": 64})
-    ids = {r.run_id() for r in SweepSpec(**base).expand()}
-    changed = {r.run_id() for r in SweepSpec(**{**base, "fixed": {"seq_len": 64, "seed": 1}}).expand()}
+    ids = {r.run_id() for r in SweepSpec(**base).bind(SteplawTrainer()).expand()}
+    changed = {r.run_id() for r in SweepSpec(**{**base, "fixed": {"seq_len": 64, "seed": 1}}).bind(SteplawTrainer()).expand()}
     assert not ids & changed
 
 
@@ -69,7 +70,7 @@ def test_params_entries_use_the_recipe():
     dense, moe = spec.cells()
     assert dense.model.moe is None and moe.model.moe.n_experts == 4
     assert 4e4 < dense.n_params < 6e4
-    assert all(isinstance(r, RunConfig) for r in spec.expand())
+    assert all(isinstance(r, RunConfig) for r in spec.bind(SteplawTrainer()).expand())
 
 
 def test_from_toml(tmp_path):
@@ -92,7 +93,7 @@ params = 50000
 moe = {n_experts = 4, top_k = 2}
 """)
     spec = SweepSpec.from_file(path)
-    runs = spec.expand()
+    runs = spec.bind(SteplawTrainer()).expand()
     assert len(runs) == 2 * 2 * 3 * 2
     assert {r.schedule for r in runs} == {"wsd"}
     assert {r.batch_tokens for r in runs} == {256, 512}
@@ -109,7 +110,7 @@ moe = {n_experts = 4, top_k = 2}
 ])
 def test_bad_specs_are_user_errors(data, match):
     with pytest.raises(UserError, match=match):
-        SweepSpec.from_dict(data)
+        SweepSpec.from_dict(data).bind(SteplawTrainer())
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -126,7 +127,7 @@ def test_from_yaml(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text("models:\n  - {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 96}\ntokens: [65536]\n"
                     "lr_points: 3\nbatch_points: 2\nfixed: {seq_len: 64, seed: 3}\n")
-    runs = SweepSpec.from_file(path).expand()
+    runs = SweepSpec.from_file(path).bind(SteplawTrainer()).expand()
     assert len(runs) == 6 and {r.seed for r in runs} == {3}
 
 
@@ -148,3 +149,16 @@ def test_spec_files_take_counts_as_the_cli_does(suffix, bom, tmp_path):
     spec = SweepSpec.from_file(path)
     assert [m.params for m in spec.models] == [1e6, 2e6]
     assert spec.tokens == [65000, 128000] and spec.lrs == [1e-3] and spec.batch_sizes == [2000]
+
+
+def test_default_seq_len_is_steplaws():
+    # the sweep knows no RunConfig: its default sequence length must be the trainer's
+    from steplaw.sweep.spec import DEFAULT_SEQ_LEN
+
+    assert DEFAULT_SEQ_LEN == RunConfig.__dataclass_fields__["seq_len"].default
+
+
+def test_unbound_steplaw_spec_says_how_to_bind():
+    spec = SweepSpec(models=[ModelSpec(shape=SHAPE)], tokens=[2**17], lr_points=1, batch_points=1)
+    with pytest.raises(RuntimeError, match="bind"):
+        spec.expand()

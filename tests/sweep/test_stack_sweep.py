@@ -18,6 +18,7 @@ from steplaw.sweep.executors import InlineExecutor, LocalExecutor
 from steplaw.sweep.store import export_rows
 from steplaw.train import RunConfig, RunResult, run
 from steplaw.train.stacked import run_group, stack_id
+from steplaw.trainers.steplaw import SteplawTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ModelConfig(d_model=16, n_layers=1, n_heads=1, d_ff=32, max_seq_len=8)
@@ -45,9 +46,9 @@ def instant_group(configs, run_dirs=None, progress=None):
 
 def test_stacked_sweep_matches_one_at_a_time(tmp_path):
     runs = configs(lrs=(0.003, 0.03, 0.01))  # 3 LRs x 2 batch sizes
-    summary = run_sweep(runs, tmp_path / "stacked", inline(), progress=False, stack=4)
+    summary = run_sweep(runs, tmp_path / "stacked", inline(), progress=False, trainer=SteplawTrainer(), stack=4)
     assert summary.stacked == (6, 2) and "; 6 runs trained in 2 stacks; planner grid" in summary.line()
-    summary = run_sweep(runs, tmp_path / "alone", inline(), progress=False, stack="off")
+    summary = run_sweep(runs, tmp_path / "alone", inline(), progress=False, trainer=SteplawTrainer(), stack="off")
     assert summary.stacked == (0, 0) and "stacks" not in summary.line()
     stacked = {r["run_id"]: r for r in export_rows(tmp_path / "stacked")}
     alone = {r["run_id"]: r for r in export_rows(tmp_path / "alone")}
@@ -76,14 +77,16 @@ def test_groups_fill_idle_workers_and_respect_k(tmp_path):
 
     runs = configs(batch_sizes=(32,))
     run_sweep(runs, tmp_path / "a", lambda: Recording(instant_run, capacity=2, group_fn=instant_group), progress=False,
+              trainer=SteplawTrainer(),
               stack=3)
     assert sorted(submitted) == [1, 3]  # 4 runs, K=3: one stack of 3 and one run alone, at once
     submitted.clear()
     run_sweep(runs, tmp_path / "b", lambda: Recording(instant_run, capacity=2, group_fn=instant_group), progress=False,
+              trainer=SteplawTrainer(),
               stack=8)
     assert submitted == [2, 2]  # 4 runs fit one stack, but two slots are idle: two stacks of 2
     submitted.clear()
-    run_sweep(runs, tmp_path / "c", lambda: Recording(instant_run, capacity=2), progress=False, stack=8)
+    run_sweep(runs, tmp_path / "c", lambda: Recording(instant_run, capacity=2), progress=False, trainer=SteplawTrainer(), stack=8)
     assert submitted == [1, 1, 1, 1]  # no group_fn: every run alone
 
 
@@ -98,6 +101,7 @@ def test_a_failing_stack_fails_its_members_and_they_are_retried(tmp_path):
 
     runs = configs(batch_sizes=(32,))
     summary = run_sweep(runs, tmp_path, lambda: InlineExecutor(instant_run, capacity=1, group_fn=flaky_group), progress=False,
+              trainer=SteplawTrainer(),
                         stack=4)
     assert calls == [4, 4] and summary.counts == {"ok": 4}
     rows = export_rows(tmp_path)
@@ -107,7 +111,7 @@ def test_a_failing_stack_fails_its_members_and_they_are_retried(tmp_path):
 def test_local_workers_train_a_stack(tmp_path):
     runs = configs(batch_sizes=(32,))
     summary = run_sweep(runs, tmp_path, lambda: LocalExecutor(run, group_fn=run_group, workers=1, threads_per_worker=1),
-                        progress=False, stack="auto")
+                        progress=False, trainer=SteplawTrainer(), stack="auto")
     assert summary.counts == {"ok": 4}
     assert len({r["stack"] for r in export_rows(tmp_path)}) == 1
     for config in runs:  # each member's result.json, as for a run alone
@@ -141,7 +145,7 @@ def test_a_stack_too_big_for_memory_is_said_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(stacked, "memory_budget", lambda device: 2 * stacked.member_bytes(runs[0], "cpu"))
     monkeypatch.setattr(stacked, "_warned", set())  # what this process was told before
     summary = run_sweep(runs, tmp_path, lambda: InlineExecutor(instant_run, capacity=1, group_fn=instant_group),
-                        progress=False, stack=4)
+                        progress=False, trainer=SteplawTrainer(), stack=4)
     assert summary.counts == {"ok": 8}
     lines = capsys.readouterr().err.splitlines()
     assert [line for line in lines if "warning" in line] == [
@@ -213,7 +217,7 @@ def test_ray_runs_a_group_as_one_task(tmp_path):
             executors.append(RayExecutor(instant_run, cpus_per_run=1, group_fn=instant_group))
             return executors[-1]
 
-        summary = run_sweep(configs(), tmp_path, make, progress=False, stack=4)
+        summary = run_sweep(configs(), tmp_path, make, progress=False, trainer=SteplawTrainer(), stack=4)
     finally:
         ray.cloudpickle.unregister_pickle_by_value(module)
         ray.shutdown()
@@ -234,7 +238,7 @@ def warning_group(configs, run_dirs=None, progress=None):
 
 def test_a_warning_from_every_worker_is_shown_once(tmp_path, capsys):
     make = lambda: LocalExecutor(instant_run, group_fn=warning_group, workers=2, threads_per_worker=1)  # noqa: E731
-    summary = run_sweep(configs(), tmp_path, make, progress=False, stack=4)
+    summary = run_sweep(configs(), tmp_path, make, progress=False, trainer=SteplawTrainer(), stack=4)
     assert summary.counts == {"ok": 8}
     lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert lines == ["steplaw sweep: warning: a stack of 4 runs ran out of memory; running it as smaller stacks"]
@@ -254,7 +258,7 @@ def test_a_killed_worker_fails_its_whole_stack_and_the_retry_finishes_it(tmp_pat
     monkeypatch.setenv("STACK_TEST_MARKER", str(tmp_path / "marker"))
     make = lambda: LocalExecutor(instant_run, group_fn=dying_group, workers=1, threads_per_worker=1)  # noqa: E731
     runs = configs(batch_sizes=(32,))
-    summary = run_sweep(runs, tmp_path / "sweep", make, progress=False, stack=4)
+    summary = run_sweep(runs, tmp_path / "sweep", make, progress=False, trainer=SteplawTrainer(), stack=4)
     assert summary.counts == {"ok": 4} and summary.ran == 8  # 4 failed attempts (one killed stack), 4 retried
     with sqlite3.connect(tmp_path / "sweep" / "runs.sqlite") as db:
         assert [row[0] for row in db.execute("SELECT attempts FROM runs")] == [1, 1, 1, 1]

@@ -15,6 +15,7 @@ from steplaw.sweep.execution import as_result
 from steplaw.sweep.executors import InlineExecutor
 from steplaw.sweep.store import EXPORT_COLUMNS, ResultStore, export_rows
 from steplaw.train.config import RunConfig, RunResult
+from steplaw.trainers.steplaw import SteplawTrainer
 
 MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64)
 FLAGS = ["--params", "20K", "--tokens", "65536", "--lrs", "0.005", "0.01", "--batch-sizes", "512", "1024",
@@ -82,7 +83,7 @@ def test_export_reads_the_run_table_columns_by_name(version, tmp_path):
 
 def test_store_rows_are_run_table_rows(tmp_path):
     runs = configs()
-    run_sweep(runs, tmp_path, inline(), progress=False, spec={"name": "a"})
+    run_sweep(runs, tmp_path, inline(), progress=False, trainer=SteplawTrainer(), spec={"name": "a"})
     rows = export_rows(tmp_path)
     with ResultStore(tmp_path, readonly=True) as store:
         spec_id = store.meta("spec_id")
@@ -182,14 +183,14 @@ def test_damaged_store_is_rebuilt_from_run_directories_and_said(how, tmp_path, c
     log = tmp_path / "log"
     monkeypatch.setenv("SWEEP_FAKE_LOG", str(log))
     runs = configs(lrs=[0.001 * k for k in range(1, 41)])  # enough rows for a store of several pages
-    run_sweep(runs, tmp_path / "s", inline(), progress=False)
+    run_sweep(runs, tmp_path / "s", inline(), progress=False, trainer=SteplawTrainer())
     assert len(log.read_text().splitlines()) == 80
     path = tmp_path / "s" / "runs.sqlite"
     path.write_bytes(DAMAGE[how](path.read_bytes()))
     for side in ("runs.sqlite-wal", "runs.sqlite-shm"):
         (tmp_path / "s" / side).unlink(missing_ok=True)
     capsys.readouterr()
-    summary = run_sweep(runs, tmp_path / "s", inline(), progress=False)
+    summary = run_sweep(runs, tmp_path / "s", inline(), progress=False, trainer=SteplawTrainer())
     err = capsys.readouterr().err
     assert (how if how != "truncated" else "was ") in err
     assert "rebuilt the store" in err and "from 80 finished run directories" in err
@@ -202,10 +203,10 @@ def test_damaged_store_is_rebuilt_from_run_directories_and_said(how, tmp_path, c
 
 def test_empty_store_without_run_directories_says_everything_trains_again(tmp_path, capsys):
     runs = configs(lrs=(0.01,))
-    run_sweep(runs, tmp_path, inline(run_dirs=False), progress=False)
+    run_sweep(runs, tmp_path, inline(run_dirs=False), progress=False, trainer=SteplawTrainer())
     (tmp_path / "runs.sqlite").write_bytes(b"")
     capsys.readouterr()
-    assert run_sweep(runs, tmp_path, inline(run_dirs=False), progress=False).ran == 2
+    assert run_sweep(runs, tmp_path, inline(run_dirs=False), progress=False, trainer=SteplawTrainer()).ran == 2
     assert "every run will train again" in capsys.readouterr().err
 
 
@@ -255,7 +256,7 @@ def test_v1_store_is_read_as_is_and_migrated_by_the_driver(tmp_path, monkeypatch
     assert by_id[runs[0].run_id()]["status"] == "pending"
     log = tmp_path / "log"
     monkeypatch.setenv("SWEEP_FAKE_LOG", str(log))
-    summary = run_sweep(runs, tmp_path, inline(), progress=False, spec={"old": True})
+    summary = run_sweep(runs, tmp_path, inline(), progress=False, trainer=SteplawTrainer(), spec={"old": True})
     assert summary.ran == 1 and summary.counts == {"ok": 2}  # the finished v1 run is reused
     after = {r["run_id"]: r for r in export_rows(tmp_path)}
     assert after[runs[1].run_id()]["loss"] == 3.5
