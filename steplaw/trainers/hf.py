@@ -219,7 +219,6 @@ def _train(setup: _Setup, state: _State, until: int, total_steps: int, progress=
     state.losses = tracker.losses
     model, optimizer = state.model, state.optimizer
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if setup.device.type == "cuda" else _nothing()
     last = time.perf_counter()
     while state.step < until and state.diverged is None:
         lr = trial.lr * lr_multiplier(state.step, total_steps, setup.warmup_steps, trial.schedule, trial.min_lr_ratio,
@@ -232,7 +231,7 @@ def _train(setup: _Setup, state: _State, until: int, total_steps: int, progress=
         for micro in range(plan.accumulation):
             x, y = gather_windows(setup.data.train, offsets[micro * plan.micro_seqs:(micro + 1) * plan.micro_seqs],
                                   plan.seq_len, setup.device)
-            with autocast:
+            with _autocast(setup.device):
                 logits = model(input_ids=x).logits
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)) / plan.accumulation
             loss.backward()
@@ -249,12 +248,13 @@ def _train(setup: _Setup, state: _State, until: int, total_steps: int, progress=
             progress({**info, "run_id": run_id} if run_id else info)
 
 
-class _nothing:
-    def __enter__(self):
-        return self
+def _autocast(device):
+    """bf16 autocast on a GPU (steplaw's "auto" precision); float32 on a CPU."""
+    import contextlib
 
-    def __exit__(self, *exc):
-        return False
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _val_loss(setup: _Setup, model) -> float:
@@ -269,7 +269,8 @@ def _val_loss(setup: _Setup, model) -> float:
     with torch.no_grad():
         for start in range(0, len(offsets), setup.plan.micro_seqs):
             x, y = gather_windows(setup.data.val, offsets[start:start + setup.plan.micro_seqs], setup.plan.seq_len, setup.device)
-            logits = model(input_ids=x).logits.float()
+            with _autocast(setup.device):
+                logits = model(input_ids=x).logits.float()
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
             count += y.numel()
     model.train()
@@ -369,6 +370,7 @@ class _Trunk:
     needs; a branch whose result file exists is delivered, not trained again."""
 
     def __init__(self, trials, trunk_dir: Path, done: set, on_result, progress):
+        self.fresh = None  # a fresh state, built before the trunk trains (it checks the runs)
         self.trunk_dir, self.done, self.on_result, self.progress = trunk_dir, done, on_result, progress
         by_id = {t.run_id(): t for t in trials}
         self.trials = sorted(by_id.values(), key=lambda t: t.D)
@@ -396,13 +398,15 @@ class _Trunk:
         todo = [(t, b) for t, b in todo if not self._deliver_stored(t)]
         if not todo:
             return
-        self.trunk_dir.mkdir(parents=True, exist_ok=True)
-        try:
+        try:  # what would fail each run alone (its args, its params, the data) fails every branch
             setups = {t.run_id(): _setup(t) for t, _ in todo}
+            self.fresh = _fresh(setups[todo[0][0].run_id()])
         except UserError as exc:
             for trial, _ in todo:
-                self._finish(trial, failed(str(exc)))
+                self.on_result(trial.run_id(), {**failed(str(exc)), "trunk": self.id, "tokens_trained": 0})
             return
+        self.trunk_dir.mkdir(parents=True, exist_ok=True)
+        self._check_disk(self.fresh)
         self._train_branches(todo, setups)
 
     def _train_branches(self, todo, setups) -> None:
@@ -412,8 +416,6 @@ class _Trunk:
             setup = setups[trial.run_id()]
             if state is None or state.step > point:
                 state = self._resume(setup, point)
-                if start_step is None:
-                    self._check_disk(state)
                 start_step = state.step if start_step is None else min(start_step, state.step)
             if state.diverged is None and state.step < point:
                 # the stable phase: the longest run's schedule, the same LR as every run's here
@@ -436,13 +438,15 @@ class _Trunk:
             state = None  # the trunk goes on from the checkpoint, as a resumed trunk would
 
     def _resume(self, setup: _Setup, point: int) -> _State:
-        """The latest checkpointed state at or before `point`, or a fresh one."""
+        """The latest checkpointed state at or before `point`, or a fresh one (the first
+        time, the one built to check the runs: its RNG is where a run alone's is)."""
+        fresh, self.fresh = self.fresh, None
         for step in sorted(_checkpoints(self.trunk_dir), reverse=True):
             if step <= point:
                 state = _load(_checkpoints(self.trunk_dir)[step], setup, self.id)
                 if state is not None:
                     return state
-        return _fresh(setup)
+        return fresh if fresh is not None else _fresh(setup)
 
     def _write_checkpoint(self, point: int, state: _State) -> None:
         path = self.trunk_dir / f"trunk-{point:09d}.pt"
@@ -472,6 +476,8 @@ class _Trunk:
         return True
 
     def _finish(self, trial: Trial, result: dict) -> None:
+        """A finished branch: its result made durable (a later call delivers it, never
+        retrains it), then handed to on_result."""
         result = {**result, "trunk": self.id}
         result.setdefault("tokens_trained", 0)
         write_atomic(self.trunk_dir / f"branch-{trial.run_id()}.json", json.dumps(result) + "\n")

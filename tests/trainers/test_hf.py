@@ -9,15 +9,26 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from steplaw.cli import main  # noqa: E402
-from steplaw.errors import UserError  # noqa: E402
-from steplaw.trainers.hf import HFTrainer, count_params  # noqa: E402
-from steplaw.trial import Trial  # noqa: E402
+from steplaw.cli import main
+from steplaw.errors import UserError
+from steplaw.trainers.hf import HFTrainer, count_params
+from steplaw.trial import Trial
 
 ARGS = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2}
 SEQ = 16
 SETTINGS = {"eval_tokens": 256}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one torch thread is faster than two on 2 busy cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def trial(D=1024, **kw):
@@ -164,3 +175,15 @@ def test_bad_trunk_input_is_refused_before_training(tmp_path, change, expected):
     with pytest.raises(UserError, match=None) as info:
         HFTrainer().run_trunk([trial(D, **change) for D in BUDGETS], str(tmp_path / "t"), set(), lambda *a: None)
     assert expected in str(info.value) and not (tmp_path / "t").exists()
+
+
+def test_trunk_of_bad_params_fails_each_branch_and_a_full_disk_is_refused(tmp_path, monkeypatch):
+    got = {}
+    HFTrainer().run_trunk([trial(D, N=10) for D in BUDGETS], str(tmp_path / "t"), set(), got.__setitem__)
+    assert len(got) == 3 and all(r["status"] == "failed" and "gives params=10" in r["reason"] for r in got.values())
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(UserError, match="needs .* GB for its 2 checkpoints"):
+        HFTrainer().run_trunk([trial(D) for D in BUDGETS], str(tmp_path / "u"), set(), got.__setitem__)
+    assert not list((tmp_path / "u").glob("*.pt"))
