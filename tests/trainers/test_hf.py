@@ -53,6 +53,7 @@ args = {{{{ hidden_size = 16, intermediate_size = 32, num_hidden_layers = 1, num
 """
 
 
+@pytest.mark.slow  # ~32 s on 2 idle cores: the spawned worker's import of torch + transformers, and 8 runs
 def test_adaptive_sweep_through_hf_then_fit_and_report(tmp_path, capsys):
     n8 = count_params({"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}, seq_len=SEQ)
     n16 = count_params({k: ARGS[k] for k in ARGS if k != "num_key_value_heads"}, seq_len=SEQ)
