@@ -122,8 +122,9 @@ def _add_execution_flags(parser, ray: bool = True):
     group.add_argument("--max-attempts", type=positive_int, default=2,
                        help="tries per failed run, over all invocations (default 2)")
     group.add_argument("--retry-failed", action="store_true", help="give runs that failed all their attempts new ones")
-    group.add_argument("--trainer", default="steplaw", metavar="steplaw|MODULE:FUNCTION",
-                       help="what trains the runs: steplaw's own trainer (default) or a function(trial, report) -> result "
+    group.add_argument("--trainer", default="steplaw", metavar="steplaw|hf|MODULE:FUNCTION",
+                       help="what trains the runs: steplaw's own trainer (default), hf (a Hugging Face transformers model, "
+                            "steplaw[hf]) or a function(trial, report) -> result "
                             "(see steplaw.trial)")
     group.add_argument("--trainer-cmd", metavar="TEMPLATE",
                        help="a command per run, e.g. 'python train.py --lr {lr} --out {run_dir}': trial fields in braces "
@@ -179,8 +180,10 @@ def check_trainer(args) -> None:
     if args.run_timeout is not None or args.trainer_resumes:
         raise UserError("--run-timeout and --trainer-resumes apply to --trainer-cmd only: expected --trainer-cmd with them")
     if name == "hf":
-        raise UserError("--trainer hf is not built yet (issue 21, item 5): expected steplaw, MODULE:FUNCTION, or "
-                        "--trainer-cmd with your own script")
+        from steplaw.trainers.hf import transformers_module
+
+        transformers_module()  # one sentence naming `pip install steplaw[hf]` when it is missing
+        return
     from steplaw.trainers.python import load_function
 
     load_function(name)
@@ -198,6 +201,10 @@ def make_trainer(args):
         from steplaw.trainers.command import CommandTrainer
 
         return CommandTrainer(args.trainer_cmd, cwd=os.getcwd(), timeout=args.run_timeout, resumes=args.trainer_resumes)
+    if name == "hf":
+        from steplaw.trainers.hf import HFTrainer
+
+        return HFTrainer()
     from steplaw.trainers.python import PythonTrainer
 
     return PythonTrainer(name)

@@ -5,8 +5,9 @@ steplaw.trial), each shell-quoted on substitution, and {trial_json}: the path of
 whole trial as JSON (run_dir/trial.json). Each run is one process group (`sh -c` as its
 leader), killed whole when the run ends, and, when its worker dies (a kill -9 of the
 driver included), by the worker's guard process (steplaw/trainers/_reaper.py, one per
-worker), with the directory the sweep was started from
-as its working directory. Its stdout and stderr go to run_dir/stdout.log and stderr.log.
+worker), with the directory the sweep was started from as its working directory. The
+command starts only once the guard knows its group (a start gate, see `_run`), so a
+worker killed at any moment leaves no command running. Its stdout and stderr go to run_dir/stdout.log and stderr.log.
 
 The process writes run_dir/result.json (the contract's result) and may append
 {"tokens": ..., "loss": ...} lines to run_dir/progress.jsonl: they feed the progress
@@ -103,11 +104,25 @@ class CommandTrainer:
     def _run(self, command: str, run_dir: str, progress) -> dict:
         started = time.monotonic()
         guard = _guard()
-        with open(os.path.join(run_dir, "stdout.log"), "wb") as out, open(os.path.join(run_dir, "stderr.log"), "wb") as err:
-            process = subprocess.Popen(["/bin/sh", "-c", command], cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                       stderr=err, start_new_session=True)
+        # The start gate: the group's leader waits for "go" on a pipe (its stdin) before it runs the
+        # command, and the worker writes it only once the guard knows the group. A worker
+        # killed in between closes the pipe's write end (it is the only holder), the leader
+        # reads end-of-file and exits without running anything: no command can outlive its
+        # worker unregistered.
+        gate_read, gate_write = os.pipe()
+        try:
+            with open(os.path.join(run_dir, "stdout.log"), "wb") as out, \
+                    open(os.path.join(run_dir, "stderr.log"), "wb") as err:
+                process = subprocess.Popen(["/bin/sh", "-c", GATE, "sh", command], cwd=self.cwd, stdin=gate_read,
+                                           stdout=out, stderr=err, start_new_session=True)
+        except BaseException:
+            os.close(gate_write)
+            raise
+        finally:
+            os.close(gate_read)
         _tell(guard, f"+{process.pid}")
         try:
+            _open_gate(gate_write)
             return self._wait(process, run_dir, progress, started)
         finally:
             _kill_group(process.pid)  # what the command left running in its group
@@ -142,7 +157,20 @@ class CommandTrainer:
         return result
 
 
+# The group leader's script: wait for "go" on its stdin (the gate), put /dev/null there as
+# before, then become the command's own `sh -c` (exec: the same pid, so the same process
+# group the guard knows). Exit 125 without running it when the gate closes unopened.
+GATE = 'IFS= read -r gate && [ "$gate" = go ] || exit 125; exec </dev/null; exec /bin/sh -c "$1"'
 _GUARD = {}  # this worker's guard process (pid of the worker -> Popen)
+
+
+def _open_gate(fd: int) -> None:
+    try:
+        os.write(fd, b"go\n")
+    except OSError:  # the leader is already gone: _wait sees its exit
+        pass
+    finally:
+        os.close(fd)
 
 
 def _guard():
