@@ -471,6 +471,8 @@ def cmd_runs(args) -> int:
 
 def _text_table(rows, columns) -> str:
     shown = ["run_id", "status", "spec_id", "N", "D", "lr", "batch_tokens", "loss", "val_loss"]
+    if any(row.get("trunk") for row in rows):  # WSD branches: which trunk, and what each trained
+        shown += ["trunk", "tokens_trained"]
     cells = [[_fmt(row.get(c)) for c in shown] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(shown)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(shown, widths))]
