@@ -106,11 +106,10 @@ class AdaptivePlanner:
         # the columns of WSD trunks, each ascending in D (the order proposals are made)
         self.columns = [sorted(column, key=lambda c: c.D) for column in columns.values()]
         self._longer = {c.key: column[k + 1:] for column in self.columns for k, c in enumerate(column)}
-        # With trunks a column's longest cell leads (its trunks give every shorter cell
-        # results), so the first wave is drawn from the leads, and its law is fitted to
-        # their whole columns.
-        leads = [cell for cell in cells if not self._longer.get(cell.key)]
-        self.first_wave = first_wave(leads, settings.first_wave)
+        # With trunks the first wave is the same (its cells at the smallest D search where
+        # runs are cheapest; one at the largest D leads its column's trunks), and its law is
+        # fitted to their whole columns, which the trunks gave results too.
+        self.first_wave = first_wave(cells, settings.first_wave)
         wave_columns = {cell.column for cell in self.first_wave if cell.column is not None}
         self.law_cells = self.first_wave + [c for c in cells if c.column in wave_columns and c not in self.first_wave]
         self.law_fitter = law_fitter or fitted_prior
