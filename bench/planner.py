@@ -80,9 +80,12 @@ class Landscape:
     noise_rel: float = 3e-4
     diverge_factor: float = 6.0  # runs above this x the optimal LR (at their B) diverge
 
+    def optimum(self, n, d):
+        """The true (lr*, B*) at (N, D): the power laws the landscape is built around."""
+        return self.lr_coef * n**self.lr_exp_N * d**self.lr_exp_D, self.bs_coef * d**self.bs_exp_D
+
     def loss(self, n, d, lr, bs):
-        lr_star = self.lr_coef * n**self.lr_exp_N * d**self.lr_exp_D
-        bs_star = self.bs_coef * d**self.bs_exp_D
+        lr_star, bs_star = self.optimum(n, d)
         x_b = np.log(bs / bs_star)
         x_lr = np.log(lr / lr_star) - self.tilt * x_b
         k = np.where(x_lr > 0, self.k_lr_high, self.k_lr)
@@ -267,10 +270,16 @@ def measure_branch(name: str, table, targets, branch_up: bool = False) -> dict:
     diffs = []
     for n, d in targets:
         (lr_a, bs_a), (lr_b, bs_b) = alone_fit.predict(n, d), branch_fit.predict(n, d)
+        lr_true, bs_true = WSD_LANDSCAPE.optimum(n, d)
         diffs.append({"N": n, "D": d, "lr_alone": float(lr_a), "lr_branch": float(lr_b),
                       "lr_rel_diff": float(lr_b / lr_a - 1), "B_alone": float(bs_a), "B_branch": float(bs_b),
-                      "B_rel_diff": float(bs_b / bs_a - 1)})
+                      "B_rel_diff": float(bs_b / bs_a - 1),
+                      # each fit against the landscape's true optimum: how far sampling alone moves a law
+                      "lr_alone_vs_true": float(lr_a / lr_true - 1), "lr_branch_vs_true": float(lr_b / lr_true - 1),
+                      "B_alone_vs_true": float(bs_a / bs_true - 1), "B_branch_vs_true": float(bs_b / bs_true - 1)})
     worst = {k: max(abs(x[f"{k}_rel_diff"]) for x in diffs) for k in ("lr", "B")}
+    worst_true = {f"{k}_{mode}_vs_true": max(abs(x[f"{k}_{mode}_vs_true"]) for x in diffs)
+                  for k in ("lr", "B") for mode in ("alone", "branch")}
     ratio = branch_cost[0] / alone_cost[0]
     states = {}
     for cell in branch_summary.cells:
@@ -288,6 +297,7 @@ def measure_branch(name: str, table, targets, branch_up: bool = False) -> dict:
         "exponents": exps,
         "predictions": diffs,
         "max_abs_rel_diff": worst,
+        "max_abs_rel_error_vs_true_law": worst_true,
         "targets": {"compute_ratio": TARGET_BRANCH_RATIO, "prediction_rel_diff": TARGET_PREDICTION},
         "meets_compute": bool(ratio <= TARGET_BRANCH_RATIO),
         "meets_predictions": bool(max(worst.values()) <= TARGET_PREDICTION),
