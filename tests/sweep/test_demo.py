@@ -4,10 +4,10 @@ import json
 import pytest
 
 from steplaw.cli import main
+from steplaw.errors import UserError
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.table import read_runs
 from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings, spec_cells
-from steplaw.errors import UserError
 from steplaw.sweep.presets import DEMO_PLANNER, DEMO_SEQ_LEN, demo_spec
 from steplaw.sweep.store import ResultStore, export_rows
 
