@@ -52,6 +52,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("reason", "", "why the run is not ok (failed or diverged); empty otherwise"),
     Column("stack", "", "the stack (16 hex) that trained this run together with other runs of its model shape; empty: alone"),
     Column("trainer", "", "what trained the run: steplaw, hf, MODULE:FUNCTION, command (steplaw.trial), or replay"),
+    Column("trunk", "", "the WSD trunk (16 hex) whose stable phase this run branched off; empty: trained alone"),
+    Column("tokens_trained", "tokens", "tokens this run actually trained: its tokens when alone; a trunk's shorter "
+                                       "branches only their cooldown (a sweep's sum is what it trained)"),
 )
 NAMES: list[str] = [column.name for column in COLUMNS]
 # The loss columns a sweep may minimise (a spec's `objective`): "loss", the smoothed final
@@ -134,7 +137,16 @@ def result_fields(result: dict) -> dict:
         **{column: finite_or_none(result.get(key)) for column, key in _MEASURED},
         **{column: _int_or_none(result.get(key)) for column, key in _COUNTED},
         "stack": result.get("stack") if isinstance(result.get("stack"), str) else None,
+        "trunk": result.get("trunk") if isinstance(result.get("trunk"), str) else None,
+        "tokens_trained": tokens_trained(result),
     }
+
+
+def tokens_trained(result: dict) -> int | None:
+    """What a result trained: its `tokens_trained`, or for a run alone (and results stored
+    before the field existed) its `tokens`; None when it reports neither."""
+    value = result.get("tokens_trained")
+    return _whole_or_none(result.get("tokens") if value is None else value)
 
 
 def _whole_or_none(value):
@@ -146,13 +158,15 @@ def result_from_row(row: dict) -> dict:
     """The RunResult dict of a run-table row: the inverse of `result_fields`, so that
     `to_row(run_id, config, result_from_row(row), ...)` gives back `row`'s result
     columns (each loss under its own name: `loss` is the training loss, `val_loss` the
-    validation loss). What the table does not hold (tokens trained, wall time) is left out."""
+    validation loss). What the table does not hold (wall time, curve) is left out."""
     return {
         "status": row.get("status"),
         "reason": row.get("reason"),
         **{key: finite_or_none(row.get(column)) for column, key in _MEASURED},
         **{key: _whole_or_none(row.get(column)) for column, key in _COUNTED},
         "stack": row.get("stack") if isinstance(row.get("stack"), str) else None,
+        "trunk": row.get("trunk") if isinstance(row.get("trunk"), str) else None,
+        "tokens_trained": _whole_or_none(row.get("tokens_trained")),
     }
 
 

@@ -10,7 +10,7 @@
     steplaw runs DIR [--csv | --json] [-o FILE]      # the runs table (steplaw.runtable)
     steplaw runs DIR --specs                         # the specs DIR was swept with
     steplaw runs --columns                           # what each run-table column means
-    steplaw demo [--out DIR]                         # tiny CPU sweep, fit, report
+    steplaw demo [--out DIR] [--schedule wsd]        # tiny CPU sweep, fit, report
 
 Every setting is checked before any run starts (also with --dry-run); a mistake is one
 line on stderr and exit 2. A sweep whose runs failed prints the distinct reasons and
@@ -88,6 +88,10 @@ def add_commands(subparsers) -> None:
     demo.add_argument("--out", "-o", default="steplaw-demo", help="sweep directory (default ./steplaw-demo)")
     demo.add_argument("--scale", choices=["full", "small"], default="full",
                       help="full: 9 cells at 16K-144K tokens; small: the same models at 1K-4K, a smoke run")
+    demo.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+                      help="cosine (the Step Law's setup; default) or wsd: warmup-stable-decay with 1-sqrt cooldowns and "
+                           "five budgets per model, whose runs branch off shared trunks (README: what a WSD law is "
+                           "comparable with)")
     demo.add_argument("--no-report", action="store_true", help="only run the sweep")
     demo.add_argument("--new-spec", action="store_true", help="allow a different demo scale on an existing --out")
     _add_execution_flags(demo, ray=False)
@@ -491,6 +495,8 @@ def cmd_runs(args) -> int:
 
 def _text_table(rows, columns) -> str:
     shown = ["run_id", "status", "spec_id", "N", "D", "lr", "batch_tokens", "loss", "val_loss"]
+    if any(row.get("trunk") for row in rows):  # WSD branches: which trunk, and what each trained
+        shown += ["trunk", "tokens_trained"]
     cells = [[_fmt(row.get(c)) for c in shown] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(shown)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(shown, widths))]
@@ -518,7 +524,7 @@ def cmd_demo(args) -> int:
     started = time.time()
     args.executor = "local"
     args.address = None
-    spec = demo_spec(args.scale)
+    spec = demo_spec(args.scale, getattr(args, "schedule", "cosine"))
     args.planner, args.planner_settings, args.max_batch = "adaptive", DEMO_PLANNER[args.scale], None
     summary = run_spec(spec, args)
     if args.no_report:

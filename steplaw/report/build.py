@@ -35,6 +35,7 @@ from steplaw.laws.loss import fit_loss
 from steplaw.laws.published import LAWS, STEP_BS_COEF, STEP_BS_EXP_D, STEP_LR_COEF, STEP_LR_EXP_D, STEP_LR_EXP_N, step_law
 from steplaw.laws.saved import write_json
 from steplaw.laws.table import read_runs, select_spec
+from steplaw.report.compute import compute_sentence, compute_summary
 from steplaw.report.critical import critical_blocks, insert_critical
 from steplaw.report.loss_checks import loss_check_blocks, loss_checks
 from steplaw.report.plots import heatmap_cells, plot_fit
@@ -148,12 +149,21 @@ def _mixes_sparsity(table) -> bool:
     return distinct_values(shares).size >= 2
 
 
-def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict, list[dict], str]:
+def _decay_fraction(spec) -> float | None:
+    """The WSD cooldown fraction of a stored spec dict (its `fixed` settings), or None."""
+    fixed = spec.get("fixed") if isinstance(spec, dict) else None
+    value = fixed.get("decay_fraction", 0.2) if isinstance(fixed, dict) else None  # 0.2: RunConfig's default
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict, list[dict], str, float | None]:
     """(rows, planner, failure reasons, the planner's per-cell reports, the loss column the
-    sweep minimises) from the sweep store; a damaged store is a UserError."""
+    sweep minimises, the spec's WSD decay fraction) from the sweep store; a damaged store
+    is a UserError."""
     try:
         rows = export_rows(sweep_dir)
         with ResultStore(sweep_dir, readonly=True) as store:
+            decay_fraction = _decay_fraction(store.meta("spec"))
             planner = store.meta("planner", None)
             planner_cells = store.meta("planner_cells", None) or []
             objective = store.objective()
@@ -167,7 +177,7 @@ def _store_reads(sweep_dir: Path) -> tuple[list[dict], str, dict, list[dict], st
     if not isinstance(planner_cells, list):
         planner_cells = []
     planner_cells = [c for c in planner_cells if isinstance(c, dict)]
-    return rows, str(planner) if planner else DEFAULT_PLANNER, reasons, planner_cells, objective
+    return rows, str(planner) if planner else DEFAULT_PLANNER, reasons, planner_cells, objective, decay_fraction
 
 
 def attach_planner_states(cells: list[dict], planner_cells: list[dict]) -> None:
@@ -219,11 +229,13 @@ _OBJECTIVE_WORDS = {"loss": "loss = final smoothed training loss (nats/token)",
                     "val_loss": "loss = validation loss at the end of the run (nats/token; the loss this sweep minimised)"}
 
 
-def _overview_blocks(sweep_dir: Path, rows: list[dict], planner: str, objective: str = "loss") -> list[tuple]:
+def _overview_blocks(sweep_dir: Path, rows: list[dict], planner: str, objective: str = "loss",
+                     compute_used: dict | None = None) -> list[tuple]:
     status = defaultdict(int)
     for row in rows:
         status[row["status"]] += 1
     compute = sum(r["compute"] or 0 for r in rows)
+    used = compute_sentence(compute_used)
     return [
         ("h1", "steplaw sweep report"),
         ("p", f"Sweep directory `{sweep_dir}`, {len(rows)} runs: "
@@ -233,7 +245,7 @@ def _overview_blocks(sweep_dir: Path, rows: list[dict], planner: str, objective:
         ("p", "Units: N = non-embedding parameters (for MoE all experts counted; N_active = activated per "
               f"token), D = training tokens, lr = peak learning rate, B = batch size in tokens, "
               f"{_OBJECTIVE_WORDS[objective]}."),
-    ]
+    ] + ([("p", used)] if used else [])
 
 
 def _law_table(data: dict) -> tuple:
@@ -367,12 +379,14 @@ def _run_blocks(rows: list[dict], reasons: dict) -> list[tuple]:
 def build_blocks(sweep_dir: Path, rows: list[dict], table, fit, fit_error: str | None, figures: list[Path],
                  out_dir: Path, *, planner: str = DEFAULT_PLANNER, reasons: dict | None = None,
                  planner_cells: list[dict] | None = None, figures_note: str | None = None,
-                 objective: str = "loss", loss: tuple | None = None, loss_checks: dict | None = None) -> list[tuple]:
-    """The report as blocks: overview, laws and scores, the loss law (`loss`: the pair of
-    fit_sweep_loss, with `loss_checks`: steplaw.report.loss_checks), cells, figures, failed runs, runs."""
+                 objective: str = "loss", loss: tuple | None = None, loss_checks: dict | None = None,
+                 compute_used: dict | None = None) -> list[tuple]:
+    """The report as blocks: overview (with `compute_used`, steplaw.report.compute), laws
+    and scores, the loss law (`loss`: the pair of fit_sweep_loss, with `loss_checks`:
+    steplaw.report.loss_checks), cells, figures, failed runs, runs."""
     cells = cell_summaries(rows, objective)
     attach_planner_states(cells, planner_cells or [])
-    blocks = _overview_blocks(sweep_dir, rows, planner, objective)
+    blocks = _overview_blocks(sweep_dir, rows, planner, objective, compute_used)
     blocks += _fit_blocks(fit, fit_error, _unbracketed_note(cells))
     if loss is not None:
         blocks += loss_law_blocks(*loss, shown_warnings=table.warnings if table is not None else ())
@@ -441,7 +455,8 @@ def _inline_code(text: str) -> str:
 def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.0025, html_report: bool = True,
                  plots: bool = True, spec: str | None = None, all_specs: bool = False, warn=None,
                  loss_holdout: str | None = None, loss_rollout: str | None = None) -> list[Path]:
-    """Write report.md (+ figures/*.png), report.html, runs.csv, fit.json and loss_fit.json into
+    """Write report.md (+ figures/*.png), report.html, runs.csv, fit.json, loss_fit.json and
+    compute.json (compute used against the runs trained alone) into
     `out_dir` (default SWEEP_DIR/report); returns the report paths. A directory swept with
     several specs needs `spec` (its runs only) or `all_specs` (steplaw.laws.table.select_spec);
     `warn(message)` hears the warning of specs reported together. `loss_holdout` (a rule) and
@@ -451,7 +466,7 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
     if not (sweep_dir / "runs.sqlite").is_file():
         raise UserError(f"{str(sweep_dir)!r} holds no sweep store (runs.sqlite): expected a directory written by "
                         "`steplaw sweep`")
-    rows, planner, reasons, planner_cells, objective = _store_reads(sweep_dir)
+    rows, planner, reasons, planner_cells, objective, decay_fraction = _store_reads(sweep_dir)
     if not rows:
         raise UserError(f"sweep {str(sweep_dir)!r} holds no runs: expected a directory written by `steplaw sweep`")
     rows, specs_note = select_spec(rows, spec, all_specs, f"sweep directory {str(sweep_dir)!r}")
@@ -475,9 +490,12 @@ def write_report(sweep_dir, out_dir=None, *, n_boot: int = 1000, gap: float = 0.
     checks = loss_checks(table, loss_holdout, loss_rollout, min(n_boot, LOSS_BOOT_MAX)) if table is not None else None
     if loss[0] is not None:
         write_json(out_dir / "loss_fit.json", {**loss[0].to_dict(), **(checks or {})})
+    compute_used = compute_summary(rows, decay_fraction)
+    if compute_used is not None:
+        write_json(out_dir / "compute.json", compute_used)
     blocks = build_blocks(sweep_dir, rows, table, fit, fit_error, figures, out_dir, planner=planner, reasons=reasons,
                           planner_cells=planner_cells, figures_note=figures_note, objective=objective, loss=loss,
-                          loss_checks=checks)
+                          loss_checks=checks, compute_used=compute_used)
     blocks = insert_critical(blocks, critical_blocks(sweep_dir, rows, fit, objective, min(n_boot, LOSS_BOOT_MAX)))
     for note in (plots_note, specs_note and f"Warning: {specs_note}"):
         if note:

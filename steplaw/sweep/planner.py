@@ -19,6 +19,15 @@ other cells wait for the first wave to end and start from the law fitted to it
 (steplaw.laws.fit_hparams), so they start close to their optimum. Several cells search
 at once, which keeps the workers busy. A total run budget is split evenly over the cells
 (a shared pool would make a cell's share depend on timing).
+
+Branches: under a WSD schedule that branches (`branching`), runs that differ only in D
+train as one trunk, and a shorter budget costs only its cooldown (steplaw.sweep.cost). The
+cells of one model (its column: every D) then share their runs: an (lr, B) point that one
+cell wants is proposed at once for every shorter cell of its column holding that point
+(with `branch_up`, for the whole column), so the driver trains it as one trunk, and each
+of those cells finds the point among its own results: a bracket found at one D is
+evidence at its neighbours, whose searches start from it. A column proposes only when
+none of its runs is open.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from steplaw.errors import UserError
+from steplaw.sweep.cost import alone_tokens, trunk_tokens
 from steplaw.sweep.search import TERMINAL, AdaptiveSettings, CellPlan, SearchCell, plan_cell
 
 __all__ = ["RunView", "GridPlanner", "AdaptivePlanner", "AdaptiveSettings", "SearchCell", "CellPlan", "plan_cell",
@@ -89,7 +99,19 @@ class AdaptivePlanner:
         self.by_key = {cell.key: cell for cell in cells}
         if len(self.by_key) != len(cells):
             raise UserError("two sweep cells have the same configuration: expected distinct (N, D) cells")
+        columns: dict[str, list[SearchCell]] = {}
+        for cell in cells:
+            if cell.column is not None:
+                columns.setdefault(cell.column, []).append(cell)
+        # the columns of WSD trunks, each ascending in D (the order proposals are made)
+        self.columns = [sorted(column, key=lambda c: c.D) for column in columns.values()]
+        self._longer = {c.key: column[k + 1:] for column in self.columns for k, c in enumerate(column)}
+        # With trunks the first wave is the same (its cells at the smallest D search where
+        # runs are cheapest; one at the largest D leads its column's trunks), and its law is
+        # fitted to their whole columns, which the trunks gave results too.
         self.first_wave = first_wave(cells, settings.first_wave)
+        wave_columns = {cell.column for cell in self.first_wave if cell.column is not None}
+        self.law_cells = self.first_wave + [c for c in cells if c.column in wave_columns and c not in self.first_wave]
         self.law_fitter = law_fitter or fitted_prior
         self._law_cache: dict = {}
         budget = settings.cell_budget
@@ -132,14 +154,15 @@ class AdaptivePlanner:
             plans[cell.key] = self._plan(cell, results, open_runs, cell.prior)
         wave_done = all(plans[c.key].state in TERMINAL for c in self.first_wave)
         law = self._law(results) if wave_done else None
-        for cell in self.cells:
+        for cell in sorted(self.cells, key=lambda c: -c.D):  # a column's longer cells first
             if cell.key in plans:
                 continue
-            if law is None:
+            longer_busy = any(plans[c.key].state not in TERMINAL for c in self._longer.get(cell.key, ()))
+            if law is None or longer_busy:  # with trunks a cell searches once its longer neighbours are done
                 plans[cell.key] = CellPlan("waiting", runs=len(results[cell.key]) + open_runs[cell.key])
             else:
                 plans[cell.key] = self._plan(cell, results, open_runs, law(cell))
-        return plans
+        return {cell.key: plans[cell.key] for cell in self.cells}
 
     def _plan(self, cell, results, open_runs, prior) -> CellPlan:
         if open_runs[cell.key]:
@@ -147,18 +170,62 @@ class AdaptivePlanner:
         return plan_cell(cell, results[cell.key], prior, self.settings, self.budget)
 
     def _law(self, results):
-        cache_key = tuple(sorted((c.key, tuple(sorted(results[c.key].items(), key=str))) for c in self.first_wave))
+        cache_key = tuple(sorted((c.key, tuple(sorted(results[c.key].items(), key=str))) for c in self.law_cells))
         cache_key = hash(repr(cache_key))
         if cache_key not in self._law_cache:
-            self._law_cache[cache_key] = self.law_fitter(self.first_wave, results, self.settings.gap)
+            self._law_cache[cache_key] = self.law_fitter(self.law_cells, results, self.settings.gap)
         return self._law_cache[cache_key]
 
     def propose(self, views: dict[str, RunView]) -> list:
-        proposals = []
         plans = self.plans(views)
-        for cell in self.cells:
-            proposals.extend(cell.make(i, j) for i, j in plans[cell.key].points)
-        return proposals
+        if not self.columns:
+            return [cell.make(i, j) for cell in self.cells for i, j in plans[cell.key].points]
+        results, _ = self._gather(views)
+        return [cell.make(i, j) for cell, (i, j) in self._trunk_points(plans, results)]
+
+    def _trunk_points(self, plans: dict[str, CellPlan], results: dict) -> list[tuple[SearchCell, tuple[int, int]]]:
+        """Branches (module doc): each point a cell wants, proposed at once for the cells
+        of its column it reaches (the shorter budgets; with `branch_up` every budget) that
+        hold the same (lr, B) and have not run it, so the driver trains it as one trunk. A
+        column waits while any of its runs is open (the rule that keeps proposals a
+        function of the finished runs, for the column's shared runs)."""
+        out = []
+        for column in self.columns:
+            if any(plans[cell.key].state == "running" for cell in column):
+                continue
+            added: dict[str, set] = {cell.key: set() for cell in column}
+            for cell in column:
+                for i, j in plans[cell.key].points:
+                    lr, bs = cell.lrs[i], cell.batch_sizes[j]
+                    for other in column:
+                        point = other.index_of(lr, bs) if other is not cell else (i, j)
+                        if (point is None or point in results[other.key] or point in added[other.key]
+                                or (other.D > cell.D and not self.settings.branch_up)):
+                            continue
+                        if (other is not cell and self.budget is not None
+                                and len(results[other.key]) + len(added[other.key]) >= self.budget):
+                            continue
+                        added[other.key].add(point)
+                        out.append((other, point))
+        return out
+
+    def batch_cost(self, runs: list) -> tuple[float, float]:
+        """(tokens as trunks, tokens alone) of runs proposed together: runs of one column
+        at the same (lr, B) train as one trunk (steplaw.sweep.cost.trunk_tokens); every
+        other run alone."""
+        trunks: dict[tuple, list[float]] = {}
+        alone = []
+        for run in runs:
+            config = run.to_dict() if hasattr(run, "to_dict") else dict(run)
+            cell = self.by_key.get(cell_key(config))
+            d = float(config.get("tokens", config.get("D")))
+            if cell is None or cell.column is None:
+                alone.append(d)
+            else:
+                trunks.setdefault((cell.column, config.get("lr"), config.get("batch_tokens")), []).append(d)
+        fraction = {cell.column: cell.decay_fraction for cell in self.cells if cell.column is not None}
+        used = sum(trunk_tokens(budgets, fraction[key[0]]) for key, budgets in trunks.items()) + alone_tokens(alone)
+        return used, alone_tokens(alone) + sum(alone_tokens(b) for b in trunks.values())
 
     def cell_reports(self, views: dict[str, RunView]) -> list[dict]:
         """Per cell: label, N, D, runs used, state, best (lr, B) and the four sides."""
@@ -249,6 +316,7 @@ def fitted_prior(cells: list[SearchCell], results: dict, gap: float):
 
 # -- cells of a live sweep -----------------------------------------------------------------
 
+_COLUMN_DROP = ("lr", "batch_tokens", "batch_seqs", "tokens", "D")  # a column: its cells differ only in D
 LR_STEPS_PER_OCTAVE = 2  # the LR lattice: 2^(k/2), a factor sqrt(2) between neighbours
 LR_LATTICE = (-46, 6)  # k range: 1.2e-7 .. 8
 
@@ -257,12 +325,26 @@ def _sig(value: float) -> float:
     return float(f"{value:.4g}")  # ids must not depend on float noise
 
 
-def spec_cells(spec, max_batch_tokens: int | None = None) -> list[SearchCell]:
+def branching(spec) -> float | None:
+    """The decay fraction of a spec whose runs branch off WSD trunks (schedule wsd, its
+    `branch` not "off"), or None when every run trains alone."""
+    from steplaw.train.config import RunConfig
+
+    fixed, defaults = getattr(spec, "fixed", {}) or {}, RunConfig.__dataclass_fields__
+    if fixed.get("schedule", defaults["schedule"].default) != "wsd" or getattr(spec, "branch", "auto") == "off":
+        return None
+    return float(fixed.get("decay_fraction", defaults["decay_fraction"].default))
+
+
+def spec_cells(spec, max_batch_tokens: int | None = None, branch: bool | None = None) -> list[SearchCell]:
     """The adaptive planner's cells of a SweepSpec: each cell's model and D, the LR lattice
     (2^(k/2), shared by all cells) and the batch lattice: seq_len x 2^j tokens from one
     sequence up to tokens / min_steps (and `max_batch_tokens`). The spec's explicit LR and
-    batch lists do not bound the search; its centre scales set the Step Law prior."""
+    batch lists do not bound the search; its centre scales set the Step Law prior.
+    A WSD spec that branches (`branching`; `branch=False`: a trainer that cannot) gives
+    each cell its column: the cells of its model at every D, searched as trunks."""
     seq_len = spec.seq_len
+    decay_fraction = branching(spec) if branch is not False else None
     lrs = [_sig(2.0 ** (k / LR_STEPS_PER_OCTAVE)) for k in range(LR_LATTICE[0], LR_LATTICE[1] + 1)]
     cells = []
     for grid_cell in spec.cells():
@@ -290,5 +372,7 @@ def spec_cells(spec, max_batch_tokens: int | None = None) -> list[SearchCell]:
             key=cell_key(make(0, 0).to_dict()), label=grid_cell.label, N=float(grid_cell.n_params),
             D=float(grid_cell.tokens), lrs=lrs, batch_sizes=[float(b) for b in batch_sizes],
             prior=(grid_cell.lr_center, grid_cell.batch_center), make=make, locate=locate,
+            column=None if decay_fraction is None else cell_key(make(0, 0).to_dict(), drop=_COLUMN_DROP),
+            decay_fraction=decay_fraction,
         ))
     return cells

@@ -60,10 +60,27 @@ DEMO_PLANNER = {"full": AdaptiveSettings(cell_budget=24, lr_coarse=4.0, lr_resol
                 "small": AdaptiveSettings(cell_budget=8, lr_coarse=4.0)}
 
 
-def demo_spec(scale: str = "full") -> SweepSpec:
+# `steplaw demo --schedule wsd` (issue 22): warmup-stable-decay with a 1-sqrt cooldown over
+# the last 20% of each run to zero (Hägele et al. 2024, arXiv:2405.18392: 1-sqrt beats
+# linear), an absolute warmup (one warmup for every budget, so runs of one model, lr and
+# batch share their stable phase and branch off one trunk: steplaw.train.branch), and five
+# budgets per model instead of three over the same 9x span: a trunk trains the longest
+# budget and only the cooldowns of the shorter ones, (9 + 0.2 x 13) / 22 = 0.53 of
+# training them alone (steplaw.sweep.cost), so the D exponent gets more lever for less.
+DEMO_WSD = {"schedule": "wsd", "warmup_tokens": 1024, "decay_fraction": 0.2, "decay_shape": "sqrt",
+            "min_lr_ratio": 0.0}
+DEMO_WSD_TOKENS = {"full": [16384, 32768, 65536, 98304, 147456], "small": [1024, 2048, 3072, 4096]}
+DEMO_WSD_SMALL_WARMUP = 128  # the small scale's warmup (its shortest budget is 1K tokens)
+DEMO_SCHEDULES = ("cosine", "wsd")
+
+
+def demo_spec(scale: str = "full", schedule: str = "cosine") -> SweepSpec:
     """The demo preset for the adaptive planner. scale="full": 3 model sizes x 3 budgets
     (16K, 48K and 144K tokens); "small": the same models at 1K..4K tokens and at most 8 runs a
-    cell (a smoke run for the test suite: its cells may end unbracketed)."""
+    cell (a smoke run for the test suite: its cells may end unbracketed). schedule="wsd":
+    the WSD preset (`DEMO_WSD`: five budgets per model, four at the small scale)."""
+    if schedule not in DEMO_SCHEDULES:
+        raise UserError(f"demo schedule {schedule!r}: expected one of {', '.join(DEMO_SCHEDULES)}")
     fixed = {
         "seq_len": DEMO_SEQ_LEN,
         "schedule": "cosine",
@@ -71,16 +88,18 @@ def demo_spec(scale: str = "full") -> SweepSpec:
         "device": "cpu",
         "eval_tokens": DEMO_EVAL_TOKENS,
     }
+    if schedule == "wsd":
+        fixed.update(DEMO_WSD, **({"warmup_tokens": DEMO_WSD_SMALL_WARMUP} if scale == "small" else {}))
     shapes = [
         {"d_model": d, "n_layers": 2, "n_heads": heads, "d_ff": 3 * d, "max_seq_len": DEMO_SEQ_LEN}
         for d, heads in ((16, 1), (32, 2), (64, 4))
     ]
-    if scale == "full":
-        tokens = [16384, 49152, 147456]
-    elif scale == "small":
-        tokens = [1024, 2048, 4096]
-    else:
+    if scale not in ("full", "small"):
         raise UserError(f"demo scale {scale!r}: expected 'full' or 'small'")
+    if schedule == "wsd":
+        tokens = DEMO_WSD_TOKENS[scale]
+    else:
+        tokens = [16384, 49152, 147456] if scale == "full" else [1024, 2048, 4096]
     return SweepSpec(models=[ModelSpec(shape=s) for s in shapes], tokens=tokens, lr_center_scale=DEMO_LR_SCALE,
                      batch_center_scale=DEMO_BATCH_SCALE, min_steps=16, fixed=fixed, objective="val_loss")
 

@@ -49,6 +49,10 @@ class AdaptiveSettings:
     # 0: bracket only; 1: also run the near-optimal stretch of both lines;
     # 2: and the LR lines of every near-optimal batch size
     fill: int = 2
+    # WSD trunks (steplaw.sweep.planner): a point one cell wants is also run at the
+    # shorter budgets of its column (their cooldowns cost decay_fraction x D each); with
+    # branch_up also at the longer ones (each then costs its whole run).
+    branch_up: bool = False
 
     def __post_init__(self):
         if not (0 <= self.gap < 1):
@@ -80,9 +84,22 @@ class SearchCell:
     make: Callable[[int, int], object]
     locate: Callable[[dict], tuple[int, int] | None]
     points: frozenset | None = None
+    # WSD trunks (steplaw.sweep.planner, "Branches"): the cells of one column (the same
+    # model and settings, another D) train an (lr, B) point as one trunk; None: every run
+    # of this cell trains alone. decay_fraction: the cooldown's share of each run's D.
+    column: str | None = None
+    decay_fraction: float | None = None
 
     def available(self, i: int, j: int) -> bool:
         return self.points is None or (i, j) in self.points
+
+    def index_of(self, lr: float, batch_tokens: float) -> tuple[int, int] | None:
+        """The runnable lattice point at exactly (lr, batch_tokens), or None."""
+        try:
+            point = self.lrs.index(lr), self.batch_sizes.index(batch_tokens)
+        except ValueError:
+            return None
+        return point if self.available(*point) else None
 
 
 @dataclass

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS runs (
     n_experts INTEGER,
     top_k INTEGER,
     stack TEXT,                        -- the stack that trained it with other runs of its model (RunResult.stack)
-    tokens_trained INTEGER,            -- tokens actually trained on
+    trunk TEXT,                        -- the WSD trunk it branched off (RunResult.trunk); NULL: trained alone
+    tokens_trained INTEGER,            -- tokens actually trained on (a shorter branch: its cooldown only)
     steps INTEGER,
     tokens_per_s REAL,
     wall_s REAL,
@@ -153,8 +154,10 @@ class ResultStore:
             raise UserError(f"{str(self.path)!r} has store schema {version}: expected at most {SCHEMA_VERSION} (written by a "
                             f"newer steplaw?)")
         self.conn.executescript(_SCHEMA)
-        if "stack" not in {row[1] for row in self.conn.execute("PRAGMA table_info(runs)")}:  # a store from before stacking
-            self.conn.execute("ALTER TABLE runs ADD COLUMN stack TEXT")
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(runs)")}
+        for column in ("stack", "trunk"):  # a store from before stacking / branching
+            if column not in columns:
+                self.conn.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
         self.set_meta("schema_version", SCHEMA_VERSION)
         self.version = SCHEMA_VERSION
         if not existed or damage:
@@ -301,7 +304,7 @@ class ResultStore:
             self.conn.executemany(
                 """UPDATE runs SET status=?, attempts=attempts+?, reason=?, loss=?, val_loss=?, compute=?,
                    tokens_trained=?, steps=?, tokens_per_s=?, wall_s=?, curve=?, result=?, traceback=?, host=?,
-                   versions=?, finished_at=?, stack=?,
+                   versions=?, finished_at=?, stack=?, trunk=?,
                    N=COALESCE(?, N), N_active=COALESCE(?, N_active), N_total=COALESCE(?, N_total)
                    WHERE run_id=?""",
                 rows,
@@ -315,11 +318,11 @@ class ResultStore:
         curve = data.get("curve") or []
         return (
             f["status"], 1 if f["status"] == "failed" else 0, f["reason"], f["loss"], f["val_loss"], f["compute"],
-            data.get("tokens"), data.get("steps"), finite_or_none(data.get("tokens_per_s")),
+            f["tokens_trained"], data.get("steps"), finite_or_none(data.get("tokens_per_s")),
             finite_or_none(data.get("wall_s")),
             json.dumps([[int(t), finite_or_none(loss)] for t, loss in curve]),
             json.dumps(json_safe(summary), default=str, allow_nan=False), traceback,
-            host, json.dumps(versions) if versions else None, time.time(), f["stack"],
+            host, json.dumps(versions) if versions else None, time.time(), f["stack"], f["trunk"],
             f["N"], f["N_active"], f["N_total"], run_id,
         )
 

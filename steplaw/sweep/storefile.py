@@ -42,11 +42,14 @@ _TRAINER_SQL = ("COALESCE(json_extract(config, '$.trainer'), "
 EXPORT_EXPRESSIONS = {
     2: {"status": _STATUS_SQL, "N_active": "COALESCE(N_active, N)",
         # stack: from the result, where stores made before the column have it
-        "stack": "json_extract(result, '$.stack')", "trainer": _TRAINER_SQL},
+        "stack": "json_extract(result, '$.stack')", "trainer": _TRAINER_SQL,
+        # trunk: from the result too (stores made before the column); tokens_trained: the
+        # column, which stores made before branching filled with the run's tokens
+        "trunk": "json_extract(result, '$.trunk')"},
     1: {**{name: old for old, name in V1_RENAMES.items()}, "status": _STATUS_SQL, "spec_id": "NULL",
         "N_active": "COALESCE(n_active, n_params)", "seq_len": "json_extract(config, '$.seq_len')",
         "n_experts": "json_extract(config, '$.model.moe.n_experts')", "top_k": "json_extract(config, '$.model.moe.top_k')",
-        "stack": "NULL", "trainer": _TRAINER_SQL},
+        "stack": "NULL", "trainer": _TRAINER_SQL, "trunk": "NULL"},
 }
 
 

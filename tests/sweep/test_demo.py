@@ -4,10 +4,11 @@ import json
 import pytest
 
 from steplaw.cli import main
+from steplaw.errors import UserError
 from steplaw.laws.fit import fit_hparams
 from steplaw.laws.table import read_runs
 from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings, spec_cells
-from steplaw.sweep.presets import DEMO_SEQ_LEN, demo_spec
+from steplaw.sweep.presets import DEMO_PLANNER, DEMO_SEQ_LEN, demo_spec
 from steplaw.sweep.store import ResultStore, export_rows
 from steplaw.trainers.steplaw import SteplawTrainer
 
@@ -67,3 +68,47 @@ def failures(out):
 def finished_at(out):
     with ResultStore(out, readonly=True) as store:
         return {row["run_id"]: row["finished_at"] for row in store.rows()}
+
+
+def test_demo_wsd_preset_design():
+    """`steplaw demo --schedule wsd`: five budgets per model over the cosine demo's 9x span,
+    one absolute warmup (the runs of a model, lr and batch share their stable phase), a
+    1-sqrt cooldown to 0, and the planner searching trunks (cheaper than the runs alone)."""
+    from steplaw.sweep.cost import alone_tokens, trunk_tokens
+
+    spec, cosine = demo_spec("full", "wsd"), demo_spec("full")
+    assert spec.fixed["schedule"] == "wsd" and spec.fixed["decay_shape"] == "sqrt" and spec.fixed["min_lr_ratio"] == 0
+    assert isinstance(spec.fixed["warmup_tokens"], int) and spec.fixed["warmup_tokens"] < min(spec.tokens) / 4
+    assert len(spec.tokens) > len(cosine.tokens) and max(spec.tokens) / min(spec.tokens) == 9
+    assert trunk_tokens(spec.tokens, 0.2) / alone_tokens(spec.tokens) < 0.55
+    assert trunk_tokens(spec.tokens, 0.2) < alone_tokens(cosine.tokens)  # 5 budgets cost less than cosine's 3
+    cells = spec_cells(spec)
+    assert len({c.column for c in cells}) == 3 and {c.decay_fraction for c in cells} == {0.2}
+    planner = AdaptivePlanner(cells, DEMO_PLANNER["full"])
+    first = planner.propose({})
+    used, alone = planner.batch_cost(first)
+    assert used < alone  # the first wave's lead at the largest budget branches to its column's shorter ones
+    from steplaw.optim.schedule import check_branching
+
+    for run in first:  # every run a valid WSD config whose branch point lies after its warmup
+        run.validate()
+        check_branching(run.tokens // run.batch_tokens, max(1, round(run.warmup_tokens / run.batch_tokens)), 0.2)
+    small = demo_spec("small", "wsd")
+    assert small.fixed["warmup_tokens"] < min(small.tokens) / 4
+    with pytest.raises(UserError):
+        demo_spec("full", "constant")
+
+
+def test_demo_cli_passes_the_schedule(tmp_path, monkeypatch):
+    from steplaw.cli import sweep as cli_sweep
+
+    seen = {}
+
+    def fake_run_spec(spec, args):
+        seen["spec"] = spec
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli_sweep, "run_spec", fake_run_spec)
+    with pytest.raises(SystemExit):
+        main(["demo", "--scale", "small", "--schedule", "wsd", "--out", str(tmp_path / "d"), "--quiet"])
+    assert seen["spec"].fixed["schedule"] == "wsd" and seen["spec"].tokens == demo_spec("small", "wsd").tokens

@@ -43,7 +43,7 @@ def test_row_mapping_from_config_result_and_counts():
     assert row == {"run_id": "abc", "status": "ok", "spec_id": "s1", "N": counts.non_embedding, "N_active": counts.active,
                    "N_total": counts.total, "D": 2**16, "lr": 0.01, "batch_tokens": 512, "seq_len": 64, "loss": 3.25,
                    "val_loss": None, "compute": 1e12, "n_experts": 4, "top_k": 2, "reason": None,
-                   "stack": None, "trainer": "steplaw"}
+                   "stack": None, "trainer": "steplaw", "trunk": None, "tokens_trained": 0}
     assert counts.active < counts.non_embedding
     assert set(runtable.BY_NAME) == set(runtable.NAMES) and all(c.description for c in runtable.COLUMNS)
 
@@ -51,6 +51,7 @@ def test_row_mapping_from_config_result_and_counts():
 @pytest.mark.parametrize("result", [
     RunResult(status="ok", final_train_loss=3.25, final_val_loss=3.5, compute_flops=1e12, params_non_embedding=100,
               params_active=50, params_total=300, stack="0123456789abcdef"),
+    RunResult(status="ok", final_train_loss=3.0, tokens=4096, trunk="fedcba9876543210", tokens_trained=1024),
     RunResult(status="ok", final_val_loss=3.5),  # a val_loss only: never read back as the training loss
     RunResult(status="diverged", reason="loss became nan at step 3", final_train_loss=float("inf")),
     RunResult(status="failed", reason="RuntimeError: boom"),
@@ -75,7 +76,8 @@ def test_export_reads_the_run_table_columns_by_name(version, tmp_path):
         conn = sqlite3.connect(tmp_path / "runs.sqlite")
     else:
         conn = sqlite3.connect(":memory:")
-        conn.execute(f"CREATE TABLE runs (run_id, status, config, lr, batch_tokens, reason, result, {', '.join(V1_RENAMES)})")
+        conn.execute(f"CREATE TABLE runs (run_id, status, config, lr, batch_tokens, reason, result, tokens_trained, "
+                     f"{', '.join(V1_RENAMES)})")
     cursor = conn.execute(f"SELECT {export_select(version)} FROM runs")
     assert [d[0] for d in cursor.description] == runtable.NAMES
     conn.close()
@@ -270,3 +272,44 @@ def test_runs_columns_describes_every_column(capsys):
     assert main(["runs", "--columns"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == EXPORT_COLUMNS
+
+
+def test_trunk_and_tokens_trained_columns(tmp_path, capsys):
+    """A WSD branch shows its trunk and the tokens it trained (its cooldown); a run alone,
+    and a result stored before the fields existed, shows no trunk and its tokens."""
+    branch, alone, old = configs(lrs=(0.01,)) + configs(lrs=(0.02,))[:1]
+    results = {branch.run_id(): RunResult(status="ok", final_train_loss=3.0, tokens=65536, trunk="0123456789abcdef",
+                                          tokens_trained=13107).to_dict(),
+               alone.run_id(): RunResult(status="ok", final_train_loss=3.1, tokens=65536, tokens_trained=65536).to_dict(),
+               old.run_id(): {k: v for k, v in RunResult(status="ok", final_train_loss=3.2, tokens=65536).to_dict().items()
+                              if k not in ("trunk", "tokens_trained")}}
+    with ResultStore(tmp_path) as store:
+        store.add_runs([{**c.to_dict(), "run_id": c.run_id()} for c in (branch, alone, old)])
+        store.record_results([(run_id, result, None, None, None) for run_id, result in results.items()])
+    rows = {r["run_id"]: r for r in export_rows(tmp_path)}
+    assert (rows[branch.run_id()]["trunk"], rows[branch.run_id()]["tokens_trained"]) == ("0123456789abcdef", 13107)
+    assert (rows[alone.run_id()]["trunk"], rows[alone.run_id()]["tokens_trained"]) == (None, 65536)
+    assert (rows[old.run_id()]["trunk"], rows[old.run_id()]["tokens_trained"]) == (None, 65536)
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    shown = {r["run_id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert shown[branch.run_id()]["trunk"] == "0123456789abcdef" and shown[old.run_id()]["tokens_trained"] == 65536
+    assert main(["runs", str(tmp_path), "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split(",")
+    cells = {line.split(",")[0]: dict(zip(header, line.split(","))) for line in lines[1:]}
+    assert (cells[branch.run_id()]["trunk"], cells[branch.run_id()]["tokens_trained"]) == ("0123456789abcdef", "13107")
+    assert (cells[alone.run_id()]["trunk"], cells[alone.run_id()]["tokens_trained"]) == ("", "65536")
+    assert main(["runs", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "trunk" in text.splitlines()[0] and "0123456789abcdef" in text and "13107" in text
+
+
+def test_v1_store_shows_tokens_trained_as_tokens(tmp_path):
+    runs = configs(lrs=(0.01,))
+    v1_store(tmp_path, runs)
+    db = sqlite3.connect(tmp_path / "runs.sqlite")
+    with db:
+        db.execute("UPDATE runs SET tokens_trained=tokens WHERE status='ok'")  # what a v1 driver recorded
+    db.close()
+    rows = {r["run_id"]: r for r in export_rows(tmp_path)}
+    assert rows[runs[1].run_id()]["tokens_trained"] == runs[1].tokens and rows[runs[1].run_id()]["trunk"] is None
