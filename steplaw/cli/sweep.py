@@ -200,7 +200,8 @@ def make_trainer(args):
     if name == "steplaw":
         from steplaw.trainers.steplaw import SteplawTrainer
 
-        return SteplawTrainer(run_fn=getattr(args, "run_fn", None) or "steplaw.train:run")
+        run_fn = getattr(args, "run_fn", None)
+        return SteplawTrainer.swapped(run_fn) if run_fn else SteplawTrainer()
     if name == "command":
         from steplaw.trainers.command import CommandTrainer
 

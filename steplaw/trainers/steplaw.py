@@ -14,15 +14,17 @@ a stored run with `from_dict`. What the sweep engine gets from it:
   trunk) and `run_trunk(configs, trunk_dir, done, on_result, progress)` trains one trunk
   (steplaw.train.branch.train_trunk).
 
-`run_fn` swaps the run function (a MODULE:FUNCTION name, so the trainer pickles by
-name; the tests' fake trainers): a swapped function can only run each run alone, so the
-trainer then declares no capabilities.
+`run_fn` swaps the run function (a MODULE:FUNCTION name; the tests' fake trainers): a
+swapped function can only run each run alone, so the trainer then declares no
+capabilities. `fn`, when given, is that function already loaded in the driver: it
+travels to the workers with the trainer (pickled, as a Ray test sends a module that
+Ray's workers could not import by value), instead of being imported there by name.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from steplaw.errors import UserError
 from steplaw.train.config import RunConfig
@@ -34,13 +36,22 @@ _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "token
 @dataclass(frozen=True)
 class SteplawTrainer:
     run_fn: str = DEFAULT_RUN_FN  # MODULE:FUNCTION of config, run_dir=, [progress=] -> RunResult
+    fn: object = field(default=None, compare=False, repr=False)  # run_fn, loaded (see the module doc)
     name = "steplaw"
 
     @property
     def capabilities(self) -> tuple[str, ...]:
         return ("stack", "branch", "resume") if self.run_fn == DEFAULT_RUN_FN else ()
 
+    @classmethod
+    def swapped(cls, run_fn: str) -> SteplawTrainer:
+        """The trainer with run function `run_fn` loaded here (UserError when it cannot be)."""
+        trainer = cls(run_fn=run_fn)
+        return cls(run_fn=run_fn, fn=trainer._function())
+
     def _function(self):
+        if self.fn is not None:
+            return self.fn
         if self.run_fn == DEFAULT_RUN_FN:
             from steplaw.train.runner import run
 
