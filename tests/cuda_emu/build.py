@@ -28,8 +28,6 @@ def sanitize_requested() -> bool:
 
 def build(sanitize: bool | None = None, verbose: bool = False) -> str:
     """Compiles (when stale) and loads the emulated module; returns the library path."""
-    from torch.utils import cpp_extension
-
     sanitize = sanitize_requested() if sanitize is None else sanitize
     build_dir = os.path.join(ROOT, "build", "cuda_emu_asan" if sanitize else "cuda_emu")
     os.makedirs(build_dir, exist_ok=True)
@@ -42,11 +40,33 @@ def build(sanitize: bool | None = None, verbose: bool = False) -> str:
     if sanitize:
         sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
         flags[0:2] = ["-O1", "-g"]
+    if sanitize and not _asan_loaded():
+        raise RuntimeError("the sanitized emulated module loads only into a Python started with libasan "
+                           "preloaded: LD_PRELOAD=$(c++ -print-file-name=libasan.so) (make test-cuda-emu "
+                           "SANITIZE=1 does this)")
+    # The compiler and ninja run without the preloaded sanitizer runtime (it is only for the
+    # Python process that loads the module).
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        return _load(sanitize, flags + sanitizers, build_dir, verbose)
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
+
+
+def _asan_loaded() -> bool:
+    with open("/proc/self/maps") as maps:
+        return "libasan" in maps.read()
+
+
+def _load(sanitize: bool, flags: list[str], build_dir: str, verbose: bool) -> str:
+    from torch.utils import cpp_extension
+
     return cpp_extension.load(
         name=NAME + ("_asan" if sanitize else ""),
         sources=[os.path.join(HERE, s) for s in SOURCES],
-        extra_cflags=flags + sanitizers,
-        extra_ldflags=sanitizers,
+        extra_cflags=flags,
+        extra_ldflags=[f for f in flags if f.startswith("-fsanitize") or f.startswith("-fno-sanitize")],
         extra_include_paths=[os.path.join(HERE, "shim"), HERE, os.path.join(ROOT, "csrc")],
         build_directory=build_dir,
         is_python_module=False,

@@ -57,6 +57,18 @@ __global__ void divergent_barrier_kernel(int* out) {
   *out = 1;
 }
 
+// Even and odd lanes exchange at two different shuffles: undefined on the GPU (every lane
+// of the mask must execute the same intrinsic), an error here.
+__global__ void divergent_warp_kernel(float* out) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x % 2 == 0) {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  } else {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  }
+  if (threadIdx.x == 0) *out = v;
+}
+
 __global__ void early_exit_barrier_kernel(int* out) {
   if (threadIdx.x == 3) return;
   __syncthreads();
@@ -98,6 +110,10 @@ double selftest(c10::string_view which_view) {
   if (which == "divergent_barrier") {
     launch([&] { STEPLAW_LAUNCH((1, 8, 0, nullptr), divergent_barrier_kernel)(&result); });
     return result;
+  }
+  if (which == "divergent_warp") {
+    launch([&] { STEPLAW_LAUNCH((1, 32, 0, nullptr), divergent_warp_kernel)(out.data()); });
+    return out[0];
   }
   if (which == "early_exit_barrier") {
     launch([&] { STEPLAW_LAUNCH((1, 8, 0, nullptr), early_exit_barrier_kernel)(&result); });

@@ -27,6 +27,8 @@ def test_a_missing_barrier_or_reduction_step_gives_a_wrong_answer(emu_ops):
 
 @pytest.mark.parametrize("which,message", [
     ("shared_race", "shared-memory race: threads"),
+    ("divergent_barrier", "wait at different __syncthreads: .*module.cpp:\\d+ and .*module.cpp:\\d+"),
+    ("divergent_warp", "wait at different warp operations: .*module.cpp:\\d+ and .*module.cpp:\\d+"),
     ("early_exit_barrier", "reached by 7 of 8 threads"),
     ("partial_warp", "lane \\d+ of its mask has already returned|for lanes of its mask that returned"),
     ("assert", "device-side assert triggered: in\\[threadIdx.x\\] >= 0"),

@@ -161,50 +161,55 @@ Launcher<Params...> make_launcher(const char* name, void (*kernel)(Params...), d
 #define CUDA_KERNEL_ASSERT_MSG(cond, msg) \
   if (C10_UNLIKELY(!(cond))) ::emu::device_fail(msg, __FILE__, __LINE__)
 
-#define EMU_SITE ::emu::Site{__builtin_FILE(), __builtin_LINE()}
+// The caller's source line, as trailing default parameters of each barrier and warp
+// operation: GCC expands __builtin_FILE/__builtin_LINE at the call only when each is a
+// default argument itself (inside a braced Site{...} default it gives this header's line,
+// and every barrier would look like the same one).
+#define EMU_SITE_PARAMS const char *emu_file = __builtin_FILE(), int emu_line = __builtin_LINE()
+#define EMU_SITE (::emu::Site{emu_file, emu_line})
 
 // ---- device functions ---------------------------------------------------------------------
-inline void __syncthreads(emu::Site site = EMU_SITE) { emu::syncthreads(site); }
-inline void __syncwarp(unsigned mask = 0xffffffffu, emu::Site site = EMU_SITE) { emu::syncwarp(mask, site); }
+inline void __syncthreads(EMU_SITE_PARAMS) { emu::syncthreads(EMU_SITE); }
+inline void __syncwarp(unsigned mask = 0xffffffffu, EMU_SITE_PARAMS) { emu::syncwarp(mask, EMU_SITE); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 
 template <typename T>
-inline T __shfl_sync(unsigned mask, T var, int src, int width = 32, emu::Site site = EMU_SITE) {
+inline T __shfl_sync(unsigned mask, T var, int src, int width = 32, EMU_SITE_PARAMS) {
   const int lane = int(emu::lane_id());
   const int base = lane / width * width;
-  return emu::from_bits<T>(emu::warp_exchange(mask, emu::to_bits(var), base + ((src % width) + width) % width, site));
+  return emu::from_bits<T>(emu::warp_exchange(mask, emu::to_bits(var), base + ((src % width) + width) % width, EMU_SITE));
 }
 template <typename T>
-inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32, emu::Site site = EMU_SITE) {
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32, EMU_SITE_PARAMS) {
   const int lane = int(emu::lane_id());
   const int src = lane % width + int(delta) < width ? lane + int(delta) : -1;
-  return emu::from_bits<T>(emu::warp_exchange(mask, emu::to_bits(var), src, site));
+  return emu::from_bits<T>(emu::warp_exchange(mask, emu::to_bits(var), src, EMU_SITE));
 }
 template <typename T>
-inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32, emu::Site site = EMU_SITE) {
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32, EMU_SITE_PARAMS) {
   const int lane = int(emu::lane_id());
   const int src = lane % width >= int(delta) ? lane - int(delta) : -1;
-  return emu::from_bits<T>(emu::warp_exchange(mask, emu::to_bits(var), src, site));
+  return emu::from_bits<T>(emu::warp_exchange(mask, emu::to_bits(var), src, EMU_SITE));
 }
 template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32, emu::Site site = EMU_SITE) {
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32, EMU_SITE_PARAMS) {
   const int lane = int(emu::lane_id());
   const int src = lane ^ lane_mask;
-  return emu::from_bits<T>(emu::warp_exchange(mask, emu::to_bits(var), src / width == lane / width ? src : -1, site));
+  return emu::from_bits<T>(emu::warp_exchange(mask, emu::to_bits(var), src / width == lane / width ? src : -1, EMU_SITE));
 }
 template <typename T>
-inline unsigned __match_any_sync(unsigned mask, T key, emu::Site site = EMU_SITE) {
-  return emu::warp_match(mask, emu::to_bits(key), site);
+inline unsigned __match_any_sync(unsigned mask, T key, EMU_SITE_PARAMS) {
+  return emu::warp_match(mask, emu::to_bits(key), EMU_SITE);
 }
-inline unsigned __ballot_sync(unsigned mask, int pred, emu::Site site = EMU_SITE) {
-  return emu::warp_ballot(mask, pred != 0, site);
+inline unsigned __ballot_sync(unsigned mask, int pred, EMU_SITE_PARAMS) {
+  return emu::warp_ballot(mask, pred != 0, EMU_SITE);
 }
-inline int __any_sync(unsigned mask, int pred, emu::Site site = EMU_SITE) {
-  return emu::warp_ballot(mask, pred != 0, site) != 0;
+inline int __any_sync(unsigned mask, int pred, EMU_SITE_PARAMS) {
+  return emu::warp_ballot(mask, pred != 0, EMU_SITE) != 0;
 }
-inline int __all_sync(unsigned mask, int pred, emu::Site site = EMU_SITE) {
-  return emu::warp_ballot(mask, pred != 0, site) == mask;
+inline int __all_sync(unsigned mask, int pred, EMU_SITE_PARAMS) {
+  return emu::warp_ballot(mask, pred != 0, EMU_SITE) == mask;
 }
 inline unsigned __activemask() { return 0xffffffffu; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

@@ -97,6 +97,12 @@ size_t static_smem_bytes() {
   return __start_steplaw_emu_shared ? size_t(__stop_steplaw_emu_shared - __start_steplaw_emu_shared) : 0;
 }
 
+// Two call sites are the same line of the same file (the file names compared as strings:
+// the same name's literal may have several copies).
+bool same_site(const Site& a, const Site& b) {
+  return a.line == b.line && a.file && b.file && std::strcmp(a.file, b.file) == 0;
+}
+
 std::string where(const Site& s) {
   std::string file = s.file ? s.file : "?";
   const size_t slash = file.rfind("csrc/");
@@ -255,7 +261,7 @@ void warp_wait(unsigned mask, Site site, int phase) {
       all_here = false;
       continue;
     }
-    if (o.mask != mask || o.site.line != site.line || o.site.file != site.file || o.phase != phase) {
+    if (o.mask != mask || !same_site(o.site, site) || o.phase != phase) {
       fail("lanes of one warp wait at different warp operations: " + where(site) + " and " + where(o.site));
     }
   }
@@ -338,7 +344,7 @@ void run_block(unsigned bx, unsigned by, unsigned bz) {
       return;
     }
     for (const Fiber& f : r.fibers) {
-      if (f.site.line != first_block->site.line || f.site.file != first_block->site.file) {
+      if (!same_site(f.site, first_block->site)) {
         record_error("threads of block " + std::to_string(bx) + " wait at different __syncthreads: " +
                      where(first_block->site) + " and " + where(f.site));
         return;
