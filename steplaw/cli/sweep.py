@@ -579,7 +579,10 @@ def make_planner(spec, args):
     from steplaw.sweep.planner import AdaptivePlanner, spec_cells
 
     settings = getattr(args, "planner_settings", None) or planner_settings(args)
-    return AdaptivePlanner(spec_cells(spec, getattr(args, "max_batch", None)), settings)
+    # Columns of trunks only for a trainer that branches: for one that trains each D alone
+    # they would only add runs.
+    branch = None if "branch" in make_trainer(args).capabilities else False
+    return AdaptivePlanner(spec_cells(spec, getattr(args, "max_batch", None), branch=branch), settings)
 
 
 def dry_run_adaptive(spec, args) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 from steplaw.errors import UserError
 from steplaw.sweep.cost import alone_tokens, trunk_tokens
 from steplaw.sweep.search import TERMINAL, AdaptiveSettings, CellPlan, SearchCell, plan_cell
+from steplaw.trial import Trial
 
 __all__ = ["RunView", "GridPlanner", "AdaptivePlanner", "AdaptiveSettings", "SearchCell", "CellPlan", "plan_cell",
            "cell_key", "first_wave", "fitted_prior", "spec_cells"]
@@ -326,12 +327,12 @@ def _sig(value: float) -> float:
 
 
 def branching(spec) -> float | None:
-    """The decay fraction of a spec whose runs branch off WSD trunks (schedule wsd, its
-    `branch` not "off"), or None when every run trains alone."""
-    from steplaw.train.config import RunConfig
-
-    fixed, defaults = getattr(spec, "fixed", {}) or {}, RunConfig.__dataclass_fields__
-    if fixed.get("schedule", defaults["schedule"].default) != "wsd" or getattr(spec, "branch", "auto") == "off":
+    """The decay fraction of a spec whose runs branch off WSD trunks (schedule wsd with an
+    absolute warmup_tokens, as the driver requires, and its `branch` not "off"), or None
+    when every run trains alone. Defaults are the contract's (steplaw.trial.Trial)."""
+    fixed, defaults = getattr(spec, "fixed", {}) or {}, Trial.__dataclass_fields__
+    if (fixed.get("schedule", defaults["schedule"].default) != "wsd" or fixed.get("warmup_tokens") is None
+            or getattr(spec, "branch", None) == "off"):
         return None
     return float(fixed.get("decay_fraction", defaults["decay_fraction"].default))
 

@@ -82,7 +82,7 @@ def test_demo_wsd_preset_design():
     assert len(spec.tokens) > len(cosine.tokens) and max(spec.tokens) / min(spec.tokens) == 9
     assert trunk_tokens(spec.tokens, 0.2) / alone_tokens(spec.tokens) < 0.55
     assert trunk_tokens(spec.tokens, 0.2) < alone_tokens(cosine.tokens)  # 5 budgets cost less than cosine's 3
-    cells = spec_cells(spec)
+    cells = spec_cells(spec.bind(SteplawTrainer()))
     assert len({c.column for c in cells}) == 3 and {c.decay_fraction for c in cells} == {0.2}
     planner = AdaptivePlanner(cells, DEMO_PLANNER["full"])
     first = planner.propose({})

@@ -10,6 +10,7 @@ from steplaw.sweep.driver import run_sweep
 from steplaw.sweep.executors import InlineExecutor
 from steplaw.sweep.planner import AdaptivePlanner, AdaptiveSettings, branching, cell_key, spec_cells
 from steplaw.sweep.spec import ModelSpec, SweepSpec
+from steplaw.trainers.steplaw import SteplawTrainer
 
 SHAPES = [{"d_model": d, "n_layers": 1, "n_heads": 2, "d_ff": 2 * d, "max_seq_len": 64} for d in (16, 64)]
 WSD = {"schedule": "wsd", "warmup_tokens": 2048, "decay_fraction": 0.2, "decay_shape": "sqrt"}
@@ -18,7 +19,7 @@ TOKENS = (65536, 131072, 262144, 524288)
 
 def spec(fixed=WSD, tokens=TOKENS):
     return SweepSpec(models=[ModelSpec(shape=s) for s in SHAPES], tokens=list(tokens), lr_center_scale=0.05,
-                     batch_center_scale=0.3, fixed={"seq_len": 64, "device": "cpu", **fixed})
+                     batch_center_scale=0.3, fixed={"seq_len": 64, "device": "cpu", **fixed}).bind(SteplawTrainer())
 
 
 def test_columns_only_where_runs_branch():
