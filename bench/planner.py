@@ -92,6 +92,18 @@ class Landscape:
         base = 1.7 + 400.0 / n**0.34 + 900.0 / d**0.28
         return base + k * x_lr**2 + self.k_bs * x_b**2, x_lr > math.log(self.diverge_factor)
 
+    def add_cell(self, cols: dict, status: list, n, d, lrs, bss, rng) -> None:
+        """Append the runs of cell (n, d) on the lr x batch lattice to `cols` and `status`:
+        the landscape's loss with its relative noise, NaN where a run diverges."""
+        lr, bs = (g.ravel() for g in np.meshgrid(lrs, bss, indexing="ij"))
+        loss, diverged = self.loss(n, d, lr, bs)
+        loss = loss * (1 + self.noise_rel * rng.standard_normal(loss.size))
+        loss[diverged] = np.nan
+        for key, values in (("N", np.full(lr.size, n)), ("D", np.full(lr.size, d)), ("lr", lr),
+                            ("batch_tokens", bs), ("loss", loss)):
+            cols[key].append(values)
+        status += ["diverged" if x else "ok" for x in diverged]
+
     def grid(self, n_values, d_values, lr_points=13, bs_points=8, seed=0, offset=(0.0, 0.0)):
         """A dense grid per cell: LRs a factor sqrt(2) apart and batch sizes a factor 2 apart,
         around the true optimum moved by `offset` steps and a random fraction of a step."""
@@ -105,14 +117,7 @@ class Landscape:
                 shift = rng.uniform(-0.5, 0.5, size=2) + np.asarray(offset)
                 lrs = lr_star * 2.0 ** ((np.arange(lr_points) - lr_points // 2 + shift[0]) / 2)
                 bss = np.round(bs_star * 2.0 ** (np.arange(bs_points) - bs_points // 2 + shift[1]))
-                lr, bs = (g.ravel() for g in np.meshgrid(lrs, bss, indexing="ij"))
-                loss, diverged = self.loss(n, d, lr, bs)
-                loss = loss * (1 + self.noise_rel * rng.standard_normal(loss.size))
-                loss[diverged] = np.nan
-                for key, values in (("N", np.full(lr.size, n)), ("D", np.full(lr.size, d)), ("lr", lr),
-                                    ("batch_tokens", bs), ("loss", loss)):
-                    cols[key].append(values)
-                status += ["diverged" if x else "ok" for x in diverged]
+                self.add_cell(cols, status, n, d, lrs, bss, rng)
         return table_from_arrays(**{k: np.concatenate(v) for k, v in cols.items()}, status=status)
 
 
@@ -222,14 +227,7 @@ def column_grid(landscape: Landscape, n_values, d_values, seed=0, lr_points=21):
         lrs = landscape.lr_coef * n**landscape.lr_exp_N * d_mid**landscape.lr_exp_D * 2.0 ** (
             (np.arange(lr_points) - lr_points // 2 + shift) / 2)
         for d in d_values:
-            lr, bs = (g.ravel() for g in np.meshgrid(lrs, bss, indexing="ij"))
-            loss, diverged = landscape.loss(n, d, lr, bs)
-            loss = loss * (1 + landscape.noise_rel * rng.standard_normal(loss.size))
-            loss[diverged] = np.nan
-            for key, values in (("N", np.full(lr.size, n)), ("D", np.full(lr.size, d)), ("lr", lr),
-                                ("batch_tokens", bs), ("loss", loss)):
-                cols[key].append(values)
-            status += ["diverged" if x else "ok" for x in diverged]
+            landscape.add_cell(cols, status, n, d, lrs, bss, rng)
     return table_from_arrays(**{k: np.concatenate(v) for k, v in cols.items()}, status=status)
 
 

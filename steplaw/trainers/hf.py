@@ -154,6 +154,7 @@ def _setup(trial: Trial) -> _Setup:
     from steplaw.data import load_token_data
     from steplaw.optim.schedule import check_schedule
     from steplaw.train.batching import plan_batches
+    from steplaw.train.runner import resolve_device
 
     problems = trial.problems()
     if problems:
@@ -164,21 +165,7 @@ def _setup(trial: Trial) -> _Setup:
     config = build_config(trial.args, data.vocab_size, trial.seq_len)
     plan = plan_batches(trial.D, trial.batch_tokens, trial.seq_len, settings["micro_batch_tokens"])
     warmup = max(1, round(trial.warmup_tokens / trial.batch_tokens))
-    return _Setup(trial, settings, config, data, _device(settings["device"]), plan, warmup)
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r}: no CUDA device is available here: expected auto or cpu")
-    return device
+    return _Setup(trial, settings, config, data, resolve_device(settings["device"]), plan, warmup)
 
 
 @dataclass
