@@ -119,6 +119,14 @@ class Trial:
         return found
 
 
+def trunk_id(run_ids) -> str:
+    """16 hex digits naming the trunk of these runs: a hash of their run ids (the name of
+    the trunk's directory under SWEEP/trunks/ and its results' `trunk` for steplaw's own
+    trainer; the sweep and steplaw.train.trunk both call this one)."""
+    ids = ",".join(sorted(run_ids))
+    return hashlib.sha256(f"trunk:{ids}".encode()).hexdigest()[:16]
+
+
 def parse_result(data, where: str = "the trainer") -> dict:
     """A trainer's result (a dict under the contract's names) as the sweep's result fields
     (status, reason, final_train_loss, final_val_loss, tokens, steps, wall_s, curve). A

@@ -30,7 +30,6 @@ again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -42,7 +41,7 @@ from steplaw.progress import ProgressLine, format_duration
 from steplaw.runtable import result_fields
 from steplaw.sweep.planner import GridPlanner, RunView
 from steplaw.sweep.store import DriverLock, ResultStore
-from steplaw.trial import Trial
+from steplaw.trial import Trial, trunk_id
 
 PROG = "steplaw sweep"  # the name the driver's warnings go under
 STACK_WINDOW = 32  # runs per stack the queue's window allows for under "auto", unless the trainer says
@@ -287,12 +286,6 @@ def _trunks(sweep: _Sweep, stack="auto") -> dict[str, list[str]]:
             trials.setdefault(key, []).append(run_id)
     groups += list(trials.values())
     return {run_id: group for group in groups if len(group) > 1 for run_id in group}
-
-
-def trunk_id(run_ids: list[str]) -> str:
-    """16 hex digits naming a trunk: a hash of its run ids (as steplaw.train.trunk.trunk_id)."""
-    ids = ",".join(sorted(run_ids))
-    return hashlib.sha256(f"trunk:{ids}".encode()).hexdigest()[:16]
 
 
 def _groups(sweep: _Sweep, executor, queue: list[str], stack, trunks: dict | None = None) -> list[tuple]:

@@ -6,7 +6,6 @@ rename, directory fsync). See steplaw.train.branch for the whole story.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -24,6 +23,7 @@ from steplaw.optim.schedule import check_branching
 from steplaw.train import checkpoint as ckpt
 from steplaw.train.config import RunConfig, RunResult
 from steplaw.train.runner import TrainState, failure_reason, plan_steps
+from steplaw.trial import trunk_id as run_ids_trunk_id
 
 MANIFEST = "trunk.json"
 MAX_CHECKPOINTS = 2  # on disk at once: the last durable one and the one being written
@@ -39,8 +39,7 @@ def trunk_key(config: RunConfig) -> str:
 
 def trunk_id(configs: list[RunConfig]) -> str:
     """16 hex digits naming the trunk of these runs (a hash of their run ids)."""
-    ids = ",".join(sorted(c.run_id() for c in configs))
-    return hashlib.sha256(f"trunk:{ids}".encode()).hexdigest()[:16]
+    return run_ids_trunk_id(c.run_id() for c in configs)
 
 
 def branches(config: RunConfig) -> bool:
