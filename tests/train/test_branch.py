@@ -14,7 +14,6 @@ import textwrap
 from collections import namedtuple
 
 import pytest
-import torch
 
 from steplaw.errors import UserError
 from steplaw.models import ModelConfig, MoEConfig
@@ -33,14 +32,6 @@ def wsd(steps: int, model=TINY, **overrides) -> RunConfig:
     fields = dict(model=model, tokens=steps * 32, lr=0.01, batch_tokens=32, seq_len=8, device="cpu", eval_tokens=256,
                   schedule="wsd", warmup_tokens=4 * 32, decay_fraction=0.25, min_lr_ratio=0.0)
     return RunConfig(**(fields | overrides))
-
-
-@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
-def dtype(request):
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(request.param)
-    yield request.param
-    torch.set_default_dtype(before)
 
 
 def assert_same_as_alone(branch, alone):

@@ -65,15 +65,6 @@ def test_members_of_other_lengths_and_batch_sizes_end_as_their_runs_alone(model)
     assert shares[3] < shares[0]  # the shortest run's share of the stack's time is the smallest
 
 
-@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
-def dtype(request):
-    """Models, optimizer state and losses in this dtype (torch's default dtype) for the test."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(request.param)
-    yield request.param
-    torch.set_default_dtype(before)
-
-
 TINY = ModelConfig(d_model=16, n_layers=2, n_heads=1, d_ff=48, max_seq_len=8)  # the demo's smallest model
 TINY_MOE = ModelConfig(d_model=16, n_layers=2, n_heads=1, d_ff=48, max_seq_len=8,
                        moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, bias_update_rate=1e-3))
